@@ -1,0 +1,118 @@
+"""Turning byte budgets into page slots, with defaults from free memory, and the errors for budgets too small.
+
+Device slots split into the page cache (pages that live on the device, one tail page per layer among them) and the
+workspace: two halves of W/2 pages into which a layer's pages are gathered or loaded for attention, one half for the
+layer computing now and one for the next layer's prefetch. Both count against `device_budget`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from offload.config import OffloadConfig
+from offload.sizes import format_size
+
+# Default budgets leave this share of free memory (or disk space) to everything else.
+FREE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    page_bytes: int
+    device_cache_pages: int
+    workspace_pages: int  # even: two halves
+    host_pages: int
+    host_staging_pages: int  # host slots set aside for disk -> GPU reads
+    disk_pages: int
+    device_budget: int
+    host_budget: int
+    disk_budget: int
+
+    @property
+    def half(self) -> int:
+        return self.workspace_pages // 2
+
+    def capacity_pages(self) -> int:
+        return self.device_cache_pages + self.host_pages - self.host_staging_pages + self.disk_pages
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device) -> Plan:
+    """Slots per tier. Raises ValueError naming the budget when one is too small to work at all."""
+    kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
+    most_workspace = 2 * max_pages
+    dev = config.device_budget_bytes
+    if dev is None:
+        dev = min(kv_max + most_workspace * page_bytes, int(FREE_SHARE * _free_device_bytes(device)))
+    total = dev // page_bytes
+    least = layers + 2
+    if total < least:
+        raise ValueError(
+            f"device_budget: {format_size(dev)} holds {total} pages of {format_size(page_bytes)}; at least {least} "
+            f"are needed (one per layer plus two for streaming), i.e. {format_size(least * page_bytes)} "
+            f"with page_size {config.page_size}"
+        )
+    # A quarter of what is left after the tail pages goes to the workspace, at most two layers' worth.
+    workspace = min(most_workspace, max(2, (total - layers) // 4))
+    workspace -= workspace % 2
+    cache = total - workspace
+
+    host = config.host_budget_bytes
+    if host is None:
+        host = min(kv_max, int(FREE_SHARE * psutil.virtual_memory().available))
+    host_pages = host // page_bytes
+
+    disk_pages = staging = 0
+    disk = config.disk_budget_bytes or 0
+    if config.disk_dir is not None:
+        check_disk_dir(config.disk_dir)
+        if config.disk_budget_bytes is None:
+            disk = min(kv_max, int(FREE_SHARE * shutil.disk_usage(config.disk_dir).free))
+        disk_pages = disk // page_bytes
+        if device.type == "cuda":
+            # Disk pages reach the GPU through pinned host staging as large as the workspace.
+            staging = workspace
+            if host_pages < staging:
+                raise ValueError(
+                    f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "
+                    f"({format_size(staging * page_bytes)}) for staging disk reads"
+                )
+    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk)
+
+
+def check_disk_dir(path: str) -> None:
+    """Raises ValueError unless `path` is (or can be made) a writable directory."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"disk_dir: {path} can't be created ({e.strerror or e})") from None
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"disk_dir: {path} is not a writable directory")
+
+
+def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, page_size: int) -> None:
+    """Raises ValueError, before anything runs, when `tokens` of KV can't fit all the budgets together."""
+    need = layers * -(-tokens // page_size)
+    have = plan.capacity_pages()
+    if need <= have:
+        return
+    short = format_size((need - have) * plan.page_bytes)
+    if config.disk_dir is None:
+        advice = f"raise host_budget by {short} or more, or pass disk_dir"
+    else:
+        advice = f"raise disk_budget by {short} or more"
+    raise ValueError(
+        f"budgets: the KV of {tokens} tokens needs {format_size(need * plan.page_bytes)} but device, host and disk "
+        f"budgets hold {format_size(have * plan.page_bytes)} of pages; {advice}"
+    )

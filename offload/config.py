@@ -1,0 +1,95 @@
+"""`OffloadConfig`: every option of the runtime, validated at construction.
+
+The same field names are the keyword arguments of `offload(model, ...)` and, with dashes, the flags of the
+`offload` command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from offload.sizes import parse_size
+
+ATTENTION_MODES = ("exact", "sparse")
+
+
+@dataclass
+class OffloadConfig:
+    # Byte budgets per tier: int bytes or strings such as "512MiB". None picks a default from free memory.
+    device_budget: int | str | None = None
+    host_budget: int | str | None = None
+    disk_budget: int | str | None = None
+    # Directory for the disk tier; no disk tier when None.
+    disk_dir: str | None = None
+    # Tokens per page. 64 measured best on CPU and GPU, see README ("Choosing the page size").
+    page_size: int = 64
+    # "exact": attention over every page; "sparse": over the sinks, the recent window and the top pages by score.
+    attention: str = "exact"
+    # Sparse mode only: tokens attended per layer per decode step, an int, or a float fraction of the context.
+    token_budget: int | float = 0.1
+    # Names in the policy registries (policies/).
+    prefetch: str = "temporal"
+    eviction: str = "lru"
+    selection: str = "minmax"
+    # Sparse mode: tokens always attended at the start (attention sinks) and at the end (recent window).
+    sink_tokens: int = 16
+    recent_tokens: int = 64
+    # Sparse mode: also compute dense attention and report the attention mass the selected pages covered.
+    measure_recall: bool = False
+    # Record a timeline of transfers, compute and stalls (see `Runtime.save_trace`).
+    trace: bool = False
+    # Threads for disk I/O (and for host copies when the device is the CPU).
+    io_threads: int = 4
+    # Compute device; default: the model's.
+    device: str | None = None
+
+    # Filled by __post_init__: budgets in bytes (None: chosen from free memory when the runtime starts).
+    device_budget_bytes: int | None = field(init=False, default=None, repr=False)
+    host_budget_bytes: int | None = field(init=False, default=None, repr=False)
+    disk_budget_bytes: int | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from policies import EVICTION, PREFETCH, SELECTION
+
+        for name in ("device_budget", "host_budget", "disk_budget"):
+            value = getattr(self, name)
+            setattr(self, name + "_bytes", None if value is None else parse_size(value, name))
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or str(self.disk_dir) == "":
+                raise ValueError(f"disk_dir: expected a directory path, got {self.disk_dir!r}")
+            self.disk_dir = os.fspath(self.disk_dir)
+        elif self.disk_budget is not None and self.disk_budget_bytes:
+            raise ValueError("disk_budget: given without disk_dir; pass disk_dir to enable the disk tier")
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
+            raise ValueError(f"page_size: expected an int number of tokens from 1 to 4096, got {self.page_size!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        tb = self.token_budget
+        if isinstance(tb, bool) or not isinstance(tb, (int, float)):
+            raise ValueError(f"token_budget: expected an int number of tokens or a float fraction in (0, 1], got {tb!r}")
+        if isinstance(tb, float) and not 0.0 < tb <= 1.0:
+            raise ValueError(f"token_budget: a fraction must be in (0, 1], got {tb!r}")
+        if isinstance(tb, int) and tb < 1:
+            raise ValueError(f"token_budget: a number of tokens must be >= 1, got {tb!r}")
+        PREFETCH.check(self.prefetch)
+        EVICTION.check(self.eviction)
+        SELECTION.check(self.selection)
+        for name in ("sink_tokens", "recent_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
+            raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The user-facing options, in declaration order (also the CLI flags)."""
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def token_budget_for(self, context: int) -> int:
+        """The sparse token budget for a context of `context` tokens."""
+        if isinstance(self.token_budget, float):
+            return max(1, int(round(self.token_budget * context)))
+        return int(self.token_budget)

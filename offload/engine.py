@@ -1,0 +1,158 @@
+"""The transfer engine: moves pages between tiers, asynchronously, and times it.
+
+Dispatch is by (source tier, destination tier). Every copy is two-phase: `submit` returns a `Transfer` at once;
+its destination may be read, and its source slots reused, only after `Transfer.wait()`. The runtime marks the pages
+busy in the page table in between, so eviction never touches a page being copied.
+
+On CUDA, host<->device copies run on one stream per direction over the pinned host pool, and completion is a CUDA
+event that the compute stream waits on (the host does not block). On the CPU, and for disk I/O in both cases,
+copies run on a thread pool (torch copies and positioned I/O release the GIL). Loads are submitted before stores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from offload.trace import Tracer
+
+
+def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Splits slot pairs into (src_start, dst_start, length) runs where both sides are consecutive."""
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
+
+
+class Transfer:
+    """One submitted copy. `wait()` returns the seconds the caller was blocked."""
+
+    def __init__(self, future: Future | None = None, event: torch.cuda.Event | None = None,
+                 on_done: Callable[[], None] | None = None):
+        self.future = future
+        self.event = event
+        self.on_done = on_done
+        self.finished = False
+
+    def done(self) -> bool:
+        if self.future is not None and not self.future.done():
+            return False
+        return self.event is None or self.event.query()
+
+    def wait(self) -> float:
+        """Blocks until the copy is done (CPU) or orders the compute stream after it (CUDA)."""
+        if self.finished:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.future is not None:
+            result = self.future.result()
+            if isinstance(result, torch.cuda.Event):
+                self.event = result
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+        waited = time.perf_counter() - t0
+        self.finished = True
+        if self.on_done is not None:
+            self.on_done()
+        return waited
+
+
+class TransferEngine:
+    def __init__(self, device: torch.device, threads: int, tracer: Tracer | None):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.tracer = tracer
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload-io")
+        self.bytes_moved = {"device->host": 0, "host->device": 0, "host->disk": 0, "disk->host": 0}
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(device)
+            self.d2h = torch.cuda.Stream(device)
+
+    # -- memory to memory -------------------------------------------------------------------------------------
+    def copy(self, pair: str, src: tuple[torch.Tensor, torch.Tensor], src_slots: list[int],
+             dst: tuple[torch.Tensor, torch.Tensor], dst_slots: list[int], layer: int = -1,
+             name: str = "load") -> Transfer:
+        """Copies pages src[k|v][src_slots] -> dst[k|v][dst_slots]; `pair` is "host->device" or "device->host"."""
+        nbytes = len(src_slots) * 2 * src[0][0].numel() * src[0].element_size()
+        self.bytes_moved[pair] += nbytes
+        plan = runs(src_slots, dst_slots)
+
+        def body() -> None:
+            for s, d, n in plan:
+                dst[0][d:d + n].copy_(src[0][s:s + n], non_blocking=self.cuda)
+                dst[1][d:d + n].copy_(src[1][s:s + n], non_blocking=self.cuda)
+
+        args = {"bytes": nbytes, "pages": len(src_slots), "layer": layer}
+        if self.cuda:
+            stream = self.h2d if pair == "host->device" else self.d2h
+            # The copy must see everything the compute stream wrote, and must not overwrite what it still reads.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            start = torch.cuda.Event(enable_timing=True) if self.tracer else None
+            done = torch.cuda.Event(enable_timing=self.tracer is not None)
+            with torch.cuda.stream(stream):
+                if start is not None:
+                    start.record()
+                body()
+                done.record()
+            if self.tracer is not None:
+                self.tracer.cuda_span(pair, name, start, done, thread=pair + " stream", **args)
+            return Transfer(event=done)
+        return Transfer(future=self.pool.submit(self._timed, pair, name, body, args))
+
+    def _timed(self, track: str, name: str, body: Callable[[], None], args: dict) -> None:
+        t0 = time.perf_counter()
+        body()
+        if self.tracer is not None:
+            import threading
+
+            self.tracer.span(track, name, t0, time.perf_counter(), thread=threading.current_thread().name, **args)
+
+    # -- disk -----------------------------------------------------------------------------------------------
+    def disk_read(self, disk, slots: list[int], k_out: torch.Tensor, v_out: torch.Tensor, layer: int = -1) -> Transfer:
+        nbytes = len(slots) * disk.page_bytes
+        self.bytes_moved["disk->host"] += nbytes
+        args = {"bytes": nbytes, "pages": len(slots), "layer": layer}
+        return Transfer(future=self.pool.submit(self._timed, "disk read", "load",
+                                                lambda: disk.read(slots, k_out, v_out), args))
+
+    def disk_write(self, disk, slots: list[int], k: torch.Tensor, v: torch.Tensor, layer: int = -1) -> Transfer:
+        nbytes = len(slots) * disk.page_bytes
+        self.bytes_moved["host->disk"] += nbytes
+        args = {"bytes": nbytes, "pages": len(slots), "layer": layer}
+        return Transfer(future=self.pool.submit(self._timed, "disk write", "store",
+                                                lambda: disk.write(slots, k, v), args))
+
+    def disk_to_device(self, disk, slots: list[int], staging: tuple[torch.Tensor, torch.Tensor],
+                       dst: tuple[torch.Tensor, torch.Tensor], layer: int = -1) -> Transfer:
+        """CUDA: disk -> pinned staging -> device, chained in an I/O thread; the future yields the copy's event."""
+        n = len(slots)
+        nbytes = n * disk.page_bytes
+        self.bytes_moved["disk->host"] += nbytes
+        self.bytes_moved["host->device"] += nbytes
+        args = {"bytes": nbytes, "pages": n, "layer": layer}
+
+        def body() -> torch.cuda.Event:
+            self._timed("disk read", "load", lambda: disk.read(slots, staging[0], staging[1]), args)
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self.h2d):
+                dst[0].copy_(staging[0], non_blocking=True)
+                dst[1].copy_(staging[1], non_blocking=True)
+                done.record()
+            return done
+
+        # The copy must not overwrite the workspace while the compute stream still reads it.
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        return Transfer(future=self.pool.submit(body))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.cuda:
+            self.h2d.synchronize()
+            self.d2h.synchronize()

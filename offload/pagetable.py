@@ -1,0 +1,53 @@
+"""The page table: where each page of each layer lives. The only state shared by deciding and moving.
+
+Page p of layer l holds tokens [p*P, (p+1)*P). A page lives in one or more tiers at once: full pages never change,
+so a copy of a full page in a lower tier stays valid, and dropping the device copy of such a page costs nothing.
+The last page of a layer (the "tail") is still being filled and always lives on the device only.
+
+All fields are CPU tensors of shape [layers, max_pages] so that policies work with tensor ops, not Python loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NONE = -1
+TIERS = ("device", "host", "disk")
+
+
+class PageTable:
+    def __init__(self, layers: int, max_pages: int):
+        self.layers = layers
+        self.max_pages = max_pages
+        shape = (layers, max_pages)
+        # Slot of the page in each tier, or -1.
+        self.slot = {name: torch.full(shape, NONE, dtype=torch.int32) for name in TIERS}
+        # In-flight transfers reading or writing the page; a busy page is never evicted (two-phase transfers).
+        self.busy = torch.zeros(shape, dtype=torch.int16)
+        # Eviction inputs: the step each page was last attended, and its decayed attention mass.
+        self.last_use = torch.zeros(shape, dtype=torch.int64)
+        self.score = torch.zeros(shape, dtype=torch.float32)
+        self.tokens = [0] * layers
+
+    def pages(self, layer: int) -> int:
+        """Number of pages holding at least one token."""
+        return -(-self.tokens[layer] // self.page_size) if self.tokens[layer] else 0
+
+    page_size: int = 0  # set by the runtime
+
+    def resident(self, tier: str) -> torch.Tensor:
+        """Bool [layers, max_pages]: the page has a copy in `tier`."""
+        return self.slot[tier] >= 0
+
+    def check_invariants(self) -> None:
+        """Every page that holds tokens lives somewhere; every page beyond lives nowhere. For tests."""
+        for layer in range(self.layers):
+            n = self.pages(layer)
+            anywhere = torch.stack([self.slot[t][layer] >= 0 for t in TIERS]).any(0)
+            if not bool(anywhere[:n].all()):
+                missing = (~anywhere[:n]).nonzero().flatten().tolist()
+                raise AssertionError(f"layer {layer}: pages {missing} live in no tier")
+            if bool(anywhere[n:].any()):
+                raise AssertionError(f"layer {layer}: pages beyond the last token still hold slots")
+            if self.tokens[layer] % self.page_size and int(self.slot["device"][layer, n - 1]) < 0:
+                raise AssertionError(f"layer {layer}: the tail page {n - 1} is not on the device")

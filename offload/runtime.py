@@ -1,0 +1,577 @@
+"""The runtime: tiers, page table, policies and the transfer engine behind one model's offloaded KV cache.
+
+Per layer and step, transformers calls `OffloadedCache.update` (which stashes the new keys and values) and then
+the registered attention function, which calls `Runtime.attend`. `attend`:
+  1. decode: appends the new token to the layer's tail page, then attends over the pages (all of them in exact
+     mode; sinks, recent window and top-scored pages in sparse mode) in chunks of at most half the workspace,
+     merged by log-sum-exp. Pages already on the device are gathered into the workspace; others are loaded from
+     host or disk. The next layer's pages are prefetched into the other half while this layer computes.
+  2. prefill: attends densely (causal) over the new tokens and the pages before them, then stores the new pages:
+     on the device while its share lasts, then host, then disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from offload import attention_math as am
+from offload.budgets import Plan, check_capacity, plan_budgets
+from offload.config import OffloadConfig
+from offload.engine import Transfer, TransferEngine
+from offload.models import check_model
+from offload.pagetable import PageTable
+from offload.trace import Tracer
+from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
+from tiers import DeviceTier, HostTier, PageShape
+
+log = logging.getLogger(__name__)
+
+
+class _Prefetch:
+    """Pages of one layer loading into a workspace half ahead of the layer's attention."""
+
+    def __init__(self, layer: int, pages: torch.Tensor, half: int, transfers: list[Transfer]):
+        self.layer = layer
+        self.pages = pages  # page ids, in workspace order
+        self.half = half
+        self.transfers = transfers
+
+
+class Runtime:
+    def __init__(self, model: torch.nn.Module, config: OffloadConfig):
+        check_model(model)
+        self.model = model
+        self.config = config
+        mc = model.config
+        self.layers: int = mc.num_hidden_layers
+        self.q_heads: int = mc.num_attention_heads
+        self.kv_heads: int = getattr(mc, "num_key_value_heads", None) or self.q_heads
+        self.head_dim: int = getattr(mc, "head_dim", None) or mc.hidden_size // self.q_heads
+        self.max_positions: int = mc.max_position_embeddings
+        param = next(model.parameters())
+        self.dtype = param.dtype
+        self.device = torch.device(config.device) if config.device else param.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.page_size = config.page_size
+        self.shape = PageShape(self.kv_heads, self.page_size, self.head_dim, self.dtype)
+        self.max_pages = -(-self.max_positions // self.page_size)
+        self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device)
+        self.tracer = Tracer() if config.trace else None
+        self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
+        self.device_tier = DeviceTier(self.shape, self.plan.device_cache_pages, self.device)
+        h = self.plan.half
+        self.ws_k = torch.empty((2, h, *self.shape.dims), dtype=self.dtype, device=self.device)
+        self.ws_v = torch.empty_like(self.ws_k)
+        self.host_tier: HostTier | None = None  # allocated once, at the first spill
+        self.disk_tier = None
+        self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eviction = EVICTION.create(config.eviction, None)
+        self.prefetcher = PREFETCH.create(config.prefetch)
+        self.selector = SELECTION.create(config.selection)
+        self._stats_init()
+        self.closed = False
+        self._new_sequence()
+
+    # -- sequence lifecycle ----------------------------------------------------------------------------------
+    def _new_sequence(self) -> None:
+        self.table = PageTable(self.layers, self.max_pages)
+        self.table.page_size = self.page_size
+        self.eviction.table = self.table
+        for tier in (self.device_tier, self.host_tier, self.disk_tier):
+            if tier is not None:
+                reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
+                tier._free = list(range(tier.capacity - 1, reserved - 1, -1))
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prefetched: dict[int, _Prefetch] = {}
+        self.pf_context = PrefetchContext()
+        self.turn = 0  # workspace half of the layer computing now
+        self.step = 0
+        self.summaries: torch.Tensor | None = None
+
+    def cache(self):
+        """A fresh transformers Cache bound to this runtime. Pages of an earlier cache are released."""
+        from offload.cache import OffloadedCache
+
+        self._drain()
+        self._new_sequence()
+        return OffloadedCache(self)
+
+    def expect_tokens(self, tokens: int) -> None:
+        """Checks, before anything runs, that a sequence of `tokens` fits the positions and the budgets."""
+        if tokens > self.max_positions:
+            raise ValueError(
+                f"prompt: {tokens} tokens (prompt plus new tokens) exceed the model's maximum of "
+                f"{self.max_positions} positions"
+            )
+        check_capacity(self.plan, self.config, tokens, self.layers, self.page_size)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._drain()
+        finally:
+            self.engine.close()
+            for tier in (self.disk_tier, self.host_tier, self.device_tier):
+                if tier is not None:
+                    tier.close()
+            self.ws_k = self.ws_v = torch.empty(0)
+            self.host_staging = None
+
+    def _drain(self) -> None:
+        for pf in self.prefetched.values():
+            self._finish(pf)
+        self.prefetched.clear()
+
+    # -- lower tiers, created at the first spill -----------------------------------------------------------------
+    def _host(self) -> HostTier | None:
+        if self.host_tier is None and self.plan.host_pages > 0:
+            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda")
+            if self.plan.host_staging_pages:
+                # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
+                assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
+        return self.host_tier
+
+    def _disk(self):
+        if self.disk_tier is None and self.plan.disk_pages > 0:
+            from tiers.disk import DiskTier
+
+            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads)
+            self._host()
+        return self.disk_tier
+
+    # -- the attention entry point ---------------------------------------------------------------------------
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """query [1, Hq, T, D], key/value [1, H, T, D] (new tokens) -> attention output [1, T, Hq, D]."""
+        if query.shape[0] != 1:
+            raise ValueError(f"batch: offloaded generation runs one sequence at a time; got batch size {query.shape[0]}")
+        t0 = time.perf_counter()
+        tokens = query.shape[2]
+        pf = self.prefetched.pop(layer, None)
+        if tokens == 1:
+            out = self._decode(layer, query, key[0], value[0], scaling, pf)
+        else:
+            if pf is not None:
+                self._finish(pf)
+            out = self._prefill(layer, query, key, value, scaling)
+            if layer == 0:
+                self.counters["tokens"]["prefill"] += tokens
+        self.turn ^= 1
+        self._resident()
+        if self.tracer is not None:
+            self.tracer.span("compute", "attention", t0, time.perf_counter(), layer=layer, tokens=tokens)
+            if layer == self.layers - 1:
+                self.tracer.counter("occupancy", time.perf_counter(), self._resident())
+        return out
+
+    # -- prefill ---------------------------------------------------------------------------------------------
+    def _prefill(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+        tokens = query.shape[2]
+        if self.table.tokens[layer] == 0:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=self.q_heads != self.kv_heads
+            ).transpose(1, 2)
+        else:
+            q = am.group_queries(query, self.kv_heads)
+            parts = list(self._old_pages_partials(layer, q, scaling))
+            parts.append(am.dense_partial(q, key[0], value[0], scaling, causal_tokens=tokens))
+            out = am.ungroup_output(am.merge(parts), self.q_heads, tokens).to(query.dtype)
+        self._store_prefill(layer, key[0], value[0])
+        return out
+
+    def _old_pages_partials(self, layer: int, q: torch.Tensor, scaling: float):
+        n = self.table.tokens[layer]
+        last = self.table.pages(layer) - 1
+        valid = n - last * self.page_size
+        if valid == self.page_size:
+            last += 1  # no open tail: every page is full
+        else:
+            yield self._tail_partial(layer, last, valid, q, scaling)
+        if last > 0:
+            yield from self._pages_partials(layer, torch.arange(last), q, scaling, None)
+
+    def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Appends T new tokens: fills the tail page, then places the new pages by tier."""
+        P = self.page_size
+        n = self.table.tokens[layer]
+        pos = self._fill_tail(layer, k, v, 0) if n % P else 0
+        rest = k.shape[1] - pos
+        if rest == 0:
+            return
+        first = self.table.tokens[layer] // P
+        count = -(-rest // P)
+        pad = count * P - rest
+        kk, vv = k[:, pos:], v[:, pos:]
+        if pad:
+            kk = torch.nn.functional.pad(kk, (0, 0, 0, pad))
+            vv = torch.nn.functional.pad(vv, (0, 0, 0, pad))
+        H, D = self.kv_heads, self.head_dim
+        # [H, count*P, D] -> [count, H, P, D]: pages as the tiers store them.
+        kp = kk.reshape(H, count, P, D).transpose(0, 1).contiguous()
+        vp = vv.reshape(H, count, P, D).transpose(0, 1).contiguous()
+        pages = list(range(first, first + count))
+        # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
+        share = max(0, self.device_tier.capacity // self.layers - 1 - self._device_pages(layer))
+        spare = self.device_tier.num_free - self._tails_still_needed(layer) - 1
+        on_device = max(0, min(count - 1, share, spare))
+        lower = count - 1 - on_device
+        dev_idx = list(range(lower, count))  # the newest pages go to the device
+        self._place_device(layer, [pages[i] for i in dev_idx], kp[lower:], vp[lower:])
+        if lower:
+            self._place_lower(layer, pages[:lower], kp[:lower], vp[:lower])
+        self.table.tokens[layer] += rest
+        if self.config.attention == "sparse":
+            self._summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
+
+    def _device_pages(self, layer: int) -> int:
+        return int((self.table.slot["device"][layer] >= 0).sum())
+
+    def _tails_still_needed(self, layer: int) -> int:
+        """Layers other than `layer` that hold no page yet each need a device slot for their tail."""
+        return sum(1 for l in range(self.layers) if l != layer and self.table.tokens[l] == 0)
+
+    def _place_device(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
+        slots = self._device_slots(len(pages))
+        idx = torch.tensor(slots, device=self.device)
+        self.device_tier.k.index_copy_(0, idx, kp)
+        self.device_tier.v.index_copy_(0, idx, vp)
+        self.table.slot["device"][layer, pages] = torch.tensor(slots, dtype=torch.int32)
+
+    def _place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
+        """Stores full pages that don't fit the device: host first, then disk."""
+        host = self._host()
+        n_host = min(len(pages), host.num_free - self._host_reserve() if host else 0)
+        n_host = max(0, n_host)
+        if n_host:
+            slots = host.allocate(n_host)
+            t = self.engine.copy("device->host", (kp, vp), list(range(n_host)), (host.k, host.v), slots, layer, "store")
+            self.stall(layer, t.wait() if self.device.type != "cuda" else self._sync(t))
+            self.table.slot["host"][layer, pages[:n_host]] = torch.tensor(slots, dtype=torch.int32)
+        rest = len(pages) - n_host
+        if rest:
+            disk = self._disk()
+            slots = disk.allocate(rest) if disk is not None else None
+            if slots is None:
+                raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise one of them")
+            src_k, src_v = kp[n_host:], vp[n_host:]
+            if src_k.device.type != "cpu":
+                src_k, src_v = src_k.cpu(), src_v.cpu()
+                self.engine.bytes_moved["device->host"] += rest * self.shape.page_bytes
+            t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
+            self.stall(layer, t.wait())
+            self.table.slot["disk"][layer, pages[n_host:]] = torch.tensor(slots, dtype=torch.int32)
+
+    def _host_reserve(self) -> int:
+        return 0
+
+    @staticmethod
+    def _sync(t: Transfer) -> float:
+        t0 = time.perf_counter()
+        t.event.synchronize()  # the source is a temporary that must outlive the copy
+        return time.perf_counter() - t0
+
+    # -- decode ----------------------------------------------------------------------------------------------
+    def _decode(self, layer: int, query, k, v, scaling: float, pf: _Prefetch | None) -> torch.Tensor:
+        self._append_token(layer, k, v)
+        q = am.group_queries(query, self.kv_heads)
+        n = self.table.tokens[layer]
+        last = self.table.pages(layer) - 1
+        valid = n - last * self.page_size
+        full = self._select(layer, q, last, scaling)
+        self._issue_prefetch((layer + 1) % self.layers)
+        parts = [self._tail_partial(layer, last, valid, q, scaling)]
+        if full.numel():
+            parts.extend(self._pages_partials(layer, full, q, scaling, pf))
+        elif pf is not None:
+            self._finish(pf)
+        out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
+        attended = full.numel() * self.page_size + valid
+        self.counters["attended"] += attended / n
+        self.counters["attended_n"] += 1
+        self.eviction.on_use(layer, full, self.step)
+        if layer == 0:
+            self.counters["tokens"]["decode"] += 1
+        if layer == self.layers - 1:
+            self.step += 1
+        return out
+
+    def _select(self, layer: int, q: torch.Tensor, last: int, scaling: float) -> torch.Tensor:
+        """Full pages (ids < last) this step attends to."""
+        return torch.arange(last)
+
+    def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float):
+        s = int(self.table.slot["device"][layer, last])
+        return am.pages_partial(q, self.device_tier.k[s:s + 1, :, :valid], self.device_tier.v[s:s + 1, :, :valid],
+                                scaling)
+
+    def _append_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = self.table.tokens[layer]
+        if n % self.page_size == 0:
+            page = n // self.page_size
+            if page >= self.max_pages:
+                raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
+            slot = self._device_slots(1, layer)[0]
+            self.table.slot["device"][layer, page] = slot
+            if self.config.attention == "sparse" and page > 0:
+                self._summarize_resident(layer, page - 1)
+        self._fill_tail(layer, k, v, 0)
+
+    def _fill_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> int:
+        """Writes new tokens from k[:, pos:] into the open tail page; returns the new position in k."""
+        n = self.table.tokens[layer]
+        off = n % self.page_size
+        take = min(self.page_size - off, k.shape[1] - pos)
+        s = int(self.table.slot["device"][layer, n // self.page_size])
+        self.device_tier.k[s, :, off:off + take] = k[:, pos:pos + take]
+        self.device_tier.v[s, :, off:off + take] = v[:, pos:pos + take]
+        self.table.tokens[layer] = n + take
+        return pos + take
+
+    # -- pages through the workspace -------------------------------------------------------------------------
+    def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float, pf: _Prefetch | None):
+        """Partials over full `pages` of `layer`, through the workspace half of this turn."""
+        half = self.turn
+        cap = self.plan.half
+        dev_slot = self.table.slot["device"][layer, pages]
+        resident = dev_slot >= 0
+        missing = pages[~resident]
+        if pf is not None:
+            hit = torch.isin(pf.pages, missing)
+            self.stall(layer, self._finish(pf))
+            n_hit = int(hit.sum())
+            self.counters["prefetch"]["hits"] += n_hit
+            if n_hit:
+                if n_hit == pf.pages.numel():
+                    kk, vv = self.ws_k[pf.half, :n_hit], self.ws_v[pf.half, :n_hit]
+                else:
+                    pos = hit.nonzero().flatten().to(self.device)
+                    kk, vv = self.ws_k[pf.half].index_select(0, pos), self.ws_v[pf.half].index_select(0, pos)
+                yield am.pages_partial(q, kk, vv, scaling)
+                missing = missing[~torch.isin(missing, pf.pages)]
+        self.counters["prefetch"]["misses"] += missing.numel()
+        for start in range(0, missing.numel(), cap):
+            chunk = missing[start:start + cap]
+            chunk, transfers = self._load(layer, chunk, half)
+            for t in transfers:
+                self.stall(layer, t.wait())
+            self._unbusy(layer, chunk)
+            yield am.pages_partial(q, self.ws_k[half, :chunk.numel()], self.ws_v[half, :chunk.numel()], scaling)
+        slots = dev_slot[resident].to(self.device, torch.long)
+        for start in range(0, slots.numel(), cap):
+            idx = slots[start:start + cap]
+            kk, vv = self.ws_k[half, :idx.numel()], self.ws_v[half, :idx.numel()]
+            torch.index_select(self.device_tier.k, 0, idx, out=kk)
+            torch.index_select(self.device_tier.v, 0, idx, out=vv)
+            yield am.pages_partial(q, kk, vv, scaling)
+
+    def _load(self, layer: int, pages: torch.Tensor, half: int) -> tuple[torch.Tensor, list[Transfer]]:
+        """Starts copying `pages` (none on the device) into workspace `half`, host pages first, then disk pages."""
+        host_slot = self.table.slot["host"][layer, pages]
+        on_host = host_slot >= 0
+        order = torch.cat([pages[on_host], pages[~on_host]])
+        self.table.busy[layer, order] += 1
+        transfers = []
+        n_host = int(on_host.sum())
+        if n_host:
+            host = self.host_tier
+            transfers.append(self.engine.copy("host->device", (host.k, host.v), host_slot[on_host].tolist(),
+                                              (self.ws_k[half], self.ws_v[half]), list(range(n_host)), layer))
+        n_disk = order.numel() - n_host
+        if n_disk:
+            disk_slots = self.table.slot["disk"][layer, pages[~on_host]].tolist()
+            if self.device.type == "cuda":
+                # Disk -> pinned staging (I/O thread), then staging -> workspace on the copy stream.
+                host = self.host_tier
+                first = half * self.plan.half
+                stage_k, stage_v = host.k[first:first + n_disk], host.v[first:first + n_disk]
+                transfers.append(self.engine.disk_to_device(
+                    self.disk_tier, disk_slots, (stage_k, stage_v),
+                    (self.ws_k[half, n_host:n_host + n_disk], self.ws_v[half, n_host:n_host + n_disk]), layer))
+            else:
+                transfers.append(self.engine.disk_read(self.disk_tier, disk_slots,
+                                                       self.ws_k[half, n_host:n_host + n_disk],
+                                                       self.ws_v[half, n_host:n_host + n_disk], layer))
+                self.engine.bytes_moved["host->device"] += n_disk * self.shape.page_bytes
+        return order, transfers
+
+    def _issue_prefetch(self, layer: int) -> None:
+        """Starts loading pages the next layer is expected to need into the other workspace half."""
+        n = self.table.tokens[layer]
+        if n == 0:
+            return
+        last = self.table.pages(layer) - 1
+        if self.config.attention == "exact":
+            want = torch.arange(last)
+        else:
+            want = self.prefetcher.predict(layer, self.pf_context)
+            if want is None:
+                return
+            want = want[want < last]
+        want = want[(self.table.slot["device"][layer, want] < 0) & (self.table.busy[layer, want] == 0)]
+        want = want[: self.plan.half]
+        if want.numel() == 0:
+            return
+        half = self.turn ^ 1
+        order, transfers = self._load(layer, want, half)
+        self.prefetched[layer] = _Prefetch(layer, order, half, transfers)
+        self.counters["prefetch"]["issued"] += want.numel()
+
+    def _finish(self, pf: _Prefetch) -> float:
+        """Completes a prefetch: waits for its copies and unprotects its pages."""
+        waited = sum(t.wait() for t in pf.transfers)
+        self._unbusy(pf.layer, pf.pages)
+        return waited
+
+    def _unbusy(self, layer: int, pages: torch.Tensor) -> None:
+        self.table.busy[layer, pages] -= 1
+
+    # -- device slots and eviction -----------------------------------------------------------------------------
+    def _device_slots(self, n: int, layer: int | None = None) -> list[int]:
+        dev = self.device_tier
+        slots = dev.allocate(n)
+        if slots is not None:
+            return slots
+        self._evict_device(n - dev.num_free, layer)
+        slots = dev.allocate(n)
+        if slots is None:
+            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
+        return slots
+
+    def _evict_device(self, n: int, layer: int | None) -> None:
+        t = self.table
+        on_dev = t.slot["device"] >= 0
+        eligible = on_dev & (t.busy == 0)
+        for l in range(self.layers):
+            if t.tokens[l] % self.page_size:
+                eligible[l, t.pages(l) - 1] = False  # an open tail page is written in place
+        eligible &= self._unpinned()
+        victims = self.eviction.victims(eligible, n)
+        if len(victims) < n:
+            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
+        for l, p in victims:
+            s = int(t.slot["device"][l, p])
+            if int(t.slot["host"][l, p]) < 0 and int(t.slot["disk"][l, p]) < 0:
+                self._write_back(l, p, s)
+            t.slot["device"][l, p] = -1
+            self.device_tier.release([s])
+            self.counters["evictions"]["device"] += 1
+            if self.tracer is not None:
+                self.tracer.instant("policy", "evict", tier="device", layer=l, pages=1)
+
+    def _unpinned(self) -> torch.Tensor:
+        """Bool [layers, max_pages]: pages eviction may take (sinks and the recent window stay)."""
+        mask = torch.ones(self.layers, self.max_pages, dtype=torch.bool)
+        if self.config.attention == "sparse":
+            sinks = -(-self.config.sink_tokens // self.page_size)
+            mask[:, :sinks] = False
+            for l in range(self.layers):
+                last = self.table.pages(l)
+                recent = -(-self.config.recent_tokens // self.page_size) + 1
+                mask[l, max(0, last - recent):last] = False
+        return mask
+
+    def _write_back(self, layer: int, page: int, dev_slot: int) -> None:
+        """Copies a page that lives only on the device to the host (or disk), before its slot is reused."""
+        host = self._host()
+        slots = host.allocate(1) if host is not None else None
+        if slots is None and host is not None and self._disk() is not None:
+            self._evict_host(1)
+            slots = host.allocate(1)
+        dk, dv = self.device_tier.k, self.device_tier.v
+        if slots is not None:
+            t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store")
+            self.stall(layer, t.wait())
+            self.table.slot["host"][layer, page] = slots[0]
+            return
+        disk = self._disk()
+        dslots = disk.allocate(1) if disk is not None else None
+        if dslots is None:
+            raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise host_budget or "
+                             "disk_budget")
+        k, v = dk[dev_slot:dev_slot + 1].cpu(), dv[dev_slot:dev_slot + 1].cpu()
+        self.engine.bytes_moved["device->host"] += self.shape.page_bytes
+        self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
+        self.table.slot["disk"][layer, page] = dslots[0]
+
+    def _evict_host(self, n: int) -> None:
+        t = self.table
+        eligible = (t.slot["host"] >= 0) & (t.busy == 0)
+        victims = self.eviction.victims(eligible, n)
+        disk = self._disk()
+        host = self.host_tier
+        for l, p in victims:
+            s = int(t.slot["host"][l, p])
+            if int(t.slot["disk"][l, p]) < 0:
+                dslots = disk.allocate(1)
+                if dslots is None:
+                    raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
+                self.stall(l, self.engine.disk_write(disk, dslots, host.k[s:s + 1], host.v[s:s + 1], l).wait())
+                t.slot["disk"][l, p] = dslots[0]
+            t.slot["host"][l, p] = -1
+            host.release([s])
+            self.counters["evictions"]["host"] += 1
+
+    # -- sparse mode hooks -----------------------------------------------------------------------------------
+    def _summarize(self, layer: int, pages: list[int], k: torch.Tensor) -> None:
+        pass
+
+    def _summarize_resident(self, layer: int, page: int) -> None:
+        pass
+
+    # -- statistics ------------------------------------------------------------------------------------------
+    def _stats_init(self) -> None:
+        self.counters = {
+            "tokens": {"prefill": 0, "decode": 0},
+            "prefetch": {"issued": 0, "hits": 0, "misses": 0},
+            "evictions": {"device": 0, "host": 0},
+            "attended": 0.0,
+            "attended_n": 0,
+        }
+        self.stall_per_layer = [0.0] * self.layers
+        self.peak = {"device": 0, "host": 0, "disk": 0}
+
+    def stall(self, layer: int, seconds: float) -> None:
+        self.stall_per_layer[layer] += seconds
+        if seconds > 0 and self.tracer is not None:
+            now = time.perf_counter()
+            self.tracer.span("stall", "wait", now - seconds, now, layer=layer)
+
+    def _resident(self) -> dict[str, int]:
+        pb = self.shape.page_bytes
+        res = {
+            "device": (self.device_tier.num_used + self.plan.workspace_pages) * pb,
+            "host": self.host_tier.num_used * pb if self.host_tier else 0,
+            "disk": self.disk_tier.num_used * pb if self.disk_tier else 0,
+        }
+        for k, v in res.items():
+            self.peak[k] = max(self.peak[k], v)
+        return res
+
+    def stats(self) -> dict:
+        """Counters since the runtime started; resident bytes now and at their peak."""
+        resident = self._resident()
+        c = self.counters
+        per_token = self.shape.page_bytes // self.page_size  # one layer's K and V of one token
+        return {
+            "bytes_moved": dict(self.engine.bytes_moved),
+            "resident_bytes": resident,
+            "peak_resident_bytes": dict(self.peak),
+            "budgets": {"device": self.plan.device_budget, "host": self.plan.host_budget,
+                        "disk": self.plan.disk_budget},
+            "kv_bytes": sum(self.table.tokens) * per_token,
+            "tokens": dict(c["tokens"]),
+            "prefetch": dict(c["prefetch"]),
+            "evictions": dict(c["evictions"]),
+            "stall_seconds": sum(self.stall_per_layer),
+            "stall_seconds_per_layer": list(self.stall_per_layer),
+            "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,
+            "page_size": self.page_size,
+            "page_bytes": self.shape.page_bytes,
+        }

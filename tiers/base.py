@@ -1,0 +1,121 @@
+"""The tier interface: a pool of page slots under a byte budget.
+
+A page holds the keys and the values of `page_size` tokens of one layer, all KV heads:
+K and V each have shape [H_kv, page_size, head_dim] (`PageShape`). A tier stores `capacity` pages in slots
+numbered 0..capacity-1. Tiers only store; what lives where is decided by the runtime and `policies/`, and
+bytes are moved by the transfer engine (`offload/engine.py`), which dispatches on (source tier, destination tier).
+
+Lifecycle: construct (storage is allocated once, here) -> allocate/release slots, read/write pages -> close().
+
+Memory tiers (device, host) expose their storage as two tensors `k` and `v` of shape
+[capacity, H_kv, page_size, head_dim], so copies are plain tensor ops. The disk tier has no tensors: it reads
+and writes pages into host tensors with positioned I/O.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageShape:
+    kv_heads: int
+    page_size: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def half_bytes(self) -> int:
+        """Bytes of the K (or the V) half of one page."""
+        return self.kv_heads * self.page_size * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def page_bytes(self) -> int:
+        return 2 * self.half_bytes
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return (self.kv_heads, self.page_size, self.head_dim)
+
+
+class Tier(ABC):
+    """A fixed number of page slots. Subclasses allocate their storage in __init__ and free it in close()."""
+
+    name: ClassVar[str]
+
+    def __init__(self, shape: PageShape, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"{self.name}: capacity must be >= 0 pages, got {capacity}")
+        self.shape = shape
+        self.capacity = capacity
+        # Free slots as a stack; the lowest slot numbers are handed out first.
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self.closed = False
+
+    @property
+    def page_bytes(self) -> int:
+        return self.shape.page_bytes
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.num_used * self.page_bytes
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Takes `n` free slots, or none at all and returns None when fewer than `n` are free."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, slots: Sequence[int]) -> None:
+        for s in slots:
+            if not 0 <= s < self.capacity:
+                raise ValueError(f"{self.name}: slot {s} out of range 0..{self.capacity - 1}")
+        self._free.extend(slots)
+        if len(self._free) > self.capacity:
+            raise RuntimeError(f"{self.name}: a slot was released twice")
+
+    @abstractmethod
+    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores pages: k and v are [len(slots), H_kv, page_size, head_dim]. Synchronous."""
+
+    @abstractmethod
+    def read(self, slots: Sequence[int], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Loads pages into k_out and v_out, each [len(slots), H_kv, page_size, head_dim]. Synchronous."""
+
+    def close(self) -> None:
+        """Frees the storage. Idempotent."""
+        self.closed = True
+
+
+class MemoryTier(Tier):
+    """A tier whose storage is two tensors on one torch device."""
+
+    k: torch.Tensor  # [capacity, H_kv, page_size, head_dim]
+    v: torch.Tensor
+
+    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.k.device)
+        self.k.index_copy_(0, idx, k.to(self.k.device))
+        self.v.index_copy_(0, idx, v.to(self.v.device))
+
+    def read(self, slots: Sequence[int], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.k.device)
+        k_out.copy_(self.k.index_select(0, idx))
+        v_out.copy_(self.v.index_select(0, idx))
+
+    def close(self) -> None:
+        self.k = self.v = torch.empty(0)
+        super().close()

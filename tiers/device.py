@@ -1,0 +1,17 @@
+"""The compute device's memory (GPU HBM; the CPU's RAM on a machine without a GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from tiers.base import MemoryTier, PageShape
+
+
+class DeviceTier(MemoryTier):
+    name = "device"
+
+    def __init__(self, shape: PageShape, capacity: int, device: torch.device):
+        super().__init__(shape, capacity)
+        self.device = torch.device(device)
+        self.k = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)
+        self.v = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)
