@@ -1,8 +1,9 @@
 """Turning byte budgets into page slots, with defaults from free memory, and the errors for budgets too small.
 
 Device slots split into the page cache (pages that live on the device, one tail page per layer among them) and the
-workspace: two halves of W/2 pages into which a layer's pages are gathered or loaded for attention, one half for the
-layer computing now and one for the next layer's prefetch. Both count against `device_budget`.
+workspace: three parts of `half` pages. Two receive a layer's pages for attention, gathered or loaded, one for the
+layer computing now and one for the next layer's prefetch; the third holds the head-major copy that lets a layer
+whose pages are all resident run in one SDPA call. All of it counts against `device_budget`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FREE_SHARE = 0.5
 class Plan:
     page_bytes: int
     device_cache_pages: int
-    workspace_pages: int  # even: two halves
+    workspace_pages: int  # three halves: two for loads (now, next layer), one for head-major gathers
     host_pages: int
     host_staging_pages: int  # host slots set aside for disk -> GPU reads
     disk_pages: int
@@ -35,7 +36,7 @@ class Plan:
 
     @property
     def half(self) -> int:
-        return self.workspace_pages // 2
+        return self.workspace_pages // 3
 
     def capacity_pages(self) -> int:
         return self.device_cache_pages + self.host_pages - self.host_staging_pages + self.disk_pages
@@ -51,21 +52,20 @@ def _free_device_bytes(device: torch.device) -> int:
 def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device) -> Plan:
     """Slots per tier. Raises ValueError naming the budget when one is too small to work at all."""
     kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
-    most_workspace = 2 * max_pages
+    most_workspace = 3 * max_pages
     dev = config.device_budget_bytes
     if dev is None:
         dev = min(kv_max + most_workspace * page_bytes, int(FREE_SHARE * _free_device_bytes(device)))
     total = dev // page_bytes
-    least = layers + 2
+    least = layers + 3
     if total < least:
         raise ValueError(
             f"device_budget: {format_size(dev)} holds {total} pages of {format_size(page_bytes)}; at least {least} "
-            f"are needed (one per layer plus two for streaming), i.e. {format_size(least * page_bytes)} "
+            f"are needed (one per layer plus three for streaming), i.e. {format_size(least * page_bytes)} "
             f"with page_size {config.page_size}"
         )
-    # A quarter of what is left after the tail pages goes to the workspace, at most two layers' worth.
-    workspace = min(most_workspace, max(2, (total - layers) // 4))
-    workspace -= workspace % 2
+    # About a quarter of what is left after the tail pages goes to the workspace, at most three layers' worth.
+    workspace = 3 * max(1, min(max_pages, (total - layers) // 12))
     cache = total - workspace
 
     host = config.host_budget_bytes
@@ -82,7 +82,7 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
         disk_pages = disk // page_bytes
         if device.type == "cuda":
             # Disk pages reach the GPU through pinned host staging as large as the workspace.
-            staging = workspace
+            staging = 2 * (workspace // 3)
             if host_pages < staging:
                 raise ValueError(
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "

@@ -89,7 +89,8 @@ class TransferEngine:
                 dst[0][d:d + n].copy_(src[0][s:s + n], non_blocking=self.cuda)
                 dst[1][d:d + n].copy_(src[1][s:s + n], non_blocking=self.cuda)
 
-        args = {"bytes": nbytes, "pages": len(src_slots), "layer": layer}
+        src_tier, dst_tier = pair.split("->")
+        args = {"bytes": nbytes, "pages": len(src_slots), "layer": layer, "src": src_tier, "dst": dst_tier}
         if self.cuda:
             stream = self.h2d if pair == "host->device" else self.d2h
             # The copy must see everything the compute stream wrote, and must not overwrite what it still reads.
@@ -106,6 +107,14 @@ class TransferEngine:
             return Transfer(event=done)
         return Transfer(future=self.pool.submit(self._timed, pair, name, body, args))
 
+    def account(self, pair: str, nbytes: int, start: float, layer: int, name: str) -> None:
+        """Counts a copy done synchronously by the caller (a CPU-side page copy), with its span."""
+        self.bytes_moved[pair] += nbytes
+        if self.tracer is not None:
+            src, dst = pair.split("->")
+            self.tracer.span(pair, name, start, time.perf_counter(), bytes=nbytes, pages=nbytes and 1, layer=layer,
+                             src=src, dst=dst, thread="compute")
+
     def _timed(self, track: str, name: str, body: Callable[[], None], args: dict) -> None:
         t0 = time.perf_counter()
         body()
@@ -118,14 +127,14 @@ class TransferEngine:
     def disk_read(self, disk, slots: list[int], k_out: torch.Tensor, v_out: torch.Tensor, layer: int = -1) -> Transfer:
         nbytes = len(slots) * disk.page_bytes
         self.bytes_moved["disk->host"] += nbytes
-        args = {"bytes": nbytes, "pages": len(slots), "layer": layer}
+        args = {"bytes": nbytes, "pages": len(slots), "layer": layer, "src": "disk", "dst": "host"}
         return Transfer(future=self.pool.submit(self._timed, "disk read", "load",
                                                 lambda: disk.read(slots, k_out, v_out), args))
 
     def disk_write(self, disk, slots: list[int], k: torch.Tensor, v: torch.Tensor, layer: int = -1) -> Transfer:
         nbytes = len(slots) * disk.page_bytes
         self.bytes_moved["host->disk"] += nbytes
-        args = {"bytes": nbytes, "pages": len(slots), "layer": layer}
+        args = {"bytes": nbytes, "pages": len(slots), "layer": layer, "src": "host", "dst": "disk"}
         return Transfer(future=self.pool.submit(self._timed, "disk write", "store",
                                                 lambda: disk.write(slots, k, v), args))
 
@@ -139,12 +148,19 @@ class TransferEngine:
         args = {"bytes": nbytes, "pages": n, "layer": layer}
 
         def body() -> torch.cuda.Event:
-            self._timed("disk read", "load", lambda: disk.read(slots, staging[0], staging[1]), args)
-            done = torch.cuda.Event()
+            self._timed("disk read", "load", lambda: disk.read(slots, staging[0], staging[1]),
+                        {**args, "src": "disk", "dst": "host"})
+            start = torch.cuda.Event(enable_timing=True) if self.tracer else None
+            done = torch.cuda.Event(enable_timing=self.tracer is not None)
             with torch.cuda.stream(self.h2d):
+                if start is not None:
+                    start.record()
                 dst[0].copy_(staging[0], non_blocking=True)
                 dst[1].copy_(staging[1], non_blocking=True)
                 done.record()
+            if self.tracer is not None:
+                self.tracer.cuda_span("host->device", "load", start, done, thread="host->device stream",
+                                      **args, src="host", dst="device")
             return done
 
         # The copy must not overwrite the workspace while the compute stream still reads it.

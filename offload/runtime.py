@@ -62,17 +62,31 @@ class Runtime:
         self.max_pages = -(-self.max_positions // self.page_size)
         self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device)
         self.tracer = Tracer() if config.trace else None
+        if self.tracer is not None:
+            self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
         self.device_tier = DeviceTier(self.shape, self.plan.device_cache_pages, self.device)
         h = self.plan.half
         self.ws_k = torch.empty((2, h, *self.shape.dims), dtype=self.dtype, device=self.device)
         self.ws_v = torch.empty_like(self.ws_k)
+        # Head-major gather target of the fast path: [H, half, P, D], so SDPA reads it without another copy.
+        self.hm_k = torch.empty((self.kv_heads, h, self.page_size, self.head_dim), dtype=self.dtype, device=self.device)
+        self.hm_v = torch.empty_like(self.hm_k)
         self.host_tier: HostTier | None = None  # allocated once, at the first spill
         self.disk_tier = None
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eviction = EVICTION.create(config.eviction, None)
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.selector = SELECTION.create(config.selection)
+        self.sparse = config.attention == "sparse"
+        self.hooks: list = []
+        self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        if self.sparse:
+            # Key summaries of every page, kept on the device: [layers, max_pages, S, H, D]. Not KV bytes.
+            self.summaries = torch.zeros((self.layers, self.max_pages, self.selector.summary_size(), self.kv_heads,
+                                          self.head_dim), dtype=self.dtype, device=self.device)
+            if getattr(self.prefetcher, "needs_speculation", False):
+                self._install_speculation()
         self._stats_init()
         self.closed = False
         self._new_sequence()
@@ -91,7 +105,8 @@ class Runtime:
         self.pf_context = PrefetchContext()
         self.turn = 0  # workspace half of the layer computing now
         self.step = 0
-        self.summaries: torch.Tensor | None = None
+        self.recall_sum = [0.0] * self.layers
+        self.recall_n = [0] * self.layers
 
     def cache(self):
         """A fresh transformers Cache bound to this runtime. Pages of an earlier cache are released."""
@@ -110,6 +125,12 @@ class Runtime:
             )
         check_capacity(self.plan, self.config, tokens, self.layers, self.page_size)
 
+    def save_trace(self, path: str) -> None:
+        """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
+        if self.tracer is None:
+            raise ValueError("trace: the runtime was started with trace=False; pass trace=True to record a timeline")
+        self.tracer.save(path)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -118,10 +139,13 @@ class Runtime:
             self._drain()
         finally:
             self.engine.close()
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks.clear()
             for tier in (self.disk_tier, self.host_tier, self.device_tier):
                 if tier is not None:
                     tier.close()
-            self.ws_k = self.ws_v = torch.empty(0)
+            self.ws_k = self.ws_v = self.hm_k = self.hm_v = torch.empty(0)
             self.host_staging = None
 
     def _drain(self) -> None:
@@ -166,7 +190,8 @@ class Runtime:
         self.turn ^= 1
         self._resident()
         if self.tracer is not None:
-            self.tracer.span("compute", "attention", t0, time.perf_counter(), layer=layer, tokens=tokens)
+            self.tracer.span("compute", "attention", t0, time.perf_counter(), layer=layer, tokens=tokens,
+                             pages=self.table.pages(layer))
             if layer == self.layers - 1:
                 self.tracer.counter("occupancy", time.perf_counter(), self._resident())
         return out
@@ -202,6 +227,8 @@ class Runtime:
         P = self.page_size
         n = self.table.tokens[layer]
         pos = self._fill_tail(layer, k, v, 0) if n % P else 0
+        if pos and self.sparse and self.table.tokens[layer] % P == 0:
+            self._summarize_resident(layer, self.table.tokens[layer] // P - 1)
         rest = k.shape[1] - pos
         if rest == 0:
             return
@@ -262,8 +289,9 @@ class Runtime:
                 raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise one of them")
             src_k, src_v = kp[n_host:], vp[n_host:]
             if src_k.device.type != "cpu":
+                t0 = time.perf_counter()
                 src_k, src_v = src_k.cpu(), src_v.cpu()
-                self.engine.bytes_moved["device->host"] += rest * self.shape.page_bytes
+                self.engine.account("device->host", rest * self.shape.page_bytes, t0, layer, "store")
             t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
             self.stall(layer, t.wait())
             self.table.slot["disk"][layer, pages[n_host:]] = torch.tensor(slots, dtype=torch.int32)
@@ -284,14 +312,20 @@ class Runtime:
         n = self.table.tokens[layer]
         last = self.table.pages(layer) - 1
         valid = n - last * self.page_size
-        full = self._select(layer, q, last, scaling)
+        full = self._select(layer, q, last, valid, scaling)
+        if self.hooks:
+            self._speculate(layer, scaling)
         self._issue_prefetch((layer + 1) % self.layers)
-        parts = [self._tail_partial(layer, last, valid, q, scaling)]
-        if full.numel():
-            parts.extend(self._pages_partials(layer, full, q, scaling, pf))
-        elif pf is not None:
-            self._finish(pf)
-        out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
+        dev_slots = self.table.slot["device"][layer, full]
+        if pf is None and full.numel() < self.plan.half and bool((dev_slots >= 0).all()):
+            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling)
+        else:
+            parts = [self._tail_partial(layer, last, valid, q, scaling)]
+            if full.numel():
+                parts.extend(self._pages_partials(layer, full, q, scaling, pf))
+            elif pf is not None:
+                self._finish(pf)
+            out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
         attended = full.numel() * self.page_size + valid
         self.counters["attended"] += attended / n
         self.counters["attended_n"] += 1
@@ -302,9 +336,33 @@ class Runtime:
             self.step += 1
         return out
 
-    def _select(self, layer: int, q: torch.Tensor, last: int, scaling: float) -> torch.Tensor:
+    def _resident_attention(self, layer: int, query, dev_slots: torch.Tensor, last: int, valid: int,
+                            scaling: float) -> torch.Tensor:
+        """Fast path when every page attended is on the device and they fit one half of the workspace:
+        gather them (tail last) page-major, turn them head-major, and run the framework's SDPA in one piece."""
+        tail = self.table.slot["device"][layer, last:last + 1]
+        idx = torch.cat([dev_slots, tail]).to(self.device, torch.long)
+        cnt = idx.numel()
+        tokens = (cnt - 1) * self.page_size + valid
+        kv = []
+        for pool, ws, hm in ((self.device_tier.k, self.ws_k, self.hm_k), (self.device_tier.v, self.ws_v, self.hm_v)):
+            pm = ws[self.turn, :cnt]
+            torch.index_select(pool, 0, idx, out=pm)
+            hm[:, :cnt].copy_(pm.transpose(0, 1))
+            kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, :tokens])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, kv[0], kv[1], scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
+        return out.transpose(1, 2)
+
+    def _select(self, layer: int, q: torch.Tensor, last: int, valid: int, scaling: float) -> torch.Tensor:
         """Full pages (ids < last) this step attends to."""
-        return torch.arange(last)
+        if not self.sparse:
+            return torch.arange(last)
+        chosen = self._choose(layer, q, last, valid, scaling)
+        self.pf_context.last_selected[layer] = chosen
+        if self.config.measure_recall:
+            self._measure_recall(layer, q, chosen, last, valid, scaling)
+        return chosen
 
     def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float):
         s = int(self.table.slot["device"][layer, last])
@@ -317,10 +375,10 @@ class Runtime:
             page = n // self.page_size
             if page >= self.max_pages:
                 raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
+            if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
+                self._summarize_resident(layer, page - 1)  # before making room can evict it
             slot = self._device_slots(1, layer)[0]
             self.table.slot["device"][layer, page] = slot
-            if self.config.attention == "sparse" and page > 0:
-                self._summarize_resident(layer, page - 1)
         self._fill_tail(layer, k, v, 0)
 
     def _fill_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> int:
@@ -347,6 +405,8 @@ class Runtime:
             self.stall(layer, self._finish(pf))
             n_hit = int(hit.sum())
             self.counters["prefetch"]["hits"] += n_hit
+            if self.tracer is not None:
+                self.tracer.instant("policy", "prefetch hit", layer=layer, pages=n_hit)
             if n_hit:
                 if n_hit == pf.pages.numel():
                     kk, vv = self.ws_k[pf.half, :n_hit], self.ws_v[pf.half, :n_hit]
@@ -356,6 +416,8 @@ class Runtime:
                 yield am.pages_partial(q, kk, vv, scaling)
                 missing = missing[~torch.isin(missing, pf.pages)]
         self.counters["prefetch"]["misses"] += missing.numel()
+        if self.tracer is not None and missing.numel():
+            self.tracer.instant("policy", "prefetch miss", layer=layer, pages=missing.numel())
         for start in range(0, missing.numel(), cap):
             chunk = missing[start:start + cap]
             chunk, transfers = self._load(layer, chunk, half)
@@ -395,10 +457,10 @@ class Runtime:
                     self.disk_tier, disk_slots, (stage_k, stage_v),
                     (self.ws_k[half, n_host:n_host + n_disk], self.ws_v[half, n_host:n_host + n_disk]), layer))
             else:
+                # The CPU is the device: disk pages are read straight into the workspace (disk->host only).
                 transfers.append(self.engine.disk_read(self.disk_tier, disk_slots,
                                                        self.ws_k[half, n_host:n_host + n_disk],
                                                        self.ws_v[half, n_host:n_host + n_disk], layer))
-                self.engine.bytes_moved["host->device"] += n_disk * self.shape.page_bytes
         return order, transfers
 
     def _issue_prefetch(self, layer: int) -> None:
@@ -451,8 +513,12 @@ class Runtime:
         for l in range(self.layers):
             if t.tokens[l] % self.page_size:
                 eligible[l, t.pages(l) - 1] = False  # an open tail page is written in place
-        eligible &= self._unpinned()
-        victims = self.eviction.victims(eligible, n)
+        victims = self.eviction.victims(eligible & self._unpinned(), n)
+        if len(victims) < n:
+            # Sinks and the recent window stay while anything else can go; under a tight budget they go too.
+            taken = set(victims)
+            more = self.eviction.victims(eligible, n + len(victims))
+            victims += [v for v in more if v not in taken][: n - len(victims)]
         if len(victims) < n:
             raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
         for l, p in victims:
@@ -495,8 +561,10 @@ class Runtime:
         if dslots is None:
             raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise host_budget or "
                              "disk_budget")
+        t0 = time.perf_counter()
         k, v = dk[dev_slot:dev_slot + 1].cpu(), dv[dev_slot:dev_slot + 1].cpu()
-        self.engine.bytes_moved["device->host"] += self.shape.page_bytes
+        if self.device.type != "cpu":
+            self.engine.account("device->host", self.shape.page_bytes, t0, layer, "store")
         self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
         self.table.slot["disk"][layer, page] = dslots[0]
 
@@ -517,13 +585,92 @@ class Runtime:
             t.slot["host"][l, p] = -1
             host.release([s])
             self.counters["evictions"]["host"] += 1
+            if self.tracer is not None:
+                self.tracer.instant("policy", "evict", tier="host", layer=l, pages=1)
 
     # -- sparse mode hooks -----------------------------------------------------------------------------------
     def _summarize(self, layer: int, pages: list[int], k: torch.Tensor) -> None:
-        pass
+        if pages:
+            self.summaries[layer, pages[0]:pages[-1] + 1] = self.selector.summarize(k)
 
     def _summarize_resident(self, layer: int, page: int) -> None:
-        pass
+        s = int(self.table.slot["device"][layer, page])
+        self.summaries[layer, page] = self.selector.summarize(self.device_tier.k[s:s + 1])[0]
+
+    def _choose(self, layer: int, q: torch.Tensor, last: int, valid: int, scaling: float) -> torch.Tensor:
+        """Sparse selection among the full pages 0..last-1: sinks, recent window, then the top pages by score,
+        within the token budget (the tail page's tokens count against it)."""
+        P = self.page_size
+        n = last * P + valid
+        budget = self.config.token_budget_for(n)
+        k_pages = max(0, (budget - valid) // P)
+        if k_pages >= last:
+            return torch.arange(last)
+        forced = torch.zeros(last, dtype=torch.bool)
+        forced[: -(-self.config.sink_tokens // P)] = True
+        recent = max(0, self.config.recent_tokens - valid)
+        if recent:
+            forced[max(0, last - -(-recent // P)):] = True
+        free = k_pages - int(forced.sum())
+        if free > 0:
+            scores = self.selector.score(q, self.summaries[layer, :last], scaling)
+            scores[forced.to(scores.device)] = float("-inf")
+            top = torch.topk(scores, free).indices.cpu()
+            forced[top] = True
+        return forced.nonzero().flatten()
+
+    def _install_speculation(self) -> None:
+        """Captures each attention module's input so that layer L can guess layer L+1's query (InfiniGen)."""
+        attn = [layer.self_attn for layer in self.model.model.layers]
+        self.attn_modules = attn
+
+        def capture(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is not None and hidden.shape[1] == 1:
+                self.hidden[module.layer_idx] = (hidden, kwargs.get("position_embeddings"))
+
+        for m in attn:
+            self.hooks.append(m.register_forward_pre_hook(capture, with_kwargs=True))
+
+    def _speculate(self, layer: int, scaling: float) -> None:
+        """Predicts the pages of layer+1 from layer's input and layer+1's query weights."""
+        nxt = layer + 1
+        captured = self.hidden.pop(layer, None)
+        if nxt >= self.layers or captured is None or self.table.tokens[nxt] == 0:
+            return
+        hidden, (cos, sin) = captured
+        module = self.attn_modules[nxt]
+        q = module.q_proj(hidden).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, Hq, 1, D]
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+        n = self.table.tokens[nxt] + 1  # the token it is about to append
+        last = -(-n // self.page_size) - 1
+        valid = n - last * self.page_size
+        pages = self._choose(nxt, am.group_queries(q, self.kv_heads), last, valid, scaling)
+        self.pf_context.predicted_pages[nxt] = pages
+
+    def _measure_recall(self, layer: int, q: torch.Tensor, chosen: torch.Tensor, last: int, valid: int,
+                        scaling: float) -> None:
+        """Dense attention over every page, to find the share of attention mass the chosen pages hold."""
+        k = torch.empty((last + 1, *self.shape.dims), dtype=self.dtype)
+        v = torch.empty_like(k)
+        for name, tier in (("device", self.device_tier), ("host", self.host_tier), ("disk", self.disk_tier)):
+            slots = self.table.slot[name][layer, : last + 1]
+            have = (slots >= 0).nonzero().flatten()
+            if have.numel() and tier is not None:
+                kk = torch.empty((have.numel(), *self.shape.dims), dtype=self.dtype)
+                vv = torch.empty_like(kk)
+                tier.read(slots[have].tolist(), kk, vv)
+                k[have], v[have] = kk, vv
+        k = k.to(self.device)
+        s = torch.matmul(q.float()[None], k.float().transpose(-1, -2)) * scaling  # [pages, H, M, P]
+        s[last, :, :, valid:] = float("-inf")
+        p = torch.softmax(s.permute(1, 2, 0, 3).reshape(s.shape[1], s.shape[2], -1), dim=-1)
+        mass = p.view(s.shape[1], s.shape[2], last + 1, self.page_size).sum(-1).mean(dim=(0, 1))  # [pages]
+        covered = float(mass[chosen.to(mass.device)].sum() + mass[last])
+        self.recall_sum[layer] += covered
+        self.recall_n[layer] += 1
 
     # -- statistics ------------------------------------------------------------------------------------------
     def _stats_init(self) -> None:
@@ -537,11 +684,11 @@ class Runtime:
         self.stall_per_layer = [0.0] * self.layers
         self.peak = {"device": 0, "host": 0, "disk": 0}
 
-    def stall(self, layer: int, seconds: float) -> None:
+    def stall(self, layer: int, seconds: float, on: str = "transfer") -> None:
         self.stall_per_layer[layer] += seconds
         if seconds > 0 and self.tracer is not None:
             now = time.perf_counter()
-            self.tracer.span("stall", "wait", now - seconds, now, layer=layer)
+            self.tracer.span("stall", "wait", now - seconds, now, layer=layer, on=on)
 
     def _resident(self) -> dict[str, int]:
         pb = self.shape.page_bytes
@@ -553,6 +700,13 @@ class Runtime:
         for k, v in res.items():
             self.peak[k] = max(self.peak[k], v)
         return res
+
+    def _recall(self) -> dict | None:
+        if not any(self.recall_n):
+            return None
+        per_layer = [s / n if n else None for s, n in zip(self.recall_sum, self.recall_n)]
+        seen = [r for r in per_layer if r is not None]
+        return {"per_layer": per_layer, "mean": sum(seen) / len(seen)}
 
     def stats(self) -> dict:
         """Counters since the runtime started; resident bytes now and at their peak."""
@@ -572,6 +726,7 @@ class Runtime:
             "stall_seconds": sum(self.stall_per_layer),
             "stall_seconds_per_layer": list(self.stall_per_layer),
             "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,
+            "recall": self._recall(),
             "page_size": self.page_size,
             "page_bytes": self.shape.page_bytes,
         }

@@ -174,7 +174,8 @@ class Tracer:
             out.append(ev)
         for c in sorted(self.counters, key=lambda c: c.t):
             values = {k: _json_value(v) for k, v in c.values.items()}
-            out.append({"ph": "C", "name": c.name, "ts": us(c.t), "pid": pid, "tid": tids[COUNTER_TRACK], "args": values})
+            tid = tids[COUNTER_TRACK]
+            out.append({"ph": "C", "name": c.name, "ts": us(c.t), "pid": pid, "tid": tid, "args": values})
         return {"traceEvents": out, "displayTimeUnit": "ms"}
 
     def save(self, path: str | os.PathLike) -> None:

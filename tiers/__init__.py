@@ -2,6 +2,7 @@
 
 from tiers.base import MemoryTier, PageShape, Tier
 from tiers.device import DeviceTier
+from tiers.disk import DiskTier
 from tiers.host import HostTier
 
-__all__ = ["DeviceTier", "HostTier", "MemoryTier", "PageShape", "Tier"]
+__all__ = ["DeviceTier", "DiskTier", "HostTier", "MemoryTier", "PageShape", "Tier"]

@@ -80,12 +80,14 @@ class Tier(ABC):
         return [self._free.pop() for _ in range(n)]
 
     def release(self, slots: Sequence[int]) -> None:
+        free = set(self._free)
         for s in slots:
             if not 0 <= s < self.capacity:
                 raise ValueError(f"{self.name}: slot {s} out of range 0..{self.capacity - 1}")
+            if s in free:
+                raise RuntimeError(f"{self.name}: slot {s} was released twice")
+            free.add(s)
         self._free.extend(slots)
-        if len(self._free) > self.capacity:
-            raise RuntimeError(f"{self.name}: a slot was released twice")
 
     @abstractmethod
     def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:

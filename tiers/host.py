@@ -17,8 +17,9 @@ def aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tens
     if pin:
         # cudaHostAlloc returns page-aligned memory.
         return torch.empty(numel, dtype=dtype, pin_memory=True)
-    nbytes = max(numel * torch.empty((), dtype=dtype).element_size(), 1)
-    buf = mmap.mmap(-1, nbytes)  # anonymous mappings are page-aligned
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    buf = mmap.mmap(-1, numel * torch.empty((), dtype=dtype).element_size())  # anonymous mappings are page-aligned
     return torch.frombuffer(buf, dtype=dtype, count=numel)
 
 

@@ -1,0 +1,309 @@
+"""A directory on disk: one preallocated file of page slots, read and written with positioned I/O.
+
+Layout: the file `offload-<pid>-<hex>.kv` holds `capacity` slots of `slot_bytes` = page_bytes rounded up to
+4 KiB. Slot s keeps K at byte s * slot_bytes and V right after it, at s * slot_bytes + half_bytes; the rest
+of the slot is padding. When half_bytes is a multiple of 4 KiB both halves start on a 4 KiB boundary, there
+is no padding, and a run of consecutive slots is one contiguous extent: that is the only layout in which
+O_DIRECT is used (`direct`). Any other page shape gets buffered I/O.
+
+Concurrency: a request is cut into runs of consecutive slots, runs into pieces of at most
+ceil(n / threads) pages, and each piece is one preadv/pwritev on the tier's own thread pool. Positioned
+I/O releases the GIL and pieces touch disjoint bytes, so they need no lock.
+
+NOTE: the async calls fan the pieces out and join them with a done-callback, never with a worker waiting on
+other workers: a worker blocked on pieces queued behind it would deadlock a busy pool. The sync calls are
+the async ones plus `.result()`.
+
+Lifecycle: construct (removes files of dead processes, checks free space, preallocates) -> read/write ->
+close(), which removes the file; a weakref.finalize removes it at exit if close() was never called.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import errno
+import fcntl
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import psutil
+import torch
+
+from tiers.base import PageShape, Tier
+from tiers.host import aligned_host_tensor
+
+logger = logging.getLogger(__name__)
+
+# O_DIRECT wants file offsets, lengths and buffer addresses aligned to the logical block size; 4 KiB
+# covers the devices we meet (512 B and 4 KiB sectors).
+ALIGN = 4096
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+# One call carries at most IOV_MAX iovecs (3 per page) and Linux moves at most ~2 GiB per call.
+_MAX_IOVECS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_MAX_CALL_BYTES = 1 << 30
+_FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
+
+
+def _format_size(n: float) -> str:
+    # Local twin of offload.sizes.format_size: tiers must not import the offload package (import cycle).
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, no copy (bf16 has no numpy dtype; uint8 does)."""
+    return memoryview(t.detach().view(torch.uint8).reshape(-1).numpy())
+
+
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _remove_stale_files(directory: str) -> None:
+    """Removes slot files of dead processes, so a killed run neither fills the disk nor blocks the next one."""
+    for entry in os.scandir(directory):
+        m = _FILE_RE.fullmatch(entry.name)
+        if m is None or psutil.pid_exists(int(m.group(1))):
+            continue
+        try:
+            size = entry.stat().st_size
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # another process cleaned it up first
+        except OSError as e:
+            # Someone else's file (another user in a shared directory): not ours to fail on.
+            logger.warning("disk tier: can't remove stale %s: %s", entry.path, e)
+            continue
+        logger.info("disk tier: removed %s (%s) left by dead process %s", entry.path, _format_size(size), m.group(1))
+
+
+def _space_message(directory: str, free: int, need: int) -> str:
+    return (
+        f"disk_dir: {directory} has {_format_size(free)} free, the disk tier needs {_format_size(need)}; "
+        "lower disk_budget or free space"
+    )
+
+
+def _create_file(path: str, nbytes: int) -> int:
+    """Creates and preallocates the slot file; leaves nothing behind when that fails."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if nbytes and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                # Only a file system without fallocate may fall back to a sparse file; a full disk must fail
+                # here, not at some later write.
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        os.ftruncate(fd, nbytes)  # a no-op after posix_fallocate
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd
+
+
+def _cleanup(pool: cf.ThreadPoolExecutor, fd: int, path: str) -> None:
+    pool.shutdown(wait=True)  # in-flight pieces still use fd
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(
+        self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None
+    ):
+        """`direct`: None uses O_DIRECT where the file system and the page shape allow it, False never, True
+        raises ValueError where it can't."""
+        super().__init__(shape, capacity)
+        if threads < 1:
+            raise ValueError(f"disk: threads must be >= 1, got {threads}")
+        self.slot_bytes = -(-shape.page_bytes // ALIGN) * ALIGN
+        self._threads = threads
+        self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // max(self.slot_bytes, 1)))
+        directory = os.fspath(directory)
+        need = capacity * self.slot_bytes
+        self._path = os.path.join(directory, f"offload-{os.getpid()}-{secrets.token_hex(6)}.kv")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            _remove_stale_files(directory)
+            if (free := _free_bytes(directory)) < need:
+                raise ValueError(_space_message(directory, free, need))
+            fd = _create_file(self._path, need)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ValueError(_space_message(directory, _free_bytes(directory), need)) from e
+            raise ValueError(f"disk_dir: {directory} is not writable ({e.strerror or e})") from e
+        try:
+            self.direct = self._enable_direct(fd, directory, direct)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self._path)
+            raise
+        self._fd = fd
+        self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
+        self._finalizer = weakref.finalize(self, _cleanup, self._pool, fd, self._path)
+        logger.debug("disk tier: %s, %d slots of %d B, direct=%s", self._path, capacity, self.slot_bytes, self.direct)
+
+    def _enable_direct(self, fd: int, directory: str, want: bool | None) -> bool:
+        if want is False:
+            return False
+        if self.shape.half_bytes % ALIGN:
+            reason = f"the half-page size {self.shape.half_bytes} B is not a multiple of {ALIGN}"
+        elif not _O_DIRECT:
+            reason = "this platform has no O_DIRECT"
+        else:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+                if self.capacity:
+                    # Some file systems accept the flag and only fail the first aligned I/O: probe one.
+                    os.preadv(fd, [_byte_view(aligned_host_tensor(ALIGN, torch.uint8, pin=False))], 0)
+                return True
+            except OSError as e:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                reason = f"the file system refuses it ({e.strerror or e})"
+        if want:
+            raise ValueError(f"disk_dir: {directory} can't use O_DIRECT: {reason}")
+        logger.info("disk tier: buffered I/O in %s, no O_DIRECT: %s", directory, reason)
+        return False
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        self.write_async(slots, k, v).result()
+
+    def read(self, slots: Sequence[int], k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        self.read_async(slots, k_out, v_out).result()
+
+    def write_async(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> cf.Future[None]:
+        """Starts a write. k and v must stay unchanged until the future is done (unless they needed a bounce
+        copy, which is taken before this returns)."""
+        slots = self._check(slots, k, v)
+        k_buf, v_buf = (self._bounce(t).copy_(t) if self._needs_bounce(t) else t for t in (k, v))
+        return self._submit(True, slots, k_buf, v_buf, None)
+
+    def read_async(self, slots: Sequence[int], k_out: torch.Tensor, v_out: torch.Tensor) -> cf.Future[None]:
+        """Starts a read; k_out and v_out hold the pages once the future is done."""
+        slots = self._check(slots, k_out, v_out)
+        k_buf, v_buf = (self._bounce(t) if self._needs_bounce(t) else t for t in (k_out, v_out))
+
+        def copy_back() -> None:
+            for buf, out in ((k_buf, k_out), (v_buf, v_out)):
+                if buf is not out:
+                    out.copy_(buf)
+
+        return self._submit(False, slots, k_buf, v_buf, copy_back)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._finalizer()
+        super().close()
+
+    def _check(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> list[int]:
+        if self.closed:
+            raise RuntimeError(f"disk: tier {self._path} is closed")
+        slots = [int(s) for s in slots]
+        expected = (len(slots), *self.shape.dims)
+        for t in (k, v):
+            if tuple(t.shape) != expected or t.dtype != self.shape.dtype or t.device.type != "cpu":
+                raise ValueError(
+                    f"disk: expected CPU {self.shape.dtype} pages of shape {expected}, "
+                    f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+        for s in slots:
+            if not 0 <= s < self.capacity:
+                raise ValueError(f"disk: slot {s} out of range 0..{self.capacity - 1}")
+        return slots
+
+    def _needs_bounce(self, t: torch.Tensor) -> bool:
+        # An empty request moves nothing, and aligned_host_tensor can't make an empty buffer.
+        return t.numel() > 0 and (not t.is_contiguous() or (self.direct and t.data_ptr() % ALIGN != 0))
+
+    @staticmethod
+    def _bounce(like: torch.Tensor) -> torch.Tensor:
+        # A fresh buffer per request rather than a shared one: requests run concurrently.
+        return aligned_host_tensor(like.numel(), like.dtype, pin=False).view(like.shape)
+
+    def _pieces(self, slots: list[int]) -> Iterator[tuple[int, int]]:
+        """(index of the first page in the request, page count): consecutive slots, spread over the threads."""
+        per_piece = min(self._pages_per_call, max(1, math.ceil(len(slots) / self._threads)))
+        i = 0
+        while i < len(slots):
+            j = i + 1
+            while j < len(slots) and j - i < per_piece and slots[j] == slots[j - 1] + 1:
+                j += 1
+            yield i, j - i
+            i = j
+
+    def _submit(
+        self, write: bool, slots: list[int], k: torch.Tensor, v: torch.Tensor, finish: Callable[[], None] | None
+    ) -> cf.Future[None]:
+        result: cf.Future[None] = cf.Future()
+        result.set_running_or_notify_cancel()  # started I/O can't be called back, so the future can't be either
+        pieces = list(self._pieces(slots))
+        k_bytes, v_bytes = _byte_view(k), _byte_view(v)  # they keep k and v (maybe bounce buffers) alive
+        lock = threading.Lock()
+        pending = len(pieces)
+        errors: list[BaseException] = []
+
+        def complete() -> None:
+            try:
+                if errors:
+                    raise errors[0]
+                if finish is not None:
+                    finish()
+            except BaseException as e:
+                result.set_exception(e)
+            else:
+                result.set_result(None)
+
+        def piece_done(f: cf.Future[None]) -> None:
+            nonlocal pending
+            with lock:
+                pending -= 1
+                if (e := f.exception()) is not None:
+                    errors.append(e)
+                last = pending == 0
+            if last:
+                complete()
+
+        if not pieces:
+            complete()
+        for first, count in pieces:
+            self._pool.submit(self._io, write, slots, first, count, k_bytes, v_bytes).add_done_callback(piece_done)
+        return result
+
+    def _io(self, write: bool, slots: list[int], first: int, count: int, k: memoryview, v: memoryview) -> None:
+        half, pad = self.shape.half_bytes, self.slot_bytes - self.shape.page_bytes
+        iov: list[memoryview] = []
+        for p in range(first, first + count):
+            iov += [k[p * half : (p + 1) * half], v[p * half : (p + 1) * half]]
+            if pad and p < first + count - 1:
+                iov.append(memoryview(bytearray(pad)))  # skips (or fills) the padding between two pages
+        want = sum(len(b) for b in iov)
+        offset = slots[first] * self.slot_bytes
+        got = os.pwritev(self._fd, iov, offset) if write else os.preadv(self._fd, iov, offset)
+        if got != want:
+            raise OSError(
+                errno.EIO,
+                f"disk: short {'write' if write else 'read'} of slots {slots[first]}..{slots[first + count - 1]} "
+                f"in {self._path}: {got} of {want} bytes",
+            )
