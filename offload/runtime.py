@@ -171,6 +171,7 @@ class Runtime:
         return self.disk_tier
 
     # -- the attention entry point ---------------------------------------------------------------------------
+    @torch.no_grad()
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, H, T, D] (new tokens) -> attention output [1, T, Hq, D]."""

@@ -1,0 +1,438 @@
+"""The `offload` command line: flags, one-line errors with exit codes, and generation end to end.
+
+Most tests run `offload.cli.main([...])` in-process on a tiny random-weight Llama saved to disk with a small
+byte-level BPE tokenizer trained here (no hub access); one runs a real subprocess to check exit codes and that
+no traceback leaks; one (slow) runs the real SmolLM2 model through all three tiers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload.cli import main
+from offload.config import OffloadConfig
+from offload.models import tiny_llama
+from tools import common
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_POSITIONS = 256
+# Three tiers on the tiny model (2 layers, 2 KV heads, head_dim 16, float32): a page of 16 tokens is 4 KiB per
+# layer; the device holds 6 pages (4 of them cache), the host 4, the disk the rest of a ~150-token sequence.
+THREE_TIERS = ["--page-size", "16", "--device-budget", "24KiB", "--host-budget", "16KiB"]
+CORPUS = (
+    "The pump station on the north bank moves water from the river to the reservoir. Each pump has a motor, "
+    "a valve and a meter. When the level in the reservoir falls, the controller starts another pump; when it "
+    "rises, the controller stops one. The operators read the meters every morning and write the numbers in a "
+    "log, so that the engineers can see how much water moved and how much power it took."
+)
+
+
+def _train_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer with a chat template; ids 0-2 are <unk>, <s>, </s> like LlamaConfig's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS] * 8, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _train_tokenizer(directory)
+    tiny_llama(vocab=len(tokenizer), max_positions=MAX_POSITIONS, seed=1).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=64)).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *names: str) -> str:
+    """stderr holds exactly one `offload: error:` line, last, naming one of `names`, and no traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("offload: error:")]
+    assert len(errors) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == errors[0]
+    assert any(name in errors[0] for name in names), errors[0]
+    return errors[0]
+
+
+def assert_empty_dir(path: Path) -> None:
+    assert not path.exists() or list(path.iterdir()) == [], list(path.iterdir())
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for name in ("generate", "profile", "bench"):
+        assert name in out
+
+
+def test_generate_help_has_a_flag_per_config_option(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(capsys, "generate", "--help")
+    assert code == 0
+    for name in OffloadConfig.option_names():
+        assert "--" + name.replace("_", "-") in out
+    for flag in ("--model", "--dtype", "--prompt", "--prompt-file", "--max-new-tokens", "--stats"):
+        assert flag in out
+
+
+def _parse(*argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_runtime_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_unset_flags_keep_the_config_defaults() -> None:
+    assert common.config_from_args(_parse()) == OffloadConfig()
+
+
+def test_flags_become_config_fields(tmp_path: Path) -> None:
+    cfg = common.config_from_args(
+        _parse(
+            "--device-budget", "8MiB", "--host-budget", "1GB", "--disk-dir", str(tmp_path), "--page-size", "32",
+            "--attention", "sparse", "--token-budget", "512", "--measure-recall", "--io-threads", "2",
+        )
+    )
+    assert cfg.device_budget_bytes == 8 * 2**20 and cfg.host_budget_bytes == 10**9
+    assert cfg.disk_dir == str(tmp_path) and cfg.page_size == 32 and cfg.attention == "sparse"
+    assert cfg.token_budget == 512 and isinstance(cfg.token_budget, int)
+    assert cfg.measure_recall is True and cfg.trace is False and cfg.io_threads == 2
+    assert common.config_from_args(_parse("--token-budget", "0.25")).token_budget == 0.25
+
+
+def test_token_budget_that_is_not_a_number_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--token-budget", "lots")
+    assert code == 2 and "--token-budget" in err and "Traceback" not in err
+
+
+def test_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--no-such-flag")
+    assert code == 2 and "--no-such-flag" in err
+
+
+def test_missing_subcommand_module_is_listed_and_fails_alone(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tools.bench", None)  # makes `import tools.bench` fail
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "bench" in out
+    code, _, err = run_cli(capsys, "bench", "--whatever", "1")
+    assert code == 2
+    assert_one_line_error(err, "bench")
+
+
+# ---- bad input, caught before the model runs -------------------------------------------------------------------
+
+
+BAD_OPTIONS = [
+    (["--device-budget", "12XB"], "--device-budget"),
+    (["--attention", "dense"], "--attention"),
+    (["--prefetch", "psychic"], "--prefetch"),
+    (["--eviction", "random-ish"], "--eviction"),
+    (["--selection", "oracle"], "--selection"),
+    (["--token-budget", "0"], "--token-budget"),
+    (["--token-budget", "1.5"], "--token-budget"),
+    (["--token-budget", "-3"], "--token-budget"),
+    (["--page-size", "0"], "--page-size"),
+    (["--io-threads", "0"], "--io-threads"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+]
+
+
+@pytest.mark.parametrize("options,name", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path, options: list[str], name: str
+) -> None:
+    kv = tmp_path / "kv"
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--disk-dir", str(kv), *options
+    )
+    assert code == 2 and out == ""
+    assert_one_line_error(err, name)
+    assert_empty_dir(kv)
+
+
+def test_missing_prompt_file(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "nope.txt"))
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt-file")
+    assert "nope.txt does not exist" in line
+
+
+def test_no_prompt(capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(capsys, "generate")
+    assert code == 2
+    assert_one_line_error(err, "--prompt")
+
+
+def test_prompt_file_wins_over_prompt(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "p.txt"
+    path.write_text("from the file", encoding="utf-8")
+    args = argparse.Namespace(prompt="from the flag", prompt_file=str(path))
+    assert common.read_prompt(args) == "from the file"
+
+
+# ---- bad input that needs the model ----------------------------------------------------------------------------
+
+
+def test_unknown_model_path(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi")
+    assert code == 2
+    assert_one_line_error(err, "--model")
+
+
+def test_unsupported_architecture(capsys: pytest.CaptureFixture, gpt2_model_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(gpt2_model_dir), "--prompt", "hi")
+    assert code == 2
+    line = assert_one_line_error(err, "--model")
+    assert "gpt2" in line
+
+
+def test_disk_dir_that_cannot_be_written(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--disk-dir", str(blocker / "kv")
+    )
+    assert code == 2
+    assert_one_line_error(err, "--disk-dir", "disk_dir")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_device_budget_too_small_for_one_page(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    kv = tmp_path / "kv"
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--page-size", "16",
+        "--device-budget", "2KiB", "--disk-dir", str(kv),
+    )
+    assert code == 2
+    assert_one_line_error(err, "--device-budget", "device_budget")
+    assert_empty_dir(kv)
+
+
+def test_budgets_too_small_for_the_sequence_fail_before_prefill(
+    capsys: pytest.CaptureFixture, tiny_model_dir: Path
+) -> None:
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS, "--page-size", "16",
+        "--device-budget", "24KiB", "--host-budget", "4KiB",
+    )
+    assert code == 2
+    line = assert_one_line_error(err, "host_budget")
+    assert "disk_dir" in line  # the advice: raise host_budget or pass disk_dir
+
+
+def test_prompt_longer_than_max_positions(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path) -> None:
+    kv = tmp_path / "kv"
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text(CORPUS * 6, encoding="utf-8")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt-file", str(long_prompt), "--disk-dir", str(kv)
+    )
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt")
+    assert f"maximum of {MAX_POSITIONS} positions" in line
+    assert_empty_dir(kv)
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+
+def _reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """What plain transformers greedy generation (no offloading) prints for the same prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = common.encode_prompt(tokenizer, prompt, chat=True)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_generate_through_three_tiers_matches_plain_generation(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    kv = tmp_path / "kv"
+    prompt = CORPUS[:300]
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "24",
+        "--disk-dir", str(kv), "--stats", "--no-progress", *THREE_TIERS,
+    )
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert out == _reference_text(tiny_model_dir, prompt, 24) + "\n"
+    for row in ("bytes_moved host->disk", "peak_resident_bytes disk", "tokens decode", "kv_bytes"):
+        assert row in err
+    assert_empty_dir(kv)
+
+
+def test_interrupt_exits_130_and_cleans_the_disk_dir(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import tools.generate
+
+    real = common.generate_stream
+    seen: list[str] = []
+
+    def interrupted(*args, **kwargs):
+        def on_text(piece: str) -> None:
+            seen.append(piece)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+        kwargs["on_text"] = on_text
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tools.generate, "generate_stream", interrupted)
+    kv = tmp_path / "kv"
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:300], "--max-new-tokens", "50",
+        "--disk-dir", str(kv), "--no-progress", *THREE_TIERS,
+    )
+    assert code == 130
+    assert err.rstrip("\n").splitlines()[-1] == "offload: interrupted"
+    assert len(seen) == 3
+    assert_empty_dir(kv)
+
+
+def test_subprocess_exit_code_and_no_traceback() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    bad = subprocess.run(
+        [sys.executable, "-m", "offload.cli", "generate", "--prompt", "hi", "--device-budget", "12XB"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert_one_line_error(bad.stderr, "--device-budget")
+
+
+# ---- the pieces generate is made of ----------------------------------------------------------------------------
+
+
+def test_text_stream_emits_multibyte_characters_whole(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "The pump 日本語 🙂 naïve café, the meter."
+    ids = tokenizer(text)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some token splits a character
+    pieces: list[str] = []
+    stream = common.TextStream(tokenizer, pieces.append)
+    for n in range(1, len(ids) + 1):
+        stream.push(ids[:n])
+    stream.push(ids, final=True)
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+class _PlainRuntime:
+    """Stands in for a Runtime: a plain DynamicCache, to test the loop alone."""
+
+    def cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_generate_stream_stops_at_eos_int_or_list(tiny_model_dir: Path, as_list: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = common.encode_prompt(tokenizer, "The pump", chat=False)
+    free = common.generate_stream(model, tokenizer, _PlainRuntime(), ids, 6, lambda s: None, progress=False)
+    assert len(free) == 6
+    eos = free[3]
+    first = free.index(eos)
+    model.generation_config.eos_token_id = [999_999, eos] if as_list else eos
+    pieces: list[str] = []
+    stopped = common.generate_stream(
+        model, tokenizer, _PlainRuntime(), ids[0].tolist(), 6, pieces.append, prefill_chunk=2, progress=False
+    )
+    assert stopped == free[:first]
+    assert "".join(pieces) == tokenizer.decode(free[:first], skip_special_tokens=True)
+
+
+def test_format_stats_table() -> None:
+    table = common.format_stats_table(
+        {
+            "bytes_moved": {"device->host": 0, "host->device": 3 * 2**20},
+            "kv_bytes": 1536,
+            "tokens": {"prefill": 3100, "decode": 64},
+            "stall_seconds": 0.25,
+            "attended_fraction": None,
+            "budgets": {"device": 8 * 2**20},
+            "stall_seconds_per_layer": [0.5, 0.25, 0.75],
+        }
+    )
+    lines = table.splitlines()
+    assert len(lines) == 9
+    assert lines[1].split() == ["bytes_moved", "host->device", "3.0MiB"]
+    assert "1.5KiB" in lines[2] and "3,100" in lines[3] and "0.250 s" in lines[5] and lines[6].endswith("-")
+    assert lines[7].endswith("8.0MiB")
+    assert lines[8].endswith("3 values: mean 0.500 s, max 0.750 s")
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+@pytest.mark.slow
+def test_default_model_through_three_tiers(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """The embedded SmolLM2: 30 layers, 3 KV heads, head_dim 64, so a 16-token page is 24 KiB per layer and the
+    ~45 tokens here are 90 pages; the device holds 33 (one tail page per layer plus streaming), the host 21."""
+    kv = tmp_path / "kv"
+    code, out, err = run_cli(
+        capsys, "generate", "--prompt", "Name three colors of the rainbow.", "--max-new-tokens", "8", "--stats",
+        "--page-size", "16", "--device-budget", "800KiB", "--host-budget", "512KiB", "--disk-dir", str(kv),
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert out.strip()
+    peak = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("peak_resident_bytes")}
+    assert set(peak) == {"device", "host", "disk"} and all(not size.startswith("0B") for size in peak.values()), peak
+    assert_empty_dir(kv)

@@ -1,0 +1,77 @@
+"""`offload generate`: greedy generation with the KV cache in the runtime's tiers, streaming text to stdout.
+
+    offload generate --prompt-file examples/long_context.txt --device-budget 8MiB --host-budget 32MiB \
+        --disk-dir /tmp/offload-kv --max-new-tokens 64 --stats
+
+The text goes to stdout as it is produced; the prefill progress bar and `--stats` go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tools.common import (
+    add_model_options,
+    add_prompt_options,
+    add_runtime_options,
+    config_from_args,
+    encode_prompt,
+    format_stats_table,
+    generate_stream,
+    load,
+    read_prompt,
+)
+
+HELP = "generate text with the KV cache offloaded to device, host and disk"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_prompt_options(parser)
+    group = parser.add_argument_group("generation options")
+    group.add_argument(
+        "--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most (default: 128)"
+    )
+    group.add_argument(
+        "--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per forward pass (default: 512)"
+    )
+    group.add_argument("--stats", action="store_true", help="print the runtime's statistics to stderr at the end")
+    group.add_argument("--no-progress", action="store_true", help="no prefill progress bar")
+    add_model_options(parser)
+    add_runtime_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked first, so a typo fails in a second.
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk < 1:
+        raise ValueError(f"prefill-chunk: expected an int >= 1, got {args.prefill_chunk}")
+    prompt = read_prompt(args)
+    config = config_from_args(args)
+
+    from offload import offload
+
+    model, tokenizer = load(args)
+    input_ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat_template)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    with offload(model, config=config) as rt:
+        generate_stream(
+            model,
+            tokenizer,
+            rt,
+            input_ids,
+            args.max_new_tokens,
+            on_text=write,
+            prefill_chunk=args.prefill_chunk,
+            progress=not args.no_progress,
+        )
+        write("\n")
+        stats = rt.stats()
+    if args.stats:
+        print(format_stats_table(stats), file=sys.stderr)
+    return 0
