@@ -7,8 +7,10 @@
 # On the CPU the "device" is RAM as well, so offloading costs copies but saves nothing: this run measures the
 # runtime's overhead against the plain cache, not a memory win.
 #
-# Runtime: about 6-10 minutes on a 2-core machine (model load ~10 s, 3 contexts x 3 repeats x 3 methods;
-# the 8160-token prefills dominate). Outputs: $OUT (or benchmarks/results)/cpu.json and cpu.png.
+# Time: 3 contexts x 3 repeats x 3 methods, each a prefill plus 32 decode steps; the 8160-token prefills dominate.
+# Measured on a loaded 2-core VM: about 45 minutes (a 2048/4096-token, 16-token, 2-repeat cut took 12.5 minutes);
+# expect several times less on a desktop with 8+ cores. Outputs: $OUT (or benchmarks/results)/cpu.json and cpu.png.
+# Extra flags are appended and win, e.g. `benchmarks/run_cpu.sh --context 2048,4096 --repeats 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"

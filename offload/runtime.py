@@ -79,6 +79,7 @@ class Runtime:
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.selector = SELECTION.create(config.selection)
         self.sparse = config.attention == "sparse"
+        self.mass: torch.Tensor | None = None
         self.hooks: list = []
         self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         if self.sparse:
@@ -314,6 +315,8 @@ class Runtime:
         last = self.table.pages(layer) - 1
         valid = n - last * self.page_size
         full = self._select(layer, q, last, valid, scaling)
+        # Marked before any loading: promotion must not give up a page this layer is about to read.
+        self.eviction.on_use(layer, full, self.step, self.mass if self.sparse else None)
         if self.hooks:
             self._speculate(layer, scaling)
         self._issue_prefetch((layer + 1) % self.layers)
@@ -330,7 +333,6 @@ class Runtime:
         attended = full.numel() * self.page_size + valid
         self.counters["attended"] += attended / n
         self.counters["attended_n"] += 1
-        self.eviction.on_use(layer, full, self.step)
         if layer == 0:
             self.counters["tokens"]["decode"] += 1
         if layer == self.layers - 1:
@@ -415,6 +417,7 @@ class Runtime:
                     pos = hit.nonzero().flatten().to(self.device)
                     kk, vv = self.ws_k[pf.half].index_select(0, pos), self.ws_v[pf.half].index_select(0, pos)
                 yield am.pages_partial(q, kk, vv, scaling)
+                self._promote(layer, pf.pages[hit], kk, vv)
                 missing = missing[~torch.isin(missing, pf.pages)]
         self.counters["prefetch"]["misses"] += missing.numel()
         if self.tracer is not None and missing.numel():
@@ -425,7 +428,9 @@ class Runtime:
             for t in transfers:
                 self.stall(layer, t.wait())
             self._unbusy(layer, chunk)
-            yield am.pages_partial(q, self.ws_k[half, :chunk.numel()], self.ws_v[half, :chunk.numel()], scaling)
+            kk, vv = self.ws_k[half, :chunk.numel()], self.ws_v[half, :chunk.numel()]
+            yield am.pages_partial(q, kk, vv, scaling)
+            self._promote(layer, chunk, kk, vv)
         slots = dev_slot[resident].to(self.device, torch.long)
         for start in range(0, slots.numel(), cap):
             idx = slots[start:start + cap]
@@ -532,6 +537,31 @@ class Runtime:
             if self.tracer is not None:
                 self.tracer.instant("policy", "evict", tier="device", layer=l, pages=1)
 
+    def _promote(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Sparse mode: keeps pages just loaded for attention on the device, in free slots or in place of pages
+        that the eviction policy ranks lower and that were not attended this step. Only pages with a copy in a
+        lower tier are given up, so promotion never writes anything back."""
+        if not self.sparse or pages.numel() == 0:
+            return
+        t = self.table
+        n = pages.numel()
+        free = max(0, self.device_tier.num_free - self.layers)  # keep room for every layer's next tail page
+        slots = self.device_tier.allocate(min(n, free)) or []
+        if len(slots) < n:
+            clean = (t.slot["host"] >= 0) | (t.slot["disk"] >= 0)
+            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < self.step)
+            for l, p in self.eviction.victims(eligible & self._unpinned(), n - len(slots)):
+                slots.append(int(t.slot["device"][l, p]))
+                t.slot["device"][l, p] = -1
+                self.counters["evictions"]["device"] += 1
+        if not slots:
+            return
+        m = len(slots)
+        idx = torch.tensor(slots, device=self.device)
+        self.device_tier.k.index_copy_(0, idx, k[:m])
+        self.device_tier.v.index_copy_(0, idx, v[:m])
+        t.slot["device"][layer, pages[:m]] = torch.tensor(slots, dtype=torch.int32)
+
     def _unpinned(self) -> torch.Tensor:
         """Bool [layers, max_pages]: pages eviction may take (sinks and the recent window stay)."""
         mask = torch.ones(self.layers, self.max_pages, dtype=torch.bool)
@@ -613,11 +643,17 @@ class Runtime:
         if recent:
             forced[max(0, last - -(-recent // P)):] = True
         free = k_pages - int(forced.sum())
+        self.mass = None
         if free > 0:
             scores = self.selector.score(q, self.summaries[layer, :last], scaling)
-            scores[forced.to(scores.device)] = float("-inf")
-            top = torch.topk(scores, free).indices.cpu()
+            ranked = scores.clone()
+            ranked[forced.to(scores.device)] = float("-inf")
+            top = torch.topk(ranked, free).indices.cpu()
             forced[top] = True
+            chosen = forced.nonzero().flatten()
+            # The predicted share of attention of each chosen page feeds the score eviction policy.
+            self.mass = scores.cpu()[chosen]
+            return chosen
         return forced.nonzero().flatten()
 
     def _install_speculation(self) -> None:

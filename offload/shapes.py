@@ -117,8 +117,9 @@ def shape_config(shape: str, layers: int | None = None):
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys plus values one token adds to the cache, over all layers."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
 @torch.no_grad()

@@ -20,6 +20,11 @@ NOTE (bytes per token): for the runtime, `bytes_moved_per_token` is the decode-p
 prefetches each layer's whole KV to the device and offloads it back after the update, so the mean KV size over
 the steps crosses once in each direction per token (2x the KV in total).
 
+NOTE (memory fields): `peak_device_kv_bytes` is the runtime's peak device residency (its page cache plus
+workspace), the whole KV for `dynamic`, and two layers' KV for `hf-offloaded` (the one updating and the one being
+prefetched). On CUDA, `peak_device_alloc_bytes` adds the measured `torch.cuda.max_memory_allocated` rise over the
+run, activations included.
+
 NOTE (the exact-offload bound): exact attention reads every cached token at every step, so the KV that does not
 fit in the device budget must cross the host-to-device link once per token. The bandwidth measured at start
 (`offload.bandwidth`) over those bytes (KV of context plus new tokens, minus the device budget) bounds the decode
@@ -48,6 +53,7 @@ import torch
 
 from offload.bandwidth import exact_offload_bound, measure_h2d_bandwidth
 from offload.config import OffloadConfig
+from offload.shapes import kv_bytes_per_token
 from offload.sizes import format_size, parse_size
 from tools.common import DTYPES, add_model_options, add_runtime_options, config_from_args, default_device, load
 
@@ -192,13 +198,6 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
 # ---- one run -----------------------------------------------------------------------------------------------------
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -257,7 +256,7 @@ class Bench:
     def __init__(self, model: Any, args: argparse.Namespace):
         self.model, self.args = model, args
         self.device = next(model.parameters()).device
-        self.per_token = kv_bytes_per_token(model)
+        self.per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
         # The runtime flags the user gave; per-variant options override them.
         self.given = {n: getattr(args, n) for n in OffloadConfig.option_names() if getattr(args, n, None) is not None}
         self.given.pop("device", None)
@@ -542,6 +541,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["method"] for r in rows):
@@ -551,6 +551,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
+    # Minor labels at 2x and 5x each decade only, so a wide range stays readable.
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda y, _: f"{y:.3g}" if f"{y:.3g}".lstrip("0.")[:1] in ("2", "5") else ""))
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(title)

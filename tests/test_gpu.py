@@ -1,0 +1,74 @@
+"""GPU-only paths: pinned host pool, copy streams and events, disk -> pinned staging -> GPU. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from offload import offload
+from offload.engine import TransferEngine
+from offload.models import tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _model(dtype: torch.dtype = torch.float32):
+    return tiny_llama(layers=3, hidden=96, heads=6, kv_heads=2, vocab=256, dtype=dtype).cuda()
+
+
+def _page_bytes(model, page_size: int) -> int:
+    c = model.config
+    return 2 * c.num_key_value_heads * page_size * (c.hidden_size // c.num_attention_heads) * model.dtype.itemsize
+
+
+@pytest.mark.parametrize("attention", ["exact", "sparse"])
+def test_three_tiers_on_cuda_give_the_same_tokens(tmp_path, attention: str) -> None:
+    model = _model()
+    ids = torch.randint(0, 256, (1, 300), device="cuda")
+    pb = _page_bytes(model, 16)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        with offload(model, page_size=16, device_budget=12 * pb, host_budget=20 * pb, disk_dir=str(tmp_path),
+                     attention=attention, token_budget=1.0) as rt:
+            out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            stats = rt.stats()
+            assert rt.host_tier is not None and rt.host_tier.k.is_pinned()
+    assert torch.equal(out, ref)
+    assert stats["peak_resident_bytes"]["device"] <= 12 * pb
+    assert stats["peak_resident_bytes"]["host"] <= 20 * pb
+    assert stats["peak_resident_bytes"]["disk"] > 0
+    assert stats["bytes_moved"]["disk->host"] > 0 and stats["bytes_moved"]["host->device"] > 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_bf16_logits_match_dynamic_cache_within_bf16_tolerance() -> None:
+    from transformers import DynamicCache
+
+    model = _model(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 200), device="cuda")
+    pb = _page_bytes(model, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits[:, -1].float()
+        with offload(model, page_size=16, device_budget=10 * pb, host_budget="64MiB") as rt:
+            cache = rt.cache()
+            model(input_ids=ids[:, :-1], past_key_values=cache)
+            got = model(input_ids=ids[:, -1:], past_key_values=cache).logits[:, -1].float()
+    torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+
+
+def test_host_to_device_copies_run_on_a_side_stream_and_land_exactly() -> None:
+    engine = TransferEngine(torch.device("cuda"), threads=2, tracer=None)
+    src_k = torch.randn(8, 2, 16, 32).pin_memory()
+    src_v = torch.randn(8, 2, 16, 32).pin_memory()
+    dst_k = torch.full((8, 2, 16, 32), float("nan"), device="cuda")
+    dst_v = torch.full_like(dst_k, float("nan"))
+    t = engine.copy("host->device", (src_k, src_v), [5, 6, 7, 1], (dst_k, dst_v), [0, 1, 2, 3])
+    assert engine.h2d != torch.cuda.current_stream()
+    t.wait()  # orders the compute stream after the copy
+    torch.testing.assert_close(dst_k[:4].cpu(), src_k[[5, 6, 7, 1]], atol=0, rtol=0)
+    torch.testing.assert_close(dst_v[:4].cpu(), src_v[[5, 6, 7, 1]], atol=0, rtol=0)
+    assert torch.isnan(dst_k[4:]).all()
+    assert engine.bytes_moved["host->device"] == 4 * 2 * src_k[0].numel() * 4
+    engine.close()
