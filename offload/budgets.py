@@ -1,9 +1,9 @@
 """Turning byte budgets into page slots, with defaults from free memory, and the errors for budgets too small.
 
 Device slots split into the page cache (pages that live on the device, one tail page per layer among them) and the
-workspace: three parts of `half` pages. Two receive a layer's pages for attention, gathered or loaded, one for the
-layer computing now and one for the next layer's prefetch; the third holds the head-major copy that lets a layer
-whose pages are all resident run in one SDPA call. All of it counts against `device_budget`.
+workspace of 4 x `half` pages: a ring of buffers (2 x half) through which pages of this layer and the next are
+loaded for attention, a buffer (half) into which resident pages are gathered, and its head-major copy (half) that
+lets a layer whose pages are all resident run in one SDPA call. All of it counts against `device_budget`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Plan:
 
     @property
     def half(self) -> int:
-        return self.workspace_pages // 3
+        return self.workspace_pages // 4
 
     def capacity_pages(self) -> int:
         return self.device_cache_pages + self.host_pages - self.host_staging_pages + self.disk_pages
@@ -52,20 +52,20 @@ def _free_device_bytes(device: torch.device) -> int:
 def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device) -> Plan:
     """Slots per tier. Raises ValueError naming the budget when one is too small to work at all."""
     kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
-    most_workspace = 3 * max_pages
+    most_workspace = 4 * max_pages
     dev = config.device_budget_bytes
     if dev is None:
         dev = min(kv_max + most_workspace * page_bytes, int(FREE_SHARE * _free_device_bytes(device)))
     total = dev // page_bytes
-    least = layers + 3
+    least = layers + 4
     if total < least:
         raise ValueError(
             f"device_budget: {format_size(dev)} holds {total} pages of {format_size(page_bytes)}; at least {least} "
-            f"are needed (one per layer plus three for streaming), i.e. {format_size(least * page_bytes)} "
+            f"are needed (one per layer plus four for streaming), i.e. {format_size(least * page_bytes)} "
             f"with page_size {config.page_size}"
         )
-    # About a quarter of what is left after the tail pages goes to the workspace, at most three layers' worth.
-    workspace = 3 * max(1, min(max_pages, (total - layers) // 12))
+    # About a quarter of what is left after the tail pages goes to the workspace, at most four layers' worth.
+    workspace = 4 * max(1, min(max_pages, (total - layers) // 16))
     cache = total - workspace
 
     host = config.host_budget_bytes
@@ -82,7 +82,7 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
         disk_pages = disk // page_bytes
         if device.type == "cuda":
             # Disk pages reach the GPU through pinned host staging as large as the workspace.
-            staging = 2 * (workspace // 3)
+            staging = 2 * (workspace // 4)
             if host_pages < staging:
                 raise ValueError(
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "

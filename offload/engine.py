@@ -35,10 +35,11 @@ class Transfer:
     """One submitted copy. `wait()` returns the seconds the caller was blocked."""
 
     def __init__(self, future: Future | None = None, event: torch.cuda.Event | None = None,
-                 on_done: Callable[[], None] | None = None):
+                 gpu_waits: list | None = None, layer: int = -1):
         self.future = future
         self.event = event
-        self.on_done = on_done
+        self.gpu_waits = gpu_waits
+        self.layer = layer
         self.finished = False
 
     def done(self) -> bool:
@@ -56,11 +57,15 @@ class Transfer:
             if isinstance(result, torch.cuda.Event):
                 self.event = result
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            stream = torch.cuda.current_stream()
+            if self.gpu_waits is not None:
+                # The compute stream stalls from `before` until the copy's end, if that comes later.
+                before = torch.cuda.Event(enable_timing=True)
+                before.record(stream)
+                self.gpu_waits.append((self.layer, before, self.event))
+            stream.wait_event(self.event)
         waited = time.perf_counter() - t0
         self.finished = True
-        if self.on_done is not None:
-            self.on_done()
         return waited
 
 
@@ -71,6 +76,7 @@ class TransferEngine:
         self.tracer = tracer
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload-io")
         self.bytes_moved = {"device->host": 0, "host->device": 0, "host->disk": 0, "disk->host": 0}
+        self.gpu_waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         if self.cuda:
             self.h2d = torch.cuda.Stream(device)
             self.d2h = torch.cuda.Stream(device)
@@ -96,7 +102,7 @@ class TransferEngine:
             # The copy must see everything the compute stream wrote, and must not overwrite what it still reads.
             stream.wait_stream(torch.cuda.current_stream(self.device))
             start = torch.cuda.Event(enable_timing=True) if self.tracer else None
-            done = torch.cuda.Event(enable_timing=self.tracer is not None)
+            done = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(stream):
                 if start is not None:
                     start.record()
@@ -104,7 +110,7 @@ class TransferEngine:
                 done.record()
             if self.tracer is not None:
                 self.tracer.cuda_span(pair, name, start, done, thread=pair + " stream", **args)
-            return Transfer(event=done)
+            return Transfer(event=done, gpu_waits=self.gpu_waits, layer=layer)
         return Transfer(future=self.pool.submit(self._timed, pair, name, body, args))
 
     def account(self, pair: str, nbytes: int, start: float, layer: int, name: str) -> None:
@@ -151,7 +157,7 @@ class TransferEngine:
             self._timed("disk read", "load", lambda: disk.read(slots, staging[0], staging[1]),
                         {**args, "src": "disk", "dst": "host"})
             start = torch.cuda.Event(enable_timing=True) if self.tracer else None
-            done = torch.cuda.Event(enable_timing=self.tracer is not None)
+            done = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.h2d):
                 if start is not None:
                     start.record()
@@ -165,7 +171,18 @@ class TransferEngine:
 
         # The copy must not overwrite the workspace while the compute stream still reads it.
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
-        return Transfer(future=self.pool.submit(body))
+        return Transfer(future=self.pool.submit(body), gpu_waits=self.gpu_waits, layer=layer)
+
+    def resolve_gpu_waits(self, report: Callable[[int, float], None]) -> None:
+        """Reports, per layer, how long the compute stream waited on copies (synchronizes the device)."""
+        if not self.gpu_waits:
+            return
+        torch.cuda.synchronize(self.device)
+        for layer, before, done in self.gpu_waits:
+            waited = before.elapsed_time(done) / 1e3
+            if waited > 0:
+                report(layer, waited)
+        self.gpu_waits.clear()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -22,6 +22,7 @@ from offload import attention_math as am
 from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.engine import Transfer, TransferEngine
+from offload.loader import LoadRing
 from offload.models import check_model
 from offload.pagetable import PageTable
 from offload.trace import Tracer
@@ -29,16 +30,6 @@ from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
 from tiers import DeviceTier, HostTier, PageShape
 
 log = logging.getLogger(__name__)
-
-
-class _Prefetch:
-    """Pages of one layer loading into a workspace half ahead of the layer's attention."""
-
-    def __init__(self, layer: int, pages: torch.Tensor, half: int, transfers: list[Transfer]):
-        self.layer = layer
-        self.pages = pages  # page ids, in workspace order
-        self.half = half
-        self.transfers = transfers
 
 
 class Runtime:
@@ -67,9 +58,13 @@ class Runtime:
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
         self.device_tier = DeviceTier(self.shape, self.plan.device_cache_pages, self.device)
         h = self.plan.half
-        self.ws_k = torch.empty((2, h, *self.shape.dims), dtype=self.dtype, device=self.device)
-        self.ws_v = torch.empty_like(self.ws_k)
-        # Head-major gather target of the fast path: [H, half, P, D], so SDPA reads it without another copy.
+        # Workspace: the load ring (2*h pages), a page-major gather buffer (h) and its head-major copy (h).
+        ring = 4 if 2 * h >= 4 else 2
+        self.ring_k = torch.empty((ring, 2 * h // ring, *self.shape.dims), dtype=self.dtype, device=self.device)
+        self.ring_v = torch.empty_like(self.ring_k)
+        self.pm_k = torch.empty((h, *self.shape.dims), dtype=self.dtype, device=self.device)
+        self.pm_v = torch.empty_like(self.pm_k)
+        # Head-major [H, h, P, D]: SDPA reads a slice of it without another copy.
         self.hm_k = torch.empty((self.kv_heads, h, self.page_size, self.head_dim), dtype=self.dtype, device=self.device)
         self.hm_v = torch.empty_like(self.hm_k)
         self.host_tier: HostTier | None = None  # allocated once, at the first spill
@@ -102,9 +97,8 @@ class Runtime:
                 reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
                 tier._free = list(range(tier.capacity - 1, reserved - 1, -1))
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.prefetched: dict[int, _Prefetch] = {}
+        self.ring = LoadRing(self, self.ring_k, self.ring_v)
         self.pf_context = PrefetchContext()
-        self.turn = 0  # workspace half of the layer computing now
         self.step = 0
         self.recall_sum = [0.0] * self.layers
         self.recall_n = [0] * self.layers
@@ -146,13 +140,13 @@ class Runtime:
             for tier in (self.disk_tier, self.host_tier, self.device_tier):
                 if tier is not None:
                     tier.close()
-            self.ws_k = self.ws_v = self.hm_k = self.hm_v = torch.empty(0)
+            self.ring_k = self.ring_v = self.pm_k = self.pm_v = self.hm_k = self.hm_v = torch.empty(0)
             self.host_staging = None
 
     def _drain(self) -> None:
-        for pf in self.prefetched.values():
-            self._finish(pf)
-        self.prefetched.clear()
+        if hasattr(self, "ring"):
+            self.ring.drain()
+        self.engine.resolve_gpu_waits(self.stall)
 
     # -- lower tiers, created at the first spill -----------------------------------------------------------------
     def _host(self) -> HostTier | None:
@@ -180,16 +174,13 @@ class Runtime:
             raise ValueError(f"batch: offloaded generation runs one sequence at a time; got batch size {query.shape[0]}")
         t0 = time.perf_counter()
         tokens = query.shape[2]
-        pf = self.prefetched.pop(layer, None)
         if tokens == 1:
-            out = self._decode(layer, query, key[0], value[0], scaling, pf)
+            out = self._decode(layer, query, key[0], value[0], scaling)
         else:
-            if pf is not None:
-                self._finish(pf)
+            self.ring.drain()
             out = self._prefill(layer, query, key, value, scaling)
             if layer == 0:
                 self.counters["tokens"]["prefill"] += tokens
-        self.turn ^= 1
         self._resident()
         if self.tracer is not None:
             self.tracer.span("compute", "attention", t0, time.perf_counter(), layer=layer, tokens=tokens,
@@ -222,7 +213,7 @@ class Runtime:
         else:
             yield self._tail_partial(layer, last, valid, q, scaling)
         if last > 0:
-            yield from self._pages_partials(layer, torch.arange(last), q, scaling, None)
+            yield from self._pages_partials(layer, torch.arange(last), q, scaling)
 
     def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Appends T new tokens: fills the tail page, then places the new pages by tier."""
@@ -308,7 +299,7 @@ class Runtime:
         return time.perf_counter() - t0
 
     # -- decode ----------------------------------------------------------------------------------------------
-    def _decode(self, layer: int, query, k, v, scaling: float, pf: _Prefetch | None) -> torch.Tensor:
+    def _decode(self, layer: int, query, k, v, scaling: float) -> torch.Tensor:
         self._append_token(layer, k, v)
         q = am.group_queries(query, self.kv_heads)
         n = self.table.tokens[layer]
@@ -319,16 +310,14 @@ class Runtime:
         self.eviction.on_use(layer, full, self.step, self.mass if self.sparse else None)
         if self.hooks:
             self._speculate(layer, scaling)
-        self._issue_prefetch((layer + 1) % self.layers)
         dev_slots = self.table.slot["device"][layer, full]
-        if pf is None and full.numel() < self.plan.half and bool((dev_slots >= 0).all()):
+        missing = full[dev_slots < 0]
+        self._queue_loads(layer, missing)
+        if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
             out = self._resident_attention(layer, query, dev_slots, last, valid, scaling)
         else:
             parts = [self._tail_partial(layer, last, valid, q, scaling)]
-            if full.numel():
-                parts.extend(self._pages_partials(layer, full, q, scaling, pf))
-            elif pf is not None:
-                self._finish(pf)
+            parts.extend(self._pages_partials(layer, full, q, scaling, missing))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
         attended = full.numel() * self.page_size + valid
         self.counters["attended"] += attended / n
@@ -348,8 +337,8 @@ class Runtime:
         cnt = idx.numel()
         tokens = (cnt - 1) * self.page_size + valid
         kv = []
-        for pool, ws, hm in ((self.device_tier.k, self.ws_k, self.hm_k), (self.device_tier.v, self.ws_v, self.hm_v)):
-            pm = ws[self.turn, :cnt]
+        for pool, pm, hm in ((self.device_tier.k, self.pm_k, self.hm_k), (self.device_tier.v, self.pm_v, self.hm_v)):
+            pm = pm[:cnt]
             torch.index_select(pool, 0, idx, out=pm)
             hm[:, :cnt].copy_(pm.transpose(0, 1))
             kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, :tokens])
@@ -396,51 +385,75 @@ class Runtime:
         return pos + take
 
     # -- pages through the workspace -------------------------------------------------------------------------
-    def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float, pf: _Prefetch | None):
-        """Partials over full `pages` of `layer`, through the workspace half of this turn."""
-        half = self.turn
-        cap = self.plan.half
+    def _queue_loads(self, layer: int, missing: torch.Tensor) -> None:
+        """Orders the loads: this layer's missing pages not yet in flight first, then the next layer's predicted
+        pages (exact mode: all of its missing pages), and starts as many as the ring has room for."""
+        ring = self.ring
+        ring.discard_pending(layer)
+        remaining = missing[~torch.isin(missing, ring.covered(layer))]
+        self.counters["prefetch"]["misses"] += remaining.numel()
+        if self.tracer is not None and remaining.numel():
+            self.tracer.instant("policy", "prefetch miss", layer=layer, pages=remaining.numel())
+        ring.request(layer, remaining, predicted=False, front=True)
+        nxt = (layer + 1) % self.layers
+        want = self._predict(nxt)
+        if want is not None and want.numel():
+            ring.discard_pending(nxt)
+            ring.request(nxt, want, predicted=True)
+        ring.pump()
+
+    def _predict(self, layer: int) -> torch.Tensor | None:
+        """Pages of `layer` to prefetch: all its missing pages in exact mode, the policy's guess in sparse mode."""
+        if self.table.tokens[layer] == 0:
+            return None
+        last = self.table.pages(layer) - 1
+        if not self.sparse:
+            want = torch.arange(last)
+        else:
+            want = self.prefetcher.predict(layer, self.pf_context)
+            if want is None:
+                return None
+            want = want[want < last]
+        want = want[(self.table.slot["device"][layer, want] < 0) & (self.table.busy[layer, want] == 0)]
+        return want[~torch.isin(want, self.ring.covered(layer))]
+
+    def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float,
+                        missing: torch.Tensor | None = None):
+        """Partials over full `pages` of `layer`: first the chunks arriving through the load ring, then the
+        resident pages gathered from the device pool."""
         dev_slot = self.table.slot["device"][layer, pages]
         resident = dev_slot >= 0
-        missing = pages[~resident]
-        if pf is not None:
-            hit = torch.isin(pf.pages, missing)
-            self.stall(layer, self._finish(pf))
-            n_hit = int(hit.sum())
-            self.counters["prefetch"]["hits"] += n_hit
-            if self.tracer is not None:
-                self.tracer.instant("policy", "prefetch hit", layer=layer, pages=n_hit)
-            if n_hit:
-                if n_hit == pf.pages.numel():
-                    kk, vv = self.ws_k[pf.half, :n_hit], self.ws_v[pf.half, :n_hit]
-                else:
-                    pos = hit.nonzero().flatten().to(self.device)
-                    kk, vv = self.ws_k[pf.half].index_select(0, pos), self.ws_v[pf.half].index_select(0, pos)
-                yield am.pages_partial(q, kk, vv, scaling)
-                self._promote(layer, pf.pages[hit], kk, vv)
-                missing = missing[~torch.isin(missing, pf.pages)]
-        self.counters["prefetch"]["misses"] += missing.numel()
-        if self.tracer is not None and missing.numel():
-            self.tracer.instant("policy", "prefetch miss", layer=layer, pages=missing.numel())
-        for start in range(0, missing.numel(), cap):
-            chunk = missing[start:start + cap]
-            chunk, transfers = self._load(layer, chunk, half)
-            for t in transfers:
-                self.stall(layer, t.wait())
-            self._unbusy(layer, chunk)
-            kk, vv = self.ws_k[half, :chunk.numel()], self.ws_v[half, :chunk.numel()]
+        if missing is None:  # prefill over old pages: load everything missing now
+            missing = pages[~resident]
+            self.ring.request(layer, missing, predicted=False, front=True)
+            self.ring.pump()
+        for job, kk, vv in self.ring.consume(layer):
+            use = torch.isin(job.pages, missing)
+            n_use = int(use.sum())
+            if job.predicted:
+                self.counters["prefetch"]["hits"] += n_use
+                if self.tracer is not None and n_use:
+                    self.tracer.instant("policy", "prefetch hit", layer=layer, pages=n_use)
+            if n_use == 0:
+                continue
+            if n_use < job.pages.numel():
+                pos = use.nonzero().flatten().to(self.device)
+                kk, vv = kk.index_select(0, pos), vv.index_select(0, pos)
             yield am.pages_partial(q, kk, vv, scaling)
-            self._promote(layer, chunk, kk, vv)
+            self._promote(layer, job.pages[use], kk, vv)
+        cap = self.plan.half
         slots = dev_slot[resident].to(self.device, torch.long)
         for start in range(0, slots.numel(), cap):
             idx = slots[start:start + cap]
-            kk, vv = self.ws_k[half, :idx.numel()], self.ws_v[half, :idx.numel()]
+            kk, vv = self.pm_k[:idx.numel()], self.pm_v[:idx.numel()]
             torch.index_select(self.device_tier.k, 0, idx, out=kk)
             torch.index_select(self.device_tier.v, 0, idx, out=vv)
             yield am.pages_partial(q, kk, vv, scaling)
 
-    def _load(self, layer: int, pages: torch.Tensor, half: int) -> tuple[torch.Tensor, list[Transfer]]:
-        """Starts copying `pages` (none on the device) into workspace `half`, host pages first, then disk pages."""
+    def _load(self, layer: int, pages: torch.Tensor, dst_k: torch.Tensor,
+              dst_v: torch.Tensor) -> tuple[torch.Tensor, list[Transfer]]:
+        """Starts copying `pages` (none on the device) into the buffers dst_k, dst_v ([n, H, P, D]), host pages
+        first, then disk pages. Returns the pages in buffer order and the copies."""
         host_slot = self.table.slot["host"][layer, pages]
         on_host = host_slot >= 0
         order = torch.cat([pages[on_host], pages[~on_host]])
@@ -450,52 +463,28 @@ class Runtime:
         if n_host:
             host = self.host_tier
             transfers.append(self.engine.copy("host->device", (host.k, host.v), host_slot[on_host].tolist(),
-                                              (self.ws_k[half], self.ws_v[half]), list(range(n_host)), layer))
+                                              (dst_k, dst_v), list(range(n_host)), layer))
         n_disk = order.numel() - n_host
         if n_disk:
             disk_slots = self.table.slot["disk"][layer, pages[~on_host]].tolist()
             if self.device.type == "cuda":
                 # Disk -> pinned staging (I/O thread), then staging -> workspace on the copy stream.
-                host = self.host_tier
-                first = half * self.plan.half
-                stage_k, stage_v = host.k[first:first + n_disk], host.v[first:first + n_disk]
+                staging = self._staging_for(dst_k)
                 transfers.append(self.engine.disk_to_device(
-                    self.disk_tier, disk_slots, (stage_k, stage_v),
-                    (self.ws_k[half, n_host:n_host + n_disk], self.ws_v[half, n_host:n_host + n_disk]), layer))
+                    self.disk_tier, disk_slots, (staging[0][:n_disk], staging[1][:n_disk]),
+                    (dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk]), layer))
             else:
                 # The CPU is the device: disk pages are read straight into the workspace (disk->host only).
-                transfers.append(self.engine.disk_read(self.disk_tier, disk_slots,
-                                                       self.ws_k[half, n_host:n_host + n_disk],
-                                                       self.ws_v[half, n_host:n_host + n_disk], layer))
+                transfers.append(self.engine.disk_read(self.disk_tier, disk_slots, dst_k[n_host:n_host + n_disk],
+                                                       dst_v[n_host:n_host + n_disk], layer))
         return order, transfers
 
-    def _issue_prefetch(self, layer: int) -> None:
-        """Starts loading pages the next layer is expected to need into the other workspace half."""
-        n = self.table.tokens[layer]
-        if n == 0:
-            return
-        last = self.table.pages(layer) - 1
-        if self.config.attention == "exact":
-            want = torch.arange(last)
-        else:
-            want = self.prefetcher.predict(layer, self.pf_context)
-            if want is None:
-                return
-            want = want[want < last]
-        want = want[(self.table.slot["device"][layer, want] < 0) & (self.table.busy[layer, want] == 0)]
-        want = want[: self.plan.half]
-        if want.numel() == 0:
-            return
-        half = self.turn ^ 1
-        order, transfers = self._load(layer, want, half)
-        self.prefetched[layer] = _Prefetch(layer, order, half, transfers)
-        self.counters["prefetch"]["issued"] += want.numel()
-
-    def _finish(self, pf: _Prefetch) -> float:
-        """Completes a prefetch: waits for its copies and unprotects its pages."""
-        waited = sum(t.wait() for t in pf.transfers)
-        self._unbusy(pf.layer, pf.pages)
-        return waited
+    def _staging_for(self, dst_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pinned host staging that belongs to the ring buffer `dst_k` (host slots 0..2*half-1)."""
+        per = self.ring_k.shape[1]
+        buf = (dst_k.data_ptr() - self.ring_k.data_ptr()) // (per * self.ring_k[0, 0].numel() * dst_k.element_size())
+        host = self.host_tier
+        return host.k[buf * per:(buf + 1) * per], host.v[buf * per:(buf + 1) * per]
 
     def _unbusy(self, layer: int, pages: torch.Tensor) -> None:
         self.table.busy[layer, pages] -= 1
@@ -747,6 +736,7 @@ class Runtime:
 
     def stats(self) -> dict:
         """Counters since the runtime started; resident bytes now and at their peak."""
+        self.engine.resolve_gpu_waits(self.stall)
         resident = self._resident()
         c = self.counters
         per_token = self.shape.page_bytes // self.page_size  # one layer's K and V of one token

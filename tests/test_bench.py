@@ -27,7 +27,7 @@ NEW_TOKENS = 4
 # layer. 40% of the KV on the device is 13 pages at 256 tokens; one-page sinks and recent windows keep sparse mode
 # inside that (it pins them on the device).
 ARGS = [
-    "bench", "--model-shape", "tiny", "--context", ",".join(map(str, CONTEXTS)), "--new-tokens", str(NEW_TOKENS),
+    "bench", "--model-shape", "tiny", "--device", "cpu", "--context", ",".join(map(str, CONTEXTS)), "--new-tokens", str(NEW_TOKENS),
     "--repeats", "1", "--page-size", "16", "--kv-device-fraction", "0.4", "--sink-tokens", "16",
     "--recent-tokens", "16",
 ]

@@ -1,0 +1,98 @@
+"""The load ring: pages on their way to the device for attention, pipelined across chunks and layers.
+
+The workspace's load area is a ring of R buffers of C pages each. Requests are chunks of (layer, pages) kept in
+the order attention will consume them: the current layer's pages first, then the pages predicted for the next
+layer. Whenever a buffer is free the next request is issued into it, so copies for chunk j+1, j+2, ... run while
+chunk j is being attended, and the link stays busy across layer boundaries. A buffer is freed once its chunk has
+been attended (on CUDA the next copy into it waits for the compute stream, so it can't overwrite unread data).
+
+Pages being copied are marked busy in the page table (two-phase transfers: eviction never takes them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from offload.engine import Transfer
+
+if TYPE_CHECKING:
+    from offload.runtime import Runtime
+
+
+@dataclass
+class Job:
+    layer: int
+    pages: torch.Tensor  # page ids in buffer order
+    predicted: bool  # a prefetch (counts towards prefetch hits) or an on-demand load
+    buf: int = -1
+    transfers: list[Transfer] = field(default_factory=list)
+
+
+class LoadRing:
+    def __init__(self, runtime: Runtime, k: torch.Tensor, v: torch.Tensor):
+        self.rt = runtime
+        self.k, self.v = k, v  # [R, C, H, P, D]
+        self.chunk = k.shape[1]
+        self.free: deque[int] = deque(range(k.shape[0]))
+        self.pending: deque[Job] = deque()
+        self.inflight: deque[Job] = deque()
+
+    def request(self, layer: int, pages: torch.Tensor, predicted: bool, front: bool = False) -> None:
+        """Queues `pages` of `layer` for loading, in chunks; `front` puts them before everything queued."""
+        jobs = [Job(layer, pages[i:i + self.chunk], predicted) for i in range(0, pages.numel(), self.chunk)]
+        if front:
+            self.pending.extendleft(reversed(jobs))
+        else:
+            self.pending.extend(jobs)
+
+    def covered(self, layer: int) -> torch.Tensor:
+        """Pages of `layer` already being copied."""
+        pages = [j.pages for j in self.inflight if j.layer == layer]
+        return torch.cat(pages) if pages else torch.empty(0, dtype=torch.long)
+
+    def discard_pending(self, layer: int) -> None:
+        self.pending = deque(j for j in self.pending if j.layer != layer)
+
+    def pump(self) -> None:
+        """Issues queued chunks into free buffers."""
+        while self.free and self.pending:
+            job = self.pending.popleft()
+            if job.predicted:
+                # A prediction may be stale by now: skip pages that reached the device or are busy.
+                t = self.rt.table
+                keep = (t.slot["device"][job.layer, job.pages] < 0) & (t.busy[job.layer, job.pages] == 0)
+                job.pages = job.pages[keep]
+                if job.pages.numel() == 0:
+                    continue
+                self.rt.counters["prefetch"]["issued"] += job.pages.numel()
+            job.buf = self.free.popleft()
+            job.pages, job.transfers = self.rt._load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
+            self.inflight.append(job)
+
+    def consume(self, layer: int) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
+        """Yields the in-flight chunks of `layer` in order, each once its copy is done: (job, k, v) with k and v
+        [n, H, P, D]. The buffer is freed when the caller asks for the next one."""
+        while self.inflight and self.inflight[0].layer == layer:
+            job = self.inflight.popleft()
+            for t in job.transfers:
+                self.rt.stall(layer, t.wait())
+            self.rt._unbusy(layer, job.pages)
+            n = job.pages.numel()
+            yield job, self.k[job.buf, :n], self.v[job.buf, :n]
+            self.free.append(job.buf)
+            self.pump()
+
+    def drain(self) -> None:
+        """Waits for every copy in flight and forgets every request."""
+        self.pending.clear()
+        while self.inflight:
+            job = self.inflight.popleft()
+            for t in job.transfers:
+                t.wait()
+            self.rt._unbusy(job.layer, job.pages)
+            self.free.append(job.buf)
