@@ -59,8 +59,8 @@ class Runtime:
         self.device_tier = DeviceTier(self.shape, self.plan.device_cache_pages, self.device)
         h = self.plan.half
         # Workspace: the load ring (2*h pages), a page-major gather buffer (h) and its head-major copy (h).
-        ring = 4 if 2 * h >= 4 else 2
-        self.ring_k = torch.empty((ring, 2 * h // ring, *self.shape.dims), dtype=self.dtype, device=self.device)
+        # Two buffers: few, large copies and attention calls; each chunk costs host time whatever its size.
+        self.ring_k = torch.empty((2, h, *self.shape.dims), dtype=self.dtype, device=self.device)
         self.ring_v = torch.empty_like(self.ring_k)
         self.pm_k = torch.empty((h, *self.shape.dims), dtype=self.dtype, device=self.device)
         self.pm_v = torch.empty_like(self.pm_k)
@@ -428,8 +428,11 @@ class Runtime:
             self.ring.request(layer, missing, predicted=False, front=True)
             self.ring.pump()
         for job, kk, vv in self.ring.consume(layer):
-            use = torch.isin(job.pages, missing)
-            n_use = int(use.sum())
+            if self.sparse:
+                use = torch.isin(job.pages, missing)
+                n_use = int(use.sum())
+            else:  # exact: every page loaded for this layer is attended
+                use, n_use = None, job.pages.numel()
             if job.predicted:
                 self.counters["prefetch"]["hits"] += n_use
                 if self.tracer is not None and n_use:
@@ -440,7 +443,8 @@ class Runtime:
                 pos = use.nonzero().flatten().to(self.device)
                 kk, vv = kk.index_select(0, pos), vv.index_select(0, pos)
             yield am.pages_partial(q, kk, vv, scaling)
-            self._promote(layer, job.pages[use], kk, vv)
+            if self.sparse:
+                self._promote(layer, job.pages[use], kk, vv)
         cap = self.plan.half
         slots = dev_slot[resident].to(self.device, torch.long)
         for start in range(0, slots.numel(), cap):
