@@ -30,8 +30,10 @@ def ungroup_output(out: torch.Tensor, query_heads: int, tokens: int) -> torch.Te
 
 def pages_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Partial:
     """Attention of every query over every token of the pages in `k`, `v` ([n, H, P, D])."""
-    qf = q.float().unsqueeze(0)  # [1, H, M, D]
-    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scaling  # [n, H, M, P]
+    qf = q.float().unsqueeze(0)  # [1, H, M, D]; no copy when the caller passes float32
+    s = torch.matmul(qf, k.float().transpose(-1, -2))  # [n, H, M, P]
+    if scaling != 1.0:
+        s.mul_(scaling)
     m = s.amax(dim=(0, 3))  # [H, M]
     p = torch.exp(s - m[None, :, :, None])
     l = p.sum(dim=(0, 3))

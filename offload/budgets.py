@@ -64,8 +64,11 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
             f"are needed (one per layer plus four for streaming), i.e. {format_size(least * page_bytes)} "
             f"with page_size {config.page_size}"
         )
-    # About a quarter of what is left after the tail pages goes to the workspace, at most four layers' worth.
-    workspace = 4 * max(1, min(max_pages, (total - layers) // 16))
+    # Exact attention streams every page that is not resident through the workspace, and each chunk costs host
+    # time whatever its size, so it gets 40% of what is left after the tail pages; sparse attention moves few
+    # pages and keeps more of them resident, so it gets 1/8. At most four layers' worth either way.
+    share = 10 if config.attention == "exact" else 32
+    workspace = 4 * max(1, min(max_pages, (total - layers) // share))
     cache = total - workspace
 
     host = config.host_budget_bytes

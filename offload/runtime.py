@@ -301,7 +301,7 @@ class Runtime:
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float) -> torch.Tensor:
         self._append_token(layer, k, v)
-        q = am.group_queries(query, self.kv_heads)
+        q = am.group_queries(query, self.kv_heads).float()
         n = self.table.tokens[layer]
         last = self.table.pages(layer) - 1
         valid = n - last * self.page_size

@@ -65,6 +65,8 @@ def test_config_defaults_are_valid_and_budgets_are_parsed():
     assert (c.device_budget_bytes, c.host_budget_bytes, c.disk_budget_bytes) == (2**20, 4096, None)
     assert c.option_names()[:4] == ["device_budget", "host_budget", "disk_budget", "disk_dir"]
     assert "device_budget_bytes" not in c.option_names()
+    assert OffloadConfig(disk_dir=Path("/tmp/kv")).disk_dir == "/tmp/kv"  # a PathLike becomes a str
+    assert OffloadConfig(disk_budget=0).disk_budget_bytes == 0  # zero needs no disk_dir
 
 
 @pytest.mark.parametrize(
@@ -132,6 +134,9 @@ def test_token_budget_for():
 PB = 2048  # bytes of one page in these plans
 LAYERS = 2
 MAX_PAGES = 32
+# The device workspace is PARTS parts of `half` pages each (offload/budgets.py: a load ring of two parts, a gather
+# buffer and its head-major copy), so the smallest device budget is one tail page per layer plus PARTS pages.
+PARTS = 4
 
 
 def _plan(**options):
@@ -140,7 +145,7 @@ def _plan(**options):
 
 
 def test_device_budget_below_the_minimum_names_it_and_the_minimum():
-    least = LAYERS + 3
+    least = LAYERS + PARTS
     with pytest.raises(ValueError) as e:
         _plan(device_budget=least * PB - 1, host_budget=0)
     msg = str(e.value)
@@ -149,21 +154,21 @@ def test_device_budget_below_the_minimum_names_it_and_the_minimum():
     assert format_size(least * PB) in msg
 
 
-def test_device_budget_at_the_minimum_is_one_tail_per_layer_plus_three_workspace_pages():
-    _, plan = _plan(device_budget=(LAYERS + 3) * PB, host_budget=0)
+def test_device_budget_at_the_minimum_is_one_tail_per_layer_plus_one_page_per_workspace_part():
+    _, plan = _plan(device_budget=(LAYERS + PARTS) * PB, host_budget=0)
     assert plan.device_cache_pages == LAYERS
-    assert plan.workspace_pages == 3
+    assert plan.workspace_pages == PARTS
     assert plan.half == 1
     assert plan.host_pages == plan.disk_pages == plan.host_staging_pages == 0
 
 
-@pytest.mark.parametrize("pages", [LAYERS + 3, LAYERS + 14, 40, 100, 1000])
+@pytest.mark.parametrize("pages", [LAYERS + PARTS, LAYERS + 14, 40, 100, 1000])
 def test_device_budget_splits_into_cache_and_workspace(pages):
     _, plan = _plan(device_budget=pages * PB + PB - 1, host_budget=0)  # a partial page is not a page
     assert plan.device_cache_pages + plan.workspace_pages == pages
-    assert plan.workspace_pages % 3 == 0 and plan.workspace_pages >= 3
-    assert plan.half == plan.workspace_pages // 3
-    assert plan.workspace_pages <= 3 * MAX_PAGES  # never more than three layers' worth
+    assert plan.workspace_pages % PARTS == 0 and plan.workspace_pages >= PARTS
+    assert plan.half == plan.workspace_pages // PARTS
+    assert plan.workspace_pages <= PARTS * MAX_PAGES  # never more than a layer's worth per part
     assert plan.device_cache_pages >= LAYERS  # a tail page per layer
     assert plan.device_budget == pages * PB + PB - 1
 
@@ -178,12 +183,12 @@ def test_host_and_disk_pages_follow_their_budgets(tmp_path: Path):
 
 def test_default_device_budget_is_at_most_the_whole_kv_plus_workspace():
     _, plan = _plan()
-    assert plan.device_budget <= (LAYERS * MAX_PAGES + 3 * MAX_PAGES) * PB
+    assert plan.device_budget <= (LAYERS * MAX_PAGES + PARTS * MAX_PAGES) * PB
     assert plan.host_budget <= LAYERS * MAX_PAGES * PB
 
 
 def test_check_capacity_without_disk_names_host_budget():
-    config, plan = _plan(device_budget=(LAYERS + 3) * PB, host_budget=4 * PB)
+    config, plan = _plan(device_budget=(LAYERS + PARTS) * PB, host_budget=4 * PB)
     have = plan.capacity_pages()  # 2 tails + 4 host pages
     assert have == LAYERS + 4
     check_capacity(plan, config, tokens=3 * 8, layers=LAYERS, page_size=8)  # 3 pages per layer: fits exactly
@@ -195,7 +200,7 @@ def test_check_capacity_without_disk_names_host_budget():
 
 
 def test_check_capacity_with_disk_names_disk_budget(tmp_path: Path):
-    config, plan = _plan(device_budget=(LAYERS + 3) * PB, host_budget=2 * PB, disk_budget=2 * PB,
+    config, plan = _plan(device_budget=(LAYERS + PARTS) * PB, host_budget=2 * PB, disk_budget=2 * PB,
                          disk_dir=str(tmp_path))
     check_capacity(plan, config, tokens=3 * 8, layers=LAYERS, page_size=8)
     with pytest.raises(ValueError) as e:

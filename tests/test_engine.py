@@ -17,6 +17,8 @@ from offload import offload
 from offload.engine import Transfer, TransferEngine
 from tiers import DiskTier, PageShape
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 SHAPE = PageShape(kv_heads=2, page_size=4, head_dim=8, dtype=torch.float32)
 PAIRS = ("device->host", "host->device", "host->disk", "disk->host")
 
@@ -112,9 +114,7 @@ def test_destination_is_ready_only_after_wait(engine):
     k, v = _pages(2, seed=4)
     disk.write([0, 1], k, v)
     k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
-    done_calls = []
     t = engine.disk_read(disk, [1, 0], k_out, v_out)
-    t.on_done = lambda: done_calls.append(time.perf_counter())
     time.sleep(0.05)
     assert not t.done()
     assert bool((k_out == 0).all())  # the copy has not happened yet: reading now would see stale data
@@ -123,8 +123,7 @@ def test_destination_is_ready_only_after_wait(engine):
     assert waited >= 0.1  # wait() blocked until the copy ended, and says for how long
     assert t.done()
     assert torch.equal(k_out, k.flip(0)) and torch.equal(v_out, v.flip(0))
-    assert len(done_calls) == 1
-    assert t.wait() == 0.0 and len(done_calls) == 1  # a second wait neither blocks nor calls back again
+    assert t.wait() == 0.0  # a second wait does not block
 
 
 def test_a_finished_transfer_is_done():
@@ -169,7 +168,8 @@ def _three_tier_options(model, disk_dir: Path, page_size: int = 4) -> dict:
     mc = model.config
     head_dim = mc.hidden_size // mc.num_attention_heads
     page_bytes = 2 * mc.num_key_value_heads * page_size * head_dim * 4
-    return dict(page_size=page_size, device_budget=(mc.num_hidden_layers + 3) * page_bytes,
+    # Roomy enough for any workspace layout; the host holds 3 pages, so most pages go to disk.
+    return dict(page_size=page_size, device_budget=(mc.num_hidden_layers + 8) * page_bytes,
                 host_budget=3 * page_bytes, disk_dir=str(disk_dir))
 
 

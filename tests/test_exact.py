@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from offload import offload
+from offload import OffloadConfig, offload
+from offload.budgets import plan_budgets
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -31,8 +32,20 @@ def page_bytes(model, page_size: int) -> int:
 
 
 def min_device(model, page_size: int) -> int:
-    """The smallest device budget: one page per layer plus three workspace pages."""
-    return (_dims(model)[0] + 3) * page_bytes(model, page_size)
+    """The smallest device budget the runtime accepts: one page per layer plus the smallest workspace (how many
+    pages that is, test_bookkeeping pins)."""
+    layers = _dims(model)[0]
+    pb = page_bytes(model, page_size)
+    max_pages = -(-model.config.max_position_embeddings // page_size)
+    for pages in range(layers + 1, layers + 33):
+        config = OffloadConfig(page_size=page_size, device_budget=pages * pb, host_budget=0)
+        try:
+            plan_budgets(config, pb, layers, max_pages, torch.device("cpu"))
+        except ValueError as e:
+            assert str(e).startswith("device_budget:"), str(e)
+            continue
+        return pages * pb
+    raise AssertionError("no device budget up to layers + 32 pages is accepted")
 
 
 def prompt_ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
@@ -74,12 +87,12 @@ def model(request: pytest.FixtureRequest):
     return request.getfixturevalue(request.param)
 
 
-_REFERENCE: dict[tuple[int, int, int], torch.Tensor] = {}
+_REFERENCE: dict[tuple, torch.Tensor] = {}
 
 
 def reference(model, ids: torch.Tensor, new: int = NEW) -> torch.Tensor:
     """Plain greedy generation with the model's DynamicCache (cached per model and prompt)."""
-    key = (id(model), int(ids.sum()) * 1000 + ids.shape[1], new)
+    key = (id(model), tuple(ids[0].tolist()), new)
     if key not in _REFERENCE:
         assert "generate" not in model.__dict__, "reference taken while offloaded"
         _REFERENCE[key] = greedy(model, ids, new)
@@ -386,17 +399,27 @@ def test_budgets_too_small_for_the_kv_are_refused_before_generating(tiny_llama_m
     assert os.listdir(tmp_path) == []
 
 
-def test_budgets_that_fit_exactly_are_enough(model, tmp_path: Path):
-    """Every page lives in exactly one tier, so device cache + host + disk pages equal to the KV's pages suffice."""
+@pytest.mark.parametrize("extra", [0, 1], ids=["min-device", "min-device+1page"])
+def test_budgets_that_fit_exactly_are_enough(model, tmp_path: Path, extra):
+    """Every page lives in exactly one tier, so a budget whose device cache + host + disk pages equal the KV's pages
+    (what check_capacity accepts) must be enough.
+
+    Bug (extra=1): Runtime._store_prefill keeps at most `device_tier.capacity // layers` pages per layer on the
+    device, so when the device cache is not a multiple of the layer count, `capacity % layers` device slots stay
+    empty during prefill, the lower tiers run out, and prefill fails with "budgets: the KV no longer fits ..."
+    after check_capacity said it fits."""
     layers, _, _ = _dims(model)
     ps = 4
     pb = page_bytes(model, ps)
-    ids = prompt_ids(seed=10)
-    new = 8
-    need = layers * -(-(PROMPT + new) // ps)  # pages of the longest sequence generate may store
+    ids = prompt_ids(47, seed=10)
+    new = 1
+    need = layers * -(-(47 + new) // ps)  # 12 pages per layer, all of them written by the prefill
+    opts = {"page_size": ps, "device_budget": min_device(model, ps) + extra * pb}
+    cache = plan_budgets(OffloadConfig(**opts), pb, layers, -(-model.config.max_position_embeddings // ps),
+                         torch.device("cpu")).device_cache_pages
+    assert cache == layers + extra
     host_pages = 5
-    opts = {"page_size": ps, "device_budget": min_device(model, ps), "host_budget": host_pages * pb,
-            "disk_dir": str(tmp_path), "disk_budget": (need - layers - host_pages) * pb}
+    opts.update(host_budget=host_pages * pb, disk_dir=str(tmp_path), disk_budget=(need - cache - host_pages) * pb)
     expected = reference(model, ids, new)
     with offload(model, **opts) as rt:
         assert rt.plan.capacity_pages() == need
@@ -404,8 +427,6 @@ def test_budgets_that_fit_exactly_are_enough(model, tmp_path: Path):
 
 
 def test_options_and_config_are_checked_on_entry(tiny_llama_model):
-    from offload import OffloadConfig
-
     model = tiny_llama_model
     before = model_state(model)
     with pytest.raises(ValueError, match="^page_sise: unknown option"):
