@@ -2,7 +2,9 @@
 
 Each runtime registers it under its own name, `offload-<id>`, and sets the model's attention implementation to that
 name, so transformers' attention modules call `paged_attention` with the new query, key and value of a layer.
-No attention mask is built for that name (the runtime masks causally itself; batch size is 1).
+Masks are built as for SDPA: a forward without the offloaded cache falls back to SDPA and needs them; the offloaded
+path ignores them (batch size 1, causal) and, without padding, SDPA's mask builder returns None for prefill from
+an empty cache and for decode, so nothing large is built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 if TYPE_CHECKING:
     from offload.runtime import Runtime
@@ -27,11 +30,13 @@ def register(name: str, runtime: Runtime) -> None:
         return paged_attention(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
     AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def unregister(name: str) -> None:
     _RUNTIMES.pop(name, None)
     AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def paged_attention(name: str, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -44,7 +49,7 @@ def paged_attention(name: str, module: torch.nn.Module, query: torch.Tensor, key
     if pending is None or pending[0] is not key:
         # A forward without the offloaded cache (no cache, or another Cache object): plain attention.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=True, **kwargs)
+                                      **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return runtime.attend(layer, query, key, value, scaling), None

@@ -61,15 +61,17 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        gc = kwargs.get("generation_config") or model.generation_config
+        if kwargs.get("use_cache", gc.use_cache) is False:
+            return original(*args, **kwargs)  # no cache at all: nothing to offload
         if kwargs.get("past_key_values") is None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if ids is not None:
                 if ids.dim() == 2 and ids.shape[0] != 1:
                     raise ValueError(f"batch: offloaded generation runs one sequence at a time; got {ids.shape[0]}")
                 mask = kwargs.get("attention_mask")
                 if mask is not None and not bool(mask.all()):
                     raise ValueError("attention_mask: padding is not allowed with one sequence; pass unpadded ids")
-                gc = kwargs.get("generation_config") or model.generation_config
                 new = kwargs.get("max_new_tokens") or gc.max_new_tokens
                 total = ids.shape[-1] + new if new is not None else ids.shape[-1]
                 runtime.expect_tokens(total)

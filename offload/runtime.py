@@ -238,7 +238,7 @@ class Runtime:
         vp = vv.reshape(H, count, P, D).transpose(0, 1).contiguous()
         pages = list(range(first, first + count))
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
-        share = max(0, self.device_tier.capacity // self.layers - 1 - self._device_pages(layer))
+        share = max(0, -(-self.device_tier.capacity // self.layers) - 1 - self._device_pages(layer))
         spare = self.device_tier.num_free - self._tails_still_needed(layer) - 1
         on_device = max(0, min(count - 1, share, spare))
         lower = count - 1 - on_device
