@@ -313,6 +313,24 @@ def test_generate_through_three_tiers_matches_plain_generation(
     assert_empty_dir(kv)
 
 
+@pytest.mark.parametrize("prefetch", ["none", "temporal", "speculative"])
+def test_generate_takes_the_sparse_flags(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path, prefetch: str
+) -> None:
+    kv = tmp_path / "kv"
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS, "--max-new-tokens", "8",
+        "--disk-dir", str(kv), "--stats", "--no-progress", "--attention", "sparse", "--token-budget", "0.3",
+        "--sink-tokens", "4", "--recent-tokens", "8",
+        "--prefetch", prefetch, "--eviction", "score", *THREE_TIERS,
+    )
+    assert code == 0, err
+    assert out.strip() and "attended_fraction" in err
+    shown = next(line for line in err.splitlines() if line.startswith("attended_fraction")).split()[-1]
+    assert float(shown.rstrip("%")) < 100.0
+    assert_empty_dir(kv)
+
+
 def test_interrupt_exits_130_and_cleans_the_disk_dir(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -1,0 +1,169 @@
+"""Sparse attention: selection, the min/max bound, policy contracts, and equality with exact attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload import offload
+from offload.pagetable import PageTable
+from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
+from policies.selection import minmax_bound
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _runtime_with_pages(model, tokens: int, **options):
+    """Enters offload() and prefills `tokens` random tokens through rt.cache(); returns (context, rt)."""
+    ctx = offload(model, attention="sparse", **options)
+    rt = ctx.__enter__()
+    cache = rt.cache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, model.config.vocab_size, (1, tokens)), past_key_values=cache)
+    return ctx, rt
+
+
+@pytest.mark.parametrize("budget", [24, 40, 0.15, 0.3])
+def test_selection_keeps_sinks_and_recent_window_within_the_budget(tiny_gqa3_model, budget) -> None:
+    page, sinks, recent = 8, 8, 16
+    ctx, rt = _runtime_with_pages(tiny_gqa3_model, 203, page_size=page, token_budget=budget, sink_tokens=sinks,
+                                  recent_tokens=recent)
+    try:
+        n = rt.table.tokens[0]
+        last = rt.table.pages(0) - 1
+        valid = n - last * page
+        q = torch.randn(rt.kv_heads, 3, rt.head_dim)
+        chosen = rt._choose(0, q, last, valid, rt.head_dim ** -0.5).tolist()
+        allowed = rt.config.token_budget_for(n)
+        assert chosen == sorted(set(chosen)) and all(0 <= p < last for p in chosen)
+        assert 0 in chosen  # the sink page
+        recent_pages = range(last - -(-(recent - valid) // page), last)
+        assert set(recent_pages) <= set(chosen)
+        forced = 1 + len(recent_pages)
+        assert len(chosen) * page + valid <= max(allowed, forced * page + valid)
+        assert len(chosen) == max(forced, (allowed - valid) // page)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 16), st.integers(0, 2**31 - 1))
+def test_minmax_bound_bounds_every_key_of_the_page(heads: int, queries: int, page: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    d = 8
+    k = torch.randn(5, heads, page, d, generator=g) * torch.rand(1, generator=g) * 10
+    q = torch.randn(heads, queries, d, generator=g) * 3
+    summaries = SELECTION.create("minmax").summarize(k)  # [n, 2, H, D]
+    bound = minmax_bound(q, summaries)  # [n, H, M]
+    true = torch.einsum("hmd,nhpd->nhmp", q, k).amax(-1)
+    assert bool((bound >= true - 1e-4 * (1 + true.abs())).all())
+
+
+@pytest.mark.parametrize("prefetch", PREFETCH.names())
+@pytest.mark.parametrize("eviction", EVICTION.names())
+def test_sparse_equals_exact_when_the_budget_covers_the_context(tiny_gqa3_model, prefetch, eviction) -> None:
+    ids = torch.randint(0, 128, (1, 150))
+    kw = dict(page_size=8, device_budget=60 * 2 * 2 * 8 * 16 * 4, host_budget="4MiB", prefetch=prefetch,
+              eviction=eviction)
+    with torch.no_grad():
+        ref = tiny_gqa3_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        with offload(tiny_gqa3_model, attention="sparse", token_budget=1.0, **kw) as rt:
+            out = tiny_gqa3_model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            assert rt.stats()["attended_fraction"] == 1.0
+    assert torch.equal(out, ref)
+
+
+def test_sparse_attends_the_budget_and_reports_recall(tiny_gqa3_model) -> None:
+    ids = torch.randint(0, 128, (1, 300))
+    with torch.no_grad(), offload(tiny_gqa3_model, attention="sparse", token_budget=0.25, page_size=8,
+                                  sink_tokens=8, recent_tokens=8, measure_recall=True) as rt:
+        tiny_gqa3_model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        s = rt.stats()
+    assert 0.15 < s["attended_fraction"] <= 0.3
+    assert s["recall"] is not None and len(s["recall"]["per_layer"]) == 3
+    assert s["attended_fraction"] * 0.5 < s["recall"]["mean"] <= 1.0
+
+
+# -- policy contracts ---------------------------------------------------------------------------------------
+def _table(layers: int = 2, pages: int = 6) -> PageTable:
+    t = PageTable(layers, pages)
+    t.page_size = 4
+    t.last_use = torch.randint(0, 10, (layers, pages))
+    t.score = torch.rand(layers, pages)
+    return t
+
+
+@pytest.mark.parametrize("name", EVICTION.names())
+def test_eviction_contract(name: str) -> None:
+    t = _table()
+    policy = EVICTION.create(name, t)
+    eligible = torch.rand(2, 6) > 0.3
+    before = (t.last_use.clone(), t.score.clone())
+    victims = policy.victims(eligible, 3)
+    assert torch.equal(before[0], t.last_use) and torch.equal(before[1], t.score)  # no side effects
+    assert len(victims) == min(3, int(eligible.sum())) and len(set(victims)) == len(victims)
+    assert all(bool(eligible[l, p]) for l, p in victims)
+    assert policy.victims(torch.zeros(2, 6, dtype=torch.bool), 3) == []
+    policy.on_use(0, torch.tensor([1, 2]), step=99, mass=torch.tensor([0.5, 0.25]))
+    assert t.last_use[0, 1] == 99 and t.last_use[0, 2] == 99
+    # A page just used is not the first victim when older pages are eligible.
+    first = policy.victims(torch.ones(2, 6, dtype=torch.bool), 1)[0]
+    assert first not in [(0, 1), (0, 2)] or name == "score"
+
+
+@pytest.mark.parametrize("name", PREFETCH.names())
+def test_prefetch_contract(name: str) -> None:
+    policy = PREFETCH.create(name)
+    ctx = PrefetchContext()
+    ctx.last_selected[3] = torch.tensor([0, 4, 5])
+    ctx.predicted_pages[3] = torch.tensor([1, 2])
+    out = policy.predict(3, ctx)
+    assert out is None or (out.dtype == torch.long and out.dim() == 1)
+    assert policy.predict(7, PrefetchContext()) is None  # nothing known about layer 7
+
+
+@pytest.mark.parametrize("name", SELECTION.names())
+def test_selection_contract(name: str) -> None:
+    policy = SELECTION.create(name)
+    k = torch.randn(7, 2, 4, 8)
+    summaries = policy.summarize(k)
+    assert summaries.shape == (7, policy.summary_size(), 2, 8)
+    q = torch.randn(2, 3, 8)
+    scores = policy.score(q, summaries, 8 ** -0.5)
+    assert scores.shape == (7,) and torch.isfinite(scores).all()
+    # A page holding a key aligned with the query outranks pages of small keys.
+    k2 = torch.randn(7, 2, 4, 8) * 0.01
+    k2[4, :, 2] = q[:, 0] * 5
+    assert int(policy.score(q, policy.summarize(k2), 8 ** -0.5).argmax()) == 4
+
+
+def test_unknown_policy_names_list_the_registered_ones() -> None:
+    from offload import OffloadConfig
+
+    for field, registry in (("prefetch", PREFETCH), ("eviction", EVICTION), ("selection", SELECTION)):
+        with pytest.raises(ValueError, match=f"^{field}: .*" + ", ".join(registry.names())):
+            OffloadConfig(**{field: "nope"})
+
+
+# -- end to end on SmolLM2 ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_passkey_retrieval_at_a_ten_percent_budget_on_smollm2(smollm2) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from passkey import passkey_ids
+
+    model, tok = smollm2
+    ids, key = passkey_ids(tok, 3200, 0.5, seed=7)
+    assert len(ids) >= 3000
+    kv = 30 * (len(ids) + 8) * 2 * 3 * 64 * 4
+    with torch.no_grad(), offload(model, attention="sparse", token_budget=0.1, device_budget=int(0.08 * kv),
+                                  host_budget=int(1.2 * kv)) as rt:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        s = rt.stats()
+    assert key in tok.decode(out[0, len(ids):])
+    assert s["peak_resident_bytes"]["device"] <= int(0.08 * kv) and s["peak_resident_bytes"]["host"] > 0
+    assert s["attended_fraction"] <= 0.1
