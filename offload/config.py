@@ -30,7 +30,7 @@ class OffloadConfig:
     # Sparse mode only: tokens attended per layer per decode step, an int, or a float fraction of the context.
     token_budget: int | float = 0.1
     # Names in the policy registries (policies/).
-    prefetch: str = "temporal"
+    prefetch: str = "speculative"
     eviction: str = "lru"
     selection: str = "minmax"
     # Sparse mode: tokens always attended at the start (attention sinks) and at the end (recent window).
