@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import platform
 import sys
@@ -111,7 +110,7 @@ def run_passkey(model, tok, contexts: list[int], depths: list[float], token_budg
             with torch.no_grad():
                 exact = tok.decode(model.generate(x, max_new_tokens=8, do_sample=False)[0, len(ids):])
                 with offload(model, attention="sparse", token_budget=token_budget,
-                             **budgets(model, len(ids) + 8, device_fraction)) as rt:
+                             **budgets(model, len(ids) + 8, device_fraction)):
                     sparse = tok.decode(model.generate(x, max_new_tokens=8, do_sample=False)[0, len(ids):])
             row = {"context": len(ids), "depth": depth, "key": key, "exact_found": key in exact,
                    "sparse_found": key in sparse, "token_budget": token_budget}

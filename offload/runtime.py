@@ -13,7 +13,6 @@ the registered attention function, which calls `Runtime.attend`. `attend`:
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
@@ -25,6 +24,8 @@ from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
 from offload.models import check_model
 from offload.pagetable import PageTable
+from offload.placement import PlacementMixin
+from offload.sparse import SparseMixin
 from offload.trace import Tracer
 from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
 from tiers import DeviceTier, HostTier, PageShape
@@ -32,7 +33,7 @@ from tiers import DeviceTier, HostTier, PageShape
 log = logging.getLogger(__name__)
 
 
-class Runtime:
+class Runtime(PlacementMixin, SparseMixin):
     def __init__(self, model: torch.nn.Module, config: OffloadConfig):
         check_model(model)
         self.model = model
@@ -250,54 +251,6 @@ class Runtime:
         if self.config.attention == "sparse":
             self._summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
 
-    def _device_pages(self, layer: int) -> int:
-        return int((self.table.slot["device"][layer] >= 0).sum())
-
-    def _tails_still_needed(self, layer: int) -> int:
-        """Layers other than `layer` that hold no page yet each need a device slot for their tail."""
-        return sum(1 for l in range(self.layers) if l != layer and self.table.tokens[l] == 0)
-
-    def _place_device(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
-        slots = self._device_slots(len(pages))
-        idx = torch.tensor(slots, device=self.device)
-        self.device_tier.k.index_copy_(0, idx, kp)
-        self.device_tier.v.index_copy_(0, idx, vp)
-        self.table.slot["device"][layer, pages] = torch.tensor(slots, dtype=torch.int32)
-
-    def _place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
-        """Stores full pages that don't fit the device: host first, then disk."""
-        host = self._host()
-        n_host = min(len(pages), host.num_free - self._host_reserve() if host else 0)
-        n_host = max(0, n_host)
-        if n_host:
-            slots = host.allocate(n_host)
-            t = self.engine.copy("device->host", (kp, vp), list(range(n_host)), (host.k, host.v), slots, layer, "store")
-            self.stall(layer, t.wait() if self.device.type != "cuda" else self._sync(t))
-            self.table.slot["host"][layer, pages[:n_host]] = torch.tensor(slots, dtype=torch.int32)
-        rest = len(pages) - n_host
-        if rest:
-            disk = self._disk()
-            slots = disk.allocate(rest) if disk is not None else None
-            if slots is None:
-                raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise one of them")
-            src_k, src_v = kp[n_host:], vp[n_host:]
-            if src_k.device.type != "cpu":
-                t0 = time.perf_counter()
-                src_k, src_v = src_k.cpu(), src_v.cpu()
-                self.engine.account("device->host", rest * self.shape.page_bytes, t0, layer, "store")
-            t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
-            self.stall(layer, t.wait())
-            self.table.slot["disk"][layer, pages[n_host:]] = torch.tensor(slots, dtype=torch.int32)
-
-    def _host_reserve(self) -> int:
-        return 0
-
-    @staticmethod
-    def _sync(t: Transfer) -> float:
-        t0 = time.perf_counter()
-        t.event.synchronize()  # the source is a temporary that must outlive the copy
-        return time.perf_counter() - t0
-
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float) -> torch.Tensor:
         self._append_token(layer, k, v)
@@ -331,30 +284,19 @@ class Runtime:
     def _resident_attention(self, layer: int, query, dev_slots: torch.Tensor, last: int, valid: int,
                             scaling: float) -> torch.Tensor:
         """Fast path when every page attended is on the device and they fit one half of the workspace:
-        gather them (tail last) page-major, turn them head-major, and run the framework's SDPA in one piece."""
+        gather them (tail last) into a head-major buffer and run the framework's SDPA in one piece."""
         tail = self.table.slot["device"][layer, last:last + 1]
         idx = torch.cat([dev_slots, tail]).to(self.device, torch.long)
         cnt = idx.numel()
         tokens = (cnt - 1) * self.page_size + valid
         kv = []
-        for pool, pm, hm in ((self.device_tier.k, self.pm_k, self.hm_k), (self.device_tier.v, self.pm_v, self.hm_v)):
-            pm = pm[:cnt]
-            torch.index_select(pool, 0, idx, out=pm)
-            hm[:, :cnt].copy_(pm.transpose(0, 1))
+        for pool, hm in ((self.device_tier.k, self.hm_k), (self.device_tier.v, self.hm_v)):
+            # One pass: gather page-major rows straight into the head-major buffer through a permuted view.
+            torch.index_select(pool, 0, idx, out=hm[:, :cnt].permute(1, 0, 2, 3))
             kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, :tokens])
         out = torch.nn.functional.scaled_dot_product_attention(
             query, kv[0], kv[1], scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
         return out.transpose(1, 2)
-
-    def _select(self, layer: int, q: torch.Tensor, last: int, valid: int, scaling: float) -> torch.Tensor:
-        """Full pages (ids < last) this step attends to."""
-        if not self.sparse:
-            return torch.arange(last)
-        chosen = self._choose(layer, q, last, valid, scaling)
-        self.pf_context.last_selected[layer] = chosen
-        if self.config.measure_recall:
-            self._measure_recall(layer, q, chosen, last, valid, scaling)
-        return chosen
 
     def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float):
         s = int(self.table.slot["device"][layer, last])
@@ -493,215 +435,6 @@ class Runtime:
     def _unbusy(self, layer: int, pages: torch.Tensor) -> None:
         self.table.busy[layer, pages] -= 1
 
-    # -- device slots and eviction -----------------------------------------------------------------------------
-    def _device_slots(self, n: int, layer: int | None = None) -> list[int]:
-        dev = self.device_tier
-        slots = dev.allocate(n)
-        if slots is not None:
-            return slots
-        self._evict_device(n - dev.num_free, layer)
-        slots = dev.allocate(n)
-        if slots is None:
-            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
-        return slots
-
-    def _evict_device(self, n: int, layer: int | None) -> None:
-        t = self.table
-        on_dev = t.slot["device"] >= 0
-        eligible = on_dev & (t.busy == 0)
-        for l in range(self.layers):
-            if t.tokens[l] % self.page_size:
-                eligible[l, t.pages(l) - 1] = False  # an open tail page is written in place
-        victims = self.eviction.victims(eligible & self._unpinned(), n)
-        if len(victims) < n:
-            # Sinks and the recent window stay while anything else can go; under a tight budget they go too.
-            taken = set(victims)
-            more = self.eviction.victims(eligible, n + len(victims))
-            victims += [v for v in more if v not in taken][: n - len(victims)]
-        if len(victims) < n:
-            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
-        for l, p in victims:
-            s = int(t.slot["device"][l, p])
-            if int(t.slot["host"][l, p]) < 0 and int(t.slot["disk"][l, p]) < 0:
-                self._write_back(l, p, s)
-            t.slot["device"][l, p] = -1
-            self.device_tier.release([s])
-            self.counters["evictions"]["device"] += 1
-            if self.tracer is not None:
-                self.tracer.instant("policy", "evict", tier="device", layer=l, pages=1)
-
-    def _promote(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Sparse mode: keeps pages just loaded for attention on the device, in free slots or in place of pages
-        that the eviction policy ranks lower and that were not attended this step. Only pages with a copy in a
-        lower tier are given up, so promotion never writes anything back."""
-        if not self.sparse or pages.numel() == 0:
-            return
-        t = self.table
-        n = pages.numel()
-        free = max(0, self.device_tier.num_free - self.layers)  # keep room for every layer's next tail page
-        slots = self.device_tier.allocate(min(n, free)) or []
-        if len(slots) < n:
-            clean = (t.slot["host"] >= 0) | (t.slot["disk"] >= 0)
-            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < self.step)
-            for l, p in self.eviction.victims(eligible & self._unpinned(), n - len(slots)):
-                slots.append(int(t.slot["device"][l, p]))
-                t.slot["device"][l, p] = -1
-                self.counters["evictions"]["device"] += 1
-        if not slots:
-            return
-        m = len(slots)
-        idx = torch.tensor(slots, device=self.device)
-        self.device_tier.k.index_copy_(0, idx, k[:m])
-        self.device_tier.v.index_copy_(0, idx, v[:m])
-        t.slot["device"][layer, pages[:m]] = torch.tensor(slots, dtype=torch.int32)
-
-    def _unpinned(self) -> torch.Tensor:
-        """Bool [layers, max_pages]: pages eviction may take (sinks and the recent window stay)."""
-        mask = torch.ones(self.layers, self.max_pages, dtype=torch.bool)
-        if self.config.attention == "sparse":
-            sinks = -(-self.config.sink_tokens // self.page_size)
-            mask[:, :sinks] = False
-            for l in range(self.layers):
-                last = self.table.pages(l)
-                recent = -(-self.config.recent_tokens // self.page_size) + 1
-                mask[l, max(0, last - recent):last] = False
-        return mask
-
-    def _write_back(self, layer: int, page: int, dev_slot: int) -> None:
-        """Copies a page that lives only on the device to the host (or disk), before its slot is reused."""
-        host = self._host()
-        slots = host.allocate(1) if host is not None else None
-        if slots is None and host is not None and self._disk() is not None:
-            self._evict_host(1)
-            slots = host.allocate(1)
-        dk, dv = self.device_tier.k, self.device_tier.v
-        if slots is not None:
-            t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store")
-            self.stall(layer, t.wait())
-            self.table.slot["host"][layer, page] = slots[0]
-            return
-        disk = self._disk()
-        dslots = disk.allocate(1) if disk is not None else None
-        if dslots is None:
-            raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise host_budget or "
-                             "disk_budget")
-        t0 = time.perf_counter()
-        k, v = dk[dev_slot:dev_slot + 1].cpu(), dv[dev_slot:dev_slot + 1].cpu()
-        if self.device.type != "cpu":
-            self.engine.account("device->host", self.shape.page_bytes, t0, layer, "store")
-        self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
-        self.table.slot["disk"][layer, page] = dslots[0]
-
-    def _evict_host(self, n: int) -> None:
-        t = self.table
-        eligible = (t.slot["host"] >= 0) & (t.busy == 0)
-        victims = self.eviction.victims(eligible, n)
-        disk = self._disk()
-        host = self.host_tier
-        for l, p in victims:
-            s = int(t.slot["host"][l, p])
-            if int(t.slot["disk"][l, p]) < 0:
-                dslots = disk.allocate(1)
-                if dslots is None:
-                    raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
-                self.stall(l, self.engine.disk_write(disk, dslots, host.k[s:s + 1], host.v[s:s + 1], l).wait())
-                t.slot["disk"][l, p] = dslots[0]
-            t.slot["host"][l, p] = -1
-            host.release([s])
-            self.counters["evictions"]["host"] += 1
-            if self.tracer is not None:
-                self.tracer.instant("policy", "evict", tier="host", layer=l, pages=1)
-
-    # -- sparse mode hooks -----------------------------------------------------------------------------------
-    def _summarize(self, layer: int, pages: list[int], k: torch.Tensor) -> None:
-        if pages:
-            self.summaries[layer, pages[0]:pages[-1] + 1] = self.selector.summarize(k)
-
-    def _summarize_resident(self, layer: int, page: int) -> None:
-        s = int(self.table.slot["device"][layer, page])
-        self.summaries[layer, page] = self.selector.summarize(self.device_tier.k[s:s + 1])[0]
-
-    def _choose(self, layer: int, q: torch.Tensor, last: int, valid: int, scaling: float) -> torch.Tensor:
-        """Sparse selection among the full pages 0..last-1: sinks, recent window, then the top pages by score,
-        within the token budget (the tail page's tokens count against it)."""
-        P = self.page_size
-        n = last * P + valid
-        budget = self.config.token_budget_for(n)
-        k_pages = max(0, (budget - valid) // P)
-        if k_pages >= last:
-            return torch.arange(last)
-        forced = torch.zeros(last, dtype=torch.bool)
-        forced[: -(-self.config.sink_tokens // P)] = True
-        recent = max(0, self.config.recent_tokens - valid)
-        if recent:
-            forced[max(0, last - -(-recent // P)):] = True
-        free = k_pages - int(forced.sum())
-        self.mass = None
-        if free > 0:
-            scores = self.selector.score(q, self.summaries[layer, :last], scaling)
-            ranked = scores.clone()
-            ranked[forced.to(scores.device)] = float("-inf")
-            top = torch.topk(ranked, free).indices.cpu()
-            forced[top] = True
-            chosen = forced.nonzero().flatten()
-            # The predicted share of attention of each chosen page feeds the score eviction policy.
-            self.mass = scores.cpu()[chosen]
-            return chosen
-        return forced.nonzero().flatten()
-
-    def _install_speculation(self) -> None:
-        """Captures each attention module's input so that layer L can guess layer L+1's query (InfiniGen)."""
-        attn = [layer.self_attn for layer in self.model.model.layers]
-        self.attn_modules = attn
-
-        def capture(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if hidden is not None and hidden.shape[1] == 1:
-                self.hidden[module.layer_idx] = (hidden, kwargs.get("position_embeddings"))
-
-        for m in attn:
-            self.hooks.append(m.register_forward_pre_hook(capture, with_kwargs=True))
-
-    def _speculate(self, layer: int, scaling: float) -> None:
-        """Predicts the pages of layer+1 from layer's input and layer+1's query weights."""
-        nxt = layer + 1
-        captured = self.hidden.pop(layer, None)
-        if nxt >= self.layers or captured is None or self.table.tokens[nxt] == 0:
-            return
-        hidden, (cos, sin) = captured
-        module = self.attn_modules[nxt]
-        q = module.q_proj(hidden).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, Hq, 1, D]
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
-        n = self.table.tokens[nxt] + 1  # the token it is about to append
-        last = -(-n // self.page_size) - 1
-        valid = n - last * self.page_size
-        pages = self._choose(nxt, am.group_queries(q, self.kv_heads), last, valid, scaling)
-        self.pf_context.predicted_pages[nxt] = pages
-
-    def _measure_recall(self, layer: int, q: torch.Tensor, chosen: torch.Tensor, last: int, valid: int,
-                        scaling: float) -> None:
-        """Dense attention over every page, to find the share of attention mass the chosen pages hold."""
-        k = torch.empty((last + 1, *self.shape.dims), dtype=self.dtype)
-        v = torch.empty_like(k)
-        for name, tier in (("device", self.device_tier), ("host", self.host_tier), ("disk", self.disk_tier)):
-            slots = self.table.slot[name][layer, : last + 1]
-            have = (slots >= 0).nonzero().flatten()
-            if have.numel() and tier is not None:
-                kk = torch.empty((have.numel(), *self.shape.dims), dtype=self.dtype)
-                vv = torch.empty_like(kk)
-                tier.read(slots[have].tolist(), kk, vv)
-                k[have], v[have] = kk, vv
-        k = k.to(self.device)
-        s = torch.matmul(q.float()[None], k.float().transpose(-1, -2)) * scaling  # [pages, H, M, P]
-        s[last, :, :, valid:] = float("-inf")
-        p = torch.softmax(s.permute(1, 2, 0, 3).reshape(s.shape[1], s.shape[2], -1), dim=-1)
-        mass = p.view(s.shape[1], s.shape[2], last + 1, self.page_size).sum(-1).mean(dim=(0, 1))  # [pages]
-        covered = float(mass[chosen.to(mass.device)].sum() + mass[last])
-        self.recall_sum[layer] += covered
-        self.recall_n[layer] += 1
-
     # -- statistics ------------------------------------------------------------------------------------------
     def _stats_init(self) -> None:
         self.counters = {
@@ -730,13 +463,6 @@ class Runtime:
         for k, v in res.items():
             self.peak[k] = max(self.peak[k], v)
         return res
-
-    def _recall(self) -> dict | None:
-        if not any(self.recall_n):
-            return None
-        per_layer = [s / n if n else None for s, n in zip(self.recall_sum, self.recall_n)]
-        seen = [r for r in per_layer if r is not None]
-        return {"per_layer": per_layer, "mean": sum(seen) / len(seen)}
 
     def stats(self) -> dict:
         """Counters since the runtime started; resident bytes now and at their peak."""
