@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from offload.engine import Transfer
+from offload.trace import phase
 
 if TYPE_CHECKING:
     from offload.runtime import Runtime
@@ -71,7 +72,8 @@ class LoadRing:
                     continue
                 self.rt.counters["prefetch"]["issued"] += job.pages.numel()
             job.buf = self.free.popleft()
-            job.pages, job.transfers = self.rt._load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
+            with phase("offload.load", self.rt.tracer is not None):
+                job.pages, job.transfers = self.rt._load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
             self.inflight.append(job)
 
     def consume(self, layer: int) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
@@ -79,8 +81,9 @@ class LoadRing:
         [n, H, P, D]. The buffer is freed when the caller asks for the next one."""
         while self.inflight and self.inflight[0].layer == layer:
             job = self.inflight.popleft()
-            for t in job.transfers:
-                self.rt.stall(layer, t.wait())
+            with phase("offload.wait", self.rt.tracer is not None):
+                for t in job.transfers:
+                    self.rt.stall(layer, t.wait())
             self.rt._unbusy(layer, job.pages)
             n = job.pages.numel()
             yield job, self.k[job.buf, :n], self.v[job.buf, :n]

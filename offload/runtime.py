@@ -26,7 +26,7 @@ from offload.models import check_model
 from offload.pagetable import PageTable
 from offload.placement import PlacementMixin
 from offload.sparse import SparseMixin
-from offload.trace import Tracer
+from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
 from tiers import DeviceTier, HostTier, PageShape
 
@@ -176,10 +176,12 @@ class Runtime(PlacementMixin, SparseMixin):
         t0 = time.perf_counter()
         tokens = query.shape[2]
         if tokens == 1:
-            out = self._decode(layer, query, key[0], value[0], scaling)
+            with phase("offload.decode", self.tracer is not None):
+                out = self._decode(layer, query, key[0], value[0], scaling)
         else:
-            self.ring.drain()
-            out = self._prefill(layer, query, key, value, scaling)
+            with phase("offload.prefill", self.tracer is not None):
+                self.ring.drain()
+                out = self._prefill(layer, query, key, value, scaling)
             if layer == 0:
                 self.counters["tokens"]["prefill"] += tokens
         self._resident()

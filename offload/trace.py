@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,3 +198,29 @@ def _json_value(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         return _json_value(v.item())
     return str(v)
+
+
+@contextmanager
+def _named_range(name: str):
+    import torch
+
+    with torch.profiler.record_function(name):
+        if torch.cuda.is_available():
+            torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                torch.cuda.nvtx.range_pop()
+        else:
+            yield
+
+
+def phase(name: str, tracing: bool):
+    """A `torch.profiler.record_function` scope, and an NVTX range on CUDA, named `name`, so the runtime's phases
+    show in torch.profiler traces and Nsight Systems. Free (a null context) unless tracing is on or a
+    torch.profiler session is recording."""
+    import torch
+
+    if tracing or torch.autograd.profiler._is_profiler_enabled:
+        return _named_range(name)
+    return nullcontext()

@@ -327,7 +327,8 @@ def _retained_growth(trace: bool, tmp_path: Any) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with offload(model, disk_dir=str(tmp_path), trace=trace, **BUDGETS) as rt, torch.no_grad():
         cache = rt.cache()
-        out = model(input_ids=torch.randint(0, 128, (1, 40)), past_key_values=cache)
+        # 45 + 4 warm-up tokens: the measured 12 steps stay inside one 16-token page (no page is opened).
+        out = model(input_ids=torch.randint(0, 128, (1, 45)), past_key_values=cache)
         nxt = out.logits[:, -1:].argmax(-1)
         tracemalloc.start()
         # Both snapshots are taken at the same point of a step, so objects of the step in flight cancel out.
@@ -346,8 +347,22 @@ def _retained_growth(trace: bool, tmp_path: Any) -> int:
 def test_trace_off_allocates_nothing_per_step(tmp_path: Any) -> None:
     """What the runtime keeps does not grow with decode steps when tracing is off; with tracing on it does
     (the events), which shows the measurement can see per-step allocations."""
-    assert _retained_growth(True, tmp_path) > 2_000
-    assert _retained_growth(False, tmp_path) < 1_000
+    on, off = _retained_growth(True, tmp_path), _retained_growth(False, tmp_path)
+    assert on > 4_000 + off, (on, off)
+    assert off < 2_000, off  # interpreter free lists, not state kept per step
+
+
+def test_phases_show_in_torch_profiler(tmp_path: Any) -> None:
+    from offload import offload
+
+    model = tiny_model()
+    with offload(model, disk_dir=str(tmp_path), **BUDGETS) as rt, torch.no_grad():
+        cache = rt.cache()
+        with torch.profiler.profile() as prof:
+            nxt = model(input_ids=torch.randint(0, 128, (1, 40)), past_key_values=cache).logits[:, -1:].argmax(-1)
+            model(input_ids=nxt, past_key_values=cache)
+    names = {e.key for e in prof.key_averages()}
+    assert {"offload.prefill", "offload.decode"} <= names, sorted(n for n in names if n.startswith("offload"))
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
