@@ -256,10 +256,17 @@ class Runtime(PlacementMixin, SparseMixin):
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float) -> torch.Tensor:
         self._append_token(layer, k, v)
-        q = am.group_queries(query, self.kv_heads).float()
         n = self.table.tokens[layer]
         last = self.table.pages(layer) - 1
         valid = n - last * self.page_size
+        if not self.sparse and self.host_tier is None and self.disk_tier is None and last < self.plan.half:
+            # Nothing ever left the device: every page is resident, nothing to load or predict.
+            self.table.last_use[layer, :last] = self.step
+            out = self._resident_attention(layer, query, self.table.slot["device"][layer, :last], last, valid,
+                                           scaling)
+            self._count_decode(layer, 1.0)
+            return out
+        q = am.group_queries(query, self.kv_heads).float()
         full = self._select(layer, q, last, valid, scaling)
         # Marked before any loading: promotion must not give up a page this layer is about to read.
         self.eviction.on_use(layer, full, self.step, self.mass if self.sparse else None)
@@ -274,14 +281,16 @@ class Runtime(PlacementMixin, SparseMixin):
             parts = [self._tail_partial(layer, last, valid, q, scaling)]
             parts.extend(self._pages_partials(layer, full, q, scaling, missing))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
-        attended = full.numel() * self.page_size + valid
-        self.counters["attended"] += attended / n
+        self._count_decode(layer, (full.numel() * self.page_size + valid) / n)
+        return out
+
+    def _count_decode(self, layer: int, attended: float) -> None:
+        self.counters["attended"] += attended
         self.counters["attended_n"] += 1
         if layer == 0:
             self.counters["tokens"]["decode"] += 1
         if layer == self.layers - 1:
             self.step += 1
-        return out
 
     def _resident_attention(self, layer: int, query, dev_slots: torch.Tensor, last: int, valid: int,
                             scaling: float) -> torch.Tensor:
