@@ -334,7 +334,7 @@ def test_generate_takes_the_sparse_flags(
 def test_interrupt_exits_130_and_cleans_the_disk_dir(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    import tools.generate
+    import tools.common
 
     real = common.generate_stream
     seen: list[str] = []
@@ -348,7 +348,7 @@ def test_interrupt_exits_130_and_cleans_the_disk_dir(
         kwargs["on_text"] = on_text
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tools.generate, "generate_stream", interrupted)
+    monkeypatch.setattr(tools.common, "generate_stream", interrupted)
     kv = tmp_path / "kv"
     code, _, err = run_cli(
         capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:300], "--max-new-tokens", "50",

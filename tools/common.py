@@ -282,6 +282,13 @@ def check_positions(model: Any, prompt_tokens: int, max_new_tokens: int) -> None
 
 
 @torch.no_grad()
+def generate_from_args(model: Any, tokenizer: Any, rt: Any, input_ids: torch.Tensor, args: argparse.Namespace,
+                       on_text: Callable[[str], None]) -> list[int]:
+    """`generate_stream` with the generation flags shared by `generate` and `profile`."""
+    return generate_stream(model, tokenizer, rt, input_ids, args.max_new_tokens, on_text=on_text,
+                           prefill_chunk=args.prefill_chunk, progress=not args.no_progress)
+
+
 def generate_stream(
     model: Any,
     tokenizer: Any,

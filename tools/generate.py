@@ -18,7 +18,7 @@ from tools.common import (
     config_from_args,
     encode_prompt,
     format_stats_table,
-    generate_stream,
+    generate_from_args,
     load,
     read_prompt,
 )
@@ -60,16 +60,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     with offload(model, config=config) as rt:
-        generate_stream(
-            model,
-            tokenizer,
-            rt,
-            input_ids,
-            args.max_new_tokens,
-            on_text=write,
-            prefill_chunk=args.prefill_chunk,
-            progress=not args.no_progress,
-        )
+        generate_from_args(model, tokenizer, rt, input_ids, args, write)
         write("\n")
         stats = rt.stats()
     if args.stats:

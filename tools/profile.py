@@ -30,7 +30,7 @@ from tools.common import (
     add_runtime_options,
     config_from_args,
     encode_prompt,
-    generate_stream,
+    generate_from_args,
     load,
     read_prompt,
 )
@@ -123,16 +123,7 @@ def run(args: argparse.Namespace) -> int:
         if tracer is None:
             raise RuntimeError("profile: the runtime recorded no trace although trace=True")
         with Sampler(tracer, interval=args.sample_interval):
-            generate_stream(
-                model,
-                tokenizer,
-                rt,
-                input_ids,
-                args.max_new_tokens,
-                on_text=write,
-                prefill_chunk=args.prefill_chunk,
-                progress=not args.no_progress,
-            )
+            generate_from_args(model, tokenizer, rt, input_ids, args, write)
         write("\n")
         stats = rt.stats()
 
