@@ -14,18 +14,18 @@ from offload.engine import Transfer
 class PlacementMixin:
     """Methods of `Runtime` that decide slots and evict (see offload/runtime.py for the state they share)."""
 
-    def _device_slots(self, n: int, layer: int | None = None) -> list[int]:
+    def _device_slots(self, n: int) -> list[int]:
         dev = self.device_tier
         slots = dev.allocate(n)
         if slots is not None:
             return slots
-        self._evict_device(n - dev.num_free, layer)
+        self._evict_device(n - dev.num_free)
         slots = dev.allocate(n)
         if slots is None:
             raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
         return slots
 
-    def _evict_device(self, n: int, layer: int | None) -> None:
+    def _evict_device(self, n: int) -> None:
         t = self.table
         on_dev = t.slot["device"] >= 0
         eligible = on_dev & (t.busy == 0)

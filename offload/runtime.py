@@ -322,7 +322,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
             if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
                 self._summarize_resident(layer, page - 1)  # before making room can evict it
-            slot = self._device_slots(1, layer)[0]
+            slot = self._device_slots(1)[0]
             self.table.slot["device"][layer, page] = slot
         self._fill_tail(layer, k, v, 0)
 
