@@ -52,4 +52,5 @@ def paged_attention(name: str, module: torch.nn.Module, query: torch.Tensor, key
                                       **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return runtime.attend(layer, query, key, value, scaling), None
+    return runtime.attend(layer, query, key, value, scaling, window=kwargs.get("sliding_window"),
+                          softcap=kwargs.get("softcap")), None

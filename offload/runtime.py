@@ -98,6 +98,8 @@ class Runtime(PlacementMixin, SparseMixin):
                 reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
                 tier._free = list(range(tier.capacity - 1, reserved - 1, -1))
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Counts sequences: a cache remembers the one it was made for and refuses to run on another.
+        self.sequence_id = getattr(self, "sequence_id", -1) + 1
         self.ring = LoadRing(self, self.ring_k, self.ring_v)
         self.pf_context = PrefetchContext()
         self.step = 0
@@ -169,8 +171,12 @@ class Runtime(PlacementMixin, SparseMixin):
     # -- the attention entry point ---------------------------------------------------------------------------
     @torch.no_grad()
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> torch.Tensor:
-        """query [1, Hq, T, D], key/value [1, H, T, D] (new tokens) -> attention output [1, T, Hq, D]."""
+               scaling: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """query [1, Hq, T, D], key/value [1, H, T, D] (new tokens) -> attention output [1, T, Hq, D].
+
+        `window`: the layer's sliding window (a query attends to the last `window` tokens, itself included), None
+        for full attention. `softcap`: attention logit soft-capping (`softcap * tanh(scores / softcap)`), None
+        for none."""
         if query.shape[0] != 1:
             raise ValueError(f"batch: offloaded generation runs one sequence at a time; got batch size {query.shape[0]}")
         t0 = time.perf_counter()
