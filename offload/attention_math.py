@@ -5,8 +5,12 @@ Shapes (batch size 1; G = query heads per KV head; M = G * query tokens):
 - a chunk of pages `k`, `v`: [n, H_kv, P, D] (page-major, exactly as the tiers store them);
 - a partial result: (o [H_kv, M, D] normalized, lse [H_kv, M]) in float32.
 
+Scores are `q . k * scaling`, soft-capped as `softcap * tanh(scores / softcap)` when a cap is given (Gemma 2),
+then hidden where a mask says so (sliding windows), then softmax-ed.
+
 NOTE: attention over a union of key sets is the log-sum-exp-weighted mix of the attention over each set,
 so pages can be visited in any order and any grouping, and the result equals dense attention up to rounding.
+A query row that sees no key of a piece gets (o = 0, lse = -inf) from it, which weighs nothing in `merge`.
 """
 
 from __future__ import annotations
@@ -28,38 +32,79 @@ def ungroup_output(out: torch.Tensor, query_heads: int, tokens: int) -> torch.Te
     return out.reshape(query_heads, tokens, d).transpose(0, 1).unsqueeze(0)
 
 
-def pages_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Partial:
-    """Attention of every query over every token of the pages in `k`, `v` ([n, H, P, D])."""
-    qf = q.float().unsqueeze(0)  # [1, H, M, D]; no copy when the caller passes float32
-    s = torch.matmul(qf, k.float().transpose(-1, -2))  # [n, H, M, P]
+def _cap(s: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
     if scaling != 1.0:
         s.mul_(scaling)
-    m = s.amax(dim=(0, 3))  # [H, M]
-    p = torch.exp(s - m[None, :, :, None])
-    l = p.sum(dim=(0, 3))
-    o = torch.matmul(p, v.float()).sum(0)  # [H, M, D]
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    return s
+
+
+def _softmax_parts(s: torch.Tensor, v_dims: tuple[int, ...], masked: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Unnormalized softmax over the reduced (non-negative) dims `v_dims` of scores `s`: (p, max, sum)."""
+    m = s.amax(dim=v_dims)
+    if masked:
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing: exp(-inf - 0) = 0
+    shape = list(m.shape)
+    for d in sorted(v_dims):
+        shape.insert(d, 1)
+    p = torch.exp(s - m.view(shape))
+    return p, m, p.sum(dim=v_dims)
+
+
+def _finish(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, masked: bool) -> Partial:
+    if masked:
+        return o / l.clamp_min(torch.finfo(l.dtype).tiny)[..., None], m + torch.log(l)
     return o / l[..., None], m + torch.log(l)
+
+
+def pages_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, softcap: float | None = None,
+                  hidden: torch.Tensor | None = None) -> Partial:
+    """Attention of every query over the tokens of the pages in `k`, `v` ([n, H, P, D]).
+
+    `hidden`: bool [n, T, P] (T query tokens; True hides the key from that token), or None to see every key."""
+    qf = q.float().unsqueeze(0)  # [1, H, M, D]; no copy when the caller passes float32
+    s = _cap(torch.matmul(qf, k.float().transpose(-1, -2)), scaling, softcap)  # [n, H, M, P]
+    if hidden is not None:
+        n, h, m_rows, p = s.shape
+        t = hidden.shape[1]
+        s = s.view(n, h, m_rows // t, t, p).masked_fill(hidden[:, None, None], float("-inf")).view(n, h, m_rows, p)
+    p_, m, l = _softmax_parts(s, (0, 3), hidden is not None)
+    o = torch.matmul(p_, v.float()).sum(0)  # [H, M, D]
+    return _finish(o, m, l, hidden is not None)
+
+
+def window_hidden(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None, causal: bool) -> torch.Tensor:
+    """Bool [T, *key_pos.shape]: True where query token t (at absolute position query_pos[t]) must not see the key
+    at position key_pos[...]. transformers' masks: causal (key <= query) and, with a window W, key > query - W."""
+    q = query_pos.view(-1, *([1] * key_pos.dim()))
+    hide = torch.zeros((), dtype=torch.bool, device=key_pos.device)
+    if causal:
+        hide = hide | (key_pos[None] > q)
+    if window is not None:
+        hide = hide | (key_pos[None] <= q - window)
+    return hide.expand(query_pos.numel(), *key_pos.shape)
 
 
 def dense_partial(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, causal_tokens: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, causal_tokens: int | None = None,
+    window: int | None = None, softcap: float | None = None
 ) -> Partial:
     """Attention over contiguous keys `k`, `v` ([H, S, D]).
 
-    With `causal_tokens = T`, the queries are T consecutive tokens (rows g*T + t) whose keys are the same T tokens,
-    and query t sees keys 0..t.
+    With `causal_tokens = T`, the queries are the last T of the S key tokens (rows g*T + t; query t is key S-T+t),
+    and query t sees keys up to itself (and, with a `window` W, only the last W of them, itself included).
     """
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # [H, M, S]
+    s = _cap(torch.matmul(q.float(), k.float().transpose(-1, -2)), scaling, softcap)  # [H, M, S]
     if causal_tokens is not None:
-        t = causal_tokens
-        pos = torch.arange(t, device=q.device)
-        hidden = pos[None, :] > pos[:, None]  # [T(query), T(key)]
-        s = s.view(s.shape[0], -1, t, t).masked_fill(hidden, float("-inf")).view_as(s)
-    m = s.amax(dim=-1)
-    p = torch.exp(s - m[..., None])
-    l = p.sum(dim=-1)
+        t, n_keys = causal_tokens, k.shape[-2]
+        hidden = window_hidden(torch.arange(n_keys - t, n_keys, device=q.device),
+                               torch.arange(n_keys, device=q.device), window, causal=True)  # [T, S]
+        s = s.view(s.shape[0], -1, t, n_keys).masked_fill(hidden, float("-inf")).view_as(s)
+    p, m, l = _softmax_parts(s, (2,), False)  # causal: every query sees at least itself
     o = torch.matmul(p, v.float())
-    return o / l[..., None], m + torch.log(l)
+    return _finish(o, m, l, False)
 
 
 def merge(parts: list[Partial]) -> torch.Tensor:

@@ -104,9 +104,22 @@ def check_disk_dir(path: str) -> None:
         raise ValueError(f"disk_dir: {path} is not a writable directory")
 
 
-def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, page_size: int) -> None:
-    """Raises ValueError, before anything runs, when `tokens` of KV can't fit all the budgets together."""
-    need = layers * -(-tokens // page_size)
+def layer_pages(tokens: int, page_size: int, window: int | None) -> int:
+    """The most pages one layer holds at once over a sequence of `tokens`: all of them with full attention; with a
+    sliding window W, the pages that the last W tokens (the window of the query being attended) span."""
+    pages = -(-tokens // page_size)
+    if window is None:
+        return pages
+    # W tokens ending anywhere in a page span at most ceil((W - 1) / P) + 1 pages.
+    return min(pages, -(-(window - 1) // page_size) + 1)
+
+
+def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, page_size: int,
+                   windows: list[int | None] | None = None) -> None:
+    """Raises ValueError, before anything runs, when `tokens` of KV can't fit all the budgets together.
+    `windows`: each layer's sliding window (None: full attention, the default for every layer)."""
+    windows = windows if windows is not None else [None] * layers
+    need = sum(layer_pages(tokens, page_size, w) for w in windows)
     have = plan.capacity_pages()
     if need <= have:
         return
@@ -115,7 +128,8 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
         advice = f"raise host_budget by {short} or more, or pass disk_dir"
     else:
         advice = f"raise disk_budget by {short} or more"
+    held = " (sliding-window layers hold only their window)" if any(w is not None for w in windows) else ""
     raise ValueError(
-        f"budgets: the KV of {tokens} tokens needs {format_size(need * plan.page_bytes)} but device, host and disk "
+        f"budgets: the KV of {tokens} tokens{held} needs {format_size(need * plan.page_bytes)} but device, host and disk "
         f"budgets hold {format_size(have * plan.page_bytes)} of pages; {advice}"
     )

@@ -66,7 +66,9 @@ class LoadRing:
             if job.predicted:
                 # A prediction may be stale by now: skip pages that reached the device or are busy.
                 t = self.rt.table
-                keep = (t.slot["device"][job.layer, job.pages] < 0) & (t.busy[job.layer, job.pages] == 0)
+                # Pages a sliding window released since live nowhere and must not be read.
+                keep = ((t.slot["device"][job.layer, job.pages] < 0) & (t.busy[job.layer, job.pages] == 0)
+                        & (job.pages >= t.first[job.layer]))
                 job.pages = job.pages[keep]
                 if job.pages.numel() == 0:
                     continue

@@ -12,9 +12,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Llama-family decoders whose attention goes through transformers' AttentionInterface and whose KV layout is
-# [batch, kv_heads, seq, head_dim] with rotary positions applied before the cache update.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoders whose attention goes through transformers' AttentionInterface, whose KV layout is
+# [batch, kv_heads, seq, head_dim] with rotary positions applied before the cache update, and whose layers sit in
+# `model.model.layers`. What is special about each (sliding windows, soft-capping, q-norm, fused qkv) is handled
+# below and in the runtime; the README's "Supported models" table lists it.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
+# Architectures whose attention passes `config.sliding_window` for every layer (no per-layer types).
+_WINDOW_FROM_CONFIG = ("mistral", "phi3")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -75,6 +79,67 @@ def check_model(model: nn.Module) -> None:
     check_model_type(getattr(config, "model_type", None))
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError("model: needs a transformers version whose models have set_attn_implementation (>= 4.48)")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"model: {config.model_type} with use_bidirectional_attention is not a causal decoder; "
+                         "only causal attention is supported")
+    decoder_layers(model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (each with a `self_attn` module) of a supported causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"model: {type(model).__name__} has no decoder layers at model.model.layers with "
+                         "self_attn modules; pass a causal LM such as LlamaForCausalLM")
+    return layers
+
+
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """The sliding window of each layer (a query sees the last `window` tokens, itself included), None for a layer
+    with full attention: the value transformers passes to the attention function as `sliding_window`."""
+    config = model.config
+    windows: list[int | None] = []
+    for layer in decoder_layers(model)[: config.num_hidden_layers]:
+        if config.model_type in _WINDOW_FROM_CONFIG:
+            window = getattr(config, "sliding_window", None)
+        else:
+            # Qwen2/Qwen3 (use_sliding_window, max_window_layers) and Gemma 2/3 (alternating local/global) set
+            # it per layer from config.layer_types; Llama, Gemma and OLMo2 have no windows.
+            window = getattr(layer.self_attn, "sliding_window", None)
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"sliding_window: must be a positive int or None, got {window!r}")
+        windows.append(window)
+    return windows
+
+
+def query_before_rotary(model_type: str, attn: nn.Module, hidden: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The query an attention module computes from `hidden` [1, T, hidden], before rotary: [1, Hq, T, D].
+
+    Mirrors each architecture's forward: a plain q_proj (Llama, Mistral, Qwen2, Gemma, Gemma 2), a q_proj then an
+    RMSNorm over each head (Qwen3, Gemma 3) or over all heads together (OLMo2), or the first rows of a fused
+    qkv_proj (Phi-3)."""
+    t = hidden.shape[1]
+    if model_type == "phi3":
+        q = attn.qkv_proj(hidden)[..., : attn.config.num_attention_heads * head_dim]
+    else:
+        q = attn.q_proj(hidden)
+    if model_type == "olmo2":
+        q = attn.q_norm(q)
+    q = q.view(1, t, -1, head_dim)
+    if model_type in ("qwen3", "gemma3_text"):
+        q = attn.q_norm(q)
+    return q.transpose(1, 2)
+
+
+def apply_rotary(attn: nn.Module, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions applied to `q` [1, Hq, T, D] exactly as the module's own modeling file applies them (Phi-3
+    rotates only the first `cos.shape[-1]` dims)."""
+    import sys
+
+    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None:
+        raise ValueError(f"model: {type(attn).__name__}'s module has no apply_rotary_pos_emb")
+    return rotary(q, q, cos, sin)[0]
 
 
 def tiny_llama(

@@ -3,6 +3,8 @@
 Page p of layer l holds tokens [p*P, (p+1)*P). A page lives in one or more tiers at once: full pages never change,
 so a copy of a full page in a lower tier stays valid, and dropping the device copy of such a page costs nothing.
 The last page of a layer (the "tail") is still being filled and always lives on the device only.
+On a layer with a sliding window, the pages before `first[layer]` fell out of the window for good: they were
+released from every tier and live nowhere.
 
 All fields are CPU tensors of shape [layers, max_pages] so that policies work with tensor ops, not Python loops.
 """
@@ -28,6 +30,8 @@ class PageTable:
         self.last_use = torch.zeros(shape, dtype=torch.int64)
         self.score = torch.zeros(shape, dtype=torch.float32)
         self.tokens = [0] * layers
+        # Per layer: the first page still held; 0 unless a sliding window released the pages before it.
+        self.first = [0] * layers
 
     def pages(self, layer: int) -> int:
         """Number of pages holding at least one token."""
@@ -40,13 +44,18 @@ class PageTable:
         return self.slot[tier] >= 0
 
     def check_invariants(self) -> None:
-        """Every page that holds tokens lives somewhere; every page beyond lives nowhere. For tests."""
+        """Pages before the layer's first held page (out of its sliding window) and beyond its last token live
+        nowhere; every page in between lives somewhere; an open tail page is on the device. For tests."""
         for layer in range(self.layers):
             n = self.pages(layer)
+            first = self.first[layer]
             anywhere = torch.stack([self.slot[t][layer] >= 0 for t in TIERS]).any(0)
-            if not bool(anywhere[:n].all()):
-                missing = (~anywhere[:n]).nonzero().flatten().tolist()
+            if not bool(anywhere[first:n].all()):
+                missing = (first + (~anywhere[first:n]).nonzero().flatten()).tolist()
                 raise AssertionError(f"layer {layer}: pages {missing} live in no tier")
+            if bool(anywhere[:first].any()):
+                held = anywhere[:first].nonzero().flatten().tolist()
+                raise AssertionError(f"layer {layer}: pages {held} left the sliding window but still hold slots")
             if bool(anywhere[n:].any()):
                 raise AssertionError(f"layer {layer}: pages beyond the last token still hold slots")
             if self.tokens[layer] % self.page_size and int(self.slot["device"][layer, n - 1]) < 0:

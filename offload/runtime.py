@@ -22,7 +22,7 @@ from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
-from offload.models import check_model
+from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable
 from offload.placement import PlacementMixin
 from offload.sparse import SparseMixin
@@ -40,6 +40,9 @@ class Runtime(PlacementMixin, SparseMixin):
         self.config = config
         mc = model.config
         self.layers: int = mc.num_hidden_layers
+        self.model_type: str = mc.model_type
+        # Per layer: the sliding window (a query sees the last `window` tokens), None for full attention.
+        self.windows: list[int | None] = layer_windows(model)
         self.q_heads: int = mc.num_attention_heads
         self.kv_heads: int = getattr(mc, "num_key_value_heads", None) or self.q_heads
         self.head_dim: int = getattr(mc, "head_dim", None) or mc.hidden_size // self.q_heads
@@ -121,7 +124,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 f"prompt: {tokens} tokens (prompt plus new tokens) exceed the model's maximum of "
                 f"{self.max_positions} positions"
             )
-        check_capacity(self.plan, self.config, tokens, self.layers, self.page_size)
+        check_capacity(self.plan, self.config, tokens, self.layers, self.page_size, self.windows)
 
     def save_trace(self, path: str) -> None:
         """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
@@ -179,15 +182,20 @@ class Runtime(PlacementMixin, SparseMixin):
         for none."""
         if query.shape[0] != 1:
             raise ValueError(f"batch: offloaded generation runs one sequence at a time; got batch size {query.shape[0]}")
+        if window != self.windows[layer]:
+            # The windows also decide which pages are released and what the budgets must hold, so they must be
+            # the ones transformers masks with.
+            raise ValueError(f"sliding_window: layer {layer} attends with a window of {window}, but its "
+                             f"configuration gives {self.windows[layer]}")
         t0 = time.perf_counter()
         tokens = query.shape[2]
         if tokens == 1:
             with phase("offload.decode", self.tracer is not None):
-                out = self._decode(layer, query, key[0], value[0], scaling)
+                out = self._decode(layer, query, key[0], value[0], scaling, softcap)
         else:
             with phase("offload.prefill", self.tracer is not None):
                 self.ring.drain()
-                out = self._prefill(layer, query, key, value, scaling)
+                out = self._prefill(layer, query, key, value, scaling, softcap)
             if layer == 0:
                 self.counters["tokens"]["prefill"] += tokens
         self._resident()
@@ -198,31 +206,109 @@ class Runtime(PlacementMixin, SparseMixin):
                 self.tracer.counter("occupancy", time.perf_counter(), self._resident())
         return out
 
+    # -- sliding windows -----------------------------------------------------------------------------------
+    def _window_first(self, layer: int, n: int) -> tuple[int, int]:
+        """(page, offset) of the first token that the query at position n-1 sees, with n tokens stored: (0, 0)
+        for full attention. transformers' sliding mask: key > query - window."""
+        window = self.windows[layer]
+        lo = 0 if window is None else max(0, n - window)
+        return lo // self.page_size, lo % self.page_size
+
+    def _dead_pages(self, layer: int, n: int) -> int:
+        """With n tokens stored, the leading pages of `layer` that no query to come (positions >= n) can see."""
+        window = self.windows[layer]
+        return 0 if window is None else max(0, n + 1 - window) // self.page_size
+
+    def _release(self, layer: int, upto: int) -> None:
+        """Frees pages first..upto-1 of `layer` in every tier and clears their entries: they fell out of the
+        layer's sliding window for good. Runs at page boundaries only, so reading the table on the host is fine."""
+        t = self.table
+        a, b = t.first[layer], min(upto, self.max_pages)
+        if b <= a:
+            return
+        if bool(t.busy[layer, a:b].any()):
+            self.ring.drain()  # NOTE: a copy in flight must land before its slot is given to another page
+        for name, tier in (("device", self.device_tier), ("host", self.host_tier), ("disk", self.disk_tier)):
+            slots = t.slot[name][layer, a:b]  # a view: filled in place below
+            held = slots[slots >= 0]
+            if held.numel():
+                tier.release(held.tolist())
+                slots.fill_(-1)
+        t.last_use[layer, a:b] = 0
+        t.score[layer, a:b] = 0
+        t.first[layer] = b
+
     # -- prefill ---------------------------------------------------------------------------------------------
-    def _prefill(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+    # Query rows per piece of the prefill's attention over its own tokens on the manual path: bounds the score
+    # matrix at [H_q, 256, 256 + window] floats however long the chunk.
+    PREFILL_BLOCK = 256
+
+    def _prefill(self, layer: int, query, key, value, scaling: float, softcap: float | None) -> torch.Tensor:
         tokens = query.shape[2]
-        if self.table.tokens[layer] == 0:
+        window = self.windows[layer]
+        if self.table.tokens[layer] == 0 and softcap is None:
+            mask = None
+            if window is not None and tokens > window:
+                pos = torch.arange(tokens, device=query.device)
+                mask = ~am.window_hidden(pos, pos, window, causal=True)  # [T, T], True: attend
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=True, scale=scaling, enable_gqa=self.q_heads != self.kv_heads
+                query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                enable_gqa=self.q_heads != self.kv_heads
             ).transpose(1, 2)
         else:
+            # Soft-capping needs the scores (framework SDPA can't cap them), and earlier pages come as partials.
             q = am.group_queries(query, self.kv_heads)
-            parts = list(self._old_pages_partials(layer, q, scaling))
-            parts.append(am.dense_partial(q, key[0], value[0], scaling, causal_tokens=tokens))
+            parts = list(self._old_pages_partials(layer, q, scaling, softcap, tokens))
+            parts.append(self._new_tokens_partial(q, key[0], value[0], scaling, window, softcap))
             out = am.ungroup_output(am.merge(parts), self.q_heads, tokens).to(query.dtype)
         self._store_prefill(layer, key[0], value[0])
         return out
 
-    def _old_pages_partials(self, layer: int, q: torch.Tensor, scaling: float):
+    def _new_tokens_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                            window: int | None, softcap: float | None) -> am.Partial:
+        """Causal (and windowed) attention of the T new tokens over themselves, in blocks of query rows.
+        q [H, G*T, D], k/v [H, T, D]."""
+        tokens, block = k.shape[1], self.PREFILL_BLOCK
+        if tokens <= block:
+            return am.dense_partial(q, k, v, scaling, causal_tokens=tokens, window=window, softcap=softcap)
+        h, d = q.shape[0], q.shape[-1]
+        qg = q.view(h, -1, tokens, d)  # [H, G, T, D]
+        outs, lses = [], []
+        for a in range(0, tokens, block):
+            b = min(tokens, a + block)
+            start = 0 if window is None else max(0, a - window + 1)  # the first key query a sees
+            o, lse = am.dense_partial(qg[:, :, a:b].reshape(h, -1, d), k[:, start:b], v[:, start:b], scaling,
+                                      causal_tokens=b - a, window=window, softcap=softcap)
+            outs.append(o.view(h, -1, b - a, d))
+            lses.append(lse.view(h, -1, b - a))
+        return torch.cat(outs, dim=2).view(h, -1, d), torch.cat(lses, dim=2).view(h, -1)
+
+    def _old_pages_partials(self, layer: int, q: torch.Tensor, scaling: float, softcap: float | None, tokens: int):
+        """Partials of a prefill chunk's T queries over the pages stored before it."""
         n = self.table.tokens[layer]
+        if n == 0:
+            return
+        P = self.page_size
         last = self.table.pages(layer) - 1
-        valid = n - last * self.page_size
-        if valid == self.page_size:
+        valid = n - last * P
+        window = self.windows[layer]
+        hide = None
+        if window is not None:
+            qpos = torch.arange(n, n + tokens, device=self.device)
+            offsets = torch.arange(P, device=self.device)
+
+            def hide(pages: torch.Tensor) -> torch.Tensor:
+                """[n_pages, T, P]: keys each query's window leaves out."""
+                kpos = pages.to(self.device)[:, None] * P + offsets
+                return am.window_hidden(qpos, kpos, window, causal=False).permute(1, 0, 2)
+
+        if valid == P:
             last += 1  # no open tail: every page is full
         else:
-            yield self._tail_partial(layer, last, valid, q, scaling)
-        if last > 0:
-            yield from self._pages_partials(layer, torch.arange(last), q, scaling)
+            yield self._tail_partial(layer, last, valid, q, scaling, softcap, hide=hide)
+        first = self.table.first[layer]  # the pages before it are out of every query's window
+        if last > first:
+            yield from self._pages_partials(layer, torch.arange(first, last), q, scaling, softcap, hide=hide)
 
     def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Appends T new tokens: fills the tail page, then places the new pages by tier."""
@@ -232,6 +318,10 @@ class Runtime(PlacementMixin, SparseMixin):
         if pos and self.sparse and self.table.tokens[layer] % P == 0:
             self._summarize_resident(layer, self.table.tokens[layer] // P - 1)
         rest = k.shape[1] - pos
+        # Pages the window has left for good go now, before the new pages take slots; new pages already out of
+        # it are never stored.
+        dead = self._dead_pages(layer, n + k.shape[1])
+        self._release(layer, dead)
         if rest == 0:
             return
         first = self.table.tokens[layer] // P
@@ -245,6 +335,12 @@ class Runtime(PlacementMixin, SparseMixin):
         # [H, count*P, D] -> [count, H, P, D]: pages as the tiers store them.
         kp = kk.reshape(H, count, P, D).transpose(0, 1).contiguous()
         vp = vv.reshape(H, count, P, D).transpose(0, 1).contiguous()
+        skip = max(0, dead - first)
+        if skip >= count:  # only a window of one token can leave nothing to keep
+            self.table.tokens[layer] += rest
+            return
+        first, count = first + skip, count - skip
+        kp, vp = kp[skip:], vp[skip:]
         pages = list(range(first, first + count))
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
         share = max(0, -(-self.device_tier.capacity // self.layers) - 1 - self._device_pages(layer))
@@ -260,20 +356,26 @@ class Runtime(PlacementMixin, SparseMixin):
             self._summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
 
     # -- decode ----------------------------------------------------------------------------------------------
-    def _decode(self, layer: int, query, k, v, scaling: float) -> torch.Tensor:
+    def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
         self._append_token(layer, k, v)
+        P = self.page_size
         n = self.table.tokens[layer]
         last = self.table.pages(layer) - 1
-        valid = n - last * self.page_size
-        if not self.sparse and self.host_tier is None and self.disk_tier is None and last < self.plan.half:
+        valid = n - last * P
+        # The window starts at token `off` of page `first`; pages before it were released.
+        first, off = self._window_first(layer, n)
+        visible = n - first * P - off
+        if (not self.sparse and self.host_tier is None and self.disk_tier is None
+                and last - first < self.plan.half):
             # Nothing ever left the device: every page is resident, nothing to load or predict.
-            self.table.last_use[layer, :last] = self.step
-            out = self._resident_attention(layer, query, self.table.slot["device"][layer, :last], last, valid,
-                                           scaling)
+            self.table.last_use[layer, first:last] = self.step
+            out = self._resident_attention(layer, query, self.table.slot["device"][layer, first:last], last, valid,
+                                           scaling, softcap, off)
             self._count_decode(layer, 1.0)
+            self._release(layer, self._dead_pages(layer, n))
             return out
         q = am.group_queries(query, self.kv_heads).float()
-        full = self._select(layer, q, last, valid, scaling)
+        full = self._select(layer, q, last, valid, scaling, softcap)
         # Marked before any loading: promotion must not give up a page this layer is about to read.
         self.eviction.on_use(layer, full, self.step, self.mass if self.sparse else None)
         if self.hooks:
@@ -281,14 +383,35 @@ class Runtime(PlacementMixin, SparseMixin):
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
         self._queue_loads(layer, missing)
+        # Whether the window's first page is attended (always in exact mode): its tokens before `off` are not.
+        edge = first == last or (full.numel() > 0 and int(full[0]) == first)
         if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
-            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling)
+            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, off if edge else 0)
         else:
-            parts = [self._tail_partial(layer, last, valid, q, scaling)]
-            parts.extend(self._pages_partials(layer, full, q, scaling, missing))
+            parts = [self._tail_partial(layer, last, valid, q, scaling, softcap, start=off if first == last else 0)]
+            parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
+                                              hide=self._edge_hide(first, off)))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
-        self._count_decode(layer, (full.numel() * self.page_size + valid) / n)
+        self._count_decode(layer, (full.numel() * P + valid - (off if edge else 0)) / visible)
+        self._release(layer, self._dead_pages(layer, n))
         return out
+
+    def _edge_hide(self, first: int, off: int):
+        """For `_pages_partials`: hides tokens 0..off-1 of page `first` (before the sliding window's start) in a
+        chunk that holds that page; None when nothing needs hiding."""
+        if off == 0:
+            return None
+        P = self.page_size
+
+        def hide(pages: torch.Tensor) -> torch.Tensor | None:
+            at = (pages == first).nonzero()  # pages: CPU page ids, no device read
+            if at.numel() == 0:
+                return None
+            hidden = torch.zeros((pages.numel(), 1, P), dtype=torch.bool, device=self.device)  # [n, T=1, P]
+            hidden[int(at[0, 0]), :, :off] = True
+            return hidden
+
+        return hide
 
     def _count_decode(self, layer: int, attended: float) -> None:
         self.counters["attended"] += attended
@@ -299,9 +422,11 @@ class Runtime(PlacementMixin, SparseMixin):
             self.step += 1
 
     def _resident_attention(self, layer: int, query, dev_slots: torch.Tensor, last: int, valid: int,
-                            scaling: float) -> torch.Tensor:
+                            scaling: float, softcap: float | None = None, start: int = 0) -> torch.Tensor:
         """Fast path when every page attended is on the device and they fit one half of the workspace:
-        gather them (tail last) into a head-major buffer and run the framework's SDPA in one piece."""
+        gather them (tail last) into a head-major buffer and attend in one piece, from token `start` of the first
+        page (the sliding window's start). NOTE: the pages in `dev_slots` are in page order, so the gathered
+        tokens are in position order and the window's first page, when there, comes first."""
         tail = self.table.slot["device"][layer, last:last + 1]
         idx = torch.cat([dev_slots, tail]).to(self.device, torch.long)
         cnt = idx.numel()
@@ -310,15 +435,22 @@ class Runtime(PlacementMixin, SparseMixin):
         for pool, hm in ((self.device_tier.k, self.hm_k), (self.device_tier.v, self.hm_v)):
             # One pass: gather page-major rows straight into the head-major buffer through a permuted view.
             torch.index_select(pool, 0, idx, out=hm[:, :cnt].permute(1, 0, 2, 3))
-            kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, :tokens])
+            kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, start:tokens])
+        if softcap is not None:  # framework SDPA can't soft-cap its scores
+            q = am.group_queries(query, self.kv_heads)
+            o, _ = am.dense_partial(q, kv[0][0], kv[1][0], scaling, softcap=softcap)
+            return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, kv[0], kv[1], scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
         return out.transpose(1, 2)
 
-    def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float):
+    def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float, softcap: float | None = None,
+                      start: int = 0, hide=None):
+        """Partial over tokens start..valid-1 of the tail page (on the device); `hide` as in `_pages_partials`."""
         s = int(self.table.slot["device"][layer, last])
-        return am.pages_partial(q, self.device_tier.k[s:s + 1, :, :valid], self.device_tier.v[s:s + 1, :, :valid],
-                                scaling)
+        hidden = hide(torch.tensor([last]))[..., start:valid] if hide is not None else None
+        return am.pages_partial(q, self.device_tier.k[s:s + 1, :, start:valid],
+                                self.device_tier.v[s:s + 1, :, start:valid], scaling, softcap, hidden)
 
     def _append_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = self.table.tokens[layer]
@@ -366,20 +498,22 @@ class Runtime(PlacementMixin, SparseMixin):
         if self.table.tokens[layer] == 0:
             return None
         last = self.table.pages(layer) - 1
+        first = self._window_first(layer, self.table.tokens[layer] + 1)[0]  # for the token it is about to add
         if not self.sparse:
-            want = torch.arange(last)
+            want = torch.arange(first, last)
         else:
             want = self.prefetcher.predict(layer, self.pf_context)
             if want is None:
                 return None
-            want = want[want < last]
+            want = want[(want < last) & (want >= first)]
         want = want[(self.table.slot["device"][layer, want] < 0) & (self.table.busy[layer, want] == 0)]
         return want[~torch.isin(want, self.ring.covered(layer))]
 
-    def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float,
-                        missing: torch.Tensor | None = None):
+    def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float, softcap: float | None = None,
+                        missing: torch.Tensor | None = None, hide=None):
         """Partials over full `pages` of `layer`: first the chunks arriving through the load ring, then the
-        resident pages gathered from the device pool."""
+        resident pages gathered from the device pool. `hide(page ids)`, when given, returns the bool mask
+        [n, T, P] of keys of those pages that each query token must not see (sliding windows), or None."""
         dev_slot = self.table.slot["device"][layer, pages]
         resident = dev_slot >= 0
         if missing is None:  # prefill over old pages: load everything missing now
@@ -398,20 +532,24 @@ class Runtime(PlacementMixin, SparseMixin):
                     self.tracer.instant("policy", "prefetch hit", layer=layer, pages=n_use)
             if n_use == 0:
                 continue
+            used = job.pages
             if n_use < job.pages.numel():
+                used = job.pages[use]
                 pos = use.nonzero().flatten().to(self.device)
                 kk, vv = kk.index_select(0, pos), vv.index_select(0, pos)
-            yield am.pages_partial(q, kk, vv, scaling)
+            yield am.pages_partial(q, kk, vv, scaling, softcap, hide(used) if hide is not None else None)
             if self.sparse:
                 self._promote(layer, job.pages[use], kk, vv)
         cap = self.plan.half
         slots = dev_slot[resident].to(self.device, torch.long)
+        on_device = pages[resident]
         for start in range(0, slots.numel(), cap):
             idx = slots[start:start + cap]
             kk, vv = self.pm_k[:idx.numel()], self.pm_v[:idx.numel()]
             torch.index_select(self.device_tier.k, 0, idx, out=kk)
             torch.index_select(self.device_tier.v, 0, idx, out=vv)
-            yield am.pages_partial(q, kk, vv, scaling)
+            hidden = hide(on_device[start:start + cap]) if hide is not None else None
+            yield am.pages_partial(q, kk, vv, scaling, softcap, hidden)
 
     def _load(self, layer: int, pages: torch.Tensor, dst_k: torch.Tensor,
               dst_v: torch.Tensor) -> tuple[torch.Tensor, list[Transfer]]:
