@@ -383,16 +383,17 @@ class Runtime(PlacementMixin, SparseMixin):
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
         self._queue_loads(layer, missing)
-        # Whether the window's first page is attended (always in exact mode): its tokens before `off` are not.
-        edge = first == last or (full.numel() > 0 and int(full[0]) == first)
+        # Tokens before `off` on the window's first page are not attended, when that page is (always in exact
+        # mode; the tail when the window lies within it).
+        cut = off if off and (first == last or (full.numel() > 0 and int(full[0]) == first)) else 0
         if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
-            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, off if edge else 0)
+            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, cut)
         else:
             parts = [self._tail_partial(layer, last, valid, q, scaling, softcap, start=off if first == last else 0)]
             parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
                                               hide=self._edge_hide(first, off)))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
-        self._count_decode(layer, (full.numel() * P + valid - (off if edge else 0)) / visible)
+        self._count_decode(layer, (full.numel() * P + valid - cut) / visible)
         self._release(layer, self._dead_pages(layer, n))
         return out
 

@@ -86,19 +86,26 @@ class SparseMixin:
         captured = self.hidden.pop(layer, None)
         if nxt >= self.layers or captured is None or self.table.tokens[nxt] == 0:
             return
-        hidden, rope = captured
-        if self.rope_types is not None:
-            rope = self.rope.get(self.rope_types[nxt])
-        if rope is None:
+        q = self._speculated_query(nxt, *captured)
+        if q is None:
             return  # no rotary to apply: no prediction (the layer then loads what it misses on demand)
-        module = self.attn_modules[nxt]
-        q = query_before_rotary(self.model_type, module, hidden, self.head_dim)  # [1, Hq, 1, D]
-        q = apply_rotary(module, q, *rope)
         n = self.table.tokens[nxt] + 1  # the token it is about to append
         last = -(-n // self.page_size) - 1
         valid = n - last * self.page_size
         pages = self._choose(nxt, am.group_queries(q, self.kv_heads), last, valid, scaling)
         self.pf_context.predicted_pages[nxt] = pages
+
+    def _speculated_query(self, nxt: int, hidden: torch.Tensor,
+                          rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """Layer `nxt`'s query [1, Hq, 1, D] for the attention input `hidden` [1, 1, hidden], rotated by `rope`
+        (the position embeddings the previous layer got; Gemma 3: those of `nxt`'s layer type)."""
+        if self.rope_types is not None:
+            rope = self.rope.get(self.rope_types[nxt])
+        if rope is None:
+            return None
+        module = self.attn_modules[nxt]
+        q = query_before_rotary(self.model_type, module, hidden, self.head_dim)
+        return apply_rotary(module, q, *rope)
 
     def _measure_recall(self, layer: int, q: torch.Tensor, chosen: torch.Tensor, last: int, valid: int,
                         scaling: float, softcap: float | None = None) -> None:
