@@ -239,22 +239,32 @@ class Runtime(PlacementMixin, SparseMixin):
         t.first[layer] = b
 
     # -- prefill ---------------------------------------------------------------------------------------------
-    # Query rows per piece of the prefill's attention over its own tokens on the manual path: bounds the score
-    # matrix at [H_q, 256, 256 + window] floats however long the chunk.
+    # Query tokens per piece of a prefill's attention over its own tokens on the manual path (and, with a sliding
+    # window, at least a window's worth on the SDPA path): bounds the scores at [H_q, 256, T] floats.
     PREFILL_BLOCK = 256
 
     def _prefill(self, layer: int, query, key, value, scaling: float, softcap: float | None) -> torch.Tensor:
         tokens = query.shape[2]
         window = self.windows[layer]
         if self.table.tokens[layer] == 0 and softcap is None:
-            mask = None
-            if window is not None and tokens > window:
-                pos = torch.arange(tokens, device=query.device)
-                mask = ~am.window_hidden(pos, pos, window, causal=True)  # [T, T], True: attend
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                enable_gqa=self.q_heads != self.kv_heads
-            ).transpose(1, 2)
+            gqa = self.q_heads != self.kv_heads
+            if window is None or tokens <= window:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa).transpose(1, 2)
+            else:
+                # Blocks of queries, each over the keys its window reaches: the mask stays [B, B + W - 1] however
+                # long the prompt.
+                block, outs = max(self.PREFILL_BLOCK, window), []
+                for a in range(0, tokens, block):
+                    b = min(tokens, a + block)
+                    start = max(0, a - window + 1)
+                    dev = query.device
+                    mask = ~am.window_hidden(torch.arange(a, b, device=dev), torch.arange(start, b, device=dev),
+                                             window, causal=True)  # [b - a, b - start], True: attend
+                    outs.append(torch.nn.functional.scaled_dot_product_attention(
+                        query[:, :, a:b], key[:, :, start:b], value[:, :, start:b], attn_mask=mask, scale=scaling,
+                        enable_gqa=gqa))
+                out = torch.cat(outs, dim=2).transpose(1, 2)
         else:
             # Soft-capping needs the scores (framework SDPA can't cap them), and earlier pages come as partials.
             q = am.group_queries(query, self.kv_heads)

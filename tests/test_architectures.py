@@ -187,12 +187,13 @@ def test_logits_match_every_step_with_chunked_prefill(arch, tmp_path: Path):
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
 def test_logits_match_with_every_page_on_the_device(arch):
-    """The all-resident paths: prefill from empty (SDPA with a window mask, or the manual path for soft-capping)
-    and decode through one gathered buffer (SDPA, or the manual path for soft-capping)."""
+    """The all-resident paths: prefill from empty (SDPA with a window mask in blocks of queries, or the manual path
+    for soft-capping) and decode through one gathered buffer (SDPA, or the manual path for soft-capping)."""
     model = tiny(arch)
     ids = prompt_ids(50, seed=4)
     expected = stepwise_logits(model, ids, (50,), 20, DynamicCache(config=model.config))
     with offload(model, page_size=PAGE) as rt:
+        rt.PREFILL_BLOCK = 16  # the prompt in blocks of a window's worth of queries (32 + 18)
         got = stepwise_logits(model, ids, (50,), 20, rt.cache())
         assert rt.host_tier is None and rt.disk_tier is None
         assert_released(rt)
