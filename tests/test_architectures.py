@@ -56,7 +56,7 @@ def _config(arch: str):
         return tf.Gemma3TextConfig(**c, head_dim=HEAD_DIM, sliding_window=WINDOW, layer_types=_LOCAL_GLOBAL,
                                    query_pre_attn_scalar=8)
     if arch == "phi3":
-        return tf.Phi3Config(**c, sliding_window=WINDOW)
+        return tf.Phi3Config(**c, sliding_window=WINDOW, partial_rotary_factor=0.5)  # rotary on half of each head
     if arch == "olmo2":
         return tf.Olmo2Config(**c)
     raise AssertionError(arch)
