@@ -27,6 +27,8 @@ class PlacementMixin:
 
     def _evict_device(self, n: int) -> None:
         t = self.table
+        # NOTE: pages a sliding window released hold no slot in any tier, so they are never eligible here, nor in
+        # `_evict_host` and `_promote`.
         on_dev = t.slot["device"] >= 0
         eligible = on_dev & (t.busy == 0)
         for l in range(self.layers):

@@ -186,6 +186,36 @@ def test_logits_match_every_step_with_chunked_prefill(arch, tmp_path: Path):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_logits_match_with_prefill_chunks_between_decode_steps(arch, tmp_path: Path):
+    """Chunks after decode steps: one longer than the window, one of two tokens, each with the window's edge inside
+    a page of the earlier tokens."""
+    model = tiny(arch)
+    ids = prompt_ids(149, seed=11)
+    plan = [("prefill", 40), ("decode", 13), ("prefill", 37), ("decode", 9), ("prefill", 2), ("decode", 20),
+            ("prefill", 70), ("decode", 5)]
+
+    @torch.no_grad()
+    def run(cache) -> torch.Tensor:
+        logits, pos = [], 0
+        for kind, count in plan:
+            if kind == "prefill":
+                logits.append(model(ids[:, pos:pos + count], past_key_values=cache, use_cache=True).logits[0, -1])
+                pos += count
+                continue
+            for _ in range(count):
+                token = logits[-1].argmax().view(1, 1)
+                logits.append(model(token, past_key_values=cache, use_cache=True).logits[0, -1])
+        return torch.stack(logits)
+
+    expected = run(DynamicCache(config=model.config))
+    with offload(model, **three_tiers(model, tmp_path)) as rt:
+        rt.PREFILL_BLOCK = 16
+        got = run(rt.cache())
+        assert_released(rt)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
 def test_logits_match_with_every_page_on_the_device(arch):
     """The all-resident paths: prefill from empty (SDPA with a window mask in blocks of queries, or the manual path
     for soft-capping) and decode through one gathered buffer (SDPA, or the manual path for soft-capping)."""
