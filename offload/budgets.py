@@ -130,6 +130,6 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
         advice = f"raise disk_budget by {short} or more"
     held = " (sliding-window layers hold only their window)" if any(w is not None for w in windows) else ""
     raise ValueError(
-        f"budgets: the KV of {tokens} tokens{held} needs {format_size(need * plan.page_bytes)} but device, host and disk "
-        f"budgets hold {format_size(have * plan.page_bytes)} of pages; {advice}"
+        f"budgets: the KV of {tokens} tokens{held} needs {format_size(need * plan.page_bytes)} but device, host and "
+        f"disk budgets hold {format_size(have * plan.page_bytes)} of pages; {advice}"
     )
