@@ -1,5 +1,7 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct, GGUF), a transformers directory or a GGUF file,
-and tiny random-weight Llamas for tests. Also the check that a model is one the runtime supports."""
+and tiny random-weight Llamas for tests. Also the check that a model is one the runtime supports, and what differs
+between the supported architectures: each layer's sliding window, and how a layer computes its query (for the
+speculative prefetch)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ the registered attention function, which calls `Runtime.attend`. `attend`:
      host or disk. The next layer's pages are prefetched into the other half while this layer computes.
   2. prefill: attends densely (causal) over the new tokens and the pages before them, then stores the new pages:
      on the device while its share lasts, then host, then disk.
+On a layer with a sliding window W, each query sees only the last W tokens (itself included), and the pages that
+no query to come can see are released from every tier, so the layer holds about W tokens however long the
+sequence. Logit soft-capping, when the model asks for it, is applied to every score.
 """
 
 from __future__ import annotations
