@@ -46,7 +46,7 @@ def register(name: str, runtime: Runtime) -> None:
         rt.mask_for_cache = False
         padding = kwargs.get("attention_mask")
         if padding is not None:
-            check_unpadded(padding, kwargs["kv_offset"] + kwargs["kv_length"])
+            check_unpadded(padding, kwargs.get("kv_offset", 0) + kwargs["kv_length"])
         return None
 
     AttentionInterface.register(name, attention)

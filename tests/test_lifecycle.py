@@ -102,7 +102,8 @@ def test_a_cache_after_its_block_ended_is_refused(tiny_llama_model):
         run(model, [ids], cache)
     for call in (lambda: run(model, [torch.tensor([[5]])], cache),
                  lambda: model.generate(torch.cat([ids, ids], 1), past_key_values=cache, max_new_tokens=2),
-                 lambda: cache.get_seq_length()):
+                 lambda: cache.get_seq_length(),
+                 lambda: cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)):
         with pytest.raises(ValueError, match=r"^cache: the offload\(\) block this cache was taken in has ended"):
             call()
     with pytest.raises(ValueError, match=r"^cache: this runtime's offload\(\) block has ended"):
