@@ -36,6 +36,15 @@ def unusable(runtime: Runtime, sequence: int) -> str | None:
     return None
 
 
+def check_whole(runtime: Runtime) -> None:
+    """Between forwards every layer holds the same tokens; a forward that stopped part-way through the layers (an
+    error or an interrupt) leaves the first layers one step ahead, and the sequence can't go on."""
+    tokens = runtime.table.tokens
+    if tokens.count(tokens[0]) != len(tokens):
+        raise ValueError(f"cache: an earlier forward stopped part-way through the layers (they hold {min(tokens)} to "
+                         f"{max(tokens)} tokens), so this sequence can't go on; take a new cache with rt.cache()")
+
+
 class OffloadedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
@@ -69,6 +78,7 @@ class OffloadedLayer(CacheLayerMixin):
             )
         pending = self.runtime.pending
         if self.layer == 0:
+            check_whole(self.runtime)
             # The masks of this forward are built; what is left is from a forward that raised half-way.
             self.runtime.mask_for_cache = False
             pending.clear()
@@ -123,5 +133,7 @@ class OffloadedCache(Cache):
         self.sequence = sequence
 
     def check(self) -> None:
-        """Raises a one-line ValueError unless the cache can be used now (see `unusable`)."""
+        """Raises a one-line ValueError unless the cache can be used now (see `unusable`, `check_whole`); between
+        forwards only."""
         self.layers[0].check()
+        check_whole(self.runtime)

@@ -140,6 +140,33 @@ def test_a_cache_with_a_model_not_running_its_runtime_is_refused(tiny_llama_mode
         torch.testing.assert_close(run(model, [ids[:, :1]], cache)[0], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_sequence_interrupted_part_way_through_the_layers_is_refused(tiny_gqa3_model):
+    """An interrupt (Ctrl-C while streaming) or an error in a layer leaves the first layers one token ahead; going
+    on with that cache would attend over mismatched layers without any error."""
+    model = tiny_gqa3_model
+    ids = ids_of(20, seed=18)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with offload(model, page_size=8) as rt, torch.no_grad():
+        cache = rt.cache()
+        run(model, [ids], cache)
+        handle = model.model.layers[2].register_forward_pre_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(model, [ids[:, :1]], cache)
+        finally:
+            handle.remove()
+        with pytest.raises(ValueError, match="^cache: an earlier forward stopped part-way"):
+            run(model, [ids[:, :1]], cache)
+        with forwards(model) as n, pytest.raises(ValueError, match="^cache: an earlier forward stopped part-way"):
+            model.generate(torch.cat([ids, ids[:, :2]], 1), past_key_values=cache, max_new_tokens=2)
+        assert n[0] == 0
+        assert rt.table.tokens == [21, 21, 20]
+        model.generate(ids, max_new_tokens=2)  # a new sequence is fine
+
+
 # -- 3. padding ----------------------------------------------------------------------------------------------------
 def test_padding_with_the_offloaded_cache_is_refused_on_every_path(tiny_llama_model):
     """Bug: the padding check lived only in the generate wrapper for generate() without a cache: a padded
