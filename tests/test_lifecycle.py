@@ -141,8 +141,8 @@ def test_a_cache_with_a_model_not_running_its_runtime_is_refused(tiny_llama_mode
 
 
 def test_a_sequence_interrupted_part_way_through_the_layers_is_refused(tiny_gqa3_model):
-    """An interrupt (Ctrl-C while streaming) or an error in a layer leaves the first layers one token ahead; going
-    on with that cache would attend over mismatched layers without any error."""
+    """Bug: an interrupt (Ctrl-C while streaming) or an error in a layer leaves the first layers one token ahead;
+    going on with that cache attended over layers of different lengths without any error."""
     model = tiny_gqa3_model
     ids = ids_of(20, seed=18)
 
@@ -331,6 +331,8 @@ def test_max_length_beyond_the_positions_is_refused_naming_max_length():
 
 
 def test_a_later_turn_needs_the_whole_conversation(tiny_llama_model):
+    """Bug: a later turn given only its new ids (a cache already holding the earlier ones) failed deep inside
+    transformers; generate's ids must hold the whole conversation, as with a DynamicCache."""
     model = tiny_llama_model
     ids = ids_of(PROMPT, seed=10)
     with offload(model, page_size=8), torch.no_grad():
@@ -362,9 +364,10 @@ REFUSED = {
 @pytest.mark.parametrize("with_cache", [False, True], ids=["fresh", "passed-cache"])
 @pytest.mark.parametrize("case", [*REFUSED, "num_beams model config", "cache_implementation model config"])
 def test_generate_settings_the_cache_cant_honour_are_refused_first(tiny_llama_model, case, with_cache):
-    """Bugs: num_beams from a GenerationConfig (or the model's) failed with the batch message, after work;
-    num_return_sequences > 1 with the batch message; output_attentions=True returned empty tuples silently;
-    cache_implementation="static" got transformers' complaint about a past_key_values the caller never passed."""
+    """Bug: num_beams from a GenerationConfig (or the model's) failed with the batch message, after work; and
+    num_return_sequences > 1 with the batch message. Bug: output_attentions=True returned empty tuples silently.
+    Bug: cache_implementation="static" got transformers' complaint about a past_key_values the caller never
+    passed."""
     model = tiny_llama_model
     ids = ids_of(PROMPT, seed=12)
     with offload(model, page_size=8) as rt, torch.no_grad():
@@ -383,6 +386,8 @@ def test_generate_settings_the_cache_cant_honour_are_refused_first(tiny_llama_mo
 
 
 def test_output_attentions_in_a_forward_is_refused_like_generate(tiny_llama_model):
+    """Bug: a forward with output_attentions=True inside the block returned empty tuples (transformers only warns
+    for SDPA); it is refused as in generate, with the offloaded cache or without."""
     model = tiny_llama_model
     ids = ids_of(PROMPT, seed=13)
     with offload(model, page_size=8) as rt, torch.no_grad():
