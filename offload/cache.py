@@ -3,6 +3,11 @@
 `update` only stashes the new states; the attention function registered by `offload()` (offload/attention.py)
 then asks the runtime to attend over the pages and to store the new tokens. So the cache never materializes a
 layer's whole KV, and transformers code that only calls `update`, `get_seq_length` and `get_mask_sizes` works as is.
+
+A runtime holds one sequence at a time, so a cache is bound to the runtime and to the sequence it was taken for.
+Every entry checks, with a few integer and string comparisons, that the sequence is still the runtime's current
+one, that the `offload()` block is still open and that the model still runs this runtime's attention; otherwise the
+cache would read another sequence's pages, or pages already freed, without any error.
 """
 
 from __future__ import annotations
@@ -16,35 +21,85 @@ if TYPE_CHECKING:
     from offload.runtime import Runtime
 
 
+def unusable(runtime: Runtime, sequence: int) -> str | None:
+    """Why a cache taken for `sequence` of `runtime` can't be used now, or None when it can."""
+    if runtime.closed:
+        return ("cache: the offload() block this cache was taken in has ended; a cache works only inside its block, "
+                "take a new one with rt.cache() inside a new block")
+    if sequence != runtime.sequence_id:
+        return ("cache: this cache's sequence was replaced by a later rt.cache() or generate() on the same runtime "
+                "(it holds one sequence at a time); take a new cache with rt.cache(), or pass this one to every turn")
+    impl = runtime.model.config._attn_implementation
+    if impl != runtime.attention_name:
+        return (f"cache: the model runs attention {impl!r}, not this cache's runtime; use the cache inside its own "
+                "offload() block, not after set_attn_implementation() or inside a nested offload()")
+    return None
+
+
+def check_whole(runtime: Runtime) -> None:
+    """Between forwards every layer holds the same tokens; a forward that stopped part-way through the layers (an
+    error or an interrupt) leaves the first layers one step ahead, and the sequence can't go on."""
+    tokens = runtime.table.tokens
+    if tokens.count(tokens[0]) != len(tokens):
+        raise ValueError(f"cache: an earlier forward stopped part-way through the layers (they hold {min(tokens)} to "
+                         f"{max(tokens)} tokens), so this sequence can't go on; take a new cache with rt.cache()")
+
+
 class OffloadedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, runtime: Runtime, layer: int):
+    def __init__(self, runtime: Runtime, layer: int, sequence: int, name: str):
         super().__init__()
         self.runtime = runtime
         self.layer = layer
+        self.sequence = sequence
+        self.name = name
+
+    def check(self) -> None:
+        """Raises unless this cache's sequence is the runtime's current one, in an open block, with the model on
+        the runtime's attention. Python ints and strings only: it runs at every entry."""
+        rt = self.runtime
+        if rt.closed or self.sequence != rt.sequence_id or rt.model.config._attn_implementation != self.name:
+            raise ValueError(unusable(rt, self.sequence))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.check()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != 1:
             raise ValueError(
                 f"batch: offloaded generation runs one sequence at a time; got batch size {key_states.shape[0]}"
             )
-        self.runtime.pending[self.layer] = (key_states, value_states)
+        pending = self.runtime.pending
+        if self.layer == 0:
+            check_whole(self.runtime)
+            # The masks of this forward are built; what is left is from a forward that raised half-way.
+            self.runtime.mask_for_cache = False
+            pending.clear()
+        elif pending:
+            # The attention of an earlier layer never took its keys: the model calling this cache does not run the
+            # runtime's attention (another model, or one switched to another implementation).
+            raise ValueError("cache: the model using this cache does not run its offload() block's attention; "
+                             "use the cache only with the model that offload() wraps, inside the block")
+        pending[self.layer] = (key_states, value_states)
         return key_states, value_states
 
     def get_seq_length(self) -> int:
+        self.check()
         return self.runtime.table.tokens[self.layer]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        # transformers asks only while building a forward's attention mask: the mask function it calls next then
+        # knows the forward runs on the offloaded path. Set after the checks, so a refused cache marks nothing.
+        tokens = self.get_seq_length()
+        self.runtime.mask_for_cache = True
+        return tokens + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -68,8 +123,17 @@ class OffloadedLayer(CacheLayerMixin):
 
 
 class OffloadedCache(Cache):
-    """A Cache over the runtime's paged KV store; get one from `rt.cache()`."""
+    """A Cache over the runtime's paged KV store, bound to one of its sequences; get one from `rt.cache()`."""
 
     def __init__(self, runtime: Runtime):
-        super().__init__(layers=[OffloadedLayer(runtime, i) for i in range(runtime.layers)])
+        name = runtime.attention_name
+        sequence = runtime.sequence_id
+        super().__init__(layers=[OffloadedLayer(runtime, i, sequence, name) for i in range(runtime.layers)])
         self.runtime = runtime
+        self.sequence = sequence
+
+    def check(self) -> None:
+        """Raises a one-line ValueError unless the cache can be used now (see `unusable`, `check_whole`); between
+        forwards only."""
+        self.layers[0].check()
+        check_whole(self.runtime)

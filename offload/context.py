@@ -12,12 +12,21 @@ import copy
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from offload import attention
+from offload.cache import OffloadedCache
 from offload.config import OffloadConfig
 from offload.runtime import Runtime
+
+# transformers' values for generation settings that neither the call nor a generation config sets (its own table
+# where this version has one).
+_DEFAULTS: dict[str, Any] = {"max_length": 20, "num_beams": 1, "num_return_sequences": 1, "use_cache": True}
+if hasattr(GenerationConfig, "_get_default_generation_params"):
+    _DEFAULTS.update(GenerationConfig._get_default_generation_params())
 
 
 @contextmanager
@@ -31,7 +40,7 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
             raise ValueError(f"{unknown[0]}: unknown option; known: {', '.join(OffloadConfig.option_names())}")
         config = OffloadConfig(**options)
     runtime = Runtime(model, config)
-    name = f"offload-{id(runtime):x}"
+    name = runtime.attention_name
     saved_impl = model.config._attn_implementation
     saved_generation = copy.deepcopy(getattr(model, "generation_config", None))
     had_generate = "generate" in model.__dict__
@@ -40,7 +49,11 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
         attention.register(name, runtime)
         model.set_attn_implementation(name)
         if hasattr(model, "generate"):
-            model.generate = _wrap_generate(model, runtime)
+            # The model's own cache choice (Gemma 2's "hybrid", a "static" default) would make transformers refuse
+            # the offloaded cache passed to it; the generation config is restored on exit.
+            own_cache = model.generation_config.cache_implementation
+            model.generation_config.cache_implementation = None
+            model.generate = _wrap_generate(model, runtime, own_cache)
         yield runtime
     finally:
         try:
@@ -56,28 +69,107 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
             runtime.close()
 
 
-def _wrap_generate(model: torch.nn.Module, runtime: Runtime):
-    original = model.generate
+def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | None):
+    # Inside a nested block, call what the outer wrapper wraps: the outer checks would refuse the inner cache.
+    original = getattr(model.generate, "offload_wrapped", model.generate)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        gc = kwargs.get("generation_config") or model.generation_config
-        if kwargs.get("use_cache", gc.use_cache) is False:
+        given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+
+        def setting(key: str) -> Any:
+            """The value generate will use: the call's, else the given config's, the model's, transformers'."""
+            if key in kwargs:
+                return kwargs[key]
+            for gc in (given, model.generation_config):
+                if gc is not None and getattr(gc, key, None) is not None:
+                    return getattr(gc, key)
+            return _DEFAULTS.get(key)
+
+        if setting("use_cache") is False:
             return original(*args, **kwargs)  # no cache at all: nothing to offload
-        if kwargs.get("past_key_values") is None:
-            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            if ids is not None:
-                if ids.dim() == 2 and ids.shape[0] != 1:
-                    raise ValueError(f"batch: offloaded generation runs one sequence at a time; got {ids.shape[0]}")
-                mask = kwargs.get("attention_mask")
-                if mask is not None and not bool(mask.all()):
-                    raise ValueError("attention_mask: padding is not allowed with one sequence; pass unpadded ids")
-                new = kwargs.get("max_new_tokens") or gc.max_new_tokens
-                total = ids.shape[-1] + new if new is not None else ids.shape[-1]
-                runtime.expect_tokens(total)
-            if kwargs.get("num_beams", 1) != 1:
-                raise ValueError("num_beams: offloaded generation runs one sequence at a time; use num_beams=1")
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, OffloadedCache):
+            return original(*args, **kwargs)  # the caller's own Cache object: transformers' cache, plain attention
+        _check_settings(model, setting, given, kwargs, own_cache)
+        model.generation_config.cache_implementation = None  # the model's own, set again inside the block
+        if given is not None and given.cache_implementation is not None:
+            # The model's own choice, carried by a copy of its generation config: the offloaded cache replaces it.
+            given = copy.copy(given)
+            given.cache_implementation = None
+            if "generation_config" in kwargs:
+                kwargs["generation_config"] = given
+            else:
+                args = (args[0], given, *args[2:])
+        tokens, name = _planned_tokens(model, runtime, setting, given, args, kwargs, cache)
+        runtime.expect_tokens(tokens, name)
+        if cache is None:
             kwargs["past_key_values"] = runtime.cache()
         return original(*args, **kwargs)
 
+    generate.offload_wrapped = original
     return generate
+
+
+def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | None, kwargs: dict,
+                    own_cache: str | None) -> None:
+    """Refuses, before any work, what the offloaded cache can't run: one line naming the setting."""
+    # The model's own cache_implementation (from before the block) gives way to the offloaded cache; one the caller
+    # chose is refused.
+    explicit = kwargs.get("cache_implementation")
+    for gc in (given, model.generation_config):
+        if explicit is None and gc is not None and gc.cache_implementation not in (None, own_cache):
+            explicit = gc.cache_implementation
+    if explicit is not None:
+        raise ValueError(f"cache_implementation: inside offload() generate uses the offloaded cache; leave "
+                         f"cache_implementation unset (got {explicit!r})")
+    if (setting("num_beams") or 1) != 1:
+        raise ValueError(f"num_beams: offloaded generation runs one sequence at a time; use num_beams=1 "
+                         f"(got {setting('num_beams')})")
+    if (setting("num_return_sequences") or 1) != 1:
+        raise ValueError(f"num_return_sequences: offloaded generation runs one sequence at a time (batch size 1); "
+                         f"use num_return_sequences=1 (got {setting('num_return_sequences')})")
+    if setting("output_attentions"):
+        raise ValueError(attention.OUTPUT_ATTENTIONS)
+
+
+def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: GenerationConfig | None, args: tuple,
+                    kwargs: dict, cache: OffloadedCache | None) -> tuple[int, str]:
+    """The length the sequence will reach, as transformers' generate computes it, and the parameter that set it.
+    Also checks the batch size, the padding mask and, for a cache from earlier turns, that the ids hold the whole
+    conversation."""
+    ids = args[0] if args and args[0] is not None else kwargs.get("inputs")
+    if ids is None:
+        ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds")
+    for tensor in (ids, embeds):
+        if tensor is not None and tensor.dim() >= 2 and tensor.shape[0] != 1:
+            raise ValueError(f"batch: offloaded generation runs one sequence at a time; got {tensor.shape[0]}")
+    ids_len = ids.shape[-1] if ids is not None else 0
+    prompt = embeds.shape[1] if embeds is not None else ids_len
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        attention.check_unpadded(mask, prompt)
+    if cache is not None:
+        if cache.runtime is not runtime:
+            raise ValueError("cache: this cache belongs to another offload() runtime; pass a cache from this "
+                             "model's block (rt.cache()), or none")
+        cache.check()
+        past = cache.get_seq_length()
+        if prompt <= past:
+            what = "inputs_embeds" if embeds is not None else "input_ids"
+            raise ValueError(f"{what}: the cache already holds {past} tokens; pass the whole conversation (those "
+                             f"{past} tokens and the new ones), as with a DynamicCache")
+    new = setting("max_new_tokens")
+    if new is not None:
+        return prompt + new, "prompt"
+    explicit_max = kwargs.get("max_length") is not None or (given is not None and given.max_length is not None) \
+        or model.generation_config.max_length is not None
+    if explicit_max:
+        # generate stops when the output reaches max_length; with embeddings unlike the ids it counts them too.
+        stop = setting("max_length") - (prompt if embeds is not None and ids_len != prompt else 0)
+        name = "max_length" if prompt < model.config.max_position_embeddings else "prompt"
+    else:
+        stop = min(setting("max_length") + ids_len, model.config.max_position_embeddings)
+        name = "prompt"
+    return prompt + max(stop - ids_len, 0), name

@@ -112,20 +112,33 @@ class Runtime(PlacementMixin, SparseMixin):
         self.recall_sum = [0.0] * self.layers
         self.recall_n = [0] * self.layers
 
+    # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
+    # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
+    mask_for_cache: bool = False
+
+    @property
+    def attention_name(self) -> str:
+        """The name of this runtime's attention function in transformers' AttentionInterface."""
+        return f"offload-{id(self):x}"
+
     def cache(self):
-        """A fresh transformers Cache bound to this runtime. Pages of an earlier cache are released."""
+        """A fresh transformers Cache bound to this runtime and to a new sequence. The runtime holds one sequence:
+        the pages of the previous one are released and a cache taken for it refuses further use."""
         from offload.cache import OffloadedCache
 
+        if self.closed:
+            raise ValueError("cache: this runtime's offload() block has ended; take caches inside the with block")
         self._drain()
         self._new_sequence()
         return OffloadedCache(self)
 
-    def expect_tokens(self, tokens: int) -> None:
-        """Checks, before anything runs, that a sequence of `tokens` fits the positions and the budgets."""
+    def expect_tokens(self, tokens: int, name: str = "prompt") -> None:
+        """Checks, before anything runs, that a sequence of `tokens` fits the positions and the budgets. `name`: the
+        parameter that set the length, which the position error starts with."""
         if tokens > self.max_positions:
+            detail = "prompt plus new tokens" if name == "prompt" else f"the length {name} asks for"
             raise ValueError(
-                f"prompt: {tokens} tokens (prompt plus new tokens) exceed the model's maximum of "
-                f"{self.max_positions} positions"
+                f"{name}: {tokens} tokens ({detail}) exceed the model's maximum of {self.max_positions} positions"
             )
         check_capacity(self.plan, self.config, tokens, self.layers, self.page_size, self.windows)
 
