@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(PlacementMixin, SparseMixin):
+    # Pools and buffers outlive any inference_mode() the runtime is built in, and are updated in place outside it
+    # (on I/O threads too): they must be normal tensors.
+    @torch.inference_mode(False)
     def __init__(self, model: torch.nn.Module, config: OffloadConfig):
         check_model(model)
         self.model = model
@@ -152,6 +155,7 @@ class Runtime(PlacementMixin, SparseMixin):
         self.engine.resolve_gpu_waits(self.stall)
 
     # -- lower tiers, created at the first spill -----------------------------------------------------------------
+    @torch.inference_mode(False)  # see __init__
     def _host(self) -> HostTier | None:
         if self.host_tier is None and self.plan.host_pages > 0:
             self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda")
@@ -160,6 +164,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
         return self.host_tier
 
+    @torch.inference_mode(False)  # see __init__
     def _disk(self):
         if self.disk_tier is None and self.plan.disk_pages > 0:
             from tiers.disk import DiskTier

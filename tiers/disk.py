@@ -206,9 +206,11 @@ class DiskTier(Tier):
         k_buf, v_buf = (self._bounce(t) if self._needs_bounce(t) else t for t in (k_out, v_out))
 
         def copy_back() -> None:
-            for buf, out in ((k_buf, k_out), (v_buf, v_out)):
-                if buf is not out:
-                    out.copy_(buf)
+            # Runs on a pool thread, where inference mode is off; `out` may be an inference tensor.
+            with torch.inference_mode():
+                for buf, out in ((k_buf, k_out), (v_buf, v_out)):
+                    if buf is not out:
+                        out.copy_(buf)
 
         return self._submit(False, slots, k_buf, v_buf, copy_back)
 
