@@ -18,7 +18,7 @@ import time
 import torch
 
 from offload import attention_math as am
-from offload.budgets import Plan, check_capacity, plan_budgets
+from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budgets
 from offload.config import OffloadConfig
 from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
@@ -125,6 +125,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 f"{self.max_positions} positions"
             )
         check_capacity(self.plan, self.config, tokens, self.layers, self.page_size)
+        self.expected_tokens = tokens  # sizes the disk file at the first spill
 
     def save_trace(self, path: str) -> None:
         """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
@@ -169,7 +170,11 @@ class Runtime(PlacementMixin, SparseMixin):
         if self.disk_tier is None and self.plan.disk_pages > 0:
             from tiers.disk import DiskTier
 
-            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads)
+            # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
+            reserve = disk_reserve_pages(self.plan, getattr(self, "expected_tokens", None), self.layers,
+                                         self.page_size)
+            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
+                                      reserve=reserve)
             self._host()
         return self.disk_tier
 
