@@ -454,3 +454,37 @@ def test_default_model_through_three_tiers(capsys: pytest.CaptureFixture, tmp_pa
     peak = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("peak_resident_bytes")}
     assert set(peak) == {"device", "host", "disk"} and all(not size.startswith("0B") for size in peak.values()), peak
     assert_empty_dir(kv)
+
+
+# ---- device ----------------------------------------------------------------------------------------------------
+
+BAD_DEVICES = [
+    ("cuda", False, 0, "not available"),
+    ("cuda:0", False, 0, "not available"),
+    ("cuda:7", True, 1, "does not exist; this machine has 1 CUDA device"),
+    ("gpu0", True, 1, "expected cpu, cuda or cuda:N"),
+    ("cuda:x", True, 1, "expected cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("device,available,count,says", BAD_DEVICES, ids=[d for d, *_ in BAD_DEVICES])
+def test_unusable_device_is_one_line_before_loading(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str, available: bool,
+    count: int, says: str,
+) -> None:
+    """Bug: `offload generate --device cuda` on a machine without CUDA printed a traceback and exited 1 (the same
+    from the API); a malformed device or cuda:7 on a 1-GPU machine failed late too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr("tools.generate.load", lambda args: pytest.fail("the model was loaded"))
+    code, out, err = run_cli(capsys, "generate", "--prompt", "hi", "--device", device)
+    assert code == 2 and out == ""
+    line = assert_one_line_error(err, "--device")
+    assert line.startswith("offload: error: --device: ") and says in line
+    with pytest.raises(ValueError, match=rf"^device: .*{says}"):
+        OffloadConfig(device=device)
+    from offload import offload
+
+    with pytest.raises(ValueError, match=r"^device: "):
+        with offload(torch.nn.Linear(1, 1), device=device):
+            pass
