@@ -488,3 +488,105 @@ def test_unusable_device_is_one_line_before_loading(
     with pytest.raises(ValueError, match=r"^device: "):
         with offload(torch.nn.Linear(1, 1), device=device):
             pass
+
+
+# ---- where the prompt comes from -------------------------------------------------------------------------------
+
+
+class _Stdin:
+    """A stand-in for sys.stdin: bytes behind .buffer, and whether it is a terminal."""
+
+    def __init__(self, data: bytes = b"", tty: bool = False):
+        import io
+
+        self.buffer = io.BytesIO(data)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def read(self) -> str:
+        return self.buffer.read().decode()
+
+
+def _prompt_args(prompt: str | None = None, prompt_file: str | None = None):
+    import argparse
+
+    return argparse.Namespace(prompt=prompt, prompt_file=prompt_file)
+
+
+@pytest.mark.parametrize("how", ["piped", "--prompt -", "--prompt-file -"])
+def test_prompt_from_stdin(how: str) -> None:
+    """Bug: `echo hi | offload generate` said no prompt was given, and `--prompt -` sent a literal "-"."""
+    args = {"piped": _prompt_args(), "--prompt -": _prompt_args(prompt="-"),
+            "--prompt-file -": _prompt_args(prompt_file="-")}[how]
+    assert common.read_prompt(args, stdin=_Stdin("naïve pump\n".encode())) == "naïve pump\n"
+
+
+def test_no_prompt_and_a_terminal_on_stdin_is_one_clear_error(capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug (the other side of reading stdin): with a terminal on stdin, waiting for input would look like a hang."""
+    monkeypatch.setattr(sys, "stdin", _Stdin(tty=True))
+    code, _, err = run_cli(capsys, "generate")
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt")
+    assert "stdin" in line and "--prompt-file" in line
+
+
+def test_generate_reads_a_piped_prompt(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                       tiny_model_dir: Path) -> None:
+    """Bug: `echo ... | offload generate` (and `--prompt -`) must generate from the piped text."""
+    prompt = CORPUS[:120]
+    monkeypatch.setattr(sys, "stdin", _Stdin(prompt.encode()))
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "-",
+                             "--max-new-tokens", "6", "--no-progress")
+    assert code == 0, err
+    assert out == _reference_text(tiny_model_dir, prompt, 6) + "\n"
+
+
+def test_prompt_file_may_be_a_pipe(tmp_path: Path) -> None:
+    """Bug: --prompt-file said "does not exist" for /dev/stdin and for a process substitution `<(...)`, which are
+    pipes, not regular files."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("from a pipe",), daemon=True)
+    writer.start()
+    try:
+        assert common.read_prompt(_prompt_args(prompt_file=str(fifo))) == "from a pipe"
+    finally:
+        writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["directory", "latin-1", "missing"])
+def test_prompt_file_errors_name_the_flag_the_file_and_the_reason(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                   kind: str) -> None:
+    """Bug: a directory was reported as "does not exist", and a non-UTF-8 file as a bare codec error that named
+    neither the flag nor the file."""
+    path = tmp_path / kind
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "latin-1":
+        path.write_bytes("café".encode("latin-1"))
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(path))
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt-file")
+    assert line.startswith(f"offload: error: --prompt-file: {path} ")
+    assert {"directory": "is a directory", "latin-1": "is not UTF-8 text", "missing": "does not exist"}[kind] in line
+
+
+def test_unwritable_disk_dir_fails_before_the_model_loads(capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Bug: an unusable --disk-dir was reported only after the model had loaded (20 s with the default model)."""
+    monkeypatch.setattr("tools.generate.load", lambda args: pytest.fail("the model was loaded first"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for disk_dir in (blocker, blocker / "kv"):
+        code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--disk-dir", str(disk_dir))
+        assert code == 2
+        assert_one_line_error(err, "--disk-dir")
+    assert blocker.read_text() == "not a directory"
+    fresh = tmp_path / "new" / "kv"
+    common.check_disk_dir_usable(str(fresh))  # creatable: fine, and not created by the check
+    assert not (tmp_path / "new").exists()
