@@ -590,3 +590,74 @@ def test_unwritable_disk_dir_fails_before_the_model_loads(capsys: pytest.Capture
     fresh = tmp_path / "new" / "kv"
     common.check_disk_dir_usable(str(fresh))  # creatable: fine, and not created by the check
     assert not (tmp_path / "new").exists()
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_run_exits_143_and_cleans_the_disk_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Bug: SIGTERM (sent by `timeout`, `kill`, container stops, systemd, Slurm) left the disk tier's file, as
+    large as the KV, behind. It now cleans up like Ctrl-C and exits with 128 + 15. (After SIGKILL, which nothing
+    can catch, the next run removes the file: tests/test_tiers.py, test_stale_files_of_dead_processes_are_removed.)"""
+    import signal
+    import time
+
+    kv = tmp_path / "kv"
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(CORPUS, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # One token per forward pass and many new tokens: the run lasts seconds after its file appears.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offload.cli", "generate", "--model", str(tiny_model_dir), "--prompt-file",
+         str(prompt), "--max-new-tokens", "120", "--prefill-chunk", "1", "--disk-dir", str(kv), "--no-progress",
+         *THREE_TIERS],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (kv.is_dir() and any(kv.iterdir())):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no disk file appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1] == "offload: terminated by SIGTERM"
+    assert_empty_dir(kv)
+
+
+def test_sighup_in_process_exits_129_cleans_up_and_restores_the_handler(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Bug: SIGHUP (the terminal closed) killed the run without cleaning up, like SIGTERM."""
+    import signal
+
+    import tools.common
+
+    real = common.generate_stream
+    seen: list[str] = []
+
+    def hung_up(*args, **kwargs):
+        def on_text(piece: str) -> None:
+            seen.append(piece)
+            if len(seen) == 2:
+                assert any(Path(kv).iterdir())  # the disk tier's file exists now
+                os.kill(os.getpid(), signal.SIGHUP)
+
+        kwargs["on_text"] = on_text
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tools.common, "generate_stream", hung_up)
+    kv = tmp_path / "kv"
+    before = signal.getsignal(signal.SIGHUP)
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:300], "--max-new-tokens", "50",
+        "--disk-dir", str(kv), "--no-progress", *THREE_TIERS,
+    )
+    assert code == 129 and len(seen) == 2
+    assert err.rstrip("\n").splitlines()[-1] == "offload: terminated by SIGHUP"
+    assert signal.getsignal(signal.SIGHUP) == before
+    assert_empty_dir(kv)
