@@ -307,6 +307,7 @@ def test_generate_through_three_tiers_matches_plain_generation(
     )
     assert code == 0, err
     assert "Traceback" not in err
+    assert "Loading weights" not in err and "it/s" not in err  # --no-progress: no loading bars either
     assert out == _reference_text(tiny_model_dir, prompt, 24) + "\n"
     for row in ("bytes_moved host->disk", "peak_resident_bytes disk", "tokens decode", "kv_bytes"):
         assert row in err
@@ -451,6 +452,8 @@ def test_default_model_through_three_tiers(capsys: pytest.CaptureFixture, tmp_pa
     )
     assert code == 0, err
     assert out.strip()
+    # Bug: GGUF loading progress bars printed despite --no-progress (transformers' GGUF loader calls tqdm itself).
+    assert "de-quantizing" not in err and "Loading weights" not in err and "it/s" not in err
     peak = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("peak_resident_bytes")}
     assert set(peak) == {"device", "host", "disk"} and all(not size.startswith("0B") for size in peak.values()), peak
     assert_empty_dir(kv)

@@ -281,11 +281,13 @@ def default_device() -> str:
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer) from --model and --dtype, on --device (default: cuda if available, else cpu)."""
+    """(model, tokenizer) from --model and --dtype, on --device (default: cuda if available, else cpu); with
+    --no-progress, without loading progress bars."""
     from offload.models import load_model
 
     device = getattr(args, "device", None) or default_device()
-    return load_model(getattr(args, "model", None), device=device, dtype=DTYPES[getattr(args, "dtype", "auto")])
+    return load_model(getattr(args, "model", None), device=device, dtype=DTYPES[getattr(args, "dtype", "auto")],
+                      progress=not getattr(args, "no_progress", False))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> torch.Tensor:
