@@ -664,3 +664,30 @@ def test_sighup_in_process_exits_129_cleans_up_and_restores_the_handler(
     assert err.rstrip("\n").splitlines()[-1] == "offload: terminated by SIGHUP"
     assert signal.getsignal(signal.SIGHUP) == before
     assert_empty_dir(kv)
+
+
+# ---- the trace ---------------------------------------------------------------------------------------------------
+
+
+def test_generate_trace_is_saved_not_thrown_away(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Bug: `offload generate --trace` recorded a timeline and threw it away. --trace-file PATH saves it there;
+    bare --trace saves ./offload-trace.json; both say where on stderr."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    explicit = tmp_path / "traces" / "run.json"
+    explicit.parent.mkdir()
+    for flags, path in ((["--trace-file", str(explicit)], explicit), (["--trace"], tmp_path / "offload-trace.json")):
+        code, out, err = run_cli(
+            capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:200], "--max-new-tokens", "4",
+            "--disk-dir", str(tmp_path / "kv"), "--no-progress", *THREE_TIERS, *flags,
+        )
+        assert code == 0, err
+        assert f"trace written to {path}" in err.splitlines()[-1]
+        events = json.loads(path.read_text())["traceEvents"]
+        names = {e.get("args", {}).get("name") for e in events if e.get("ph") == "M"}
+        assert any("disk" in str(n) for n in names) and any(e.get("ph") == "X" for e in events)
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--trace-file", str(tmp_path / "no" / "t.json"))
+    assert code == 2
+    assert_one_line_error(err, "--trace-file")

@@ -47,7 +47,8 @@ OPTION_HELP: dict[str, str] = {
     "recent_tokens": "sparse mode: most recent tokens that are always attended",
     "measure_recall": "sparse mode: also compute dense attention and report the attention mass the selected "
     "pages covered",
-    "trace": "record a timeline of transfers, compute and stalls",
+    "trace": "record a timeline of transfers, compute and stalls; generate saves it as Chrome trace JSON (see "
+    "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
 }
