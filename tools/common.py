@@ -465,8 +465,17 @@ def format_stat(name: str, value: Any) -> str:
 
 
 def format_stats_table(stats: Mapping[str, Any]) -> str:
-    """`Runtime.stats()` as an aligned two-column text table, one row per (flattened) entry."""
-    rows = [(name, format_stat(name, value)) for name, value in flatten_stats(stats)]
+    """`Runtime.stats()` as an aligned two-column text table, one row per (flattened) entry, plus the two prefetch
+    ratios (`offload.report.prefetch_ratios`) after the prefetch counts."""
+    rows: list[tuple[str, str]] = []
+    for name, value in flatten_stats(stats):
+        rows.append((name, format_stat(name, value)))
+        if name == "prefetch misses" and isinstance(stats.get("prefetch"), Mapping):
+            from offload.report import prefetch_ratios
+
+            ratios = prefetch_ratios(stats["prefetch"])
+            rows.append(("prefetch accuracy (hits/issued)", format_stat("fraction", ratios["accuracy"])))
+            rows.append(("prefetch share of loads prefetched", format_stat("fraction", ratios["prefetched_share"])))
     if not rows:
         return "(no stats)"
     width = max(len(name) for name, _ in rows)

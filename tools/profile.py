@@ -6,7 +6,8 @@
 Writes into --out:
 - trace.json    Chrome trace-event JSON: open it in https://ui.perfetto.dev or chrome://tracing;
 - summary.json  bytes and bandwidth per tier pair, compute/transfer/stall/overlap time, per-layer stall,
-                prefetch hit rate, occupancy per tier, and the runtime's raw stats (`offload.report.summarize`);
+                prefetch accuracy and share of loads prefetched, occupancy per tier, and the runtime's raw stats
+                (`offload.report.summarize`);
 - summary.md    the same as Markdown tables;
 - timeline.png  occupancy, bandwidth, a lane chart of compute/transfers/stalls, and the sampled host and GPU
                 counters, on one time axis.
