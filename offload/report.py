@@ -201,8 +201,8 @@ def prefetch_ratios(prefetch: Mapping[str, Any]) -> dict[str, float | None]:
     - "accuracy" = hits / issued: of the pages loaded ahead on a prediction, the share attention then used. This
       is how good the prediction was.
     - "prefetched_share" = hits / (hits + misses): of the pages attention had to load, the share that arrived by
-      prefetch rather than on demand. In exact mode every page not on the device is loaded, and those of the
-      first layer of a step are always on demand, so this is low even when every prediction is right.
+      prefetch rather than on demand. In exact mode every page off the device is loaded at every step and only
+      those issued ahead of time count as hits, so this share can be low while the accuracy is near 1.
     """
     issued, hits, misses = (int(prefetch.get(k, 0) or 0) for k in ("issued", "hits", "misses"))
     return {

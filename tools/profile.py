@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often host RSS, disk I/O and (on CUDA) GPU memory and PCIe throughput are sampled (default: 0.05)",
     )
     group.add_argument("--quiet", action="store_true", help="do not echo the generated text to stderr")
-    group.add_argument("--no-progress", action="store_true", help="no prefill progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars (prefill, model loading)")
     add_model_options(parser)
     add_runtime_options(parser)
     parser.epilog = (
