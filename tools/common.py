@@ -203,7 +203,8 @@ def _decode(data: bytes, name: str, source: str) -> str:
             f"{name}: {source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
         ) from None
     if not text.strip():
-        raise ValueError(f"{name}: {source} is empty")
+        hint = "; pass --prompt TEXT or --prompt-file PATH, or pipe the prompt in" if source == "stdin" else ""
+        raise ValueError(f"{name}: {source} is empty{hint}")
     return text
 
 
