@@ -94,6 +94,17 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk)
 
 
+def disk_reserve_pages(plan: Plan, tokens: int | None, page_size: int, windows: list[int | None]) -> int:
+    """Disk slots to preallocate for a sequence of `tokens` (None: not known yet): the pages the device and host
+    can't hold, a sliding layer counting only its window (`windows`, one per layer). The disk file grows from
+    there when more are needed, up to `plan.disk_pages`."""
+    if tokens is None:
+        return 0
+    need = sum(layer_pages(tokens, page_size, w) for w in windows)
+    above = plan.device_cache_pages + plan.host_pages - plan.host_staging_pages
+    return max(0, min(plan.disk_pages, need - above))
+
+
 def check_disk_dir(path: str) -> None:
     """Raises ValueError unless `path` is (or can be made) a writable directory."""
     try:

@@ -5,17 +5,20 @@ chosen one is imported, so a subcommand whose module is missing or broken is sti
 a one-line error.
 
 Exit codes: 0 success; 2 a bad argument or input (one line on stderr: `offload: error: <message>`, no
-traceback; argparse's usage errors also exit 2); 130 interrupted (the runtime's context manager has removed its
-disk files on the way out).
+traceback; argparse's usage errors also exit 2); 130 interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP
+(128 + the signal's number; the runtime's context manager has removed its disk files on the way out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 PROG = "offload"
@@ -26,6 +29,40 @@ COMMANDS: dict[str, str] = {
 }
 
 Runner = Callable[[argparse.Namespace], int]
+# Signals that stop a run the way Ctrl-C does: `timeout`, `kill`, container stops, systemd and Slurm send SIGTERM;
+# closing the terminal sends SIGHUP.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP. A KeyboardInterrupt, so that everything that cleans up
+    after Ctrl-C (the runtime's context manager removes its disk files) does the same here."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `Terminated` in the main thread; the handlers before are restored
+    after. Only the first signal raises: a second one must not cut the cleanup of the first short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _import_command(name: str) -> tuple[ModuleType | None, str]:
@@ -120,9 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (subparser or parser).error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as exc:  # --help, --version and usage errors
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt:
+        with stop_signals_raise():
+            return int(args._run(args) or 0)
+    except KeyboardInterrupt as exc:
         _flush_stdout()
+        if isinstance(exc, Terminated):
+            print(f"{PROG}: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
+            return 128 + exc.signum
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

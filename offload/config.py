@@ -82,6 +82,8 @@ class OffloadConfig:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
+        if self.device is not None:
+            check_device(self.device)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -93,3 +95,28 @@ class OffloadConfig:
         if isinstance(self.token_budget, float):
             return max(1, int(round(self.token_budget * context)))
         return int(self.token_budget)
+
+
+def check_device(device: object) -> None:
+    """Raises ValueError naming `device` unless it is "cpu", or a CUDA device that exists on this machine."""
+    import torch
+
+    allowed = "expected cpu, cuda or cuda:N"
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {allowed}, got {device!r}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"device: {allowed}, got {str(device)!r} (the runtime runs on the CPU or a CUDA GPU)")
+    if not torch.cuda.is_available():
+        why = (f"no CUDA device found (torch {torch.__version__}, CUDA {torch.version.cuda})" if torch.version.cuda
+               else f"torch {torch.__version__} is a CPU-only build")
+        raise ValueError(f"device: {str(device)!r} is not available: {why}; use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and not 0 <= dev.index < count:
+        raise ValueError(
+            f"device: {str(device)!r} does not exist; this machine has {count} CUDA device"
+            f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+        )

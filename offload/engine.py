@@ -126,7 +126,10 @@ class TransferEngine:
 
     def _timed(self, track: str, name: str, body: Callable[[], None], args: dict) -> None:
         t0 = time.perf_counter()
-        body()
+        # Inference mode is per thread: a caller inside it may hand us inference tensors, which only accept
+        # in-place copies inside the mode. Normal tensors accept them there too, so workers always enter it.
+        with torch.inference_mode():
+            body()
         if self.tracer is not None:
             import threading
 
@@ -156,6 +159,7 @@ class TransferEngine:
         self.bytes_moved["host->device"] += nbytes
         args = {"bytes": nbytes, "pages": n, "layer": layer}
 
+        @torch.inference_mode()  # see _timed
         def body() -> torch.cuda.Event:
             self._timed("disk read", "load", lambda: disk.read(slots, staging[0], staging[1]),
                         {**args, "src": "disk", "dst": "host"})

@@ -5,9 +5,12 @@ speculative prefetch)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -38,8 +41,38 @@ def default_model_path() -> str:
     return path
 
 
-def load_model(path: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Returns (model, tokenizer) for a transformers model directory or a .gguf file (default: SmolLM2)."""
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silences transformers' loading progress bars ("Loading weights", and the GGUF de-quantization bar, which
+    uses tqdm directly rather than transformers' switch), restoring both after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf = None
+    with contextlib.suppress(ImportError):
+        import transformers.modeling_gguf_pytorch_utils as gguf
+    original = getattr(gguf, "tqdm", None)
+    if original is not None:
+        gguf.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(path: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               progress: bool = True):
+    """Returns (model, tokenizer) for a transformers model directory or a .gguf file (default: SmolLM2).
+    `progress=False`: no loading progress bars on stderr."""
+    with contextlib.nullcontext() if progress else _no_progress_bars():
+        return _load_model(path, device, dtype)
+
+
+def _load_model(path: str | None, device: str | torch.device | None, dtype: torch.dtype | None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = default_model_path() if path is None else os.fspath(path)

@@ -18,6 +18,9 @@ TIERS = ("device", "host", "disk")
 
 
 class PageTable:
+    # Normal tensors even when a sequence starts inside inference_mode(): the next one may drain this table
+    # outside it, and in-place updates of inference tensors are refused there.
+    @torch.inference_mode(False)
     def __init__(self, layers: int, max_pages: int):
         self.layers = layers
         self.max_pages = max_pages

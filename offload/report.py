@@ -9,7 +9,8 @@ The summary (a JSON-ready dict):
   "compute_span_seconds" (compute spans as recorded), "transfer_seconds" (union over all transfer tracks),
   "overlap_seconds" (time a transfer runs while compute is not stalled), "stall_seconds" (= stats when present),
   "stall_traced_seconds" (union of stall spans), "idle_seconds" (none of compute, transfer, stall).
-- "stall_seconds", "stall_seconds_per_layer", "prefetch" {"issued","hits","misses","hit_rate"},
+- "stall_seconds", "stall_seconds_per_layer", "prefetch" {"issued","hits","misses","accuracy","prefetched_share"}
+  (see `prefetch_ratios`),
   "occupancy" {tier: {"peak_bytes","mean_bytes","final_bytes","budget_bytes"}}, "tokens", "kv_bytes",
   "attended_fraction", and the raw "stats".
 
@@ -166,8 +167,7 @@ def summarize(stats: Mapping[str, Any], tracer: Tracer | None) -> dict[str, Any]
         per_layer = [by_layer.get(i, 0.0) for i in range(max(by_layer, default=-1) + 1)]
 
     pf = dict(stats.get("prefetch", {}))
-    hits, misses = pf.get("hits", 0), pf.get("misses", 0)
-    pf["hit_rate"] = hits / (hits + misses) if hits + misses > 0 else None
+    pf.update(prefetch_ratios(pf))
 
     means = _mean_occupancy(tracer, rng[1] if rng is not None else None)
     budgets = stats.get("budgets") or {}
@@ -192,6 +192,22 @@ def summarize(stats: Mapping[str, Any], tracer: Tracer | None) -> dict[str, Any]
         "attended_fraction": stats.get("attended_fraction"),
         "events": len(tracer.events) if tracer is not None else 0,
         "stats": stats,
+    }
+
+
+def prefetch_ratios(prefetch: Mapping[str, Any]) -> dict[str, float | None]:
+    """The two ratios of `stats()["prefetch"]`, each None when its denominator is 0.
+
+    - "accuracy" = hits / issued: of the pages loaded ahead on a prediction, the share attention then used. This
+      is how good the prediction was.
+    - "prefetched_share" = hits / (hits + misses): of the pages attention had to load, the share that arrived by
+      prefetch rather than on demand. In exact mode every page off the device is loaded at every step and only
+      those issued ahead of time count as hits, so this share can be low while the accuracy is near 1.
+    """
+    issued, hits, misses = (int(prefetch.get(k, 0) or 0) for k in ("issued", "hits", "misses"))
+    return {
+        "accuracy": hits / issued if issued > 0 else None,
+        "prefetched_share": hits / (hits + misses) if hits + misses > 0 else None,
     }
 
 
@@ -241,9 +257,15 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
          for tier, o in summary["occupancy"].items()],
     )
     pf = summary["prefetch"]
-    rate = "-" if pf.get("hit_rate") is None else f"{100 * pf['hit_rate']:.1f}%"
-    lines += ["", "## Prefetch", "",
-              f"Issued {pf.get('issued', 0)}, hits {pf.get('hits', 0)}, misses {pf.get('misses', 0)}, hit rate {rate}."]
+    lines += ["", "## Prefetch", ""]
+    lines += _table(
+        ["pages", "count"],
+        [["issued: loaded ahead on a prediction", str(pf.get("issued", 0))],
+         ["hits: issued pages that attention used", str(pf.get("hits", 0))],
+         ["misses: loaded on demand", str(pf.get("misses", 0))],
+         ["accuracy: hits / issued", _pct(pf.get("accuracy"))],
+         ["prefetched share of loads: hits / (hits + misses)", _pct(pf.get("prefetched_share"))]],
+    )
     if summary.get("attended_fraction") is not None:
         lines += ["", f"Attended fraction of the context: {summary['attended_fraction']:.3f}."]
     per_layer = summary.get("stall_seconds_per_layer") or []
@@ -255,6 +277,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def _size(n: float | None) -> str:
     return "-" if n is None else format_size(n)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _num(x: float | None) -> str:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from offload import attention_math as am
-from offload.budgets import Plan, check_capacity, plan_budgets
+from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budgets
 from offload.config import OffloadConfig
 from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(PlacementMixin, SparseMixin):
+    # Pools and buffers outlive any inference_mode() the runtime is built in, and are updated in place outside it
+    # (on I/O threads too): they must be normal tensors.
+    @torch.inference_mode(False)
     def __init__(self, model: torch.nn.Module, config: OffloadConfig):
         check_model(model)
         self.model = model
@@ -141,6 +144,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 f"{name}: {tokens} tokens ({detail}) exceed the model's maximum of {self.max_positions} positions"
             )
         check_capacity(self.plan, self.config, tokens, self.layers, self.page_size, self.windows)
+        self.expected_tokens = tokens  # sizes the disk file at the first spill
 
     def save_trace(self, path: str) -> None:
         """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
@@ -171,6 +175,7 @@ class Runtime(PlacementMixin, SparseMixin):
         self.engine.resolve_gpu_waits(self.stall)
 
     # -- lower tiers, created at the first spill -----------------------------------------------------------------
+    @torch.inference_mode(False)  # see __init__
     def _host(self) -> HostTier | None:
         if self.host_tier is None and self.plan.host_pages > 0:
             self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda")
@@ -179,11 +184,16 @@ class Runtime(PlacementMixin, SparseMixin):
                 assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
         return self.host_tier
 
+    @torch.inference_mode(False)  # see __init__
     def _disk(self):
         if self.disk_tier is None and self.plan.disk_pages > 0:
             from tiers.disk import DiskTier
 
-            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads)
+            # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
+            reserve = disk_reserve_pages(self.plan, getattr(self, "expected_tokens", None), self.page_size,
+                                         self.windows)
+            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
+                                      reserve=reserve)
             self._host()
         return self.disk_tier
 

@@ -201,3 +201,27 @@ def test_bandwidth_and_bound():
     assert exact_offload_bound(0, 2e9) == math.inf
     with pytest.raises(ValueError, match="bandwidth"):
         exact_offload_bound(1.0, 0.0)
+
+
+def _labelled(axis) -> dict[float, str]:
+    axis.axes.figure.canvas.draw()
+    lo, hi = sorted(axis.get_view_interval())
+    return {float(t.get_loc()): t.label1.get_text() for t in axis.get_major_ticks()
+            if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi}
+
+
+@pytest.mark.parametrize("speeds", [(41.0, 38.5, 30.2, 28.0), (900.0, 120.0, 15.0, 2.5)], ids=["narrow", "wide"])
+def test_plot_labels_every_context_and_several_speeds(speeds: tuple[float, ...]) -> None:
+    """Bug: the bench plot's log axes showed one labelled tick (or none), so its points could not be read."""
+    contexts = [2048, 4096, 8192, 32768, 131040]
+    rows = [{"method": m, "context": c, "decode_tokens_per_s": speeds[i] / (1 + j / 10)}
+            for i, m in enumerate(["dynamic", "offload-exact", "offload-sparse", "hf-offloaded"])
+            for j, c in enumerate(contexts)]
+    rows.append({"method": "offload-exact", "context": 65536, "decode_tokens_per_s": None})  # a failed row
+    ax = bench.plot_figure(rows, "t").axes[0]
+    x = _labelled(ax.xaxis)
+    assert sorted(x) == sorted(contexts + [65536])
+    assert x[2048] == "2K" and x[131040] == "131040"
+    y = _labelled(ax.yaxis)
+    assert len(y) >= 3, y
+    assert all(float(label) == pytest.approx(loc, rel=0.01) for loc, label in y.items())  # labels say the value

@@ -307,6 +307,7 @@ def test_generate_through_three_tiers_matches_plain_generation(
     )
     assert code == 0, err
     assert "Traceback" not in err
+    assert "Loading weights" not in err and "it/s" not in err  # --no-progress: no loading bars either
     assert out == _reference_text(tiny_model_dir, prompt, 24) + "\n"
     for row in ("bytes_moved host->disk", "peak_resident_bytes disk", "tokens decode", "kv_bytes"):
         assert row in err
@@ -451,6 +452,242 @@ def test_default_model_through_three_tiers(capsys: pytest.CaptureFixture, tmp_pa
     )
     assert code == 0, err
     assert out.strip()
+    # Bug: GGUF loading progress bars printed despite --no-progress (transformers' GGUF loader calls tqdm itself).
+    assert "de-quantizing" not in err and "Loading weights" not in err and "it/s" not in err
     peak = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("peak_resident_bytes")}
     assert set(peak) == {"device", "host", "disk"} and all(not size.startswith("0B") for size in peak.values()), peak
     assert_empty_dir(kv)
+
+
+# ---- device ----------------------------------------------------------------------------------------------------
+
+BAD_DEVICES = [
+    ("cuda", False, 0, "not available"),
+    ("cuda:0", False, 0, "not available"),
+    ("cuda:7", True, 1, "does not exist; this machine has 1 CUDA device"),
+    ("gpu0", True, 1, "expected cpu, cuda or cuda:N"),
+    ("cuda:x", True, 1, "expected cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("device,available,count,says", BAD_DEVICES, ids=[d for d, *_ in BAD_DEVICES])
+def test_unusable_device_is_one_line_before_loading(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str, available: bool,
+    count: int, says: str,
+) -> None:
+    """Bug: `offload generate --device cuda` on a machine without CUDA printed a traceback and exited 1 (the same
+    from the API); a malformed device or cuda:7 on a 1-GPU machine failed late too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr("tools.generate.load", lambda args: pytest.fail("the model was loaded"))
+    code, out, err = run_cli(capsys, "generate", "--prompt", "hi", "--device", device)
+    assert code == 2 and out == ""
+    line = assert_one_line_error(err, "--device")
+    assert line.startswith("offload: error: --device: ") and says in line
+    with pytest.raises(ValueError, match=rf"^device: .*{says}"):
+        OffloadConfig(device=device)
+    from offload import offload
+
+    with pytest.raises(ValueError, match=r"^device: "):
+        with offload(torch.nn.Linear(1, 1), device=device):
+            pass
+
+
+# ---- where the prompt comes from -------------------------------------------------------------------------------
+
+
+class _Stdin:
+    """A stand-in for sys.stdin: bytes behind .buffer, and whether it is a terminal."""
+
+    def __init__(self, data: bytes = b"", tty: bool = False):
+        import io
+
+        self.buffer = io.BytesIO(data)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def read(self) -> str:
+        return self.buffer.read().decode()
+
+
+def _prompt_args(prompt: str | None = None, prompt_file: str | None = None):
+    import argparse
+
+    return argparse.Namespace(prompt=prompt, prompt_file=prompt_file)
+
+
+@pytest.mark.parametrize("how", ["piped", "--prompt -", "--prompt-file -"])
+def test_prompt_from_stdin(how: str) -> None:
+    """Bug: `echo hi | offload generate` said no prompt was given, and `--prompt -` sent a literal "-"."""
+    args = {"piped": _prompt_args(), "--prompt -": _prompt_args(prompt="-"),
+            "--prompt-file -": _prompt_args(prompt_file="-")}[how]
+    assert common.read_prompt(args, stdin=_Stdin("naïve pump\n".encode())) == "naïve pump\n"
+
+
+def test_no_prompt_and_a_terminal_on_stdin_is_one_clear_error(capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug (the other side of reading stdin): with a terminal on stdin, waiting for input would look like a hang."""
+    monkeypatch.setattr(sys, "stdin", _Stdin(tty=True))
+    code, _, err = run_cli(capsys, "generate")
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt")
+    assert "stdin" in line and "--prompt-file" in line
+
+
+def test_generate_reads_a_piped_prompt(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                       tiny_model_dir: Path) -> None:
+    """Bug: `echo ... | offload generate` (and `--prompt -`) must generate from the piped text."""
+    prompt = CORPUS[:120]
+    monkeypatch.setattr(sys, "stdin", _Stdin(prompt.encode()))
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "-",
+                             "--max-new-tokens", "6", "--no-progress")
+    assert code == 0, err
+    assert out == _reference_text(tiny_model_dir, prompt, 6) + "\n"
+
+
+def test_prompt_file_may_be_a_pipe(tmp_path: Path) -> None:
+    """Bug: --prompt-file said "does not exist" for /dev/stdin and for a process substitution `<(...)`, which are
+    pipes, not regular files."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("from a pipe",), daemon=True)
+    writer.start()
+    try:
+        assert common.read_prompt(_prompt_args(prompt_file=str(fifo))) == "from a pipe"
+    finally:
+        writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["directory", "latin-1", "missing"])
+def test_prompt_file_errors_name_the_flag_the_file_and_the_reason(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                   kind: str) -> None:
+    """Bug: a directory was reported as "does not exist", and a non-UTF-8 file as a bare codec error that named
+    neither the flag nor the file."""
+    path = tmp_path / kind
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "latin-1":
+        path.write_bytes("café".encode("latin-1"))
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(path))
+    assert code == 2
+    line = assert_one_line_error(err, "--prompt-file")
+    assert line.startswith(f"offload: error: --prompt-file: {path} ")
+    assert {"directory": "is a directory", "latin-1": "is not UTF-8 text", "missing": "does not exist"}[kind] in line
+
+
+def test_unwritable_disk_dir_fails_before_the_model_loads(capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Bug: an unusable --disk-dir was reported only after the model had loaded (20 s with the default model)."""
+    monkeypatch.setattr("tools.generate.load", lambda args: pytest.fail("the model was loaded first"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for disk_dir in (blocker, blocker / "kv"):
+        code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--disk-dir", str(disk_dir))
+        assert code == 2
+        assert_one_line_error(err, "--disk-dir")
+    assert blocker.read_text() == "not a directory"
+    fresh = tmp_path / "new" / "kv"
+    common.check_disk_dir_usable(str(fresh))  # creatable: fine, and not created by the check
+    assert not (tmp_path / "new").exists()
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_run_exits_143_and_cleans_the_disk_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Bug: SIGTERM (sent by `timeout`, `kill`, container stops, systemd, Slurm) left the disk tier's file, as
+    large as the KV, behind. It now cleans up like Ctrl-C and exits with 128 + 15. (After SIGKILL, which nothing
+    can catch, the next run removes the file: tests/test_tiers.py, test_stale_files_of_dead_processes_are_removed.)"""
+    import signal
+    import time
+
+    kv = tmp_path / "kv"
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(CORPUS, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # One token per forward pass and many new tokens: the run lasts seconds after its file appears.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offload.cli", "generate", "--model", str(tiny_model_dir), "--prompt-file",
+         str(prompt), "--max-new-tokens", "120", "--prefill-chunk", "1", "--disk-dir", str(kv), "--no-progress",
+         *THREE_TIERS],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (kv.is_dir() and any(kv.iterdir())):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no disk file appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1] == "offload: terminated by SIGTERM"
+    assert_empty_dir(kv)
+
+
+def test_sighup_in_process_exits_129_cleans_up_and_restores_the_handler(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Bug: SIGHUP (the terminal closed) killed the run without cleaning up, like SIGTERM."""
+    import signal
+
+    import tools.common
+
+    real = common.generate_stream
+    seen: list[str] = []
+
+    def hung_up(*args, **kwargs):
+        def on_text(piece: str) -> None:
+            seen.append(piece)
+            if len(seen) == 2:
+                assert any(Path(kv).iterdir())  # the disk tier's file exists now
+                os.kill(os.getpid(), signal.SIGHUP)
+
+        kwargs["on_text"] = on_text
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tools.common, "generate_stream", hung_up)
+    kv = tmp_path / "kv"
+    before = signal.getsignal(signal.SIGHUP)
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:300], "--max-new-tokens", "50",
+        "--disk-dir", str(kv), "--no-progress", *THREE_TIERS,
+    )
+    assert code == 129 and len(seen) == 2
+    assert err.rstrip("\n").splitlines()[-1] == "offload: terminated by SIGHUP"
+    assert signal.getsignal(signal.SIGHUP) == before
+    assert_empty_dir(kv)
+
+
+# ---- the trace ---------------------------------------------------------------------------------------------------
+
+
+def test_generate_trace_is_saved_not_thrown_away(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Bug: `offload generate --trace` recorded a timeline and threw it away. --trace-file PATH saves it there;
+    bare --trace saves ./offload-trace.json; both say where on stderr."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    explicit = tmp_path / "traces" / "run.json"
+    explicit.parent.mkdir()
+    for flags, path in ((["--trace-file", str(explicit)], explicit), (["--trace"], tmp_path / "offload-trace.json")):
+        code, out, err = run_cli(
+            capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:200], "--max-new-tokens", "4",
+            "--disk-dir", str(tmp_path / "kv"), "--no-progress", *THREE_TIERS, *flags,
+        )
+        assert code == 0, err
+        assert f"trace written to {path}" in err.splitlines()[-1]
+        events = json.loads(path.read_text())["traceEvents"]
+        names = {e.get("args", {}).get("name") for e in events if e.get("ph") == "M"}
+        assert any("disk" in str(n) for n in names) and any(e.get("ph") == "X" for e in events)
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--trace-file", str(tmp_path / "no" / "t.json"))
+    assert code == 2
+    assert_one_line_error(err, "--trace-file")

@@ -43,6 +43,33 @@ def test_three_tiers_on_cuda_give_the_same_tokens(tmp_path, attention: str) -> N
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["around-generate", "around-offload"])
+def test_inference_mode_on_cuda_with_pages_on_host_and_disk(tmp_path, where: str) -> None:
+    """Bug: under torch.inference_mode() the copies on I/O threads (disk -> pinned staging) and into pools
+    allocated inside the mode failed with "Inplace update to inference tensor outside InferenceMode"."""
+    from transformers import DynamicCache
+
+    model = _model()
+    ids = torch.randint(0, 256, (1, 300), device="cuda")
+    pb = _page_bytes(model, 16)
+    options = dict(page_size=16, device_budget=12 * pb, host_budget=20 * pb, disk_dir=str(tmp_path))
+    with torch.inference_mode():
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16,
+                             min_new_tokens=16, do_sample=False)
+    if where == "around-generate":
+        with offload(model, **options) as rt:
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            stats = rt.stats()
+    else:
+        with torch.inference_mode(), offload(model, **options) as rt:
+            out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            stats = rt.stats()
+    assert stats["bytes_moved"]["disk->host"] > 0
+    assert torch.equal(out, ref)
+    assert os.listdir(tmp_path) == []
+
+
 def test_bf16_logits_match_dynamic_cache_within_bf16_tolerance() -> None:
     from transformers import DynamicCache
 

@@ -165,7 +165,7 @@ def test_summary_arithmetic_on_synthetic_intervals() -> None:
     # device: 0 for 2 s, then 100 for 8 s -> mean 80.
     assert s["occupancy"]["device"]["mean_bytes"] == pytest.approx(80)
     assert s["occupancy"]["host"]["mean_bytes"] == pytest.approx(40)
-    assert s["prefetch"]["hit_rate"] is None
+    assert s["prefetch"]["accuracy"] is None and s["prefetch"]["prefetched_share"] is None
 
 
 def test_stall_inside_compute_is_not_overlap() -> None:
@@ -196,13 +196,34 @@ def test_summary_copies_stats() -> None:
     assert {p: x["bytes"] for p, x in s["transfers"].items()} == stats["bytes_moved"]
     assert s["stall_seconds"] == s["time"]["stall_seconds"] == 0.25
     assert s["stall_seconds_per_layer"] == [0.25, 0.0]
-    assert s["prefetch"]["hit_rate"] == 0.75
+    assert s["prefetch"]["accuracy"] == 0.75 and s["prefetch"]["prefetched_share"] == 0.75
     assert {t: o["peak_bytes"] for t, o in s["occupancy"].items()} == stats["peak_resident_bytes"]
     assert s["occupancy"]["disk"]["budget_bytes"] == 30 and s["stats"] == stats
     md = summary_markdown(s)
     assert "| host->device |" in md and "75.0%" in md and "## Stall per layer" in md
     json.dumps(s, allow_nan=False)
     assert summarize(stats, None)["time"]["overlap_seconds"] == 0  # stats only
+
+
+def test_prefetch_accuracy_is_not_confused_with_the_share_of_loads_prefetched() -> None:
+    """Bug: exact mode reported "issued 900, hits 898, hit rate 9.2%": the rate divided hits by every page
+    loaded, on demand ones included, which reads as a failing prefetcher. Accuracy is hits / issued; the other
+    ratio is named for what it is."""
+    from tools.common import format_stats_table
+
+    stats = {"prefetch": {"issued": 900, "hits": 898, "misses": 8870}}
+    pf = summarize(stats, None)["prefetch"]
+    assert pf["accuracy"] == pytest.approx(898 / 900) and pf["prefetched_share"] == pytest.approx(898 / 9768)
+    assert "hit_rate" not in pf
+    md = summary_markdown(summarize(stats, None))
+    assert "| accuracy: hits / issued | 99.8% |" in md
+    assert "| prefetched share of loads: hits / (hits + misses) | 9.2% |" in md
+    assert "hit rate" not in md
+    table = format_stats_table(stats)
+    assert any(line.startswith("prefetch accuracy (hits/issued)") and line.endswith("99.8%")
+               for line in table.splitlines()), table
+    assert any(line.startswith("prefetch share of loads prefetched") and line.endswith("9.2%")
+               for line in table.splitlines()), table
 
 
 # ---- picture ---------------------------------------------------------------------------------------------------

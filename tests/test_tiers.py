@@ -476,3 +476,42 @@ def test_disk_many_concurrent_requests(make_disk: Callable[..., DiskTier]) -> No
     for (k, v), (k_out, v_out) in zip(pages, outs):
         assert_same_bits(k_out, k)
         assert_same_bits(v_out, v)
+
+
+def test_disk_file_grows_from_its_reserve_and_keeps_its_pages(make_disk: Callable[..., DiskTier],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: the disk file was preallocated for the whole budget; it now starts at a reserve and allocate()
+    grows it in steps, never past capacity, without moving pages already written."""
+    import tiers.disk
+
+    monkeypatch.setattr(tiers.disk, "GROW_STEP_BYTES", 0)
+    tier = make_disk(SMALL, 40, reserve=2)
+    path = Path(tier.path)
+    assert path.stat().st_size == 2 * tier.slot_bytes == tier.file_bytes
+    first = tier.allocate(2)
+    k, v = random_pages(SMALL, 2, seed=21)
+    tier.write(first, k, v)
+    sizes = []
+    for _ in range(38):
+        (slot,) = tier.allocate(1)
+        assert path.stat().st_size == tier.file_bytes > slot * tier.slot_bytes
+        sizes.append(tier.file_bytes)
+    assert tier.allocate(1) is None  # capacity is the cap
+    assert sizes[-1] == 40 * tier.slot_bytes and 3 <= len(set(sizes)) < 38  # in steps, not page by page
+    got_k, got_v = read_back(tier, first)
+    assert_same_bits(got_k, k)
+    assert_same_bits(got_v, v)
+
+
+def test_disk_growth_without_space_takes_no_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug (growth's failure mode): a full disk while growing is the disk_dir error, and the slots stay free."""
+    tier = DiskTier(SMALL, 8, str(tmp_path), reserve=1)
+    try:
+        monkeypatch.setattr("tiers.disk._free_bytes", lambda directory: 0)
+        assert tier.allocate(1) == [0]  # inside the reserve: no growth needed
+        with pytest.raises(ValueError, match=r"^disk_dir: .* free, the disk tier needs .* more"):
+            tier.allocate(2)
+        assert tier.num_free == 7 and Path(tier.path).stat().st_size == tier.slot_bytes
+    finally:
+        tier.close()
+    assert kv_files(tmp_path) == []

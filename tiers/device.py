@@ -13,5 +13,7 @@ class DeviceTier(MemoryTier):
     def __init__(self, shape: PageShape, capacity: int, device: torch.device):
         super().__init__(shape, capacity)
         self.device = torch.device(device)
-        self.k = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)
-        self.v = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)
+        # Normal tensors even when built inside inference mode: the pool outlives it and is updated in place.
+        with torch.inference_mode(False):
+            self.k = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)
+            self.v = torch.empty((capacity, *shape.dims), dtype=shape.dtype, device=self.device)

@@ -1,6 +1,12 @@
-"""A directory on disk: one preallocated file of page slots, read and written with positioned I/O.
+"""A directory on disk: one file of page slots, preallocated in steps, read and written with positioned I/O.
 
-Layout: the file `offload-<pid>-<hex>.kv` holds `capacity` slots of `slot_bytes` = page_bytes rounded up to
+Size: the file starts with `reserve` slots (what the runtime expects the sequence to need) and `allocate()`
+grows it, with fallocate, in steps of at least a quarter of its size (and GROW_STEP_BYTES) whenever it hands out
+a slot past the end, never beyond `capacity` slots (the disk budget). Growing never moves existing slots, so pages
+already written stay where they are and I/O in flight is unaffected. A full disk at any step is a ValueError
+naming disk_dir, as at construction.
+
+Layout: the file `offload-<pid>-<hex>.kv` holds up to `capacity` slots of `slot_bytes` = page_bytes rounded up to
 4 KiB. Slot s keeps K at byte s * slot_bytes and V right after it, at s * slot_bytes + half_bytes; the rest
 of the slot is padding. When half_bytes is a multiple of 4 KiB both halves start on a 4 KiB boundary, there
 is no padding, and a run of consecutive slots is one contiguous extent: that is the only layout in which
@@ -14,7 +20,8 @@ NOTE: the async calls fan the pieces out and join them with a done-callback, nev
 other workers: a worker blocked on pieces queued behind it would deadlock a busy pool. The sync calls are
 the async ones plus `.result()`.
 
-Lifecycle: construct (removes files of dead processes, checks free space, preallocates) -> read/write ->
+Lifecycle: construct (removes files of dead processes, checks free space, preallocates the reserve) ->
+allocate (grows the file when needed) / read / write ->
 close(), which removes the file; a weakref.finalize removes it at exit if close() was never called.
 """
 
@@ -49,6 +56,8 @@ _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _MAX_IOVECS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _MAX_CALL_BYTES = 1 << 30
 _FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
+# The smallest growth step: fallocate calls stay few even when pages are small.
+GROW_STEP_BYTES = 16 << 20
 
 
 def _format_size(n: float) -> str:
@@ -88,26 +97,30 @@ def _remove_stale_files(directory: str) -> None:
         logger.info("disk tier: removed %s (%s) left by dead process %s", entry.path, _format_size(size), m.group(1))
 
 
-def _space_message(directory: str, free: int, need: int) -> str:
+def _space_message(directory: str, free: int, need: int, more: bool = False) -> str:
     return (
-        f"disk_dir: {directory} has {_format_size(free)} free, the disk tier needs {_format_size(need)}; "
-        "lower disk_budget or free space"
+        f"disk_dir: {directory} has {_format_size(free)} free, the disk tier needs {_format_size(need)}"
+        f"{' more' if more else ''}; lower disk_budget or free space"
     )
+
+
+def _preallocate(fd: int, start: int, end: int) -> None:
+    """Makes bytes [start, end) of the file real blocks, so a full disk fails here, not at some later write."""
+    if end > start and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, start, end - start)
+        except OSError as e:
+            # Only a file system without fallocate may fall back to a sparse file.
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, end)  # a no-op after posix_fallocate
 
 
 def _create_file(path: str, nbytes: int) -> int:
     """Creates and preallocates the slot file; leaves nothing behind when that fails."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        if nbytes and hasattr(os, "posix_fallocate"):
-            try:
-                os.posix_fallocate(fd, 0, nbytes)
-            except OSError as e:
-                # Only a file system without fallocate may fall back to a sparse file; a full disk must fail
-                # here, not at some later write.
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
-        os.ftruncate(fd, nbytes)  # a no-op after posix_fallocate
+        _preallocate(fd, 0, nbytes)
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -126,10 +139,12 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(
-        self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None
+        self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None,
+        reserve: int | None = None,
     ):
         """`direct`: None uses O_DIRECT where the file system and the page shape allow it, False never, True
-        raises ValueError where it can't."""
+        raises ValueError where it can't. `reserve`: slots preallocated now (None: all `capacity`); the file
+        grows from there as slots are allocated."""
         super().__init__(shape, capacity)
         if threads < 1:
             raise ValueError(f"disk: threads must be >= 1, got {threads}")
@@ -137,7 +152,10 @@ class DiskTier(Tier):
         self._threads = threads
         self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // max(self.slot_bytes, 1)))
         directory = os.fspath(directory)
-        need = capacity * self.slot_bytes
+        self._directory = directory
+        # At least one slot: the O_DIRECT probe needs a block to read.
+        self.reserved = capacity if reserve is None else max(min(1, capacity), min(int(reserve), capacity))
+        need = self.reserved * self.slot_bytes
         self._path = os.path.join(directory, f"offload-{os.getpid()}-{secrets.token_hex(6)}.kv")
         try:
             os.makedirs(directory, exist_ok=True)
@@ -158,7 +176,8 @@ class DiskTier(Tier):
         self._fd = fd
         self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
         self._finalizer = weakref.finalize(self, _cleanup, self._pool, fd, self._path)
-        logger.debug("disk tier: %s, %d slots of %d B, direct=%s", self._path, capacity, self.slot_bytes, self.direct)
+        logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s", self._path, self.reserved, capacity,
+                     self.slot_bytes, self.direct)
 
     def _enable_direct(self, fd: int, directory: str, want: bool | None) -> bool:
         if want is False:
@@ -171,7 +190,7 @@ class DiskTier(Tier):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
-                if self.capacity:
+                if self.reserved:
                     # Some file systems accept the flag and only fail the first aligned I/O: probe one.
                     os.preadv(fd, [_byte_view(aligned_host_tensor(ALIGN, torch.uint8, pin=False))], 0)
                 return True
@@ -186,6 +205,49 @@ class DiskTier(Tier):
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the slot file takes now (grows with the slots handed out, up to capacity * slot_bytes)."""
+        return self.reserved * self.slot_bytes
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Takes `n` free slots (or returns None), growing the file first when one lies past its end; raises
+        ValueError naming disk_dir, and takes no slot, when the disk has no room to grow."""
+        slots = super().allocate(n)
+        if slots and (top := max(slots)) >= self.reserved:
+            try:
+                self._grow(top + 1)
+            except BaseException:
+                self._free.extend(reversed(slots))  # back on the stack in the order they came off
+                raise
+        return slots
+
+    def _grow(self, slots: int) -> None:
+        if self.closed:
+            raise RuntimeError(f"disk: tier {self._path} is closed")
+        step = max(self.reserved // 4, -(-GROW_STEP_BYTES // self.slot_bytes))
+        target = min(self.capacity, max(slots, self.reserved + step))
+        start, end = self.reserved * self.slot_bytes, target * self.slot_bytes
+        free = _free_bytes(self._directory)
+        if free < end - start:
+            # Short of a whole step: take just what is needed if that still fits.
+            target = slots
+            end = target * self.slot_bytes
+            if free < end - start:
+                raise ValueError(_space_message(self._directory, free, end - start, more=True))
+        try:
+            _preallocate(self._fd, start, end)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)  # give back what a failed fallocate may have taken
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ValueError(
+                    _space_message(self._directory, _free_bytes(self._directory), end - start, more=True)
+                ) from e
+            raise
+        logger.debug("disk tier: %s grown to %d slots (%s)", self._path, target, _format_size(end))
+        self.reserved = target
 
     def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         self.write_async(slots, k, v).result()
@@ -206,9 +268,11 @@ class DiskTier(Tier):
         k_buf, v_buf = (self._bounce(t) if self._needs_bounce(t) else t for t in (k_out, v_out))
 
         def copy_back() -> None:
-            for buf, out in ((k_buf, k_out), (v_buf, v_out)):
-                if buf is not out:
-                    out.copy_(buf)
+            # Runs on a pool thread, where inference mode is off; `out` may be an inference tensor.
+            with torch.inference_mode():
+                for buf, out in ((k_buf, k_out), (v_buf, v_out)):
+                    if buf is not out:
+                        out.copy_(buf)
 
         return self._submit(False, slots, k_buf, v_buf, copy_back)
 

@@ -13,7 +13,13 @@ from tiers.base import MemoryTier, PageShape
 
 
 def aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A flat host tensor whose storage starts on a 4 KiB boundary."""
+    """A flat host tensor whose storage starts on a 4 KiB boundary. Always a normal tensor, never an inference
+    tensor, so that it can be updated in place outside inference mode (e.g. on I/O threads)."""
+    with torch.inference_mode(False):
+        return _aligned_host_tensor(numel, dtype, pin)
+
+
+def _aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     if pin:
         # cudaHostAlloc returns page-aligned memory.
         return torch.empty(numel, dtype=dtype, pin_memory=True)
@@ -32,8 +38,9 @@ class HostTier(MemoryTier):
         n = capacity * shape.kv_heads * shape.page_size * shape.head_dim
         # K and V share one allocation: [2, capacity, H, P, D].
         self._storage = aligned_host_tensor(2 * n, shape.dtype, self.pinned)
-        both = self._storage.view(2, capacity, *shape.dims)
-        self.k, self.v = both[0], both[1]
+        with torch.inference_mode(False):  # views of a normal tensor made inside the mode would not be normal
+            both = self._storage.view(2, capacity, *shape.dims)
+            self.k, self.v = both[0], both[1]
 
     def close(self) -> None:
         self._storage = torch.empty(0)

@@ -537,37 +537,69 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
+    """Writes a PNG of decode tokens/s per context, one line per method."""
+    fig = plot_figure(rows, title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_figure(rows: list[dict], title: str) -> Any:
+    """The figure `plot` saves: every context labelled on the x axis, and at least three labelled values on the y
+    axis whatever the range (a log axis over less than a decade would otherwise show one label, or none)."""
     import matplotlib.ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Figure, not pyplot: no global backend switch and no figure registry.
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    values: list[float] = []
     for label in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["context"], r["decode_tokens_per_s"]) for r in rows
                         if r["method"] == label and r["decode_tokens_per_s"] is not None)
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+            values += [p[1] for p in points]
     contexts = sorted({r["context"] for r in rows})
-    ax.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+    if len(contexts) > 1:
+        ax.set_xscale("log", base=2)  # contexts usually double; equal steps read better
+    ax.set_xticks(contexts, [_context_label(c) for c in contexts])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
-    # Minor labels at 2x and 5x each decade only, so a wide range stays readable.
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
-        lambda y, _: f"{y:.3g}" if f"{y:.3g}".lstrip("0.")[:1] in ("2", "5") else ""))
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) >= 3:
+        ax.set_yscale("log")
+        lo, hi = min(positive) / 1.1, max(positive) * 1.1
+        ax.set_ylim(lo, hi)
+        ax.set_yticks(_log_ticks(lo, hi), [f"{t:.3g}" for t in _log_ticks(lo, hi)])
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    else:  # less than a factor 3 apart: a linear axis with round ticks
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6, min_n_ticks=3))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _context_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _log_ticks(lo: float, hi: float, least: int = 4) -> list[float]:
+    """Round values in [lo, hi] for a log axis: 1-2-5 per decade, denser when the range is too narrow for `least`
+    of them."""
+    ladders = ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8), (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9))
+    ticks: list[float] = []
+    for ladder in ladders:
+        ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in ladder if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= least:
+            break
+    return ticks
 
 
 # ---- the command -------------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ OPTION_HELP: dict[str, str] = {
     "recent_tokens": "sparse mode: most recent tokens that are always attended",
     "measure_recall": "sparse mode: also compute dense attention and report the attention mass the selected "
     "pages covered",
-    "trace": "record a timeline of transfers, compute and stalls",
+    "trace": "record a timeline of transfers, compute and stalls; generate saves it as Chrome trace JSON (see "
+    "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
 }
@@ -154,7 +155,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> OffloadConfig:
     """The OffloadConfig of the flags that were given; raises ValueError naming a bad option."""
     options = {name: getattr(args, name, None) for name in OffloadConfig.option_names()}
-    return OffloadConfig(**{name: value for name, value in options.items() if value is not None})
+    config = OffloadConfig(**{name: value for name, value in options.items() if value is not None})
+    if config.disk_dir is not None:  # before the model loads (tens of seconds), like every other flag
+        check_disk_dir_usable(config.disk_dir)
+    return config
 
 
 # ---- model and prompt ------------------------------------------------------------------------------------------
@@ -177,10 +181,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("prompt options")
-    group.add_argument("--prompt", metavar="TEXT", default=None, help="the prompt text")
+    group = parser.add_argument_group("prompt options", "with neither flag, the prompt is read from stdin when it is "
+                                      "not a terminal (`echo hi | offload generate`)")
+    group.add_argument("--prompt", metavar="TEXT", default=None, help="the prompt text; - reads it from stdin")
     group.add_argument(
-        "--prompt-file", metavar="PATH", default=None, help="read the prompt from this UTF-8 file (wins over --prompt)"
+        "--prompt-file", metavar="PATH", default=None,
+        help="read the prompt from this UTF-8 file, a pipe or - for stdin (wins over --prompt)",
     )
     group.add_argument(
         "--no-chat-template",
@@ -189,21 +195,87 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    """The text of --prompt-file if given, else --prompt; raises ValueError when neither is usable."""
+def _decode(data: bytes, name: str, source: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{name}: {source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+    if not text.strip():
+        hint = "; pass --prompt TEXT or --prompt-file PATH, or pipe the prompt in" if source == "stdin" else ""
+        raise ValueError(f"{name}: {source} is empty{hint}")
+    return text
+
+
+def _read_stdin(name: str, stdin: Any) -> str:
+    if stdin is None:
+        raise ValueError(f"{name}: - reads the prompt from stdin, but there is no stdin")
+    try:
+        raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
+    except (OSError, ValueError) as e:  # closed, or not readable (e.g. under a test runner)
+        raise ValueError(f"{name}: can't read the prompt from stdin ({e})") from None
+    return _decode(raw.encode("utf-8") if isinstance(raw, str) else raw, name, "stdin")
+
+
+def _read_prompt_file(path: str) -> str:
+    # Not os.path.isfile: /dev/stdin, a pipe (`<(...)`, a FIFO) or a character device is a fine prompt source.
+    if os.path.isdir(path):
+        raise ValueError(f"prompt-file: {path} is a directory")
+    if not os.path.exists(path):
+        raise ValueError(f"prompt-file: {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"prompt-file: {path} can't be read ({e.strerror or e})") from None
+    return _decode(data, "prompt-file", path)
+
+
+def read_prompt(args: argparse.Namespace, stdin: Any = None) -> str:
+    """The prompt: --prompt-file (a path, or - for stdin) if given, else --prompt (- for stdin), else stdin when it
+    is not a terminal. Raises ValueError naming the flag when none is usable. `stdin`: default sys.stdin."""
+    stdin = sys.stdin if stdin is None else stdin
     path = getattr(args, "prompt_file", None)
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"prompt-file: {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise ValueError(f"prompt-file: {path} is empty")
-        return text
+        return _read_stdin("prompt-file", stdin) if path == "-" else _read_prompt_file(path)
     prompt = getattr(args, "prompt", None)
-    if prompt is None or not prompt.strip():
-        raise ValueError("prompt: no prompt given; pass --prompt TEXT or --prompt-file PATH")
+    if prompt == "-":
+        return _read_stdin("prompt", stdin)
+    if prompt is None:
+        interactive = stdin is None or _isatty(stdin)
+        if interactive:
+            raise ValueError("prompt: no prompt given; pass --prompt TEXT, --prompt-file PATH, or pipe it on stdin")
+        return _read_stdin("prompt", stdin)
+    if not prompt.strip():
+        raise ValueError("prompt: the prompt is empty; pass --prompt TEXT, --prompt-file PATH, or pipe it on stdin")
     return prompt
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_disk_dir_usable(path: str) -> None:
+    """Raises ValueError("disk_dir: ...") unless `path` is a writable directory or can be created as one. Creates
+    nothing: it runs before the model loads, and a run that then fails must leave nothing behind."""
+    full = os.path.abspath(path)
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            raise ValueError(f"disk_dir: {path} exists and is not a directory")
+        if not os.access(full, os.W_OK | os.X_OK):
+            raise ValueError(f"disk_dir: {path} is not writable")
+        return
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"disk_dir: {path} can't be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"disk_dir: {path} can't be created: {parent} is not writable")
 
 
 def default_device() -> str:
@@ -211,11 +283,13 @@ def default_device() -> str:
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer) from --model and --dtype, on --device (default: cuda if available, else cpu)."""
+    """(model, tokenizer) from --model and --dtype, on --device (default: cuda if available, else cpu); with
+    --no-progress, without loading progress bars."""
     from offload.models import load_model
 
     device = getattr(args, "device", None) or default_device()
-    return load_model(getattr(args, "model", None), device=device, dtype=DTYPES[getattr(args, "dtype", "auto")])
+    return load_model(getattr(args, "model", None), device=device, dtype=DTYPES[getattr(args, "dtype", "auto")],
+                      progress=not getattr(args, "no_progress", False))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -392,8 +466,17 @@ def format_stat(name: str, value: Any) -> str:
 
 
 def format_stats_table(stats: Mapping[str, Any]) -> str:
-    """`Runtime.stats()` as an aligned two-column text table, one row per (flattened) entry."""
-    rows = [(name, format_stat(name, value)) for name, value in flatten_stats(stats)]
+    """`Runtime.stats()` as an aligned two-column text table, one row per (flattened) entry, plus the two prefetch
+    ratios (`offload.report.prefetch_ratios`) after the prefetch counts."""
+    rows: list[tuple[str, str]] = []
+    for name, value in flatten_stats(stats):
+        rows.append((name, format_stat(name, value)))
+        if name == "prefetch misses" and isinstance(stats.get("prefetch"), Mapping):
+            from offload.report import prefetch_ratios
+
+            ratios = prefetch_ratios(stats["prefetch"])
+            rows.append(("prefetch accuracy (hits/issued)", format_stat("fraction", ratios["accuracy"])))
+            rows.append(("prefetch share of loads prefetched", format_stat("fraction", ratios["prefetched_share"])))
     if not rows:
         return "(no stats)"
     width = max(len(name) for name, _ in rows)

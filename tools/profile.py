@@ -6,7 +6,8 @@
 Writes into --out:
 - trace.json    Chrome trace-event JSON: open it in https://ui.perfetto.dev or chrome://tracing;
 - summary.json  bytes and bandwidth per tier pair, compute/transfer/stall/overlap time, per-layer stall,
-                prefetch hit rate, occupancy per tier, and the runtime's raw stats (`offload.report.summarize`);
+                prefetch accuracy and share of loads prefetched, occupancy per tier, and the runtime's raw stats
+                (`offload.report.summarize`);
 - summary.md    the same as Markdown tables;
 - timeline.png  occupancy, bandwidth, a lane chart of compute/transfers/stalls, and the sampled host and GPU
                 counters, on one time axis.
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often host RSS, disk I/O and (on CUDA) GPU memory and PCIe throughput are sampled (default: 0.05)",
     )
     group.add_argument("--quiet", action="store_true", help="do not echo the generated text to stderr")
-    group.add_argument("--no-progress", action="store_true", help="no prefill progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars (prefill, model loading)")
     add_model_options(parser)
     add_runtime_options(parser)
     parser.epilog = (
