@@ -30,6 +30,8 @@ class SparseMixin:
         first, off = self._window_first(layer, n)
         budget = self.config.token_budget_for(n - first * P - off)
         k_pages = max(0, (budget - valid) // P)
+        # The mass of the pages chosen here, or None: never the one of an earlier layer or sequence.
+        self.mass = None
         if k_pages >= last - first:
             return torch.arange(first, last)
         forced = torch.zeros(last, dtype=torch.bool)
@@ -39,7 +41,6 @@ class SparseMixin:
             forced[max(0, last - -(-recent // P)):] = True
         forced[:first] = False  # NOTE: released pages live nowhere; they can't be chosen
         free = k_pages - int(forced.sum())
-        self.mass = None
         if free > 0:
             # Scores of the pages in the window only: [last - first].
             scores = self.selector.score(q, self.summaries[layer, first:last], scaling)

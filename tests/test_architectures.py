@@ -319,6 +319,21 @@ def test_sparse_with_a_budget_covering_the_context_equals_exact(arch, tmp_path: 
     assert recall["mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_score_eviction_in_sparse_mode_with_windows_wider_than_the_budget(arch, tmp_path: Path):
+    """Bug: with eviction="score", a sliding layer whose whole window fits the token budget (so nothing is scored)
+    fed the score policy the attention mass of the full layer before it: a traceback from index_add_ (pages and
+    masses of different lengths), or scores added to the wrong pages when the lengths happened to agree."""
+    model = tiny(arch)
+    ids = prompt_ids(100, seed=1)
+    opts = three_tiers(model, tmp_path, attention="sparse", eviction="score", prefetch="none",
+                       token_budget=WINDOW + PAGE, sink_tokens=0, recent_tokens=0)
+    with offload(model, **opts) as rt:
+        greedy(model, ids, new=10)
+        assert_released(rt)
+        assert rt.stats()["attended_fraction"] < 1.0  # the full layer did select
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
 def test_sparse_selects_within_the_window_and_never_a_released_page(arch, tmp_path: Path):
     model = tiny(arch)
