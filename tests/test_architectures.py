@@ -319,6 +319,25 @@ def test_sparse_with_a_budget_covering_the_context_equals_exact(arch, tmp_path: 
     assert recall["mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sparse_with_a_budget_covering_the_window_equals_exact_without_sinks_or_recent(arch, tmp_path: Path):
+    """Bug: with token_budget=1.0 (the whole window) and a window edge inside a page, a sliding layer counted the
+    window's partly hidden first page as a full page, dropped one page of its window and gave different tokens
+    (recall ~0.85); sinks and a recent window covering the window hid it."""
+    model = tiny(arch)
+    ids = prompt_ids(55, seed=2)
+    expected = greedy(model, ids)
+    opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1.0, sink_tokens=0, recent_tokens=0,
+                       prefetch="none", measure_recall=True)
+    with offload(model, **opts) as rt:
+        got = greedy(model, ids)
+        assert_released(rt)
+        stats = rt.stats()
+    assert torch.equal(got, expected)
+    assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["attended_fraction"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 def test_score_eviction_in_sparse_mode_with_windows_wider_than_the_budget(arch, tmp_path: Path):
     """Bug: with eviction="score", a sliding layer whose whole window fits the token budget (so nothing is scored)
