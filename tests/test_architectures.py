@@ -286,6 +286,24 @@ def test_budgets_count_a_sliding_layer_as_its_window():
             greedy(tiny("llama"), ids, new=40)
 
 
+def test_a_full_layer_beside_sliding_ones_may_take_more_than_its_share_of_the_device():
+    """Bug: prefill kept each layer's pages on the device only up to an equal share of it and sent the rest below;
+    with no room below, the full layer of a windowed model (Qwen2: layer 0 full, the others sliding) failed in the
+    middle of generate ("the KV no longer fits"), although the up-front check had accepted the budgets, which hold
+    the sequence (the sliding layers need only their windows)."""
+    model = tiny("qwen2")
+    page = 40  # a window of 32 spans at most 2 pages; the full layer's 132 tokens take 4
+    ids = prompt_ids(122, seed=324)
+    expected = greedy(model, ids, new=10)
+    opts = {"page_size": page, "device_budget": min_device(model, page) + 5 * page_bytes(model, page),
+            "host_budget": 0}
+    with offload(model, **opts) as rt:
+        assert rt.plan.device_cache_pages == 8 and rt.plan.host_pages == 0
+        got = greedy(model, ids, new=10)
+        rt.table.check_invariants()
+    assert torch.equal(got, expected)
+
+
 def test_check_capacity_counts_windows():
     pb = 1024
     config = OffloadConfig(page_size=PAGE, device_budget=(20 + 4) * pb, host_budget=0)
