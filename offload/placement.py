@@ -169,6 +169,13 @@ class PlacementMixin:
     def _device_pages(self, layer: int) -> int:
         return int((self.table.slot["device"][layer] >= 0).sum())
 
+    def _room_below(self) -> int:
+        """Pages the host and disk tiers can still take, slots of tiers not created yet included."""
+        plan = self.plan
+        host = self.host_tier.num_free if self.host_tier is not None else plan.host_pages - plan.host_staging_pages
+        disk = self.disk_tier.capacity - self.disk_tier.num_used if self.disk_tier is not None else plan.disk_pages
+        return max(0, host) + max(0, disk)
+
     def _tails_still_needed(self, layer: int) -> int:
         """Layers other than `layer` that hold no page yet each need a device slot for their tail."""
         return sum(1 for l in range(self.layers) if l != layer and self.table.tokens[l] == 0)

@@ -382,6 +382,11 @@ class Runtime(PlacementMixin, SparseMixin):
         share = max(0, -(-self.device_tier.capacity // self.layers) - 1 - self._device_pages(layer))
         spare = self.device_tier.num_free - self._tails_still_needed(layer) - 1
         on_device = max(0, min(count - 1, share, spare))
+        # Beyond the share when the tiers below can't take the rest (windowed models hold fewer pages in their
+        # sliding layers, so a full layer may need more than an equal share of the device).
+        short = count - 1 - on_device - self._room_below()
+        if short > 0:
+            on_device += min(short, max(0, spare - on_device))
         lower = count - 1 - on_device
         dev_idx = list(range(lower, count))  # the newest pages go to the device
         self._place_device(layer, [pages[i] for i in dev_idx], kp[lower:], vp[lower:])

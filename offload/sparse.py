@@ -28,9 +28,14 @@ class SparseMixin:
         P = self.page_size
         n = last * P + valid
         first, off = self._window_first(layer, n)
-        budget = self.config.token_budget_for(n - first * P - off)
+        visible = n - first * P - off
+        budget = self.config.token_budget_for(visible)
         k_pages = max(0, (budget - valid) // P)
-        if k_pages >= last - first:
+        # The mass of the pages chosen here, or None: never the one of an earlier layer or sequence.
+        self.mass = None
+        # NOTE: the window's first page holds only P - off visible tokens, so a budget covering the window may
+        # count one page fewer than the window has.
+        if budget >= visible or k_pages >= last - first:
             return torch.arange(first, last)
         forced = torch.zeros(last, dtype=torch.bool)
         forced[: -(-self.config.sink_tokens // P)] = True
@@ -39,7 +44,6 @@ class SparseMixin:
             forced[max(0, last - -(-recent // P)):] = True
         forced[:first] = False  # NOTE: released pages live nowhere; they can't be chosen
         free = k_pages - int(forced.sum())
-        self.mass = None
         if free > 0:
             # Scores of the pages in the window only: [last - first].
             scores = self.selector.score(q, self.summaries[layer, first:last], scaling)

@@ -286,6 +286,24 @@ def test_budgets_count_a_sliding_layer_as_its_window():
             greedy(tiny("llama"), ids, new=40)
 
 
+def test_a_full_layer_beside_sliding_ones_may_take_more_than_its_share_of_the_device():
+    """Bug: prefill kept each layer's pages on the device only up to an equal share of it and sent the rest below;
+    with no room below, the full layer of a windowed model (Qwen2: layer 0 full, the others sliding) failed in the
+    middle of generate ("the KV no longer fits"), although the up-front check had accepted the budgets, which hold
+    the sequence (the sliding layers need only their windows)."""
+    model = tiny("qwen2")
+    page = 40  # a window of 32 spans at most 2 pages; the full layer's 132 tokens take 4
+    ids = prompt_ids(122, seed=324)
+    expected = greedy(model, ids, new=10)
+    opts = {"page_size": page, "device_budget": min_device(model, page) + 5 * page_bytes(model, page),
+            "host_budget": 0}
+    with offload(model, **opts) as rt:
+        assert rt.plan.device_cache_pages == 8 and rt.plan.host_pages == 0
+        got = greedy(model, ids, new=10)
+        rt.table.check_invariants()
+    assert torch.equal(got, expected)
+
+
 def test_check_capacity_counts_windows():
     pb = 1024
     config = OffloadConfig(page_size=PAGE, device_budget=(20 + 4) * pb, host_budget=0)
@@ -317,6 +335,40 @@ def test_sparse_with_a_budget_covering_the_context_equals_exact(arch, tmp_path: 
         recall = rt.stats()["recall"]
     assert torch.equal(got, expected)
     assert recall["mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sparse_with_a_budget_covering_the_window_equals_exact_without_sinks_or_recent(arch, tmp_path: Path):
+    """Bug: with token_budget=1.0 (the whole window) and a window edge inside a page, a sliding layer counted the
+    window's partly hidden first page as a full page, dropped one page of its window and gave different tokens
+    (recall ~0.85); sinks and a recent window covering the window hid it."""
+    model = tiny(arch)
+    ids = prompt_ids(55, seed=2)
+    expected = greedy(model, ids)
+    opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1.0, sink_tokens=0, recent_tokens=0,
+                       prefetch="none", measure_recall=True)
+    with offload(model, **opts) as rt:
+        got = greedy(model, ids)
+        assert_released(rt)
+        stats = rt.stats()
+    assert torch.equal(got, expected)
+    assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["attended_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_score_eviction_in_sparse_mode_with_windows_wider_than_the_budget(arch, tmp_path: Path):
+    """Bug: with eviction="score", a sliding layer whose whole window fits the token budget (so nothing is scored)
+    fed the score policy the attention mass of the full layer before it: a traceback from index_add_ (pages and
+    masses of different lengths), or scores added to the wrong pages when the lengths happened to agree."""
+    model = tiny(arch)
+    ids = prompt_ids(100, seed=1)
+    opts = three_tiers(model, tmp_path, attention="sparse", eviction="score", prefetch="none",
+                       token_budget=WINDOW + PAGE, sink_tokens=0, recent_tokens=0)
+    with offload(model, **opts) as rt:
+        greedy(model, ids, new=10)
+        assert_released(rt)
+        assert rt.stats()["attended_fraction"] < 1.0  # the full layer did select
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])

@@ -174,6 +174,22 @@ def test_bad_input_exits_2_naming_the_flag(extra: list[str], flag: str):
     assert len(lines) == 1 and lines[0].startswith(f"offload: error: {flag}:"), stderr
 
 
+@pytest.mark.parametrize("which", ["--out", "--plot"])
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_an_output_path_that_cant_be_written_fails_before_the_runs(tmp_path: Path, which: str, where: str):
+    """Bug: --out or --plot naming a directory (or a path under a regular file) failed only after the runs, with an
+    OSError naming neither the flag nor the reason, and left `<out>.tmp` behind; --plot DIR even wrote `DIR.png`
+    beside it."""
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "dir" if where == "a directory" else tmp_path / "file" / "results"
+    (tmp_path / "dir").mkdir()
+    code, stdout, stderr = _run(ARGS + [which, str(target)])
+    assert code == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"offload: error: {which}:"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
+
+
 # ---- the pieces --------------------------------------------------------------------------------------------------
 
 

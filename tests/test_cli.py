@@ -691,3 +691,22 @@ def test_generate_trace_is_saved_not_thrown_away(capsys: pytest.CaptureFixture, 
     code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--trace-file", str(tmp_path / "no" / "t.json"))
     assert code == 2
     assert_one_line_error(err, "--trace-file")
+
+
+def test_a_trace_that_cant_be_saved_is_one_line_naming_the_flag_and_the_file(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Bug: a trace file that passed the checks before the run but could not be written at the end (a full disk,
+    a special file) gave `offload: error: [Errno 28] No space left on device`, naming neither the flag nor the
+    file."""
+    from offload.trace import Tracer
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Tracer, "save", full_disk)
+    path = tmp_path / "t.json"
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens",
+                           "2", "--no-progress", "--trace-file", str(path))
+    assert code == 2
+    assert_one_line_error(err, "--trace-file")
+    assert str(path) in err and "No space left on device" in err

@@ -167,3 +167,16 @@ def test_passkey_retrieval_at_a_ten_percent_budget_on_smollm2(smollm2) -> None:
     assert key in tok.decode(out[0, len(ids):])
     assert s["peak_resident_bytes"]["device"] <= int(0.08 * kv) and s["peak_resident_bytes"]["host"] > 0
     assert s["attended_fraction"] <= 0.1
+
+
+def test_score_eviction_after_a_longer_sequence(tiny_llama_model) -> None:
+    """Bug: the attention mass of the last selection outlived its sequence; the next sequence's first decode step
+    whose context fit the token budget handed it to the score policy with other pages (a traceback from
+    index_add_)."""
+    torch.manual_seed(0)
+    with offload(tiny_llama_model, attention="sparse", eviction="score", prefetch="none", page_size=8,
+                 token_budget=40, sink_tokens=0, recent_tokens=0) as rt, torch.no_grad():
+        tiny_llama_model.generate(torch.randint(0, 128, (1, 100)), max_new_tokens=3, do_sample=False)
+        out = tiny_llama_model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == 23
+        assert rt.mass is None  # nothing was scored: the context fit the budget

@@ -173,7 +173,25 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
     if getattr(args, "attention", None) is not None:
         raise ValueError("attention: bench sets it per method; choose offload-exact and/or offload-sparse in --methods")
     config_from_args(args)  # validates the runtime flags now, not after loading the model
+    for flag, path in (("out", args.out), ("plot", args.plot)):
+        if path:
+            check_output_file(flag, path)
     return contexts, parse_variants(args.methods, args.prefetch_variants)
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """Raises ValueError("<flag>: ...") unless a file can be written at `path` (missing parent directories are
+    created when it is written), so that a bad path fails before the runs, not after them."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag}: {path} is a directory; give a file path")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}: can't write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise ValueError(f"{flag}: {path} is not writable")
 
 
 def check_positions(contexts: list[int], new_tokens: int, limit: int | None) -> None:
@@ -483,10 +501,14 @@ def write_json(path: str, result: dict) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(result), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_finite(result), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _fmt(value: Any, kind: str) -> str:

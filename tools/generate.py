@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_stats_table(stats), file=sys.stderr)
     if trace_path is not None and tracer is not None:
         # After the runtime closed, so the trace also holds what it recorded while shutting down.
-        tracer.save(trace_path)
+        try:
+            tracer.save(trace_path)
+        except OSError as e:  # a full disk, or a file the checks before the run couldn't foresee
+            raise ValueError(f"trace-file: can't write {trace_path}: {e.strerror or e}") from None
         print(f"offload: trace written to {trace_path} (open it in https://ui.perfetto.dev or chrome://tracing)",
               file=sys.stderr)
     return 0
