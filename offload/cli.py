@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -135,14 +136,18 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def error_line(exc: BaseException, parser: argparse.ArgumentParser | None) -> str:
-    """The exception's message on one line; a leading "name:" that is a flag is written as the flag."""
+    """The exception's message on one line; a leading "name:" that is a flag is written as the flag, and so is an
+    option named in the message (`pass disk_dir` -> `pass --disk-dir`) where the name has an underscore (plain
+    words such as "device" stay as they are)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if parser is None:
+        return text
+    flags = _flags(parser)
     name, sep, rest = text.partition(":")
-    if sep and parser is not None:
-        flag = _flags(parser).get(name.strip())
-        if flag:
-            text = flag + ":" + rest
-    return text
+    if sep and flags.get(name.strip()):
+        text = flags[name.strip()] + ":" + rest
+    return re.sub(r"(?<![\w./-])([a-z]+(?:_[a-z]+)+)(?![\w/])",
+                  lambda m: flags.get(m.group(1), m.group(1)), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

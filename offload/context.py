@@ -131,6 +131,11 @@ def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | N
                          f"use num_return_sequences=1 (got {setting('num_return_sequences')})")
     if setting("output_attentions"):
         raise ValueError(attention.OUTPUT_ATTENTIONS)
+    # Assisted and prompt-lookup decoding roll back the tokens the model rejects, which pages can't undo.
+    for name in ("assistant_model", "prompt_lookup_num_tokens"):
+        if setting(name) is not None:
+            raise ValueError(f"{name}: speculative (assisted or prompt-lookup) decoding is not available with the "
+                             f"offloaded cache, whose pages can't be rolled back; leave {name} unset")
 
 
 def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: GenerationConfig | None, args: tuple,

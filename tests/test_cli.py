@@ -710,3 +710,25 @@ def test_a_trace_that_cant_be_saved_is_one_line_naming_the_flag_and_the_file(
     assert code == 2
     assert_one_line_error(err, "--trace-file")
     assert str(path) in err and "No space left on device" in err
+
+
+def test_option_names_inside_an_error_are_written_as_flags():
+    """Bug: `--disk-budget 1GiB` without `--disk-dir` said "pass disk_dir": the command line names its flags, so
+    an option named in the middle of a message is written as one too; paths and plain words stay as they are."""
+    from offload.cli import build_parser, error_line
+
+    _, subparsers = build_parser(["generate"])
+    line = error_line(ValueError("disk_budget: given without disk_dir; pass disk_dir (/tmp/disk_dir stays)"),
+                      subparsers["generate"])
+    assert line == "--disk-budget: given without --disk-dir; pass --disk-dir (/tmp/disk_dir stays)"
+    assert error_line(ValueError("device: cuda is not available"), subparsers["generate"]).startswith("--device:")
+
+
+def test_bench_takes_no_progress():
+    """Bug: `offload bench` refused --no-progress, so its model loading bars could not be silenced as in generate
+    and profile."""
+    from offload.cli import build_parser
+
+    parser, _ = build_parser(["bench"])
+    args = parser.parse_args(["bench", "--no-progress"])
+    assert args.no_progress is True

@@ -356,6 +356,7 @@ REFUSED = {
         "generation_config": GenerationConfig(output_attentions=True, return_dict_in_generate=True,
                                               max_new_tokens=3)}),
     "cache_implementation": ("cache_implementation", {"cache_implementation": "static", "max_new_tokens": 3}),
+    "prompt_lookup_num_tokens": ("prompt_lookup_num_tokens", {"prompt_lookup_num_tokens": 3, "max_new_tokens": 3}),
     "cache_implementation config": ("cache_implementation", {
         "generation_config": GenerationConfig(cache_implementation="static", max_new_tokens=3)}),
 }
@@ -382,6 +383,17 @@ def test_generate_settings_the_cache_cant_honour_are_refused_first(tiny_llama_mo
         with forwards(model) as n, pytest.raises(ValueError) as e:
             model.generate(ids, **kwargs)
         assert str(e.value).startswith(f"{name}:") and "\n" not in str(e.value), str(e.value)
+        assert n[0] == 0
+
+
+def test_assisted_decoding_is_refused_by_name(tiny_llama_model):
+    """Bug: assisted decoding with the wrapped model as its own assistant failed with "this cache's sequence was
+    replaced", and prompt-lookup decoding with "an offloaded cache can't be cropped": neither named the feature."""
+    model = tiny_llama_model
+    ids = ids_of(PROMPT, seed=14)
+    with offload(model, page_size=8), torch.no_grad():
+        with forwards(model) as n, pytest.raises(ValueError, match="^assistant_model: speculative"):
+            model.generate(ids, assistant_model=model, max_new_tokens=3, do_sample=False)
         assert n[0] == 0
 
 

@@ -94,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start no new run after this many seconds; rows not run are marked skipped")
     group.add_argument("--out", metavar="PATH", default=None, help="write the results as JSON here")
     group.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of decode tokens/s per context")
+    group.add_argument("--no-progress", action="store_true", help="no model loading progress bars")
     add_model_options(parser)
     add_runtime_options(parser)
 
