@@ -264,8 +264,8 @@ def test_budgets_too_small_for_the_sequence_fail_before_prefill(
         "--device-budget", "24KiB", "--host-budget", "4KiB",
     )
     assert code == 2
-    line = assert_one_line_error(err, "host_budget")
-    assert "disk_dir" in line  # the advice: raise host_budget or pass disk_dir
+    line = assert_one_line_error(err, "--host-budget")
+    assert "--disk-dir" in line  # the advice, in flags: raise --host-budget or pass --disk-dir
 
 
 def test_prompt_longer_than_max_positions(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path) -> None:
