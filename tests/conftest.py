@@ -7,10 +7,18 @@ rely on the context manager restoring it; tests/test_exact.py checks exactly tha
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from offload.models import load_model, tiny_llama
+import torch  # does not import triton
+
+# Triton's CPU interpreter runs the kernels where there is no CUDA device; it must be chosen before triton is
+# first imported. On a CUDA machine nothing changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from offload.models import load_model, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,123 @@
+"""Triton kernels behind `offload.kernels.paged_decode` (imports triton; loaded only when called)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, o_ptr, lse_ptr,
+    stride_qh, stride_qg,
+    stride_ks, stride_kh, stride_kp,
+    stride_vs, stride_vh, stride_vp,
+    n, valid_last, start, pages_per_split, scaling, softcap,
+    G, H,
+    BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """One (KV head, split): online softmax over pages [split*pps, min((split+1)*pps, n)).
+    Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial buffers
+    o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, P)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    # Padded query rows load as zeros and are never stored.
+    q = tl.load(q_ptr + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :], mask=g_ok[:, None],
+                other=0.0).to(tl.float32)  # [BG, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    lo = split * pages_per_split
+    hi = tl.minimum(lo + pages_per_split, n)
+    for i in range(lo, hi):
+        slot = tl.load(slots_ptr + i).to(tl.int64)  # int64: slot * stride can pass 2**31 on large pools
+        k = tl.load(k_ptr + slot * stride_ks + h * stride_kh + offs_p[:, None] * stride_kp
+                    + offs_d[None, :]).to(tl.float32)  # [P, D]
+        v = tl.load(v_ptr + slot * stride_vs + h * stride_vh + offs_p[:, None] * stride_vp
+                    + offs_d[None, :]).to(tl.float32)  # [P, D]
+        # One query token: a broadcast product is as fast as a matmul here (the loads dominate), and it works
+        # for any G and P, where tl.dot needs every dimension >= 16.
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BG, P]
+        if HAS_SOFTCAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf or 0).
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        seen = ((i != n - 1) | (offs_p < valid_last)) & ((i != 0) | (offs_p >= start))  # [P]
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BG]
+        # A page with nothing seen leaves m at -inf: shift by 0 instead so exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])  # [BG, P]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    # A row that saw nothing gets (o = 0, lse = -inf), which weighs nothing in the merge.
+    o = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
+    lse = m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38))  # l = 0 only where m = -inf
+    row = (split * H + h) * G + offs_g
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_ok[:, None])
+    tl.store(lse_ptr + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    po_ptr, plse_ptr, o_ptr, lse_ptr, splits, G, H,
+    BLOCK_G: tl.constexpr, D: tl.constexpr,
+):
+    """One KV head: log-sum-exp merge of the split partials po [splits, H, G, D], plse [splits, H, G] into
+    o [H, G, D], lse [H, G]."""
+    h = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for s in range(0, splits):
+        row = (s * H + h) * G + offs_g
+        lse = tl.load(plse_ptr + row, mask=g_ok, other=float("-inf"))
+        o = tl.load(po_ptr + row[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.exp(lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
+    row = h * G + offs_g
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None])
+    tl.store(lse_ptr + row, m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38)), mask=g_ok)
+
+
+def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, n: int,
+           valid_last: int, scaling: float, softcap: float | None, start: int,
+           pages_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arguments already checked by `paged_decode`; returns (o [H, G, D], lse [H, G]) in float32."""
+    h, g, d = q.shape
+    page_size = k_pool.shape[2]
+    splits = -(-n // pages_per_split)
+    block_g = triton.next_power_of_2(g)
+    dev = q.device
+    po = torch.empty((splits, h, g, d), dtype=torch.float32, device=dev)
+    plse = torch.empty((splits, h, g), dtype=torch.float32, device=dev)
+    _split_kernel[(h, splits)](
+        q, k_pool, v_pool, slots, po, plse,
+        q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        n, valid_last, start, pages_per_split, float(scaling), float(softcap or 1.0),
+        g, h,
+        BLOCK_G=block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None,
+    )
+    if splits == 1:
+        return po[0], plse[0]
+    o = torch.empty((h, g, d), dtype=torch.float32, device=dev)
+    lse = torch.empty((h, g), dtype=torch.float32, device=dev)
+    _merge_kernel[(h,)](po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)
+    return o, lse

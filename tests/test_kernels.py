@@ -1,0 +1,116 @@
+"""The Triton paged decode kernel against the torch reference and dense attention (TRITON_INTERPRET=1 on the CPU,
+set in conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from offload import attention_math as am
+from offload.kernels import paged_decode, paged_decode_reference
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}  # on o (values ~1) and lse
+
+
+def _case(kv_heads: int, g: int, d: int, p: int, n: int, dtype: torch.dtype, seed: int = 0):
+    """Random q [H, G, D] and pools [S, H, P, D] with `n` scattered, non-consecutive slots in shuffled order."""
+    gen = torch.Generator().manual_seed(seed)
+    slots_total = 2 * n + 3
+    q = torch.randn(kv_heads, g, d, generator=gen)
+    k_pool = torch.randn(slots_total, kv_heads, p, d, generator=gen).to(dtype)
+    v_pool = torch.randn(slots_total, kv_heads, p, d, generator=gen).to(dtype)
+    slots = (torch.randperm(slots_total, generator=gen)[:n]).to(torch.int32)
+    return q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), slots.to(DEVICE)
+
+
+def _dense(q, k_pool, v_pool, slots, valid_last, scaling, softcap, start):
+    """Plain attention over the gathered tokens start..(n-1)*P+valid_last-1, through `attention_math.dense_partial`
+    (no paging, no masks)."""
+    idx = slots.long()
+    n, p = idx.numel(), k_pool.shape[2]
+    tokens = (n - 1) * p + valid_last
+
+    def flat(pool):  # [n, H, P, D] -> [H, n*P, D]
+        return pool[idx].permute(1, 0, 2, 3).reshape(pool.shape[1], n * p, -1)[:, start:tokens]
+
+    return am.dense_partial(q, flat(k_pool), flat(v_pool), scaling, softcap=softcap)
+
+
+def _close(a: am.Partial, b: am.Partial, tol: float) -> None:
+    torch.testing.assert_close(a[0].float().cpu(), b[0].float().cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(a[1].float().cpu(), b[1].float().cpu(), atol=tol, rtol=tol)
+
+
+# (kv_heads, G, D, P, n, valid_last, start, softcap, pages_per_split, dtype)
+CASES = [
+    (2, 1, 16, 4, 1, 4, 0, None, 1, torch.float32),      # one full page
+    (2, 2, 16, 4, 1, 1, 0, None, 1, torch.float32),      # one page holding one token
+    (1, 3, 32, 8, 5, 3, 2, None, 2, torch.float32),      # G=3 padded to 4, window start, 3 splits
+    (2, 2, 16, 4, 7, 4, 0, 30.0, 3, torch.float32),      # soft-capping, 3 splits
+    (2, 3, 16, 8, 6, 1, 5, 20.0, 1, torch.float32),      # one page per split, everything at once
+    (2, 2, 32, 4, 5, 2, 3, None, 2, torch.bfloat16),
+    (1, 1, 16, 16, 3, 16, 7, 10.0, 2, torch.bfloat16),
+    (2, 2, 16, 4, 4, 3, 1, None, 2, torch.float16),
+]
+
+
+@pytest.mark.parametrize("kv_heads,g,d,p,n,valid_last,start,softcap,pps,dtype", CASES)
+def test_matches_reference_and_dense(kv_heads, g, d, p, n, valid_last, start, softcap, pps, dtype):
+    q, k_pool, v_pool, slots = _case(kv_heads, g, d, p, n, dtype)
+    scaling = 1 / math.sqrt(d)
+    got = paged_decode(q, k_pool, v_pool, slots, valid_last, scaling, softcap, start, pages_per_split=pps)
+    assert got[0].shape == (kv_heads, g, d) and got[1].shape == (kv_heads, g)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    ref = paged_decode_reference(q, k_pool, v_pool, slots, valid_last, scaling, softcap, start)
+    _close(got, ref, TOL[dtype])
+    _close(got, _dense(q, k_pool, v_pool, slots, valid_last, scaling, softcap, start), TOL[dtype])
+
+
+def test_split_count_does_not_change_the_result():
+    q, k_pool, v_pool, slots = _case(2, 2, 16, 4, 6, torch.float32, seed=1)
+    outs = [paged_decode(q, k_pool, v_pool, slots, 2, 0.25, None, 1, pages_per_split=s) for s in (1, 4, 6)]
+    for o in outs[1:]:
+        _close(o, outs[0], 1e-5)
+
+
+def test_default_split_matches_sdpa():
+    """Default split choice, against framework SDPA over the gathered tokens (GQA expanded)."""
+    kv_heads, g, d, p, n, valid_last = 2, 2, 16, 4, 5, 3
+    q, k_pool, v_pool, slots = _case(kv_heads, g, d, p, n, torch.float32, seed=2)
+    o, _ = paged_decode(q, k_pool, v_pool, slots, valid_last, 1 / math.sqrt(d))
+    idx = slots.long()
+    tokens = (n - 1) * p + valid_last
+    k = k_pool[idx].permute(1, 0, 2, 3).reshape(kv_heads, n * p, d)[:, :tokens]
+    v = v_pool[idx].permute(1, 0, 2, 3).reshape(kv_heads, n * p, d)[:, :tokens]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [H, G, D]: each G row one query
+    torch.testing.assert_close(o.cpu(), want.cpu(), atol=2e-5, rtol=2e-5)
+
+
+def test_merges_with_another_partial():
+    """A kernel partial over some pages, merged with a torch partial over the rest, equals dense attention over
+    all of them."""
+    kv_heads, g, d, p = 2, 3, 16, 4
+    q, k_pool, v_pool, slots = _case(kv_heads, g, d, p, 5, torch.float32, seed=3)
+    scaling = 1 / math.sqrt(d)
+    # Pages 0..2 on the kernel (full), pages 3..4 (the tail holding 2 tokens) through the torch reference.
+    head = paged_decode(q, k_pool, v_pool, slots[:3], p, scaling, pages_per_split=2)
+    tail = paged_decode_reference(q, k_pool, v_pool, slots[3:], 2, scaling)
+    merged = am.merge([head, tail])
+    want, _ = _dense(q, k_pool, v_pool, slots, 2, scaling, None, 0)
+    torch.testing.assert_close(merged.cpu(), want.cpu(), atol=2e-5, rtol=2e-5)
+
+
+def test_rejects_bad_arguments():
+    q, k_pool, v_pool, slots = _case(1, 1, 16, 4, 2, torch.float32)
+    with pytest.raises(ValueError):
+        paged_decode(q, k_pool, v_pool, slots, 0, 1.0)
+    with pytest.raises(ValueError):
+        paged_decode(q, k_pool, v_pool, slots, 5, 1.0)
+    with pytest.raises(ValueError):
+        paged_decode_reference(q, k_pool, v_pool, slots[:1], 2, 1.0, start=2)
