@@ -114,3 +114,12 @@ def test_rejects_bad_arguments():
         paged_decode(q, k_pool, v_pool, slots, 5, 1.0)
     with pytest.raises(ValueError):
         paged_decode_reference(q, k_pool, v_pool, slots[:1], 2, 1.0, start=2)
+
+
+def test_missing_triton_is_one_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "offload.kernels._triton_paged_decode", None)  # import now fails
+    q, k_pool, v_pool, slots = _case(1, 1, 16, 4, 1, torch.float32)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        paged_decode(q, k_pool, v_pool, slots, 4, 1.0)

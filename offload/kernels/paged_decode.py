@@ -11,6 +11,8 @@ Shapes (G = query heads per KV head, one token; same conventions as `offload.att
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from offload import attention_math as am
@@ -67,7 +69,7 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sl
     nothing is read back from the device. Pools may be float32, bfloat16 or float16 (scores and sums in float32);
     D and P powers of two (D in 16..256)."""
     try:
-        from offload.kernels import _triton_paged_decode as tk
+        tk = importlib.import_module("offload.kernels._triton_paged_decode")
     except ImportError as e:  # triton itself missing, or broken
         raise RuntimeError(f"paged_decode needs triton (pip install 'offload[gpu]'): {e}") from e
     n = _check(q, k_pool, slots, valid_last, start)
