@@ -57,6 +57,8 @@ CASES = [
     (2, 2, 32, 4, 5, 2, 3, None, 2, torch.bfloat16),
     (1, 1, 16, 16, 3, 16, 7, 10.0, 2, torch.bfloat16),
     (2, 2, 16, 4, 4, 3, 1, None, 2, torch.float16),
+    (2, 3, 16, 16, 4, 9, 4, 25.0, 2, torch.float32),     # pages of 16: the tl.dot path, G=3 padded to 16
+    (1, 2, 32, 32, 2, 32, 0, None, 1, torch.float16),
 ]
 
 

@@ -15,7 +15,7 @@ def _split_kernel(
     stride_vs, stride_vh, stride_vp,
     n, valid_last, start, pages_per_split, scaling, softcap,
     G, H,
-    BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """One (KV head, split): online softmax over pages [split*pps, min((split+1)*pps, n)).
     Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial buffers
@@ -40,9 +40,12 @@ def _split_kernel(
                     + offs_d[None, :]).to(tl.float32)  # [P, D]
         v = tl.load(v_ptr + slot * stride_vs + h * stride_vh + offs_p[:, None] * stride_vp
                     + offs_d[None, :]).to(tl.float32)  # [P, D]
-        # One query token: a broadcast product is as fast as a matmul here (the loads dominate), and it works
-        # for any G and P, where tl.dot needs every dimension >= 16.
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BG, P]
+        if USE_DOT:
+            # float32 "ieee" dots: exact float32 products, and no [BG, P, D] temporary held in registers.
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [BG, P]
+        else:
+            # Pages under 16 tokens, too small for tl.dot: a broadcast product.
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BG, P]
         if HAS_SOFTCAP:
             # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf or 0).
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
@@ -54,7 +57,10 @@ def _split_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])  # [BG, P]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
     # A row that saw nothing gets (o = 0, lse = -inf), which weighs nothing in the merge.
     o = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
@@ -103,6 +109,8 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     page_size = k_pool.shape[2]
     splits = -(-n // pages_per_split)
     block_g = triton.next_power_of_2(g)
+    use_dot = page_size >= 16  # tl.dot needs every dimension >= 16: the query rows are then padded to 16
+    split_block_g = max(block_g, 16) if use_dot else block_g
     dev = q.device
     po = torch.empty((splits, h, g, d), dtype=torch.float32, device=dev)
     plse = torch.empty((splits, h, g), dtype=torch.float32, device=dev)
@@ -113,7 +121,7 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         n, valid_last, start, pages_per_split, float(scaling), float(softcap or 1.0),
         g, h,
-        BLOCK_G=block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None,
+        BLOCK_G=split_block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot,
     )
     if splits == 1:
         return po[0], plse[0]
