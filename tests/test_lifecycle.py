@@ -23,6 +23,13 @@ def ids_of(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def left_padded(ids: torch.Tensor, pad: int) -> torch.Tensor:
+    """An attention mask over `ids` whose first `pad` positions are padding."""
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return mask
+
+
 @contextmanager
 def forwards(model: torch.nn.Module) -> Iterator[list[int]]:
     """Counts the model's forward calls while the block runs."""
@@ -116,8 +123,7 @@ def test_a_cache_with_a_model_not_running_its_runtime_is_refused(tiny_llama_mode
     for an attention function that never ran: the layers attended to the new tokens alone, silently."""
     model = tiny_llama_model
     ids = ids_of(20, seed=4)
-    padded = torch.ones_like(ids)
-    padded[0, :2] = 0
+    padded = left_padded(ids, 2)
     with torch.no_grad():
         expected_padded = model(ids, attention_mask=padded, use_cache=False).logits[0, 2:]
     with offload(model, page_size=8) as outer:
@@ -174,8 +180,7 @@ def test_padding_with_the_offloaded_cache_is_refused_on_every_path(tiny_llama_mo
     ignored, and the padded positions were attended."""
     model = tiny_llama_model
     ids = ids_of(24, seed=5)
-    padded = torch.ones_like(ids)
-    padded[0, :4] = 0
+    padded = left_padded(ids, 4)
     with offload(model, page_size=8) as rt, torch.no_grad():
         with forwards(model) as n:
             with pytest.raises(ValueError, match="^attention_mask: padding"):
@@ -213,8 +218,7 @@ def test_masks_of_ones_stay_exact_and_padding_without_the_offloaded_cache_still_
                              use_cache=True).logits[0, -1])
         return torch.stack(out)
 
-    padded = torch.ones_like(ids)
-    padded[0, :6] = 0
+    padded = left_padded(ids, 6)
     with torch.no_grad():
         expected = masked(DynamicCache(config=model.config))
         expected_padded = model(ids, attention_mask=padded, past_key_values=DynamicCache(config=model.config),
@@ -237,8 +241,7 @@ def test_padding_is_refused_for_a_sliding_window_model():
                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
                                              max_position_embeddings=256)).eval()
     ids = ids_of(20, seed=7)
-    padded = torch.ones_like(ids)
-    padded[0, :3] = 0
+    padded = left_padded(ids, 3)
     with torch.no_grad():
         expected = model(ids, attention_mask=padded, use_cache=False).logits[0, 3:]
         with offload(model, page_size=8) as rt:
