@@ -72,7 +72,7 @@ class LoadRing:
                 job.pages = job.pages[keep]
                 if job.pages.numel() == 0:
                     continue
-                self.rt.counters["prefetch"]["issued"] += job.pages.numel()
+                self.rt.count_load(job.pages.numel(), predicted=True)
             job.buf = self.free.popleft()
             with phase("offload.load", self.rt.tracer is not None):
                 job.pages, job.transfers = self.rt._load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
@@ -91,6 +91,23 @@ class LoadRing:
             yield job, self.k[job.buf, :n], self.v[job.buf, :n]
             self.free.append(job.buf)
             self.pump()
+
+    def forget(self, layer: int) -> None:
+        """Drops every request of `layer`, waiting for those in flight: the layer was served another way."""
+        self.discard_pending(layer)
+        if not any(j.layer == layer for j in self.inflight):
+            return
+        keep: deque[Job] = deque()
+        for job in self.inflight:
+            if job.layer != layer:
+                keep.append(job)
+                continue
+            for t in job.transfers:
+                t.wait()
+            self.rt._unbusy(job.layer, job.pages)
+            self.free.append(job.buf)
+        self.inflight = keep
+        self.pump()
 
     def drain(self) -> None:
         """Waits for every copy in flight and forgets every request."""

@@ -35,6 +35,27 @@ class PageTable:
         self.tokens = [0] * layers
         # Per layer: the first page still held; 0 unless a sliding window released the pages before it.
         self.first = [0] * layers
+        # Per layer: bumped by every change of where its pages live (`set`, `release`), so that device-side views
+        # built from this table know when they are stale without comparing tensors.
+        self.version = [0] * layers
+
+    def set(self, tier: str, layer: int, pages, slots) -> None:
+        """Records that `pages` of `layer` (an int, a list or a tensor of page ids) live in `slots` of `tier`
+        (-1: no longer there)."""
+        if isinstance(slots, (list, tuple)):
+            slots = torch.tensor(slots, dtype=torch.int32)
+        self.slot[tier][layer, pages] = slots
+        self.version[layer] += 1
+
+    def release(self, layer: int, upto: int) -> None:
+        """Clears pages first..upto-1 of `layer` in every tier (the caller freed their slots)."""
+        a = self.first[layer]
+        for name in TIERS:
+            self.slot[name][layer, a:upto] = NONE
+        self.last_use[layer, a:upto] = 0
+        self.score[layer, a:upto] = 0
+        self.first[layer] = upto
+        self.version[layer] += 1
 
     def pages(self, layer: int) -> int:
         """Number of pages holding at least one token."""

@@ -46,7 +46,7 @@ class PlacementMixin:
             s = int(t.slot["device"][l, p])
             if int(t.slot["host"][l, p]) < 0 and int(t.slot["disk"][l, p]) < 0:
                 self._write_back(l, p, s)
-            t.slot["device"][l, p] = -1
+            t.set("device", l, p, -1)
             self.device_tier.release([s])
             self.counters["evictions"]["device"] += 1
             if self.tracer is not None:
@@ -67,15 +67,16 @@ class PlacementMixin:
             eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < self.step)
             for l, p in self.eviction.victims(eligible & self._unpinned(), n - len(slots)):
                 slots.append(int(t.slot["device"][l, p]))
-                t.slot["device"][l, p] = -1
+                t.set("device", l, p, -1)
                 self.counters["evictions"]["device"] += 1
         if not slots:
             return
         m = len(slots)
+        self.counters["loads"]["promoted"] += m
         idx = torch.tensor(slots, device=self.device)
         self.device_tier.k.index_copy_(0, idx, k[:m])
         self.device_tier.v.index_copy_(0, idx, v[:m])
-        t.slot["device"][layer, pages[:m]] = torch.tensor(slots, dtype=torch.int32)
+        t.set("device", layer, pages[:m], slots)
 
     def _unpinned(self) -> torch.Tensor:
         """Bool [layers, max_pages]: pages eviction may take (sinks and the recent window stay)."""
@@ -100,7 +101,7 @@ class PlacementMixin:
         if slots is not None:
             t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store")
             self.stall(layer, t.wait())
-            self.table.slot["host"][layer, page] = slots[0]
+            self.table.set("host", layer, page, slots[0])
             return
         disk = self._disk()
         dslots = disk.allocate(1) if disk is not None else None
@@ -112,7 +113,7 @@ class PlacementMixin:
         if self.device.type != "cpu":
             self.engine.account("device->host", self.shape.page_bytes, t0, layer, "store")
         self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
-        self.table.slot["disk"][layer, page] = dslots[0]
+        self.table.set("disk", layer, page, dslots[0])
 
     def _evict_host(self, n: int) -> None:
         t = self.table
@@ -127,8 +128,8 @@ class PlacementMixin:
                 if dslots is None:
                     raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
                 self.stall(l, self.engine.disk_write(disk, dslots, host.k[s:s + 1], host.v[s:s + 1], l).wait())
-                t.slot["disk"][l, p] = dslots[0]
-            t.slot["host"][l, p] = -1
+                t.set("disk", l, p, dslots[0])
+            t.set("host", l, p, -1)
             host.release([s])
             self.counters["evictions"]["host"] += 1
             if self.tracer is not None:
@@ -139,7 +140,7 @@ class PlacementMixin:
         idx = torch.tensor(slots, device=self.device)
         self.device_tier.k.index_copy_(0, idx, kp)
         self.device_tier.v.index_copy_(0, idx, vp)
-        self.table.slot["device"][layer, pages] = torch.tensor(slots, dtype=torch.int32)
+        self.table.set("device", layer, pages, slots)
 
     def _place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
         """Stores full pages that don't fit the device: host first, then disk."""
@@ -150,7 +151,7 @@ class PlacementMixin:
             slots = host.allocate(n_host)
             t = self.engine.copy("device->host", (kp, vp), list(range(n_host)), (host.k, host.v), slots, layer, "store")
             self.stall(layer, t.wait() if self.device.type != "cuda" else self._sync(t))
-            self.table.slot["host"][layer, pages[:n_host]] = torch.tensor(slots, dtype=torch.int32)
+            self.table.set("host", layer, pages[:n_host], slots)
         rest = len(pages) - n_host
         if rest:
             disk = self._disk()
@@ -164,7 +165,7 @@ class PlacementMixin:
                 self.engine.account("device->host", rest * self.shape.page_bytes, t0, layer, "store")
             t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
             self.stall(layer, t.wait())
-            self.table.slot["disk"][layer, pages[n_host:]] = torch.tensor(slots, dtype=torch.int32)
+            self.table.set("disk", layer, pages[n_host:], slots)
 
     def _device_pages(self, layer: int) -> int:
         return int((self.table.slot["device"][layer] >= 0).sum())

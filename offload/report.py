@@ -9,7 +9,8 @@ The summary (a JSON-ready dict):
   "compute_span_seconds" (compute spans as recorded), "transfer_seconds" (union over all transfer tracks),
   "overlap_seconds" (time a transfer runs while compute is not stalled), "stall_seconds" (= stats when present),
   "stall_traced_seconds" (union of stall spans), "idle_seconds" (none of compute, transfer, stall).
-- "stall_seconds", "stall_seconds_per_layer", "prefetch" {"issued","hits","misses","accuracy","prefetched_share"}
+- "stall_seconds", "stall_seconds_per_layer", "loads" {"needed","predicted","promoted"},
+  "prefetch" {"issued","hits","accuracy","prefetched_share"}
   (see `prefetch_ratios`),
   "occupancy" {tier: {"peak_bytes","mean_bytes","final_bytes","budget_bytes"}}, "tokens", "kv_bytes",
   "attended_fraction", and the raw "stats".
@@ -166,8 +167,8 @@ def summarize(stats: Mapping[str, Any], tracer: Tracer | None) -> dict[str, Any]
             by_layer[layer] = by_layer.get(layer, 0.0) + (e.end or e.start) - e.start
         per_layer = [by_layer.get(i, 0.0) for i in range(max(by_layer, default=-1) + 1)]
 
-    pf = dict(stats.get("prefetch", {}))
-    pf.update(prefetch_ratios(pf))
+    pf = dict(stats.get("prefetch") or {})
+    pf.update(prefetch_ratios(pf, stats.get("loads")))
 
     means = _mean_occupancy(tracer, rng[1] if rng is not None else None)
     budgets = stats.get("budgets") or {}
@@ -185,6 +186,7 @@ def summarize(stats: Mapping[str, Any], tracer: Tracer | None) -> dict[str, Any]
         "time": time,
         "stall_seconds": time["stall_seconds"],
         "stall_seconds_per_layer": per_layer,
+        "loads": dict(stats.get("loads") or {}),
         "prefetch": pf,
         "occupancy": occupancy,
         "tokens": stats.get("tokens"),
@@ -195,19 +197,21 @@ def summarize(stats: Mapping[str, Any], tracer: Tracer | None) -> dict[str, Any]
     }
 
 
-def prefetch_ratios(prefetch: Mapping[str, Any]) -> dict[str, float | None]:
-    """The two ratios of `stats()["prefetch"]`, each None when its denominator is 0.
+def prefetch_ratios(prefetch: Mapping[str, Any] | None, loads: Mapping[str, Any] | None = None
+                    ) -> dict[str, float | None]:
+    """The two ratios of `stats()["prefetch"]`, each None where no prediction was made (exact mode, or no pages
+    issued) or its denominator is 0.
 
     - "accuracy" = hits / issued: of the pages loaded ahead on a prediction, the share attention then used. This
       is how good the prediction was.
-    - "prefetched_share" = hits / (hits + misses): of the pages attention had to load, the share that arrived by
-      prefetch rather than on demand. In exact mode every page off the device is loaded at every step and only
-      those issued ahead of time count as hits, so this share can be low while the accuracy is near 1.
+    - "prefetched_share" = hits / (hits + loads needed): of the pages attention had to load, the share that arrived
+      by prefetch rather than on demand.
     """
-    issued, hits, misses = (int(prefetch.get(k, 0) or 0) for k in ("issued", "hits", "misses"))
+    issued, hits = (int((prefetch or {}).get(k, 0) or 0) for k in ("issued", "hits"))
+    needed = int((loads or {}).get("needed", 0) or 0)
     return {
         "accuracy": hits / issued if issued > 0 else None,
-        "prefetched_share": hits / (hits + misses) if hits + misses > 0 else None,
+        "prefetched_share": hits / (hits + needed) if issued > 0 and hits + needed > 0 else None,
     }
 
 
@@ -256,16 +260,16 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         [[tier, *(_size(o[k]) for k in ("peak_bytes", "mean_bytes", "final_bytes", "budget_bytes"))]
          for tier, o in summary["occupancy"].items()],
     )
-    pf = summary["prefetch"]
-    lines += ["", "## Prefetch", ""]
-    lines += _table(
-        ["pages", "count"],
-        [["issued: loaded ahead on a prediction", str(pf.get("issued", 0))],
-         ["hits: issued pages that attention used", str(pf.get("hits", 0))],
-         ["misses: loaded on demand", str(pf.get("misses", 0))],
-         ["accuracy: hits / issued", _pct(pf.get("accuracy"))],
-         ["prefetched share of loads: hits / (hits + misses)", _pct(pf.get("prefetched_share"))]],
-    )
+    pf, loads = summary["prefetch"], summary.get("loads") or {}
+    lines += ["", "## Loads and prefetch", ""]
+    rows = [["loads needed: pages the step attends to, brought to the device", str(loads.get("needed", 0))],
+            ["loads predicted: pages loaded ahead on a prediction", str(loads.get("predicted", 0))],
+            ["loads promoted: loaded pages kept on the device", str(loads.get("promoted", 0))]]
+    if pf.get("accuracy") is not None:  # only where a prediction was made
+        rows += [["prefetch hits: predicted pages that attention used", str(pf.get("hits", 0))],
+                 ["accuracy: hits / predicted", _pct(pf.get("accuracy"))],
+                 ["prefetched share of loads: hits / (hits + needed)", _pct(pf.get("prefetched_share"))]]
+    lines += _table(["pages", "count"], rows)
     if summary.get("attended_fraction") is not None:
         lines += ["", f"Attended fraction of the context: {summary['attended_fraction']:.3f}."]
     per_layer = summary.get("stall_seconds_per_layer") or []

@@ -23,6 +23,7 @@ import torch
 from offload import attention_math as am
 from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budgets
 from offload.config import OffloadConfig
+from offload.decode import DeviceDecode
 from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
@@ -32,6 +33,7 @@ from offload.sparse import SparseMixin
 from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
 from tiers import DeviceTier, HostTier, PageShape
+from tiers.host import aligned_host_tensor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,23 @@ class Runtime(PlacementMixin, SparseMixin):
         if self.tracer is not None:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
-        self.device_tier = DeviceTier(self.shape, self.plan.device_cache_pages, self.device)
+        dev_pages, self.host_storage = self.plan.device_cache_pages, None
+        self.decoder: DeviceDecode | None = None
+        if self.device.type == "cpu":
+            # Host and device memory are the same: one allocation holds both pools (device slots first), so a
+            # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
+            # part is anonymous memory that the OS backs only once written.
+            slots = dev_pages + self.plan.host_pages
+            both = aligned_host_tensor(2 * slots * self.kv_heads * self.page_size * self.head_dim, self.dtype,
+                                       pin=False)
+            both = both.view(2, slots, *self.shape.dims)
+            self.device_tier = DeviceTier(self.shape, dev_pages, self.device, storage=(both[0, :dev_pages],
+                                                                                       both[1, :dev_pages]))
+            self.host_storage = (both[0, dev_pages:], both[1, dev_pages:])
+            self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
+                                        self.kv_heads, self.device)
+        else:
+            self.device_tier = DeviceTier(self.shape, dev_pages, self.device)
         h = self.plan.half
         # Workspace: the load ring (2*h pages), a page-major gather buffer (h) and its head-major copy (h).
         # Two buffers: few, large copies and attention calls; each chunk costs host time whatever its size.
@@ -84,6 +102,7 @@ class Runtime(PlacementMixin, SparseMixin):
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.selector = SELECTION.create(config.selection)
         self.sparse = config.attention == "sparse"
+        self.forced_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.mass: torch.Tensor | None = None
         self.hooks: list = []
         self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -91,6 +110,7 @@ class Runtime(PlacementMixin, SparseMixin):
             # Key summaries of every page, kept on the device: [layers, max_pages, S, H, D]. Not KV bytes.
             self.summaries = torch.zeros((self.layers, self.max_pages, self.selector.summary_size(), self.kv_heads,
                                           self.head_dim), dtype=self.dtype, device=self.device)
+            self.summary_rows = list(self.summaries)  # per-layer views, made once
             if getattr(self.prefetcher, "needs_speculation", False):
                 self._install_speculation()
         self._stats_init()
@@ -107,6 +127,11 @@ class Runtime(PlacementMixin, SparseMixin):
                 reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
                 tier._free = list(range(tier.capacity - 1, reserved - 1, -1))
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.decoder is not None:
+            self.decoder.forget()
+        # Per layer: (page, table version, device slot) of the open tail page, so that appending a token reads
+        # no table entry.
+        self.tail_slot: list[tuple] = [(-1, -1, -1, None, None)] * self.layers
         # Counts sequences: a cache remembers the one it was made for and refuses to run on another.
         self.sequence_id = getattr(self, "sequence_id", -1) + 1
         self.ring = LoadRing(self, self.ring_k, self.ring_v)
@@ -178,7 +203,8 @@ class Runtime(PlacementMixin, SparseMixin):
     @torch.inference_mode(False)  # see __init__
     def _host(self) -> HostTier | None:
         if self.host_tier is None and self.plan.host_pages > 0:
-            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda")
+            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda",
+                                      storage=self.host_storage)
             if self.plan.host_staging_pages:
                 # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
                 assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
@@ -217,7 +243,7 @@ class Runtime(PlacementMixin, SparseMixin):
         tokens = query.shape[2]
         if tokens == 1:
             with phase("offload.decode", self.tracer is not None):
-                out = self._decode(layer, query, key[0], value[0], scaling, softcap)
+                out = self._decode(layer, query, key, value, scaling, softcap)
         else:
             with phase("offload.prefill", self.tracer is not None):
                 self.ring.drain()
@@ -255,14 +281,11 @@ class Runtime(PlacementMixin, SparseMixin):
         if bool(t.busy[layer, a:b].any()):
             self.ring.drain()  # NOTE: a copy in flight must land before its slot is given to another page
         for name, tier in (("device", self.device_tier), ("host", self.host_tier), ("disk", self.disk_tier)):
-            slots = t.slot[name][layer, a:b]  # a view: filled in place below
+            slots = t.slot[name][layer, a:b]
             held = slots[slots >= 0]
             if held.numel():
                 tier.release(held.tolist())
-                slots.fill_(-1)
-        t.last_use[layer, a:b] = 0
-        t.score[layer, a:b] = 0
-        t.first[layer] = b
+        t.release(layer, b)
 
     # -- prefill ---------------------------------------------------------------------------------------------
     # Query tokens per piece of a prefill's attention over its own tokens on the manual path (and, with a sliding
@@ -298,6 +321,11 @@ class Runtime(PlacementMixin, SparseMixin):
             parts.append(self._new_tokens_partial(q, key[0], value[0], scaling, window, softcap))
             out = am.ungroup_output(am.merge(parts), self.q_heads, tokens).to(query.dtype)
         self._store_prefill(layer, key[0], value[0])
+        if self.decoder is not None and layer == self.layers - 1:
+            # Views and tail slots ready for the first decode step, after the moves of every layer's prefill.
+            for l in range(self.layers):
+                self.decoder.view(l, self.table, self.table.pages(l))
+                self._tail(l)
         return out
 
     def _new_tokens_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
@@ -398,6 +426,8 @@ class Runtime(PlacementMixin, SparseMixin):
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
+        if self.decoder is not None and self.table.tokens[layer] % self.page_size == 0:
+            self.decoder.absorb(self.eviction)  # a page boundary: eviction may run, from up-to-date uses
         self._append_token(layer, k, v)
         P = self.page_size
         n = self.table.tokens[layer]
@@ -406,6 +436,14 @@ class Runtime(PlacementMixin, SparseMixin):
         # The window starts at token `off` of page `first`; pages before it were released.
         first, off = self._window_first(layer, n)
         visible = n - first * P - off
+        if self.decoder is not None and not self.config.measure_recall:
+            view = self.decoder.view(layer, self.table, last + 1)
+            if not view.lower and view.first <= first:
+                if self.ring.pending or self.ring.inflight:
+                    self.ring.forget(layer)  # loads an earlier step queued for this layer
+                out = self._decode_on_device(layer, view, query, n, valid, first, off, scaling, softcap)
+                self._release(layer, self._dead_pages(layer, n))
+                return out
         if (not self.sparse and self.host_tier is None and self.disk_tier is None
                 and last - first < self.plan.half):
             # Nothing ever left the device: every page is resident, nothing to load or predict.
@@ -437,6 +475,64 @@ class Runtime(PlacementMixin, SparseMixin):
         self._count_decode(layer, (full.numel() * P + valid - cut) / visible)
         self._release(layer, self._dead_pages(layer, n))
         return out
+
+    def _served_on_device(self, layer: int) -> bool:
+        """Whether the layer's next decode step will gather its pages in place (nothing to load ahead): its view is
+        current and every page it holds is in a pool."""
+        view = self.decoder.views[layer] if self.decoder is not None and not self.config.measure_recall else None
+        return (view is not None and not view.lower and view.version == self.table.version[layer]
+                and self.table.tokens[layer] % self.page_size != 0)
+
+    def _decode_on_device(self, layer: int, view, query, n: int, valid: int, first: int, off: int, scaling: float,
+                          softcap: float | None) -> torch.Tensor:
+        """The decode step over the unified pool (offload/decode.py): no table read, no copy through the ring."""
+        P = self.page_size
+        last = view.pages - 1
+        start = (first - view.first) * P + off  # the window's first token among the gathered ones
+        visible = n - first * P - off
+        budget = self.config.token_budget_for(visible) if self.sparse else visible
+        k_pages = max(0, (budget - valid) // P)
+        if budget >= visible or k_pages >= last - first:
+            t0 = time.perf_counter()
+            out = self.decoder.exact(view, query, valid, start, scaling, softcap)
+            if view.host:  # pages read from the host pool: loads of pages needed now
+                self.counters["loads"]["needed"] += view.host
+                self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
+            self._count_decode(layer, 1.0)
+            return out
+        forced, bias, free = self._forced(first, last, valid, k_pages)
+        q = am.group_queries(query, self.kv_heads).float()
+        scores = self.selector.score(q, self.summary_rows[layer].narrow(0, first, last - first), scaling)
+        t0 = time.perf_counter()
+        out = self.decoder.sparse(layer, view, query, first, scores, forced, bias, free, valid,
+                                  first * P + off if off else None, self.step, scaling, softcap)
+        if self.tracer is not None:  # a timeline wants each load as a span: read the count now
+            self._account_host_reads(layer, t0)
+        attended = (forced.numel() + max(free, 0)) * P + valid
+        self._count_decode(layer, min(1.0, attended / visible))
+        return out
+
+    def _forced(self, first: int, last: int, valid: int, k_pages: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sparse selection's fixed part among full pages first..last-1: the sink pages and the recent window, as
+        device tensors (page ids, and a bias that is -inf on them over first..last-1), and how many pages top-k
+        adds (the budget's pages less the forced ones). Cached: they change at page boundaries and as the tail
+        fills past a page of the recent window."""
+        P = self.page_size
+        sinks = min(last, -(-self.config.sink_tokens // P))
+        recent = max(0, self.config.recent_tokens - valid)
+        lo = max(0, last - -(-recent // P)) if recent else last
+        key = (first, last, sinks, lo)
+        hit = self.forced_cache.get(key)
+        if hit is None:
+            ids = [p for p in range(first, last) if p < sinks or p >= lo]
+            bias = torch.zeros(last - first, dtype=torch.float32)
+            bias[[p - first for p in ids]] = float("-inf")
+            hit = (torch.tensor(ids, dtype=torch.long, device=self.device), bias.to(self.device), len(ids))
+            if len(self.forced_cache) > 64:
+                self.forced_cache.clear()
+            self.forced_cache[key] = hit
+        forced, bias, count = hit
+        return forced, bias, k_pages - count
 
     def _edge_hide(self, first: int, off: int):
         """For `_pages_partials`: hides tokens 0..off-1 of page `first` (before the sliding window's start) in a
@@ -503,15 +599,32 @@ class Runtime(PlacementMixin, SparseMixin):
             if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
                 self._summarize_resident(layer, page - 1)  # before making room can evict it
             slot = self._device_slots(1)[0]
-            self.table.slot["device"][layer, page] = slot
-        self._fill_tail(layer, k, v, 0)
+            self.table.set("device", layer, page, slot)
+        # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page, through views of that page.
+        _, pk, pv = self._tail(layer)
+        off = n % self.page_size
+        pk.select(1, off).copy_(k.view(self.kv_heads, self.head_dim))
+        pv.select(1, off).copy_(v.view(self.kv_heads, self.head_dim))
+        self.table.tokens[layer] = n + 1
+
+    def _tail(self, layer: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """The device slot of the page that token `tokens[layer]` goes to, and views of its K and V ([H, P, D]):
+        read from the table only when the page or the layer's table version changed since the last call."""
+        page, version, *tail = self.tail_slot[layer]
+        now = (self.table.tokens[layer] // self.page_size, self.table.version[layer])
+        if (page, version) != now:
+            slot = int(self.table.slot["device"][layer, now[0]]) if now[0] < self.max_pages else -1
+            views = (self.device_tier.k[slot], self.device_tier.v[slot]) if slot >= 0 else (None, None)
+            tail = [slot, *views]
+            self.tail_slot[layer] = (*now, *tail)
+        return tail[0], tail[1], tail[2]
 
     def _fill_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> int:
         """Writes new tokens from k[:, pos:] into the open tail page; returns the new position in k."""
         n = self.table.tokens[layer]
         off = n % self.page_size
         take = min(self.page_size - off, k.shape[1] - pos)
-        s = int(self.table.slot["device"][layer, n // self.page_size])
+        s = self._tail(layer)[0]
         self.device_tier.k[s, :, off:off + take] = k[:, pos:pos + take]
         self.device_tier.v[s, :, off:off + take] = v[:, pos:pos + take]
         self.table.tokens[layer] = n + take
@@ -524,7 +637,7 @@ class Runtime(PlacementMixin, SparseMixin):
         ring = self.ring
         ring.discard_pending(layer)
         remaining = missing[~torch.isin(missing, ring.covered(layer))]
-        self.counters["prefetch"]["misses"] += remaining.numel()
+        self.count_load(remaining.numel(), predicted=False)
         if self.tracer is not None and remaining.numel():
             self.tracer.instant("policy", "prefetch miss", layer=layer, pages=remaining.numel())
         ring.request(layer, remaining, predicted=False, front=True)
@@ -537,7 +650,7 @@ class Runtime(PlacementMixin, SparseMixin):
 
     def _predict(self, layer: int) -> torch.Tensor | None:
         """Pages of `layer` to prefetch: all its missing pages in exact mode, the policy's guess in sparse mode."""
-        if self.table.tokens[layer] == 0:
+        if self.table.tokens[layer] == 0 or self._served_on_device(layer):
             return None
         last = self.table.pages(layer) - 1
         first = self._window_first(layer, self.table.tokens[layer] + 1)[0]  # for the token it is about to add
@@ -568,7 +681,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 n_use = int(use.sum())
             else:  # exact: every page loaded for this layer is attended
                 use, n_use = None, job.pages.numel()
-            if job.predicted:
+            if job.predicted and self.sparse:
                 self.counters["prefetch"]["hits"] += n_use
                 if self.tracer is not None and n_use:
                     self.tracer.instant("policy", "prefetch hit", layer=layer, pages=n_use)
@@ -636,13 +749,38 @@ class Runtime(PlacementMixin, SparseMixin):
     def _stats_init(self) -> None:
         self.counters = {
             "tokens": {"prefill": 0, "decode": 0},
-            "prefetch": {"issued": 0, "hits": 0, "misses": 0},
+            # Pages brought to the device for attention, by reason: the step needed them now (exact mode's
+            # loads ahead of the next layer included: every page is needed), a prediction asked for them, or
+            # sparse mode kept them on the device after a load.
+            "loads": {"needed": 0, "predicted": 0, "promoted": 0},
+            # Where predictions were made (sparse mode): pages loaded on one, and those attention then used.
+            "prefetch": {"issued": 0, "hits": 0},
             "evictions": {"device": 0, "host": 0},
             "attended": 0.0,
             "attended_n": 0,
         }
         self.stall_per_layer = [0.0] * self.layers
         self.peak = {"device": 0, "host": 0, "disk": 0}
+
+    def _account_host_reads(self, layer: int, t0: float) -> None:
+        """Counts the pages that sparse steps on the device read from the host pool since the last call (a device
+        read): loads of pages needed now."""
+        if self.decoder is None:
+            return
+        pages = int(self.decoder.host_reads)
+        if pages:
+            self.decoder.host_reads.zero_()
+            self.counters["loads"]["needed"] += pages
+            self.engine.account("host->device", pages * self.shape.page_bytes, t0, layer, "load")
+
+    def count_load(self, pages: int, predicted: bool) -> None:
+        """Counts pages starting their way to the device: on a prediction (sparse mode) or because they are
+        needed (on demand, or ahead of the next layer in exact mode, where every page is needed)."""
+        if predicted and self.sparse:
+            self.counters["loads"]["predicted"] += pages
+            self.counters["prefetch"]["issued"] += pages
+        else:
+            self.counters["loads"]["needed"] += pages
 
     def stall(self, layer: int, seconds: float, on: str = "transfer") -> None:
         self.stall_per_layer[layer] += seconds
@@ -666,6 +804,7 @@ class Runtime(PlacementMixin, SparseMixin):
         self.engine.resolve_gpu_waits(self.stall)
         resident = self._resident()
         c = self.counters
+        self._account_host_reads(-1, time.perf_counter())
         per_token = self.shape.page_bytes // self.page_size  # one layer's K and V of one token
         return {
             "bytes_moved": dict(self.engine.bytes_moved),
@@ -675,7 +814,8 @@ class Runtime(PlacementMixin, SparseMixin):
                         "disk": self.plan.disk_budget},
             "kv_bytes": sum(self.table.tokens) * per_token,
             "tokens": dict(c["tokens"]),
-            "prefetch": dict(c["prefetch"]),
+            "loads": dict(c["loads"]),
+            "prefetch": dict(c["prefetch"]) if self.sparse else None,
             "evictions": dict(c["evictions"]),
             "stall_seconds": sum(self.stall_per_layer),
             "stall_seconds_per_layer": list(self.stall_per_layer),

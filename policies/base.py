@@ -28,6 +28,12 @@ class EvictionPolicy(ABC):
         """Pages of `layer` were attended at `step` (mass: their share of the attention, when known)."""
         self.table.last_use[layer, pages] = step
 
+    def absorb(self, use_step: torch.Tensor, mass: torch.Tensor) -> None:
+        """Uses recorded on the device since the last page boundary, handed over there: `use_step` [layers,
+        max_pages] the step each page was last attended (-1: not since), `mass` its summed predicted share of
+        attention."""
+        torch.maximum(self.table.last_use, use_step, out=self.table.last_use)
+
     @abstractmethod
     def victims(self, eligible: torch.Tensor, n: int) -> list[tuple[int, int]]:
         """Up to `n` (layer, page) pairs to evict among `eligible` (bool [layers, max_pages]), best victim first."""

@@ -44,6 +44,11 @@ class ScoreEviction(EvictionPolicy):
         else:
             row.index_add_(0, pages.long(), torch.ones(pages.numel()))
 
+    def absorb(self, use_step: torch.Tensor, mass: torch.Tensor) -> None:
+        # Steps on the device are decayed together: once per page boundary, not once per step.
+        super().absorb(use_step, mass)
+        self.table.score.mul_(self.decay).add_(mass)
+
     def victims(self, eligible: torch.Tensor, n: int) -> list[tuple[int, int]]:
         t = self.table
         key = t.score.double() + 1e-9 * torch.arange(t.max_pages, dtype=torch.float64)[None, :]

@@ -229,8 +229,11 @@ def test_stats_after_generate_through_three_tiers(tiny_llama_model, tmp_path: Pa
     assert s["tokens"] == {"prefill": PROMPT, "decode": NEW - 1}
     layers, kv_heads, head_dim = _dims(model)
     assert s["kv_bytes"] == layers * (PROMPT + NEW - 1) * 2 * kv_heads * head_dim * 4
-    assert set(s["prefetch"]) == {"issued", "hits", "misses"}
-    assert s["prefetch"]["issued"] > 0 and 0 < s["prefetch"]["hits"] <= s["prefetch"]["issued"]
+    # Exact mode predicts nothing: every page is needed, loaded ahead or not.
+    assert s["prefetch"] is None
+    assert set(s["loads"]) == {"needed", "predicted", "promoted"}
+    assert s["loads"]["needed"] > 0 and s["loads"]["predicted"] == s["loads"]["promoted"] == 0
+    assert s["loads"]["needed"] * pb <= s["bytes_moved"]["host->device"] + s["bytes_moved"]["disk->host"]
     assert isinstance(s["stall_seconds"], float) and s["stall_seconds"] >= 0.0
     assert len(s["stall_seconds_per_layer"]) == layers
     assert s["attended_fraction"] == 1.0

@@ -186,7 +186,8 @@ def test_summary_copies_stats() -> None:
         "bytes_moved": {"host->device": 7, "device->host": 8, "host->disk": 9, "disk->host": 10},
         "peak_resident_bytes": {"device": 1, "host": 2, "disk": 3},
         "resident_bytes": {"device": 0, "host": 1, "disk": 2},
-        "prefetch": {"issued": 4, "hits": 3, "misses": 1},
+        "loads": {"needed": 1, "predicted": 4, "promoted": 2},
+        "prefetch": {"issued": 4, "hits": 3},
         "stall_seconds": 0.25,
         "stall_seconds_per_layer": [0.25, 0.0],
         "tokens": {"prefill": 300, "decode": 4},
@@ -197,6 +198,7 @@ def test_summary_copies_stats() -> None:
     assert s["stall_seconds"] == s["time"]["stall_seconds"] == 0.25
     assert s["stall_seconds_per_layer"] == [0.25, 0.0]
     assert s["prefetch"]["accuracy"] == 0.75 and s["prefetch"]["prefetched_share"] == 0.75
+    assert s["loads"] == stats["loads"]
     assert {t: o["peak_bytes"] for t, o in s["occupancy"].items()} == stats["peak_resident_bytes"]
     assert s["occupancy"]["disk"]["budget_bytes"] == 30 and s["stats"] == stats
     md = summary_markdown(s)
@@ -211,19 +213,33 @@ def test_prefetch_accuracy_is_not_confused_with_the_share_of_loads_prefetched() 
     ratio is named for what it is."""
     from tools.common import format_stats_table
 
-    stats = {"prefetch": {"issued": 900, "hits": 898, "misses": 8870}}
+    stats = {"loads": {"needed": 8870, "predicted": 900, "promoted": 0}, "prefetch": {"issued": 900, "hits": 898}}
     pf = summarize(stats, None)["prefetch"]
     assert pf["accuracy"] == pytest.approx(898 / 900) and pf["prefetched_share"] == pytest.approx(898 / 9768)
     assert "hit_rate" not in pf
     md = summary_markdown(summarize(stats, None))
-    assert "| accuracy: hits / issued | 99.8% |" in md
-    assert "| prefetched share of loads: hits / (hits + misses) | 9.2% |" in md
+    assert "| accuracy: hits / predicted | 99.8% |" in md
+    assert "| prefetched share of loads: hits / (hits + needed) | 9.2% |" in md
+    assert "| loads needed: pages the step attends to, brought to the device | 8870 |" in md
     assert "hit rate" not in md
     table = format_stats_table(stats)
     assert any(line.startswith("prefetch accuracy (hits/issued)") and line.endswith("99.8%")
                for line in table.splitlines()), table
     assert any(line.startswith("prefetch share of loads prefetched") and line.endswith("9.2%")
                for line in table.splitlines()), table
+
+
+def test_no_prefetch_ratios_where_nothing_was_predicted() -> None:
+    """Exact mode makes no prediction: its loads are all needed, and no accuracy is reported for it."""
+    from tools.common import format_stats_table
+
+    stats = {"loads": {"needed": 45120, "predicted": 0, "promoted": 0}, "prefetch": None}
+    s = summarize(stats, None)
+    assert s["prefetch"]["accuracy"] is None and s["prefetch"]["prefetched_share"] is None
+    md = summary_markdown(s)
+    assert "| loads needed: pages the step attends to, brought to the device | 45120 |" in md
+    assert "accuracy" not in md and "miss" not in md
+    assert "accuracy" not in format_stats_table(stats)
 
 
 # ---- picture ---------------------------------------------------------------------------------------------------
@@ -314,7 +330,9 @@ def test_summary_equals_stats_of_the_same_run(traced_run: tuple[dict, Tracer]) -
     assert {t: o["final_bytes"] for t, o in s["occupancy"].items()} == stats["resident_bytes"]
     assert s["stall_seconds"] == stats["stall_seconds"]
     assert s["stall_seconds_per_layer"] == stats["stall_seconds_per_layer"]
-    assert {k: s["prefetch"][k] for k in ("issued", "hits", "misses")} == stats["prefetch"]
+    assert s["loads"] == stats["loads"]
+    if stats["prefetch"] is not None:
+        assert {k: s["prefetch"][k] for k in ("issued", "hits")} == stats["prefetch"]
     for key in ("tokens", "kv_bytes", "attended_fraction"):
         assert s[key] == stats[key], key
     assert s["tokens"] == {"prefill": 300, "decode": 4}

@@ -32,7 +32,7 @@ class PageShape:
     @property
     def half_bytes(self) -> int:
         """Bytes of the K (or the V) half of one page."""
-        return self.kv_heads * self.page_size * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.kv_heads * self.page_size * self.head_dim * self.dtype.itemsize
 
     @property
     def page_bytes(self) -> int:

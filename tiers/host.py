@@ -32,8 +32,15 @@ def _aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Ten
 class HostTier(MemoryTier):
     name = "host"
 
-    def __init__(self, shape: PageShape, capacity: int, pin: bool | None = None):
+    def __init__(self, shape: PageShape, capacity: int, pin: bool | None = None,
+                 storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`storage`: the K and V pools ([capacity, H, P, D] each, page-aligned) when the caller allocated them."""
         super().__init__(shape, capacity)
+        if storage is not None:
+            self.pinned = False
+            self.k, self.v = storage
+            self._storage = None
+            return
         self.pinned = torch.cuda.is_available() if pin is None else pin
         n = capacity * shape.kv_heads * shape.page_size * shape.head_dim
         # K and V share one allocation: [2, capacity, H, P, D].

@@ -471,10 +471,10 @@ def format_stats_table(stats: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     for name, value in flatten_stats(stats):
         rows.append((name, format_stat(name, value)))
-        if name == "prefetch misses" and isinstance(stats.get("prefetch"), Mapping):
+        if name == "prefetch hits" and isinstance(stats.get("prefetch"), Mapping):
             from offload.report import prefetch_ratios
 
-            ratios = prefetch_ratios(stats["prefetch"])
+            ratios = prefetch_ratios(stats["prefetch"], stats.get("loads"))
             rows.append(("prefetch accuracy (hits/issued)", format_stat("fraction", ratios["accuracy"])))
             rows.append(("prefetch share of loads prefetched", format_stat("fraction", ratios["prefetched_share"])))
     if not rows:

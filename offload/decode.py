@@ -1,0 +1,187 @@
+"""The decode step on the device: one gather and one attention call per layer, steered by device tensors.
+
+The page table's host mirror (`offload.pagetable.PageTable`) decides; this module only reads what it decided,
+through a `LayerView` per layer: the unified slot of each page as an int32 tensor on the compute device. A view is
+rebuilt on the host when the layer's pages moved (the table's version changed, or a page was opened), which
+happens at page boundaries, at prefill and when a sliding window moves past a page. In every other step nothing
+is read back on the host: the step's shapes follow from host integers (tokens, budgets) alone.
+
+Unified slots: slot s < `split` is slot s of the device pool, slot s >= `split` is slot s - split of the host
+pool. Where host and device share memory (the CPU), both pools are views of one allocation, so one
+`index_select` per K and V gathers a layer's pages from both; on CUDA the gather kernel
+(`offload.kernels.gather`) reads the pinned host pool in place through unified virtual addressing.
+
+  exact:  gather pages first..last (tail last) into the head-major workspace -> SDPA over tokens off..n-1.
+  sparse: score the window's pages from their summaries -> top-k among those not forced -> forced (sinks, recent
+          window) + top-k + tail -> unified slots -> gather -> SDPA (a position mask only where a sliding window
+          starts inside a page).
+Uses of pages (the step and the predicted attention mass) are recorded in device tensors and handed to the
+eviction policy at the next page boundary (`absorb`), so eviction decides from them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload import attention_math as am
+
+NONE = -1
+
+
+@dataclass
+class LayerView:
+    """What the device needs to know of one layer's pages, valid while the layer's table version is `version`
+    and it holds `pages` pages."""
+
+    version: int
+    pages: int  # pages holding tokens, the open tail included
+    first: int  # the first page still held (a sliding window released those before it)
+    host: int  # pages among first..pages-1 that are read from the host pool
+    lower: bool  # some page first..pages-1 lives only on disk: the streaming path serves this layer
+    slots: torch.Tensor  # int32 [pages - first], unified slots of pages first..pages-1 (page order, tail last)
+    row: torch.Tensor  # int32 [max_pages], the unified slot of every page (-1: in no pool)
+    tail: torch.Tensor  # int64 [1], the tail page's id
+
+
+class DeviceDecode:
+    """Owns the device side of decode: the layer views, the gather workspace and the use records."""
+
+    def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, layers: int, max_pages: int,
+                 q_heads: int, kv_heads: int, device: torch.device):
+        self.pool_k, self.pool_v = pools  # [split + host slots, H, P, D]: the unified pool
+        self.split = split
+        self.layers, self.max_pages = layers, max_pages
+        self.q_heads, self.kv_heads = q_heads, kv_heads
+        self.page_size, self.head_dim = self.pool_k.shape[2], self.pool_k.shape[3]
+        self.device = device
+        self.views: list[LayerView | None] = [None] * layers
+        # The unified slot of every page, one row per sequence and layer (one sequence today).
+        self.rows = torch.full((1, layers, max_pages), NONE, dtype=torch.int32, device=device)
+        # Uses since the last boundary: the step a page was last attended (-1: not since) and its attention mass.
+        self.use_step = torch.full((layers, max_pages), NONE, dtype=torch.int64, device=device)
+        self.mass = torch.zeros((layers, max_pages), dtype=torch.float32, device=device)
+        self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
+        # Pages read from the host pool by sparse steps (exact steps count theirs on the host, from the view).
+        self.host_reads = torch.zeros((), dtype=torch.int64, device=device)
+        self.ws_k = self.ws_v = torch.empty(0, device=device)
+        self.ws_views: dict[int, tuple] = {}
+        self.offsets = torch.arange(self.page_size, device=device)
+
+    # -- views ---------------------------------------------------------------------------------------------
+    def view(self, layer: int, table, pages: int) -> LayerView:
+        """The layer's view, rebuilt from the host mirror when stale (host work at page boundaries only)."""
+        v = self.views[layer]
+        if v is not None and v.version == table.version[layer] and v.pages == pages:
+            return v
+        dev, host = table.slot["device"][layer], table.slot["host"][layer]
+        row = torch.where(dev >= 0, dev, torch.where(host >= 0, host + self.split, NONE)).to(torch.int32)
+        first = table.first[layer]
+        held = row[first:pages]
+        self.rows[0, layer].copy_(row)
+        v = LayerView(
+            version=table.version[layer], pages=pages, first=first,
+            host=int(((dev[first:pages] < 0) & (host[first:pages] >= 0)).sum()),
+            lower=bool((held < 0).any()),
+            slots=self.rows[0, layer, first:pages],
+            row=self.rows[0, layer],
+            tail=torch.tensor([pages - 1], device=self.device),
+        )
+        self.views[layer] = v
+        self._reserve(pages - first)
+        return v
+
+    def forget(self) -> None:
+        """A new sequence: every view is stale."""
+        self.views = [None] * self.layers
+        self.use_step.fill_(NONE)
+        self.mass.zero_()
+
+    def _reserve(self, pages: int) -> None:
+        """Grows the head-major workspace [H, pages, P, D] to hold `pages` pages (at boundaries only)."""
+        have = self.ws_k.shape[1] if self.ws_k.dim() == 4 else 0
+        if pages <= have:
+            return
+        cap = max(pages, have + have // 4, 8)
+        with torch.inference_mode(False):
+            shape = (self.kv_heads, cap, self.page_size, self.head_dim)
+            self.ws_k = torch.empty(shape, dtype=self.pool_k.dtype, device=self.device)
+            self.ws_v = torch.empty_like(self.ws_k)
+        self.ws_views: dict[int, tuple] = {}  # views of the workspace per page count, made once
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def exact(self, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
+              softcap: float | None) -> torch.Tensor:
+        """Attention of one token over pages first..last, from token `start` of the first page to token `valid`
+        of the tail. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
+        count = view.pages - view.first
+        k, v = self._gather(view.slots, count)
+        tokens = (count - 1) * self.page_size + valid
+        return self._attend(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
+                            softcap)
+
+    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, first: int, scores: torch.Tensor,
+               forced: torch.Tensor, bias: torch.Tensor, free: int, valid: int, window_start: int | None,
+               step: int, scaling: float, softcap: float | None) -> torch.Tensor:
+        """Attention over the forced pages, the `free` best-scored others and the tail. `scores` cover pages
+        first..last-1, `bias` is -inf on the forced ones; `window_start`: the first visible position when a
+        sliding window starts inside a page, else None."""
+        # The predicted mass of every page in the window feeds score eviction; the pages attended, LRU.
+        self.mass_rows[layer].narrow(0, first, scores.shape[0]).add_(scores)
+        if free > 0:
+            pages = torch.cat([forced, torch.topk(scores + bias, free).indices.add_(first), view.tail])
+        else:
+            pages = torch.cat([forced, view.tail])
+        self.use_rows[layer].index_fill_(0, pages, step)
+        slots = view.row.index_select(0, pages)
+        self.host_reads.add_((slots >= self.split).sum())
+        count = pages.shape[0]
+        k, v = self._gather(slots, count)
+        tokens = (count - 1) * self.page_size + valid
+        if window_start is None:
+            return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap)
+        positions = pages[:, None] * self.page_size + self.offsets  # [count, P]
+        if softcap is not None:  # pages with hidden keys: those before the window, and the tail's unwritten ones
+            hidden = (positions < window_start) | (positions >= (view.pages - 1) * self.page_size + valid)
+            return self._attend_pages(query, count, scaling, softcap, hidden[:, None, :])
+        mask = (positions.flatten()[:tokens] >= window_start)[None, None, None, :]
+        return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
+
+    def _gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages at unified `slots` -> K and V [1, H, count * P, D], in slot order."""
+        views = self.ws_views.get(count)
+        if views is None:
+            views = self.ws_views[count] = tuple(
+                (ws[:, :count].permute(1, 0, 2, 3),
+                 ws[:, :count].reshape(1, self.kv_heads, count * self.page_size, self.head_dim))
+                for ws in (self.ws_k, self.ws_v))
+        (k_out, k), (v_out, v) = views
+        # One pass each: page-major rows straight into the head-major workspace through a permuted view.
+        torch.index_select(self.pool_k, 0, slots, out=k_out)
+        torch.index_select(self.pool_v, 0, slots, out=v_out)
+        return k, v
+
+    def _attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                softcap: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query [1, Hq, 1, D] over k, v [1, H, S, D]; `mask` [1, 1, 1, S] (True: attend) or None."""
+        if softcap is not None:  # framework SDPA can't soft-cap its scores
+            o, _ = am.dense_partial(am.group_queries(query, self.kv_heads), k[0], v[0], scaling, softcap=softcap)
+            return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k, v, attn_mask=mask, scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
+        return out.transpose(1, 2)
+
+    def _attend_pages(self, query: torch.Tensor, count: int, scaling: float, softcap: float | None,
+                      hidden: torch.Tensor) -> torch.Tensor:
+        """Soft-capped attention over the `count` gathered pages, page-major, `hidden` [count, 1, P] masked."""
+        kp, vp = (ws[:, :count].permute(1, 0, 2, 3) for ws in (self.ws_k, self.ws_v))
+        o, _ = am.pages_partial(am.group_queries(query, self.kv_heads), kp, vp, scaling, softcap, hidden)
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+
+    def absorb(self, eviction) -> None:
+        """Hands the uses recorded since the last boundary to the eviction policy's host tables (a device read,
+        at page boundaries only), and starts a new record."""
+        eviction.absorb(self.use_step.cpu(), self.mass.cpu())
+        self.use_step.fill_(NONE)
+        self.mass.zero_()
