@@ -1,0 +1,62 @@
+"""Triton kernel behind `offload.kernels.gather` (imports triton; loaded only when called).
+
+NOTE: on CUDA a pinned CPU tensor is passed to the kernel as it is: Triton's launcher turns every pointer argument
+into a device pointer with `cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_POINTER)`, which succeeds for
+page-locked host memory (under unified virtual addressing the same address), and rejects only pageable memory
+("cannot be accessed from Triton (cpu tensor?)"), which `gather_pages` refuses before the launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Bytes each program copies from one page, for K and again for V: big enough to keep many 16-byte loads in
+# flight per program, small enough that a page of 64 tokens (128 KiB of K at H=8, D=128, bfloat16) spreads over
+# 16 programs.
+_BLOCK_BYTES = 8192
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@triton.jit
+def _gather_kernel(
+    out_k_ptr, out_v_ptr, dev_k_ptr, dev_v_ptr, host_k_ptr, host_v_ptr, slots_ptr,
+    split, page_elems,
+    BLOCK: tl.constexpr,
+):
+    """One (entry i, block c): elements [c*BLOCK, (c+1)*BLOCK) of page slots[i], K and V, into row i of the
+    outputs. Pages are `page_elems` contiguous elements; a slot of -1 leaves the row as it is."""
+    i = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    in_page = offs < page_elems
+    slot = tl.load(slots_ptr + i).to(tl.int64)  # int64: slot * page_elems can pass 2**31 on large pools
+    if slot >= 0:
+        if slot < split:
+            src = slot * page_elems + offs
+            k = tl.load(dev_k_ptr + src, mask=in_page)
+            v = tl.load(dev_v_ptr + src, mask=in_page)
+        else:
+            src = (slot - split) * page_elems + offs
+            k = tl.load(host_k_ptr + src, mask=in_page)
+            v = tl.load(host_v_ptr + src, mask=in_page)
+        dst = i * page_elems + offs
+        tl.store(out_k_ptr + dst, k, mask=in_page)
+        tl.store(out_v_ptr + dst, v, mask=in_page)
+
+
+def launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
+           host_k: torch.Tensor, host_v: torch.Tensor, slots: torch.Tensor, n: int, split: int) -> None:
+    """Arguments already checked by `gather_pages` (n >= 1, non-empty pages, slots on the outputs' device)."""
+    width = out_k.element_size()
+    as_int = _INT_OF_WIDTH[width]  # copy the bits through an integer view: no float conversion anywhere
+    tensors = [t.view(as_int) for t in (out_k, out_v, dev_k, dev_v, host_k, host_v)]
+    page_elems = out_k[0].numel()
+    block = min(_BLOCK_BYTES // width, triton.next_power_of_2(page_elems))
+    grid = (n, triton.cdiv(page_elems, block))
+    if out_k.device.type == "cuda":
+        with torch.cuda.device(out_k.device):  # the launcher uses the current device's context and stream
+            _gather_kernel[grid](*tensors, slots, split, page_elems, BLOCK=block)
+    else:
+        _gather_kernel[grid](*tensors, slots, split, page_elems, BLOCK=block)

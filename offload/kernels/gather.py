@@ -1,0 +1,93 @@
+"""Page gather: copy scattered pages from two pools into a dense buffer in one launch.
+
+Shapes (same page-major layout as the tiers store):
+- pools `dev_k`, `dev_v`: [S_dev, H, P, D], the device pool; `host_k`, `host_v`: [S_host, H, P, D], the host pool
+  (on CUDA a pinned CPU tensor, read by the kernel in place through unified virtual addressing);
+- `slots`: int32 [n] of *unified* slot ids: s < split is device slot s, s >= split is host slot s - split, and -1
+  is "no page" (padding for static shapes);
+- outputs `out_k`, `out_v`: [n, H, P, D]; row i receives the page of slots[i], and rows whose slot is -1 are left
+  untouched.
+
+NOTE: slots are not bounds-checked by the kernel (that would read them back to the host); a slot past either pool
+is undefined behaviour there, while the torch reference raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+def _check(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
+           host_k: torch.Tensor, host_v: torch.Tensor, slots: torch.Tensor, split: int) -> int:
+    """Validates shapes, dtypes and layout; returns n (nothing is read from `slots`)."""
+    if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int32 or slots.dim() != 1:
+        got = f"{slots.dtype} {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+        raise ValueError(f"slots must be a 1-D int32 tensor, got {got}")
+    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+        raise ValueError(f"split must be a non-negative int, got {split!r}")
+    n = slots.numel()
+    tensors = {"out_k": out_k, "out_v": out_v, "dev_k": dev_k, "dev_v": dev_v, "host_k": host_k, "host_v": host_v}
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [S, H, P, D], got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.dtype != out_k.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from out_k dtype {out_k.dtype}")
+        if t.shape[1:] != out_k.shape[1:]:
+            raise ValueError(f"{name} page shape {tuple(t.shape[1:])} differs from out_k {tuple(out_k.shape[1:])}")
+    for name, t in (("out_k", out_k), ("out_v", out_v)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have one row per slot ({n}), got {t.shape[0]}")
+    if dev_v.shape[0] != dev_k.shape[0]:
+        raise ValueError(f"dev_v has {dev_v.shape[0]} slots, dev_k {dev_k.shape[0]}")
+    if host_v.shape[0] != host_k.shape[0]:
+        raise ValueError(f"host_v has {host_v.shape[0]} slots, host_k {host_k.shape[0]}")
+    return n
+
+
+def gather_pages_reference(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
+                           host_k: torch.Tensor, host_v: torch.Tensor, slots: torch.Tensor, split: int) -> None:
+    """Torch reference: two `index_select`s per tensor (device slots, host slots), rows of -1 skipped. Reads the
+    slots back to pick the rows, so it is for tests, not for the decode path."""
+    _check(out_k, out_v, dev_k, dev_v, host_k, host_v, slots, split)
+    s = slots.to("cpu", torch.long)
+    on_dev = ((s >= 0) & (s < split)).nonzero().squeeze(1)
+    on_host = (s >= split).nonzero().squeeze(1)
+    for rows, src_slots, (pk, pv) in ((on_dev, s[on_dev], (dev_k, dev_v)),
+                                      (on_host, s[on_host] - split, (host_k, host_v))):
+        if rows.numel() == 0:
+            continue
+        dst = rows.to(out_k.device)
+        out_k.index_copy_(0, dst, pk.index_select(0, src_slots.to(pk.device)).to(out_k.device))
+        out_v.index_copy_(0, dst, pv.index_select(0, src_slots.to(pv.device)).to(out_v.device))
+
+
+def gather_pages(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
+                 host_k: torch.Tensor, host_v: torch.Tensor, slots: torch.Tensor, split: int) -> None:
+    """Triton gather: one launch over (entry, block of the page's H*P*D elements) copying K and V together, the
+    bits unchanged (any dtype of 1, 2, 4 or 8 bytes). `n` is `slots.numel()` and `split` a Python int; the slots
+    are read on the device, so nothing is read back to the host. On CUDA the host pool must be pinned: the kernel
+    reads it over the bus in place, and the pages must stay unchanged until the launch has run on the current
+    stream."""
+    try:
+        tg = importlib.import_module("offload.kernels._triton_gather")
+    except ImportError as e:  # triton itself missing, or broken
+        raise RuntimeError(f"gather_pages needs triton (pip install 'offload[gpu]'): {e}") from e
+    n = _check(out_k, out_v, dev_k, dev_v, host_k, host_v, slots, split)
+    if out_k.element_size() not in (1, 2, 4, 8):
+        raise ValueError(f"out_k dtype {out_k.dtype} has no integer of its width to copy through")
+    device = out_k.device
+    for name, t in (("out_v", out_v), ("dev_k", dev_k), ("dev_v", dev_v)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, out_k on {device}")
+    if device.type == "cuda":
+        for name, t in (("host_k", host_k), ("host_v", host_v)):
+            if t.device != device and not (t.device.type == "cpu" and t.is_pinned()):
+                raise ValueError(f"{name} must be a pinned CPU tensor (pin_memory=True) or on {device}, "
+                                 f"got {t.device}{' (not pinned)' if t.device.type == 'cpu' else ''}")
+    if n == 0 or out_k[0].numel() == 0:
+        return
+    tg.launch(out_k, out_v, dev_k, dev_v, host_k, host_v, slots.to(device), n, split)
