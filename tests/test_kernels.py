@@ -10,6 +10,7 @@ import torch
 
 from offload import attention_math as am
 from offload.kernels import paged_decode, paged_decode_reference
+from offload.kernels.paged_decode import paged_decode_static, paged_decode_workspace, static_splits
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.kernels
@@ -125,3 +126,89 @@ def test_missing_triton_is_one_clear_error(monkeypatch):
     q, k_pool, v_pool, slots = _case(1, 1, 16, 4, 1, torch.float32)
     with pytest.raises(RuntimeError, match="needs triton"):
         paged_decode(q, k_pool, v_pool, slots, 4, 1.0)
+
+
+# Static shapes (`paged_decode_static`): one slots capacity N and one workspace, several page counts n.
+
+def _set_step(slots, meta, perm, n, valid_last, start):
+    """In place, as a graph replay would need: slots = perm[:n] padded with -1; meta = (n, valid_last, start)."""
+    slots.fill_(-1)
+    slots[:n] = perm[:n]
+    meta.copy_(torch.tensor([n, valid_last, start], dtype=torch.int32))
+
+
+# (kv_heads, G, D, P, N, splits, softcap, dtype, steps [(n, valid_last, start)])
+STATIC_CASES = [
+    (2, 3, 16, 4, 8, None, None, torch.float32, [(1, 1, 0), (3, 2, 1), (5, 4, 0), (8, 3, 3)]),
+    (1, 3, 16, 4, 7, 3, 30.0, torch.float32, [(2, 4, 2), (4, 1, 0), (7, 2, 1)]),        # 3 splits of 3, 3, 1 page
+    (2, 2, 32, 8, 5, 1, None, torch.float32, [(1, 8, 7), (5, 5, 0)]),                  # one split: no merge
+    (2, 3, 16, 4, 6, 4, 20.0, torch.bfloat16, [(1, 3, 1), (2, 4, 0), (6, 2, 3)]),
+    (1, 3, 16, 16, 4, 2, 25.0, torch.bfloat16, [(1, 16, 4), (3, 9, 0), (4, 5, 7)]),    # pages of 16: tl.dot
+    (2, 1, 16, 4, 1, None, None, torch.float32, [(1, 3, 1)]),                          # capacity 1
+]
+
+
+@pytest.mark.parametrize("kv_heads,g,d,p,capacity,splits,softcap,dtype,steps", STATIC_CASES)
+def test_static_matches_reference_for_each_page_count(kv_heads, g, d, p, capacity, splits, softcap, dtype, steps):
+    q, k_pool, v_pool, perm = _case(kv_heads, g, d, p, capacity, dtype)
+    scaling = 1 / math.sqrt(d)
+    slots = torch.full((capacity,), -1, dtype=torch.int32, device=DEVICE)
+    meta = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    ws = paged_decode_workspace(q, capacity, splits)
+    for n, valid_last, start in steps:
+        _set_step(slots, meta, perm, n, valid_last, start)
+        got = paged_decode_static(q, k_pool, v_pool, slots, meta, scaling, softcap, out=ws)
+        assert got[0] is ws.o and got[1] is ws.lse  # results land in the workspace
+        ref = paged_decode_reference(q, k_pool, v_pool, perm[:n], valid_last, scaling, softcap, start)
+        _close(got, ref, TOL[dtype])
+        _close(got, _dense(q, k_pool, v_pool, perm[:n], valid_last, scaling, softcap, start), TOL[dtype])
+
+
+def test_static_capacity_far_above_page_count():
+    """N = 40 with the default split count (one page each): the splits past n are empty, and give no NaN."""
+    capacity, kv_heads = 40, 2
+    q, k_pool, v_pool, perm = _case(kv_heads, 2, 16, 4, capacity, torch.float32, seed=4)
+    assert static_splits(capacity, kv_heads) == capacity
+    slots = torch.full((capacity,), -1, dtype=torch.int32, device=DEVICE)
+    meta = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    for n, valid_last, start in ((1, 2, 0), (3, 4, 1)):
+        _set_step(slots, meta, perm, n, valid_last, start)
+        got = paged_decode_static(q, k_pool, v_pool, slots, meta, 0.25)  # workspace allocated in the call
+        assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+        _close(got, paged_decode_reference(q, k_pool, v_pool, perm[:n], valid_last, 0.25, None, start), 2e-5)
+
+
+def test_static_no_pages_is_an_empty_partial():
+    """n = 0: every split is empty, and the merge gives (o = 0, lse = -inf), not NaN."""
+    q, k_pool, v_pool, _ = _case(1, 2, 16, 4, 6, torch.float32)
+    slots = torch.full((6,), -1, dtype=torch.int32, device=DEVICE)
+    meta = torch.tensor([0, 4, 0], dtype=torch.int32, device=DEVICE)
+    o, lse = paged_decode_static(q, k_pool, v_pool, slots, meta, 0.25, splits=3)
+    assert (o == 0).all() and (lse == float("-inf")).all()
+
+
+def test_paged_decode_static_rejects_bad_arguments():
+    q, k_pool, v_pool, slots = _case(1, 1, 16, 4, 4, torch.float32)
+    meta = torch.tensor([2, 4, 0], dtype=torch.int32, device=DEVICE)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    bad = [
+        ("meta", dict(meta=torch.tensor([2, 4], **i32))),
+        ("meta", dict(meta=meta.long())),
+        ("meta", dict(meta=meta.view(1, 3))),
+        ("slots", dict(slots=slots.long())),
+        ("slots", dict(slots=torch.empty(0, **i32))),
+        ("slots", dict(slots=slots.view(2, 2))),
+        ("slots", dict(slots=torch.arange(8, **i32)[::2])),
+        ("splits", dict(splits=5)),
+        ("splits", dict(splits=0)),
+        ("splits", dict(splits=2, out=paged_decode_workspace(q, 4, 1))),
+        ("out.po", dict(out=paged_decode_workspace(q, 4, 2)._replace(po=torch.empty(2, 1, 1, 8, device=DEVICE)))),
+        ("out.o", dict(out=paged_decode_workspace(q, 4, 1)._replace(o=torch.empty(1, 1, 16, dtype=torch.float64)))),
+    ]
+    for name, change in bad:
+        args = dict(q=q, k_pool=k_pool, v_pool=v_pool, slots=slots, meta=meta, scaling=1.0) | change
+        with pytest.raises(ValueError, match=name) as e:
+            paged_decode_static(**args)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="capacity"):
+        paged_decode_workspace(q, 0)

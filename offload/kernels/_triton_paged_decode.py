@@ -9,19 +9,24 @@ import triton.language as tl
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, slots_ptr, meta_ptr, o_ptr, lse_ptr,
     stride_qh, stride_qg,
     stride_ks, stride_kh, stride_kp,
     stride_vs, stride_vh, stride_vp,
-    n, valid_last, start, pages_per_split, scaling, softcap,
+    capacity, pages_per_split, scaling, softcap,
     G, H,
     BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """One (KV head, split): online softmax over pages [split*pps, min((split+1)*pps, n)).
-    Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial buffers
-    o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
+    (n, valid_last, start) are read from meta_ptr on the device, so the launch does not depend on them; n is clamped
+    to the slots' capacity so that no read passes the end of `slots`. A split left with no page (n small) writes
+    o = 0, lse = -inf. Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial
+    buffers o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
     h = tl.program_id(0)
     split = tl.program_id(1)
+    n = tl.minimum(tl.load(meta_ptr), capacity)
+    valid_last = tl.load(meta_ptr + 1)
+    start = tl.load(meta_ptr + 2)
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, P)
     offs_d = tl.arange(0, D)
@@ -62,7 +67,7 @@ def _split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
-    # A row that saw nothing gets (o = 0, lse = -inf), which weighs nothing in the merge.
+    # A row that saw nothing (or an empty split) gets (o = 0, lse = -inf), which weighs nothing in the merge.
     o = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
     lse = m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38))  # l = 0 only where m = -inf
     row = (split * H + h) * G + offs_g
@@ -101,31 +106,26 @@ def _merge_kernel(
     tl.store(lse_ptr + row, m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38)), mask=g_ok)
 
 
-def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, n: int,
-           valid_last: int, scaling: float, softcap: float | None, start: int,
-           pages_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arguments already checked by `paged_decode`; returns (o [H, G, D], lse [H, G]) in float32."""
+def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, meta: torch.Tensor,
+           scaling: float, softcap: float | None, pages_per_split: int, o: torch.Tensor, lse: torch.Tensor,
+           po: torch.Tensor, plse: torch.Tensor) -> None:
+    """Arguments already checked by `paged_decode_static`: writes (o [H, G, D], lse [H, G]) in float32 through
+    the split buffers po [splits, H, G, D], plse [splits, H, G] (views of o and lse when splits == 1: no merge).
+    Allocates nothing, reads nothing back: the same launch for any (n, valid_last, start) in meta."""
     h, g, d = q.shape
     page_size = k_pool.shape[2]
-    splits = -(-n // pages_per_split)
+    splits = po.shape[0]
     block_g = triton.next_power_of_2(g)
     use_dot = page_size >= 16  # tl.dot needs every dimension >= 16: the query rows are then padded to 16
     split_block_g = max(block_g, 16) if use_dot else block_g
-    dev = q.device
-    po = torch.empty((splits, h, g, d), dtype=torch.float32, device=dev)
-    plse = torch.empty((splits, h, g), dtype=torch.float32, device=dev)
     _split_kernel[(h, splits)](
-        q, k_pool, v_pool, slots, po, plse,
+        q, k_pool, v_pool, slots, meta, po, plse,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        n, valid_last, start, pages_per_split, float(scaling), float(softcap or 1.0),
+        slots.numel(), pages_per_split, float(scaling), float(softcap or 1.0),
         g, h,
         BLOCK_G=split_block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot,
     )
-    if splits == 1:
-        return po[0], plse[0]
-    o = torch.empty((h, g, d), dtype=torch.float32, device=dev)
-    lse = torch.empty((h, g), dtype=torch.float32, device=dev)
-    _merge_kernel[(h,)](po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)
-    return o, lse
+    if splits > 1:
+        _merge_kernel[(h,)](po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)

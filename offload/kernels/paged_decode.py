@@ -7,11 +7,17 @@ Shapes (G = query heads per KV head, one token; same conventions as `offload.att
   (1..P) and the first page's tokens before `start` are hidden (a sliding window's start);
 - result: (o [H_kv, G, D] normalized, lse [H_kv, G]) in float32, a partial that `attention_math.merge` mixes
   with partials over other keys.
+
+`paged_decode_static` is the same kernel with static shapes, for CUDA graphs: `slots` has a fixed capacity N (padded)
+and `meta` = int32 (n, valid_last, start) is a device tensor the kernel reads, so one captured launch replays for
+any page count n <= N after `slots`, `meta` and `q` are updated in place. Its buffers come from a `DecodeWorkspace`
+(`paged_decode_workspace`), allocated once.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 
@@ -61,20 +67,54 @@ def _default_pages_per_split(n: int, kv_heads: int) -> int:
     return -(-n // splits)
 
 
-def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                 valid_last: int, scaling: float, softcap: float | None = None, start: int = 0,
-                 pages_per_split: int | None = None) -> am.Partial:
-    """Triton paged decode: grid (H_kv, splits), each split an online softmax over its pages read in place from
-    the pool, then one merge launch over the splits. `n` is `slots.numel()` and `valid_last` a Python int, so
-    nothing is read back from the device. Pools may be float32, bfloat16 or float16 (scores and sums in float32);
-    D and P powers of two (D in 16..256)."""
+class DecodeWorkspace(NamedTuple):
+    """float32 buffers of `paged_decode_static`: the result o [H, G, D], lse [H, G], and the per-split partials
+    po [splits, H, G, D], plse [splits, H, G] (views of o and lse when splits == 1). Each call overwrites them and
+    returns (o, lse) themselves."""
+
+    o: torch.Tensor
+    lse: torch.Tensor
+    po: torch.Tensor
+    plse: torch.Tensor
+
+    @property
+    def splits(self) -> int:
+        return self.po.shape[0]
+
+
+def static_splits(capacity: int, kv_heads: int) -> int:
+    """The default split count of `paged_decode_static` over `capacity` page slots: a function of the capacity
+    only, so the grid is the same whatever the page count."""
+    return -(-capacity // _default_pages_per_split(capacity, kv_heads))
+
+
+def paged_decode_workspace(q: torch.Tensor, capacity: int, splits: int | None = None) -> DecodeWorkspace:
+    """Allocates the buffers of `paged_decode_static` for queries shaped like `q` over `capacity` page slots
+    (`splits` defaults to `static_splits(capacity, H_kv)`)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    splits = static_splits(capacity, q.shape[0]) if splits is None else splits
+    if not 1 <= splits <= capacity:
+        raise ValueError(f"splits must be in 1..{capacity} (the capacity), got {splits}")
+    o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if splits == 1:
+        return DecodeWorkspace(o, lse, o.unsqueeze(0), lse.unsqueeze(0))
+    return DecodeWorkspace(o, lse, o.new_empty((splits, *q.shape)), lse.new_empty((splits, *q.shape[:2])))
+
+
+def _kernels():
     try:
-        tk = importlib.import_module("offload.kernels._triton_paged_decode")
+        return importlib.import_module("offload.kernels._triton_paged_decode")
     except ImportError as e:  # triton itself missing, or broken
         raise RuntimeError(f"paged_decode needs triton (pip install 'offload[gpu]'): {e}") from e
-    n = _check(q, k_pool, slots, valid_last, start)
-    h, g, d = q.shape
-    page_size = k_pool.shape[2]
+
+
+def _check_kernel_args(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    if q.dim() != 3 or k_pool.dim() != 4 or q.shape[0] != k_pool.shape[1] or q.shape[2] != k_pool.shape[3] \
+            or v_pool.shape != k_pool.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not match the pools {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    d, page_size = q.shape[2], k_pool.shape[2]
     if d & (d - 1) or not 16 <= d <= 256:
         raise ValueError(f"head_dim must be a power of two in 16..256, got {d}")
     if page_size & (page_size - 1):
@@ -83,6 +123,71 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sl
         raise ValueError(f"unsupported pool dtypes {k_pool.dtype}, {v_pool.dtype}")
     if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the pools must be contiguous along D")
-    pps = pages_per_split or _default_pages_per_split(n, h)
-    return tk.launch(q, k_pool, v_pool, slots.to(k_pool.device, torch.int32), n, valid_last, scaling, softcap,
-                     start, pps)
+
+
+def _check_int32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None, device: torch.device) -> None:
+    if t.dtype != torch.int32 or t.device != device or t.dim() != 1 or (shape is not None and t.shape != shape) \
+            or not t.is_contiguous():
+        want = f"shape {shape}" if shape else "1-D"
+        raise ValueError(f"{name} must be a contiguous int32 {want} tensor on {device}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
+
+
+def _check_workspace(out: DecodeWorkspace, q: torch.Tensor, capacity: int) -> None:
+    shapes = (q.shape, q.shape[:2], (out.splits, *q.shape), (out.splits, *q.shape[:2]))
+    for name, t, shape in zip(DecodeWorkspace._fields, out, shapes):
+        if t.shape != shape or t.dtype != torch.float32 or t.device != q.device or not t.is_contiguous():
+            raise ValueError(f"out.{name} must be a contiguous float32 tensor {tuple(shape)} on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if not 1 <= out.splits <= capacity:
+        raise ValueError(f"out has {out.splits} splits, not in 1..{capacity} (the capacity of slots)")
+
+
+def paged_decode_static(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                        meta: torch.Tensor, scaling: float, softcap: float | None = None, splits: int | None = None,
+                        out: DecodeWorkspace | None = None) -> am.Partial:
+    """Paged decode with static shapes, capturable in a CUDA graph.
+
+    - `slots`: int32 [N] on the pools' device, a fixed capacity of page slots; entries from n on are never read;
+    - `meta`: int32 [3] on the same device, (n, valid_last, start) as in `paged_decode`, read by the kernel on the
+      device (never on the host, so nothing is checked there: n is clamped to N, n = 0 gives o = 0 and lse = -inf,
+      other out-of-range values give unspecified results);
+    - the grid is (H_kv, splits), `splits` a function of N only (default `static_splits(N, H_kv)`); splits past
+      the n pages write an empty partial that weighs nothing in the merge;
+    - `out`: a `DecodeWorkspace` from `paged_decode_workspace(q, N, splits)`, reused from call to call so that
+      nothing is allocated (its split count wins over `splits`, which must then agree); allocated here if None.
+
+    Returns (o [H_kv, G, D], lse [H_kv, G]) in float32 -- `out.o` and `out.lse` themselves, overwritten by the next
+    call on the same workspace -- equal to `paged_decode_reference` over slots[:n]."""
+    tk = _kernels()
+    _check_kernel_args(q, k_pool, v_pool)
+    _check_int32("slots", slots, None, k_pool.device)
+    _check_int32("meta", meta, (3,), k_pool.device)
+    capacity = slots.numel()
+    if capacity < 1:
+        raise ValueError("slots must hold at least one page slot (capacity N >= 1)")
+    if q.device != k_pool.device:
+        raise ValueError(f"q is on {q.device}, the pools on {k_pool.device}")
+    if out is None:
+        out = paged_decode_workspace(q, capacity, splits)
+    elif splits is not None and splits != out.splits:
+        raise ValueError(f"splits {splits} does not match the workspace's {out.splits}")
+    _check_workspace(out, q, capacity)
+    tk.launch(q, k_pool, v_pool, slots, meta, scaling, softcap, -(-capacity // out.splits), *out)
+    return out.o, out.lse
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                 valid_last: int, scaling: float, softcap: float | None = None, start: int = 0,
+                 pages_per_split: int | None = None) -> am.Partial:
+    """Triton paged decode: grid (H_kv, splits), each split an online softmax over at most `pages_per_split` of
+    the pages read in place from the pool, then one merge launch over the splits. `n` is `slots.numel()` and
+    `valid_last` a Python int, so nothing is read back from the device (they reach the kernel as a small int32
+    tensor, through `paged_decode_static`). Pools may be float32, bfloat16 or float16 (scores and sums in float32);
+    D and P powers of two (D in 16..256)."""
+    _kernels()
+    n = _check(q, k_pool, slots, valid_last, start)
+    pps = pages_per_split or _default_pages_per_split(n, q.shape[0])
+    meta = torch.tensor([n, valid_last, start], dtype=torch.int32, device=k_pool.device)
+    slots = slots.to(k_pool.device, torch.int32).contiguous()
+    return paged_decode_static(q, k_pool, v_pool, slots, meta, scaling, softcap, splits=-(-n // pps))
