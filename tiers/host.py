@@ -1,6 +1,9 @@
 """Host RAM: one pool allocated at start-up, pinned when CUDA is present, page-aligned.
 
-Page alignment lets the disk tier read and write slots with O_DIRECT straight into this pool.
+Page alignment lets the disk tier read and write slots with O_DIRECT straight into this pool. The pinned pool is
+an anonymous mapping of exactly its size (rounded up to the OS page size) registered with cudaHostRegister, not a
+block of torch's caching host allocator, which would round it up to a power of two (see tiers/pinned.py);
+`pinned_bytes()` says how much this process holds pinned that way.
 """
 
 from __future__ import annotations
@@ -10,23 +13,27 @@ import mmap
 import torch
 
 from tiers.base import MemoryTier, PageShape
+from tiers.pinned import page_round, pinned_bytes, pinned_host_tensor, release_pinned
+
+__all__ = ["HostTier", "aligned_host_tensor", "pinned_bytes"]
 
 
 def aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A flat host tensor whose storage starts on a 4 KiB boundary. Always a normal tensor, never an inference
-    tensor, so that it can be updated in place outside inference mode (e.g. on I/O threads)."""
+    """A flat host tensor whose storage starts on a page boundary and spans exactly `numel` elements rounded up to
+    the OS page size; page-locked (registered with CUDA) if `pin`. Always a normal tensor, never an inference
+    tensor, so that it can be updated in place outside inference mode (e.g. on I/O threads). Pinned memory is
+    unregistered by `release_pinned(t)`, or when the tensor is freed."""
     with torch.inference_mode(False):
         return _aligned_host_tensor(numel, dtype, pin)
 
 
 def _aligned_host_tensor(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    if pin:
-        # cudaHostAlloc returns page-aligned memory.
-        return torch.empty(numel, dtype=dtype, pin_memory=True)
     if numel == 0:
         return torch.empty(0, dtype=dtype)
-    buf = mmap.mmap(-1, numel * torch.empty((), dtype=dtype).element_size())  # anonymous mappings are page-aligned
-    return torch.frombuffer(buf, dtype=dtype, count=numel)
+    if pin:
+        return pinned_host_tensor(numel, dtype)
+    buf = mmap.mmap(-1, page_round(numel * torch.empty((), dtype=dtype).element_size()))  # page-aligned
+    return torch.frombuffer(buf, dtype=dtype, count=numel)  # the storage keeps `buf` alive
 
 
 class HostTier(MemoryTier):
@@ -50,5 +57,7 @@ class HostTier(MemoryTier):
             self.k, self.v = both[0], both[1]
 
     def close(self) -> None:
+        """Unregisters the pinned pool (idempotent) and drops this tier's references to it."""
+        release_pinned(self._storage)
         self._storage = torch.empty(0)
         super().close()
