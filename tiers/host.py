@@ -58,6 +58,7 @@ class HostTier(MemoryTier):
 
     def close(self) -> None:
         """Unregisters the pinned pool (idempotent) and drops this tier's references to it."""
-        release_pinned(self._storage)
+        if self._storage is not None:  # None: the caller owns the storage
+            release_pinned(self._storage)
         self._storage = torch.empty(0)
         super().close()
