@@ -111,7 +111,7 @@ class DeviceDecode:
         self.ws_views: dict[int, tuple] = {}  # views of the workspace per page count, made once
 
     # -- the step ------------------------------------------------------------------------------------------
-    def exact(self, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
+    def exact(self, layer: int, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
               softcap: float | None) -> torch.Tensor:
         """Attention of one token over pages first..last, from token `start` of the first page to token `valid`
         of the tail. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
@@ -127,13 +127,7 @@ class DeviceDecode:
         """Attention over the forced pages, the `free` best-scored others and the tail. `scores` cover pages
         first..last-1, `bias` is -inf on the forced ones; `window_start`: the first visible position when a
         sliding window starts inside a page, else None."""
-        # The predicted mass of every page in the window feeds score eviction; the pages attended, LRU.
-        self.mass_rows[layer].narrow(0, first, scores.shape[0]).add_(scores)
-        if free > 0:
-            pages = torch.cat([forced, torch.topk(scores + bias, free).indices.add_(first), view.tail])
-        else:
-            pages = torch.cat([forced, view.tail])
-        self.use_rows[layer].index_fill_(0, pages, step)
+        pages = self._choose(layer, view, first, scores, forced, bias, free, step)
         slots = view.row.index_select(0, pages)
         self.host_reads.add_((slots >= self.split).sum())
         count = pages.shape[0]
@@ -147,6 +141,18 @@ class DeviceDecode:
             return self._attend_pages(query, count, scaling, softcap, hidden[:, None, :])
         mask = (positions.flatten()[:tokens] >= window_start)[None, None, None, :]
         return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
+
+    def _choose(self, layer: int, view: LayerView, first: int, scores: torch.Tensor, forced: torch.Tensor,
+                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
+        """Page ids to attend (int64 on the device, the tail last), and their use recorded: the predicted mass of
+        every page in the window feeds score eviction, the pages attended LRU."""
+        self.mass_rows[layer].narrow(0, first, scores.shape[0]).add_(scores)
+        if free > 0:
+            pages = torch.cat([forced, torch.topk(scores + bias, free).indices.add_(first), view.tail])
+        else:
+            pages = torch.cat([forced, view.tail])
+        self.use_rows[layer].index_fill_(0, pages, step)
+        return pages
 
     def _gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages at unified `slots` -> K and V [1, H, count * P, D], in slot order."""
@@ -185,3 +191,119 @@ class DeviceDecode:
         eviction.absorb(self.use_step.cpu(), self.mass.cpu())
         self.use_step.fill_(NONE)
         self.mass.zero_()
+
+
+class KernelDecode(DeviceDecode):
+    """The decode step with the Triton kernels, for CUDA (and, in tests, the CPU under Triton's interpreter).
+
+    The device pool and the pinned host pool are separate allocations here. The device pool's tensor has
+    `workspace` rows after the device tier's `split` slots; the kernels attend over slots of that tensor.
+      exact:  the layer's host pages are gathered (one launch, reading pinned memory in place) into workspace rows
+              of the layer's parity; on CUDA this happens on a side stream while the layer before computes, and
+              the compute stream waits on the layer's event. Paged decode then reads device pages in place and
+              host pages from the workspace.
+      sparse: the chosen pages are sorted and gathered from both pools into the workspace (one launch); paged
+              decode reads them there, with the page count, the tail's fill and the window's start in a device
+              tensor, so that nothing about the selection is read on the host.
+    """
+
+    def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
+                 max_pages: int, q_heads: int, kv_heads: int, device: torch.device):
+        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device)
+        import importlib
+
+        # Modules by path: the package re-exports functions of the same names.
+        self.gather = importlib.import_module("offload.kernels.gather")
+        self.paged = importlib.import_module("offload.kernels.paged_decode")
+        self.workspace, self.half = workspace, workspace // 2
+        self.host_k = self.host_v = pools[0][:0]  # attached at the first spill
+        self.rows_ws = torch.arange(split, split + workspace, dtype=torch.int32, device=device)
+        self.meta = torch.zeros(3, dtype=torch.int32, device=device)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.side = torch.cuda.Stream(device)
+            self.compute = torch.cuda.current_stream(device)
+        self.ready: list[object | None] = [None] * layers  # per layer: the event of its gather ahead, if any
+
+    def attach_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.host_k, self.host_v = k, v
+
+    def _reserve(self, pages: int) -> None:
+        """The workspace rows are fixed: a layer needing more is served by the streaming path (`view.lower`)."""
+
+    def view(self, layer: int, table, pages: int) -> LayerView:
+        v = self.views[layer]
+        if v is not None and v.version == table.version[layer] and v.pages == pages:
+            return v
+        v = super().view(layer, table, pages)
+        dev, host = table.slot["device"][layer, v.first:pages], table.slot["host"][layer, v.first:pages]
+        on_host = (dev < 0) & (host >= 0)
+        # Attention slots: device pages in place, host pages in the workspace rows of the layer's parity.
+        attn = dev.clone()
+        base = self.split + (layer % 2) * self.half
+        attn[on_host] = base + torch.arange(v.host, dtype=torch.int32)
+        v.attn = attn.to(self.device)
+        v.gather_src = (host[on_host] + self.split).to(self.device)  # unified slots: all in the host pool
+        v.gather_dst = (base, v.host)
+        v.lower = v.lower or v.host > self.half
+        self.ready[layer] = None
+        return v
+
+    def forget(self) -> None:
+        super().forget()
+        self.ready = [None] * self.layers
+
+    def _gather_into(self, rows: tuple[int, int], slots: torch.Tensor) -> None:
+        base, n = rows
+        self.gather.gather_pages(self.pool_k[base:base + n], self.pool_v[base:base + n], self.pool_k, self.pool_v,
+                                 self.host_k, self.host_v, slots, self.split)
+
+    def prefetch(self, layer: int, table, pages: int) -> None:
+        """CUDA, exact mode: starts gathering `layer`'s host pages on the side stream, when its view holds for its
+        next step (`pages` pages, no page boundary in between)."""
+        v = self.views[layer]
+        if (not self.cuda or v is None or v.version != table.version[layer] or v.pages != pages or v.lower
+                or not v.host or self.ready[layer] is not None):
+            return
+        self.side.wait_stream(self.compute)  # the rows may still be read by the layer two before
+        with torch.cuda.stream(self.side):
+            self._gather_into(v.gather_dst, v.gather_src)
+            event = torch.cuda.Event()
+            event.record()
+        self.ready[layer] = event
+
+    def exact(self, layer: int, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
+              softcap: float | None) -> torch.Tensor:
+        skip = start // self.page_size  # pages still held before the window's first
+        if view.host:
+            event, self.ready[layer] = self.ready[layer], None
+            if event is not None:
+                self.compute.wait_event(event)
+            else:
+                self._gather_into(view.gather_dst, view.gather_src)
+        q = am.group_queries(query, self.kv_heads)
+        o, _ = self.paged.paged_decode(q, self.pool_k, self.pool_v, view.attn[skip:], valid, scaling, softcap,
+                                       start % self.page_size)
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+
+    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, first: int, scores: torch.Tensor,
+               forced: torch.Tensor, bias: torch.Tensor, free: int, valid: int, window_start: int | None,
+               step: int, scaling: float, softcap: float | None) -> torch.Tensor:
+        # Position order: the window's first page, when chosen, comes first (its start is hidden), the tail last.
+        pages = torch.sort(self._choose(layer, view, first, scores, forced, bias, free, step)).values
+        count = pages.shape[0]
+        if count > self.workspace:
+            raise ValueError(f"device_budget: sparse attention needs {count} workspace pages, the budget leaves "
+                             f"{self.workspace}; raise device_budget or lower token_budget")
+        slots = view.row.index_select(0, pages).to(torch.int32)
+        self.host_reads.add_((slots >= self.split).sum())
+        self._gather_into((self.split, count), slots)
+        self.meta[0], self.meta[1] = count, valid
+        if window_start is None:
+            self.meta[2] = 0
+        else:  # the window starts inside page `first`: hide its head if that page was chosen
+            self.meta[2] = (pages[0] == first).to(torch.int32) * (window_start % self.page_size)
+        q = am.group_queries(query, self.kv_heads)
+        o, _ = self.paged.paged_decode_static(q, self.pool_k, self.pool_v, self.rows_ws, self.meta, scaling,
+                                              softcap)
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)

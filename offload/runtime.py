@@ -15,6 +15,7 @@ sequence. Logit soft-capping, when the model asks for it, is applied to every sc
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
@@ -23,7 +24,7 @@ import torch
 from offload import attention_math as am
 from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budgets
 from offload.config import OffloadConfig
-from offload.decode import DeviceDecode
+from offload.decode import DeviceDecode, KernelDecode
 from offload.engine import Transfer, TransferEngine
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
@@ -70,31 +71,40 @@ class Runtime(PlacementMixin, SparseMixin):
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
         dev_pages, self.host_storage = self.plan.device_cache_pages, None
         self.decoder: DeviceDecode | None = None
+        h = self.plan.half
+        dims = self.shape.dims
         if self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
             # part is anonymous memory that the OS backs only once written.
             slots = dev_pages + self.plan.host_pages
             both = aligned_host_tensor(2 * slots * self.kv_heads * self.page_size * self.head_dim, self.dtype,
-                                       pin=False)
-            both = both.view(2, slots, *self.shape.dims)
-            self.device_tier = DeviceTier(self.shape, dev_pages, self.device, storage=(both[0, :dev_pages],
-                                                                                       both[1, :dev_pages]))
+                                       pin=False).view(2, slots, *dims)
+            self.device_tier = DeviceTier(self.shape, dev_pages, self.device,
+                                          storage=(both[0, :dev_pages], both[1, :dev_pages]))
             self.host_storage = (both[0, dev_pages:], both[1, dev_pages:])
             self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
                                         self.kv_heads, self.device)
+            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+        elif config.disk_dir is None and importlib.util.find_spec("triton") is not None:
+            # CUDA with the kernels: the workspace rows follow the device tier's slots in one tensor, so paged
+            # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
+            # (used by layers the workspace can't serve) share those rows: the two never run at once.
+            pools = [torch.empty((dev_pages + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            self.device_tier = DeviceTier(self.shape, dev_pages, self.device,
+                                          storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
+            self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
+                                        self.q_heads, self.kv_heads, self.device)
+            work = [pool[dev_pages:] for pool in pools]
         else:
             self.device_tier = DeviceTier(self.shape, dev_pages, self.device)
-        h = self.plan.half
-        # Workspace: the load ring (2*h pages), a page-major gather buffer (h) and its head-major copy (h).
-        # Two buffers: few, large copies and attention calls; each chunk costs host time whatever its size.
-        self.ring_k = torch.empty((2, h, *self.shape.dims), dtype=self.dtype, device=self.device)
-        self.ring_v = torch.empty_like(self.ring_k)
-        self.pm_k = torch.empty((h, *self.shape.dims), dtype=self.dtype, device=self.device)
-        self.pm_v = torch.empty_like(self.pm_k)
+            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+        # Workspace of the streaming path: the load ring (2*h pages), a page-major gather buffer (h) and its
+        # head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever its size.
+        self.ring_k, self.ring_v = (w[:2 * h].view(2, h, *dims) for w in work)
+        self.pm_k, self.pm_v = (w[2 * h:3 * h] for w in work)
         # Head-major [H, h, P, D]: SDPA reads a slice of it without another copy.
-        self.hm_k = torch.empty((self.kv_heads, h, self.page_size, self.head_dim), dtype=self.dtype, device=self.device)
-        self.hm_v = torch.empty_like(self.hm_k)
+        self.hm_k, self.hm_v = (w[3 * h:].view(self.kv_heads, h, self.page_size, self.head_dim) for w in work)
         self.host_tier: HostTier | None = None  # allocated once, at the first spill
         self.disk_tier = None
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -205,6 +215,8 @@ class Runtime(PlacementMixin, SparseMixin):
         if self.host_tier is None and self.plan.host_pages > 0:
             self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda",
                                       storage=self.host_storage)
+            if isinstance(self.decoder, KernelDecode):
+                self.decoder.attach_host(self.host_tier.k, self.host_tier.v)
             if self.plan.host_staging_pages:
                 # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
                 assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
@@ -494,11 +506,14 @@ class Runtime(PlacementMixin, SparseMixin):
         k_pages = max(0, (budget - valid) // P)
         if budget >= visible or k_pages >= last - first:
             t0 = time.perf_counter()
-            out = self.decoder.exact(view, query, valid, start, scaling, softcap)
+            out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
             if view.host:  # pages read from the host pool: loads of pages needed now
                 self.counters["loads"]["needed"] += view.host
                 self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
             self._count_decode(layer, 1.0)
+            if isinstance(self.decoder, KernelDecode):  # the next layer's host pages, while this one computes
+                nxt = (layer + 1) % self.layers
+                self.decoder.prefetch(nxt, self.table, -(-(self.table.tokens[nxt] + 1) // P))
             return out
         forced, bias, free = self._forced(first, last, valid, k_pages)
         q = am.group_queries(query, self.kv_heads).float()

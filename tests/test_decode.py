@@ -1,0 +1,125 @@
+"""The decode step on the device (offload/decode.py), without a model: a page table made by hand, pools of random
+keys and values, and attention over the same pages computed densely in position order.
+
+Both backends run here: the torch one (one unified pool, as on the CPU) and the Triton one (a device pool with
+workspace rows and a separate host pool, as on CUDA) under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.decode import DeviceDecode, KernelDecode
+from offload.pagetable import PageTable
+
+P, H, D, HQ = 4, 2, 16, 4  # page size, KV heads, head dim, query heads (GQA group 2)
+DEV, HOST, WS = 8, 10, 8  # device slots, host slots, workspace rows (kernel backend)
+SCALING = D**-0.5
+
+
+def _pools(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn((DEV + HOST, H, P, D), generator=g)
+    v = torch.randn((DEV + HOST, H, P, D), generator=g)
+    return k, v
+
+
+def _table(where: list[tuple[str, int]], tokens: int, first: int = 0) -> PageTable:
+    """One layer whose page p lives in tier where[p][0], slot where[p][1] (pages before `first` released)."""
+    t = PageTable(1, 16)
+    t.page_size = P
+    for page, (tier, slot) in enumerate(where):
+        if page >= first:
+            t.set(tier, 0, page, slot)
+    t.tokens[0] = tokens
+    t.first[0] = first
+    return t
+
+
+LAYOUT = [("host", 3), ("device", 0), ("host", 7), ("host", 0), ("device", 5), ("host", 9), ("device", 2)]
+TOKENS = 6 * P + 3  # the tail (page 6) holds 3 tokens
+
+
+def _decoders(k: torch.Tensor, v: torch.Tensor) -> list[DeviceDecode]:
+    unified = DeviceDecode((k, v), DEV, 1, 16, HQ, H, torch.device("cpu"))
+    # Kernel backend: the device pool with workspace rows after it, the host pool apart.
+    dk = torch.cat([k[:DEV], torch.full((WS, H, P, D), float("nan"))])
+    dv = torch.cat([v[:DEV], torch.full((WS, H, P, D), float("nan"))])
+    kernels = KernelDecode((dk, dv), DEV, WS, 1, 16, HQ, H, torch.device("cpu"))
+    kernels.attach_host(k[DEV:].clone(), v[DEV:].clone())
+    return [unified, kernels]
+
+
+def _unified_slot(tier: str, slot: int) -> int:
+    return slot if tier == "device" else DEV + slot
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: list[int], lo: int, n: int) -> torch.Tensor:
+    """Dense attention of q [1, HQ, 1, D] over positions lo..n-1 of `pages` (in position order)."""
+    idx = torch.tensor([_unified_slot(*LAYOUT[p]) for p in pages])
+    pos = (torch.tensor(pages)[:, None] * P + torch.arange(P)).flatten()
+    kk = k[idx].permute(1, 0, 2, 3).reshape(1, H, -1, D)
+    vv = v[idx].permute(1, 0, 2, 3).reshape(1, H, -1, D)
+    keep = (pos >= lo) & (pos < n)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk[:, :, keep], vv[:, :, keep], scale=SCALING,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("first, off", [(0, 0), (2, 3)])
+def test_exact_step_attends_over_every_page_of_both_pools(backend: str, first: int, off: int) -> None:
+    k, v = _pools()
+    decoder = _decoders(k, v)[backend == "triton"]
+    table = _table(LAYOUT, TOKENS, first)
+    view = decoder.view(0, table, 7)
+    assert view.host == sum(1 for tier, _ in LAYOUT[first:] if tier == "host")
+    assert not view.lower
+    q = torch.randn(1, HQ, 1, D, generator=torch.Generator().manual_seed(1))
+    got = decoder.exact(0, view, q, TOKENS - 6 * P, off, SCALING, None)
+    want = _reference(q, k, v, list(range(first, 7)), first * P + off, TOKENS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_view_is_rebuilt_when_the_table_changes_and_only_then() -> None:
+    k, v = _pools()
+    decoder = _decoders(k, v)[0]
+    table = _table(LAYOUT, TOKENS)
+    view = decoder.view(0, table, 7)
+    assert decoder.view(0, table, 7) is view  # nothing moved: the same view, no host work
+    table.set("device", 0, 0, 6)  # page 0 promoted to device slot 6
+    again = decoder.view(0, table, 7)
+    assert again is not view and again.host == view.host - 1
+    assert int(again.slots[0]) == 6
+    # A page on no pool (on disk): the streaming path must serve the layer.
+    table.set("device", 0, 0, -1)
+    table.set("host", 0, 0, -1)
+    table.set("disk", 0, 0, 4)
+    assert decoder.view(0, table, 7).lower
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [False, True])
+def test_sparse_step_attends_over_forced_top_scored_and_tail(backend: str, window: bool) -> None:
+    k, v = _pools(2)
+    decoder = _decoders(k, v)[backend == "triton"]
+    first = 1 if window else 0
+    off = 2 if window else 0
+    table = _table(LAYOUT, TOKENS, first)
+    view = decoder.view(0, table, 7)
+    # Candidates: full pages first..5. Forced: the window's first page and page 5 (the recent window).
+    forced = torch.tensor([first, 5])
+    scores = torch.tensor([0.1, 0.9, 0.05, 0.8, 0.3, 0.2][first:6])
+    bias = torch.zeros(6 - first)
+    bias[forced - first] = float("-inf")
+    q = torch.randn(1, HQ, 1, D, generator=torch.Generator().manual_seed(3))
+    got = decoder.sparse(0, view, q, first, scores, forced, bias, 2, TOKENS - 6 * P,
+                         first * P + off if window else None, 7, SCALING, None)
+    ranked = sorted((p for p in range(first, 6) if p not in (first, 5)), key=lambda p: -float(scores[p - first]))
+    chosen = sorted({first, 5, *ranked[:2], 6})
+    want = _reference(q, k, v, chosen, first * P + off, TOKENS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Host pages read, counted on the device; uses recorded for eviction at the next boundary.
+    assert int(decoder.host_reads) == sum(1 for p in chosen if LAYOUT[p][0] == "host")
+    assert sorted((decoder.use_step[0] == 7).nonzero().flatten().tolist()) == chosen
