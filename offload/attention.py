@@ -80,7 +80,7 @@ def paged_attention(name: str, module: torch.nn.Module, query: torch.Tensor, key
     pending = None
     if runtime is not None:
         runtime.mask_for_cache = False  # the masks of this forward are built
-        pending = runtime.pending.pop(layer, None)
+        pending = runtime.handoff.take(layer)
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         raise ValueError(OUTPUT_ATTENTIONS)
     if pending is None or pending[0] is not key:

@@ -21,6 +21,26 @@ if TYPE_CHECKING:
     from offload.runtime import Runtime
 
 
+class Handoff:
+    """The new keys and values of each layer, from the cache's `update` to the runtime's attention function that
+    transformers calls right after it. A layer's entry is taken once."""
+
+    def __init__(self) -> None:
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._kv[layer] = (key, value)
+
+    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._kv.pop(layer, None)
+
+    def clear(self) -> None:
+        self._kv.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._kv)
+
+
 def unusable(runtime: Runtime, sequence: int) -> str | None:
     """Why a cache taken for `sequence` of `runtime` can't be used now, or None when it can."""
     if runtime.closed:
@@ -76,18 +96,18 @@ class OffloadedLayer(CacheLayerMixin):
             raise ValueError(
                 f"batch: offloaded generation runs one sequence at a time; got batch size {key_states.shape[0]}"
             )
-        pending = self.runtime.pending
+        handoff = self.runtime.handoff
         if self.layer == 0:
             check_whole(self.runtime)
             # The masks of this forward are built; what is left is from a forward that raised half-way.
             self.runtime.mask_for_cache = False
-            pending.clear()
-        elif pending:
+            handoff.clear()
+        elif handoff:
             # The attention of an earlier layer never took its keys: the model calling this cache does not run the
             # runtime's attention (another model, or one switched to another implementation).
             raise ValueError("cache: the model using this cache does not run its offload() block's attention; "
                              "use the cache only with the model that offload() wraps, inside the block")
-        pending[self.layer] = (key_states, value_states)
+        handoff.put(self.layer, key_states, value_states)
         return key_states, value_states
 
     def get_seq_length(self) -> int:

@@ -12,7 +12,7 @@ Pages being copied are marked busy in the page table (two-phase transfers: evict
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from offload.engine import Transfer
 from offload.trace import phase
 
 if TYPE_CHECKING:
-    from offload.runtime import Runtime
+    from offload.pagetable import PageTable
 
 
 @dataclass
@@ -35,8 +35,16 @@ class Job:
 
 
 class LoadRing:
-    def __init__(self, runtime: Runtime, k: torch.Tensor, v: torch.Tensor):
-        self.rt = runtime
+    """`load(layer, pages, k_out, v_out)` starts the copies of a chunk and returns (pages in buffer order,
+    transfers); `unbusy(layer, pages)` ends their busy mark; `stall(layer, seconds)` reports a wait;
+    `count(pages, predicted)` counts pages issued."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, table: PageTable,
+                 load: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[Transfer]]],
+                 unbusy: Callable[[int, torch.Tensor], None], stall: Callable[[int, float], None],
+                 count: Callable[[int, bool], None], traced: bool):
+        self.table, self.load, self.unbusy, self.stall, self.count, self.traced = (table, load, unbusy, stall,
+                                                                                    count, traced)
         self.k, self.v = k, v  # [R, C, H, P, D]
         self.chunk = k.shape[1]
         self.free: deque[int] = deque(range(k.shape[0]))
@@ -65,17 +73,17 @@ class LoadRing:
             job = self.pending.popleft()
             if job.predicted:
                 # A prediction may be stale by now: skip pages that reached the device or are busy.
-                t = self.rt.table
+                t = self.table
                 # Pages a sliding window released since live nowhere and must not be read.
                 keep = ((t.slot["device"][job.layer, job.pages] < 0) & (t.busy[job.layer, job.pages] == 0)
                         & (job.pages >= t.first[job.layer]))
                 job.pages = job.pages[keep]
                 if job.pages.numel() == 0:
                     continue
-                self.rt.count_load(job.pages.numel(), predicted=True)
+                self.count(job.pages.numel(), True)
             job.buf = self.free.popleft()
-            with phase("offload.load", self.rt.tracer is not None):
-                job.pages, job.transfers = self.rt._load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
+            with phase("offload.load", self.traced):
+                job.pages, job.transfers = self.load(job.layer, job.pages, self.k[job.buf], self.v[job.buf])
             self.inflight.append(job)
 
     def consume(self, layer: int) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
@@ -83,10 +91,10 @@ class LoadRing:
         [n, H, P, D]. The buffer is freed when the caller asks for the next one."""
         while self.inflight and self.inflight[0].layer == layer:
             job = self.inflight.popleft()
-            with phase("offload.wait", self.rt.tracer is not None):
+            with phase("offload.wait", self.traced):
                 for t in job.transfers:
-                    self.rt.stall(layer, t.wait())
-            self.rt._unbusy(layer, job.pages)
+                    self.stall(layer, t.wait())
+            self.unbusy(layer, job.pages)
             n = job.pages.numel()
             yield job, self.k[job.buf, :n], self.v[job.buf, :n]
             self.free.append(job.buf)
@@ -104,7 +112,7 @@ class LoadRing:
                 continue
             for t in job.transfers:
                 t.wait()
-            self.rt._unbusy(job.layer, job.pages)
+            self.unbusy(job.layer, job.pages)
             self.free.append(job.buf)
         self.inflight = keep
         self.pump()
@@ -116,5 +124,5 @@ class LoadRing:
             job = self.inflight.popleft()
             for t in job.transfers:
                 t.wait()
-            self.rt._unbusy(job.layer, job.pages)
+            self.unbusy(job.layer, job.pages)
             self.free.append(job.buf)

@@ -26,6 +26,7 @@ from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budge
 from offload.config import OffloadConfig
 from offload.decode import DeviceDecode, KernelDecode
 from offload.engine import Transfer, TransferEngine
+from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable
@@ -135,8 +136,8 @@ class Runtime(PlacementMixin, SparseMixin):
         for tier in (self.device_tier, self.host_tier, self.disk_tier):
             if tier is not None:
                 reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
-                tier._free = list(range(tier.capacity - 1, reserved - 1, -1))
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                tier.reset(reserved)
+        self.handoff = Handoff()
         if self.decoder is not None:
             self.decoder.forget()
         # Per layer: (page, table version, device slot) of the open tail page, so that appending a token reads
@@ -144,7 +145,8 @@ class Runtime(PlacementMixin, SparseMixin):
         self.tail_slot: list[tuple] = [(-1, -1, -1, None, None)] * self.layers
         # Counts sequences: a cache remembers the one it was made for and refuses to run on another.
         self.sequence_id = getattr(self, "sequence_id", -1) + 1
-        self.ring = LoadRing(self, self.ring_k, self.ring_v)
+        self.ring = LoadRing(self.ring_k, self.ring_v, self.table, self._load, self._unbusy, self.stall,
+                             self.count_load, self.tracer is not None)
         self.pf_context = PrefetchContext()
         self.step = 0
         self.recall_sum = [0.0] * self.layers

@@ -79,6 +79,10 @@ class Tier(ABC):
             return None
         return [self._free.pop() for _ in range(n)]
 
+    def reset(self, reserved: int = 0) -> None:
+        """Frees every slot but the first `reserved` (held for good, e.g. staging), for a new sequence."""
+        self._free = list(range(self.capacity - 1, reserved - 1, -1))
+
     def release(self, slots: Sequence[int]) -> None:
         free = set(self._free)
         for s in slots:
