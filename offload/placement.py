@@ -1,127 +1,210 @@
-"""Where pages go: placement of new pages at prefill, device slots for tail pages, eviction with write-back,
-and promotion of pages loaded for sparse attention. Mixed into `Runtime`; the policies in `policies/` rank the
-candidates, these methods move the page-table entries and start the copies."""
+"""Where pages go: the tiers, placement of new pages at prefill, device slots for tail pages, eviction with
+write-back, promotion of pages loaded for sparse attention, and release of pages a sliding window left.
+
+`Placement` owns the tiers and the eviction policy, and is the only writer of slots into the page table. Its
+decisions are plain data computed from the table (`plan_device_evictions` -> `Eviction` records, testable with a
+hand-made table and no model); its other methods carry them out with the transfer engine.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from offload.engine import Transfer
+from offload.budgets import Plan, disk_reserve_pages
+from offload.config import OffloadConfig
+from offload.engine import Transfer, TransferEngine
+from offload.pagetable import PageTable
+from offload.trace import Tracer
+from policies.base import EvictionPolicy
+from tiers import DeviceTier, HostTier, PageShape
 
 
-class PlacementMixin:
-    """Methods of `Runtime` that decide slots and evict (see offload/runtime.py for the state they share)."""
+@dataclass(frozen=True)
+class Eviction:
+    """Page `page` of `layer` gives up device slot `slot`; `write_back`: it has no copy below, so it is copied to
+    the host (or disk) first."""
 
-    def _device_slots(self, n: int) -> list[int]:
-        dev = self.device_tier
-        slots = dev.allocate(n)
+    layer: int
+    page: int
+    slot: int
+    write_back: bool
+
+
+def pinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
+    """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks and the recent window
+    while anything else can go)."""
+    mask = torch.ones(table.layers, table.max_pages, dtype=torch.bool)
+    if config.attention == "sparse":
+        P = table.page_size
+        mask[:, : -(-config.sink_tokens // P)] = False
+        recent = -(-config.recent_tokens // P) + 1
+        for layer in range(table.layers):
+            last = table.pages(layer)
+            mask[layer, max(0, last - recent):last] = False
+    return mask
+
+
+def plan_device_evictions(table: PageTable, policy: EvictionPolicy, config: OffloadConfig, n: int) -> list[Eviction]:
+    """The `n` device pages to evict, best victim first: never a page being copied or an open tail page; sinks and
+    the recent window only when nothing else is left. Raises ValueError when fewer than `n` can go."""
+    # NOTE: pages a sliding window released hold no slot in any tier, so they are never eligible here, nor in
+    # host eviction and promotion.
+    eligible = (table.slot["device"] >= 0) & (table.busy == 0)
+    for layer in range(table.layers):
+        if table.tokens[layer] % table.page_size:
+            eligible[layer, table.pages(layer) - 1] = False  # an open tail page is written in place
+    victims = policy.victims(eligible & pinned_pages(table, config), n)
+    if len(victims) < n:
+        # Sinks and the recent window stay while anything else can go; under a tight budget they go too.
+        taken = set(victims)
+        more = policy.victims(eligible, n + len(victims))
+        victims += [v for v in more if v not in taken][: n - len(victims)]
+    if len(victims) < n:
+        raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
+    return [Eviction(l, p, int(table.slot["device"][l, p]),
+                     int(table.slot["host"][l, p]) < 0 and int(table.slot["disk"][l, p]) < 0) for l, p in victims]
+
+
+class Placement:
+    def __init__(self, plan: Plan, shape: PageShape, config: OffloadConfig, device_tier: DeviceTier,
+                 engine: TransferEngine, policy: EvictionPolicy, stall: Callable[[int, float], None],
+                 tracer: Tracer | None, windows: list[int | None],
+                 host_storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 on_host: Callable[[HostTier], None] | None = None):
+        """`host_storage`: the host pool's tensors when the caller allocated them (see HostTier); `on_host` is
+        called with the host tier once it exists."""
+        self.plan, self.shape, self.config = plan, shape, config
+        self.device = device_tier
+        self.host_tier: HostTier | None = None  # allocated once, at the first spill
+        self.disk_tier = None
+        self.engine, self.policy, self.stall, self.tracer = engine, policy, stall, tracer
+        self.windows = windows
+        self.host_storage, self.on_host = host_storage, on_host
+        self.expected_tokens: int | None = None  # sizes the disk file at the first spill
+        self.evictions = {"device": 0, "host": 0}
+        self.promoted = 0
+        self.table: PageTable | None = None
+
+    def new_sequence(self, table: PageTable) -> None:
+        """Binds a new sequence's table; every slot is free again (but host staging)."""
+        self.table = table
+        self.policy.table = table
+        for tier in (self.device, self.host_tier, self.disk_tier):
+            if tier is not None:
+                tier.reset(self.plan.host_staging_pages if tier is self.host_tier else 0)
+
+    # -- lower tiers, created at the first spill -----------------------------------------------------------------
+    # Pools outlive any inference_mode() they are made in, and are updated in place outside it (on I/O threads
+    # too): they must be normal tensors.
+    @torch.inference_mode(False)
+    def host(self) -> HostTier | None:
+        if self.host_tier is None and self.plan.host_pages > 0:
+            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.device.type == "cuda",
+                                      storage=self.host_storage)
+            if self.plan.host_staging_pages:
+                # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
+                assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
+            if self.on_host is not None:
+                self.on_host(self.host_tier)
+        return self.host_tier
+
+    @torch.inference_mode(False)
+    def disk(self):
+        if self.disk_tier is None and self.plan.disk_pages > 0:
+            from tiers.disk import DiskTier
+
+            # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
+            reserve = disk_reserve_pages(self.plan, self.expected_tokens, self.shape.page_size, self.windows)
+            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
+                                      reserve=reserve)
+            self.host()
+        return self.disk_tier
+
+    def tiers(self) -> tuple[tuple[str, object], ...]:
+        return (("device", self.device), ("host", self.host_tier), ("disk", self.disk_tier))
+
+    # -- device slots and eviction ---------------------------------------------------------------------------
+    def device_slots(self, n: int) -> list[int]:
+        slots = self.device.allocate(n)
         if slots is not None:
             return slots
-        self._evict_device(n - dev.num_free)
-        slots = dev.allocate(n)
+        self.evict_device(n - self.device.num_free)
+        slots = self.device.allocate(n)
         if slots is None:
             raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
         return slots
 
-    def _evict_device(self, n: int) -> None:
-        t = self.table
-        # NOTE: pages a sliding window released hold no slot in any tier, so they are never eligible here, nor in
-        # `_evict_host` and `_promote`.
-        on_dev = t.slot["device"] >= 0
-        eligible = on_dev & (t.busy == 0)
-        for l in range(self.layers):
-            if t.tokens[l] % self.page_size:
-                eligible[l, t.pages(l) - 1] = False  # an open tail page is written in place
-        victims = self.eviction.victims(eligible & self._unpinned(), n)
-        if len(victims) < n:
-            # Sinks and the recent window stay while anything else can go; under a tight budget they go too.
-            taken = set(victims)
-            more = self.eviction.victims(eligible, n + len(victims))
-            victims += [v for v in more if v not in taken][: n - len(victims)]
-        if len(victims) < n:
-            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
-        for l, p in victims:
-            s = int(t.slot["device"][l, p])
-            if int(t.slot["host"][l, p]) < 0 and int(t.slot["disk"][l, p]) < 0:
-                self._write_back(l, p, s)
-            t.set("device", l, p, -1)
-            self.device_tier.release([s])
-            self.counters["evictions"]["device"] += 1
+    def evict_device(self, n: int) -> None:
+        for e in plan_device_evictions(self.table, self.policy, self.config, n):
+            if e.write_back:
+                self._write_back(e.layer, e.page, e.slot)
+            self.table.set("device", e.layer, e.page, -1)
+            self.device.release([e.slot])
+            self.evictions["device"] += 1
             if self.tracer is not None:
-                self.tracer.instant("policy", "evict", tier="device", layer=l, pages=1)
+                self.tracer.instant("policy", "evict", tier="device", layer=e.layer, pages=1)
 
-    def _promote(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def promote(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: int) -> None:
         """Sparse mode: keeps pages just loaded for attention on the device, in free slots or in place of pages
-        that the eviction policy ranks lower and that were not attended this step. Only pages with a copy in a
+        that the eviction policy ranks lower and that were not attended this `step`. Only pages with a copy in a
         lower tier are given up, so promotion never writes anything back."""
-        if not self.sparse or pages.numel() == 0:
+        if pages.numel() == 0:
             return
         t = self.table
         n = pages.numel()
-        free = max(0, self.device_tier.num_free - self.layers)  # keep room for every layer's next tail page
-        slots = self.device_tier.allocate(min(n, free)) or []
+        free = max(0, self.device.num_free - t.layers)  # keep room for every layer's next tail page
+        slots = self.device.allocate(min(n, free)) or []
         if len(slots) < n:
             clean = (t.slot["host"] >= 0) | (t.slot["disk"] >= 0)
-            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < self.step)
-            for l, p in self.eviction.victims(eligible & self._unpinned(), n - len(slots)):
+            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < step)
+            for l, p in self.policy.victims(eligible & pinned_pages(t, self.config), n - len(slots)):
                 slots.append(int(t.slot["device"][l, p]))
                 t.set("device", l, p, -1)
-                self.counters["evictions"]["device"] += 1
+                self.evictions["device"] += 1
         if not slots:
             return
         m = len(slots)
-        self.counters["loads"]["promoted"] += m
-        idx = torch.tensor(slots, device=self.device)
-        self.device_tier.k.index_copy_(0, idx, k[:m])
-        self.device_tier.v.index_copy_(0, idx, v[:m])
+        self.promoted += m
+        idx = torch.tensor(slots, device=self.device.device)
+        self.device.k.index_copy_(0, idx, k[:m])
+        self.device.v.index_copy_(0, idx, v[:m])
         t.set("device", layer, pages[:m], slots)
-
-    def _unpinned(self) -> torch.Tensor:
-        """Bool [layers, max_pages]: pages eviction may take (sinks and the recent window stay)."""
-        mask = torch.ones(self.layers, self.max_pages, dtype=torch.bool)
-        if self.config.attention == "sparse":
-            sinks = -(-self.config.sink_tokens // self.page_size)
-            mask[:, :sinks] = False
-            for l in range(self.layers):
-                last = self.table.pages(l)
-                recent = -(-self.config.recent_tokens // self.page_size) + 1
-                mask[l, max(0, last - recent):last] = False
-        return mask
 
     def _write_back(self, layer: int, page: int, dev_slot: int) -> None:
         """Copies a page that lives only on the device to the host (or disk), before its slot is reused."""
-        host = self._host()
+        host = self.host()
         slots = host.allocate(1) if host is not None else None
-        if slots is None and host is not None and self._disk() is not None:
-            self._evict_host(1)
+        if slots is None and host is not None and self.disk() is not None:
+            self.evict_host(1)
             slots = host.allocate(1)
-        dk, dv = self.device_tier.k, self.device_tier.v
+        dk, dv = self.device.k, self.device.v
         if slots is not None:
             t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store")
             self.stall(layer, t.wait())
             self.table.set("host", layer, page, slots[0])
             return
-        disk = self._disk()
+        disk = self.disk()
         dslots = disk.allocate(1) if disk is not None else None
         if dslots is None:
             raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise host_budget or "
                              "disk_budget")
         t0 = time.perf_counter()
         k, v = dk[dev_slot:dev_slot + 1].cpu(), dv[dev_slot:dev_slot + 1].cpu()
-        if self.device.type != "cpu":
+        if self.device.device.type != "cpu":
             self.engine.account("device->host", self.shape.page_bytes, t0, layer, "store")
         self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
         self.table.set("disk", layer, page, dslots[0])
 
-    def _evict_host(self, n: int) -> None:
+    def evict_host(self, n: int) -> None:
         t = self.table
         eligible = (t.slot["host"] >= 0) & (t.busy == 0)
-        victims = self.eviction.victims(eligible, n)
-        disk = self._disk()
+        disk = self.disk()
         host = self.host_tier
-        for l, p in victims:
+        for l, p in self.policy.victims(eligible, n):
             s = int(t.slot["host"][l, p])
             if int(t.slot["disk"][l, p]) < 0:
                 dslots = disk.allocate(1)
@@ -131,30 +214,30 @@ class PlacementMixin:
                 t.set("disk", l, p, dslots[0])
             t.set("host", l, p, -1)
             host.release([s])
-            self.counters["evictions"]["host"] += 1
+            self.evictions["host"] += 1
             if self.tracer is not None:
                 self.tracer.instant("policy", "evict", tier="host", layer=l, pages=1)
 
-    def _place_device(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
-        slots = self._device_slots(len(pages))
-        idx = torch.tensor(slots, device=self.device)
-        self.device_tier.k.index_copy_(0, idx, kp)
-        self.device_tier.v.index_copy_(0, idx, vp)
+    # -- new pages -------------------------------------------------------------------------------------------
+    def place_device(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
+        slots = self.device_slots(len(pages))
+        idx = torch.tensor(slots, device=self.device.device)
+        self.device.k.index_copy_(0, idx, kp)
+        self.device.v.index_copy_(0, idx, vp)
         self.table.set("device", layer, pages, slots)
 
-    def _place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
+    def place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
         """Stores full pages that don't fit the device: host first, then disk."""
-        host = self._host()
-        n_host = min(len(pages), host.num_free if host else 0)
-        n_host = max(0, n_host)
+        host = self.host()
+        n_host = max(0, min(len(pages), host.num_free if host else 0))
         if n_host:
             slots = host.allocate(n_host)
             t = self.engine.copy("device->host", (kp, vp), list(range(n_host)), (host.k, host.v), slots, layer, "store")
-            self.stall(layer, t.wait() if self.device.type != "cuda" else self._sync(t))
+            self.stall(layer, t.wait() if self.device.device.type != "cuda" else _sync(t))
             self.table.set("host", layer, pages[:n_host], slots)
         rest = len(pages) - n_host
         if rest:
-            disk = self._disk()
+            disk = self.disk()
             slots = disk.allocate(rest) if disk is not None else None
             if slots is None:
                 raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise one of them")
@@ -167,8 +250,21 @@ class PlacementMixin:
             self.stall(layer, t.wait())
             self.table.set("disk", layer, pages[n_host:], slots)
 
-    def _device_pages(self, layer: int) -> int:
-        return int((self.table.slot["device"][layer] >= 0).sum())
+    def new_pages_on_device(self, layer: int, count: int) -> int:
+        """Of `count` new full pages of `layer` (plus its tail, which stays on the device), how many go to the
+        device: the layer's share while it lasts, more when the tiers below can't take the rest."""
+        t = self.table
+        share = max(0, -(-self.device.capacity // t.layers) - 1 - int((t.slot["device"][layer] >= 0).sum()))
+        # Layers other than this one that hold no page yet each need a device slot for their tail.
+        tails = sum(1 for l in range(t.layers) if l != layer and t.tokens[l] == 0)
+        spare = self.device.num_free - tails - 1
+        on_device = max(0, min(count, share, spare))
+        # Beyond the share when the tiers below can't take the rest (windowed models hold fewer pages in their
+        # sliding layers, so a full layer may need more than an equal share of the device).
+        short = count - on_device - self._room_below()
+        if short > 0:
+            on_device += min(short, max(0, spare - on_device))
+        return on_device
 
     def _room_below(self) -> int:
         """Pages the host and disk tiers can still take, slots of tiers not created yet included."""
@@ -177,12 +273,28 @@ class PlacementMixin:
         disk = self.disk_tier.capacity - self.disk_tier.num_used if self.disk_tier is not None else plan.disk_pages
         return max(0, host) + max(0, disk)
 
-    def _tails_still_needed(self, layer: int) -> int:
-        """Layers other than `layer` that hold no page yet each need a device slot for their tail."""
-        return sum(1 for l in range(self.layers) if l != layer and self.table.tokens[l] == 0)
+    # -- pages a sliding window left ---------------------------------------------------------------------------
+    def release(self, layer: int, upto: int) -> None:
+        """Frees pages first..upto-1 of `layer` in every tier and clears their entries (none may be busy)."""
+        t = self.table
+        a, b = t.first[layer], min(upto, t.max_pages)
+        for name, tier in self.tiers():
+            slots = t.slot[name][layer, a:b]
+            held = slots[slots >= 0]
+            if held.numel():
+                tier.release(held.tolist())
+        t.release(layer, b)
 
-    @staticmethod
-    def _sync(t: Transfer) -> float:
-        t0 = time.perf_counter()
-        t.event.synchronize()  # the source is a temporary that must outlive the copy
-        return time.perf_counter() - t0
+    def resident_pages(self) -> dict[str, int]:
+        return {name: tier.num_used if tier is not None else 0 for name, tier in self.tiers()}
+
+    def close(self) -> None:
+        for _, tier in reversed(self.tiers()):
+            if tier is not None:
+                tier.close()
+
+
+def _sync(t: Transfer) -> float:
+    t0 = time.perf_counter()
+    t.event.synchronize()  # the source is a temporary that must outlive the copy
+    return time.perf_counter() - t0

@@ -22,7 +22,7 @@ import time
 import torch
 
 from offload import attention_math as am
-from offload.budgets import Plan, check_capacity, disk_reserve_pages, plan_budgets
+from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.decode import DeviceDecode, KernelDecode
 from offload.engine import Transfer, TransferEngine
@@ -30,7 +30,7 @@ from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable
-from offload.placement import PlacementMixin
+from offload.placement import Placement
 from offload.sparse import SparseMixin
 from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
@@ -40,7 +40,7 @@ from tiers.host import aligned_host_tensor
 log = logging.getLogger(__name__)
 
 
-class Runtime(PlacementMixin, SparseMixin):
+class Runtime(SparseMixin):
     # Pools and buffers outlive any inference_mode() the runtime is built in, and are updated in place outside it
     # (on I/O threads too): they must be normal tensors.
     @torch.inference_mode(False)
@@ -70,7 +70,7 @@ class Runtime(PlacementMixin, SparseMixin):
         if self.tracer is not None:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
-        dev_pages, self.host_storage = self.plan.device_cache_pages, None
+        dev_pages, host_storage = self.plan.device_cache_pages, None
         self.decoder: DeviceDecode | None = None
         h = self.plan.half
         dims = self.shape.dims
@@ -81,9 +81,9 @@ class Runtime(PlacementMixin, SparseMixin):
             slots = dev_pages + self.plan.host_pages
             both = aligned_host_tensor(2 * slots * self.kv_heads * self.page_size * self.head_dim, self.dtype,
                                        pin=False).view(2, slots, *dims)
-            self.device_tier = DeviceTier(self.shape, dev_pages, self.device,
+            device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                           storage=(both[0, :dev_pages], both[1, :dev_pages]))
-            self.host_storage = (both[0, dev_pages:], both[1, dev_pages:])
+            host_storage = (both[0, dev_pages:], both[1, dev_pages:])
             self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
                                         self.kv_heads, self.device)
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
@@ -92,13 +92,13 @@ class Runtime(PlacementMixin, SparseMixin):
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
             # (used by layers the workspace can't serve) share those rows: the two never run at once.
             pools = [torch.empty((dev_pages + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
-            self.device_tier = DeviceTier(self.shape, dev_pages, self.device,
+            device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                           storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
                                         self.q_heads, self.kv_heads, self.device)
             work = [pool[dev_pages:] for pool in pools]
         else:
-            self.device_tier = DeviceTier(self.shape, dev_pages, self.device)
+            device_tier = DeviceTier(self.shape, dev_pages, self.device)
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         # Workspace of the streaming path: the load ring (2*h pages), a page-major gather buffer (h) and its
         # head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever its size.
@@ -106,10 +106,12 @@ class Runtime(PlacementMixin, SparseMixin):
         self.pm_k, self.pm_v = (w[2 * h:3 * h] for w in work)
         # Head-major [H, h, P, D]: SDPA reads a slice of it without another copy.
         self.hm_k, self.hm_v = (w[3 * h:].view(self.kv_heads, h, self.page_size, self.head_dim) for w in work)
-        self.host_tier: HostTier | None = None  # allocated once, at the first spill
-        self.disk_tier = None
+        on_host = ((lambda host: self.decoder.attach_host(host.k, host.v)) if isinstance(self.decoder, KernelDecode)
+                   else None)
+        self.placement = Placement(self.plan, self.shape, config, device_tier, self.engine,
+                                   EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
+                                   host_storage, on_host)
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.eviction = EVICTION.create(config.eviction, None)
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.selector = SELECTION.create(config.selection)
         self.sparse = config.attention == "sparse"
@@ -132,11 +134,7 @@ class Runtime(PlacementMixin, SparseMixin):
     def _new_sequence(self) -> None:
         self.table = PageTable(self.layers, self.max_pages)
         self.table.page_size = self.page_size
-        self.eviction.table = self.table
-        for tier in (self.device_tier, self.host_tier, self.disk_tier):
-            if tier is not None:
-                reserved = self.plan.host_staging_pages if tier is self.host_tier else 0
-                tier.reset(reserved)
+        self.placement.new_sequence(self.table)
         self.handoff = Handoff()
         if self.decoder is not None:
             self.decoder.forget()
@@ -181,7 +179,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 f"{name}: {tokens} tokens ({detail}) exceed the model's maximum of {self.max_positions} positions"
             )
         check_capacity(self.plan, self.config, tokens, self.layers, self.page_size, self.windows)
-        self.expected_tokens = tokens  # sizes the disk file at the first spill
+        self.placement.expected_tokens = tokens  # sizes the disk file at the first spill
 
     def save_trace(self, path: str) -> None:
         """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
@@ -200,9 +198,7 @@ class Runtime(PlacementMixin, SparseMixin):
             for hook in self.hooks:
                 hook.remove()
             self.hooks.clear()
-            for tier in (self.disk_tier, self.host_tier, self.device_tier):
-                if tier is not None:
-                    tier.close()
+            self.placement.close()
             self.ring_k = self.ring_v = self.pm_k = self.pm_v = self.hm_k = self.hm_v = torch.empty(0)
             self.host_staging = None
 
@@ -211,31 +207,18 @@ class Runtime(PlacementMixin, SparseMixin):
             self.ring.drain()
         self.engine.resolve_gpu_waits(self.stall)
 
-    # -- lower tiers, created at the first spill -----------------------------------------------------------------
-    @torch.inference_mode(False)  # see __init__
-    def _host(self) -> HostTier | None:
-        if self.host_tier is None and self.plan.host_pages > 0:
-            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.type == "cuda",
-                                      storage=self.host_storage)
-            if isinstance(self.decoder, KernelDecode):
-                self.decoder.attach_host(self.host_tier.k, self.host_tier.v)
-            if self.plan.host_staging_pages:
-                # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
-                assert self.host_tier.allocate(self.plan.host_staging_pages) == list(range(self.plan.host_staging_pages))
-        return self.host_tier
+    # The tiers, owned by the placement; read here for stats and by tests.
+    @property
+    def device_tier(self) -> DeviceTier:
+        return self.placement.device
 
-    @torch.inference_mode(False)  # see __init__
-    def _disk(self):
-        if self.disk_tier is None and self.plan.disk_pages > 0:
-            from tiers.disk import DiskTier
+    @property
+    def host_tier(self) -> HostTier | None:
+        return self.placement.host_tier
 
-            # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
-            reserve = disk_reserve_pages(self.plan, getattr(self, "expected_tokens", None), self.page_size,
-                                         self.windows)
-            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
-                                      reserve=reserve)
-            self._host()
-        return self.disk_tier
+    @property
+    def disk_tier(self):
+        return self.placement.disk_tier
 
     # -- the attention entry point ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -294,12 +277,7 @@ class Runtime(PlacementMixin, SparseMixin):
             return
         if bool(t.busy[layer, a:b].any()):
             self.ring.drain()  # NOTE: a copy in flight must land before its slot is given to another page
-        for name, tier in (("device", self.device_tier), ("host", self.host_tier), ("disk", self.disk_tier)):
-            slots = t.slot[name][layer, a:b]
-            held = slots[slots >= 0]
-            if held.numel():
-                tier.release(held.tolist())
-        t.release(layer, b)
+        self.placement.release(layer, b)
 
     # -- prefill ---------------------------------------------------------------------------------------------
     # Query tokens per piece of a prefill's attention over its own tokens on the manual path (and, with a sliding
@@ -335,11 +313,8 @@ class Runtime(PlacementMixin, SparseMixin):
             parts.append(self._new_tokens_partial(q, key[0], value[0], scaling, window, softcap))
             out = am.ungroup_output(am.merge(parts), self.q_heads, tokens).to(query.dtype)
         self._store_prefill(layer, key[0], value[0])
-        if self.decoder is not None and layer == self.layers - 1:
-            # Views and tail slots ready for the first decode step, after the moves of every layer's prefill.
-            for l in range(self.layers):
-                self.decoder.view(l, self.table, self.table.pages(l))
-                self._tail(l)
+        if layer == self.layers - 1:
+            self._ready_next_step()
         return out
 
     def _new_tokens_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
@@ -421,19 +396,12 @@ class Runtime(PlacementMixin, SparseMixin):
         kp, vp = kp[skip:], vp[skip:]
         pages = list(range(first, first + count))
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
-        share = max(0, -(-self.device_tier.capacity // self.layers) - 1 - self._device_pages(layer))
-        spare = self.device_tier.num_free - self._tails_still_needed(layer) - 1
-        on_device = max(0, min(count - 1, share, spare))
-        # Beyond the share when the tiers below can't take the rest (windowed models hold fewer pages in their
-        # sliding layers, so a full layer may need more than an equal share of the device).
-        short = count - 1 - on_device - self._room_below()
-        if short > 0:
-            on_device += min(short, max(0, spare - on_device))
+        on_device = self.placement.new_pages_on_device(layer, count - 1)
         lower = count - 1 - on_device
         dev_idx = list(range(lower, count))  # the newest pages go to the device
-        self._place_device(layer, [pages[i] for i in dev_idx], kp[lower:], vp[lower:])
+        self.placement.place_device(layer, [pages[i] for i in dev_idx], kp[lower:], vp[lower:])
         if lower:
-            self._place_lower(layer, pages[:lower], kp[:lower], vp[:lower])
+            self.placement.place_lower(layer, pages[:lower], kp[:lower], vp[:lower])
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
             self._summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
@@ -441,8 +409,11 @@ class Runtime(PlacementMixin, SparseMixin):
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
         if self.decoder is not None and self.table.tokens[layer] % self.page_size == 0:
-            self.decoder.absorb(self.eviction)  # a page boundary: eviction may run, from up-to-date uses
+            self.decoder.absorb(self.placement.policy)  # a page boundary: eviction may run, from up-to-date uses
+        opened = self.table.tokens[layer] % self.page_size == 0
         self._append_token(layer, k, v)
+        if opened and layer == self.layers - 1:
+            self._ready_next_step()
         P = self.page_size
         n = self.table.tokens[layer]
         last = self.table.pages(layer) - 1
@@ -470,7 +441,7 @@ class Runtime(PlacementMixin, SparseMixin):
         q = am.group_queries(query, self.kv_heads).float()
         full = self._select(layer, q, last, valid, scaling, softcap)
         # Marked before any loading: promotion must not give up a page this layer is about to read.
-        self.eviction.on_use(layer, full, self.step, self.mass if self.sparse else None)
+        self.placement.policy.on_use(layer, full, self.step, self.mass if self.sparse else None)
         if self.hooks:
             self._speculate(layer, scaling)
         dev_slots = self.table.slot["device"][layer, full]
@@ -496,6 +467,27 @@ class Runtime(PlacementMixin, SparseMixin):
         view = self.decoder.views[layer] if self.decoder is not None and not self.config.measure_recall else None
         return (view is not None and not view.lower and view.version == self.table.version[layer]
                 and self.table.tokens[layer] % self.page_size != 0)
+
+    def _ready_next_step(self) -> None:
+        """After a step that moved pages (a prefill, a step that opened pages): rebuilds the views, tail slots and
+        sparse selection's fixed part that the next step will use, so that it reads nothing on the host. Pages a
+        later layer's new tail evicted from an earlier layer are seen here, not in the next step."""
+        if self.decoder is None:
+            return
+        P = self.page_size
+        for l in range(self.layers):
+            n = self.table.tokens[l] + 1  # after the next step's token
+            if n % P == 1 and P > 1:
+                continue  # that step opens a page: it rebuilds at its boundary anyway
+            last = -(-n // P) - 1
+            self.decoder.view(l, self.table, last + 1)
+            self._tail(l)
+            if self.sparse:
+                first, off = self._window_first(l, n)
+                visible = n - first * P - off
+                budget = self.config.token_budget_for(visible)
+                if budget < visible:
+                    self._forced(first, last, n - last * P, max(0, (budget - (n - last * P)) // P))
 
     def _decode_on_device(self, layer: int, view, query, n: int, valid: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
@@ -615,7 +607,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
             if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
                 self._summarize_resident(layer, page - 1)  # before making room can evict it
-            slot = self._device_slots(1)[0]
+            slot = self.placement.device_slots(1)[0]
             self.table.set("device", layer, page, slot)
         # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page, through views of that page.
         _, pk, pv = self._tail(layer)
@@ -711,7 +703,7 @@ class Runtime(PlacementMixin, SparseMixin):
                 kk, vv = kk.index_select(0, pos), vv.index_select(0, pos)
             yield am.pages_partial(q, kk, vv, scaling, softcap, hide(used) if hide is not None else None)
             if self.sparse:
-                self._promote(layer, job.pages[use], kk, vv)
+                self.placement.promote(layer, job.pages[use], kk, vv, self.step)
         cap = self.plan.half
         slots = dev_slot[resident].to(self.device, torch.long)
         on_device = pages[resident]
@@ -772,7 +764,6 @@ class Runtime(PlacementMixin, SparseMixin):
             "loads": {"needed": 0, "predicted": 0, "promoted": 0},
             # Where predictions were made (sparse mode): pages loaded on one, and those attention then used.
             "prefetch": {"issued": 0, "hits": 0},
-            "evictions": {"device": 0, "host": 0},
             "attended": 0.0,
             "attended_n": 0,
         }
@@ -831,9 +822,9 @@ class Runtime(PlacementMixin, SparseMixin):
                         "disk": self.plan.disk_budget},
             "kv_bytes": sum(self.table.tokens) * per_token,
             "tokens": dict(c["tokens"]),
-            "loads": dict(c["loads"]),
+            "loads": {**c["loads"], "promoted": self.placement.promoted},
             "prefetch": dict(c["prefetch"]) if self.sparse else None,
-            "evictions": dict(c["evictions"]),
+            "evictions": dict(self.placement.evictions),
             "stall_seconds": sum(self.stall_per_layer),
             "stall_seconds_per_layer": list(self.stall_per_layer),
             "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,

@@ -78,23 +78,16 @@ def test_the_step_that_opens_a_page_is_the_one_expected(mode):
     assert steps[1]["token"] % PAGE == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "at a page boundary a later layer's new tail page can evict a device page of an earlier layer; that bumps the "
-    "earlier layer's table version, so its tail slot and view are re-read on the host (3 reads) in the next step"))
 @pytest.mark.parametrize("mode", MODES)
-def test_the_step_after_a_page_boundary_reads_nothing_on_the_host(mode):
+def test_host_reads_end_with_the_step_that_opens_a_page(mode):
+    """Host reads are allowed in the step that opens a page (views are rebuilt, eviction may run, and a later
+    layer's new tail may evict an earlier layer's page); that step also readies the next one, which reads nothing
+    on the host and dispatches what a step that opens no page does."""
     steps = _measured(mode, CONTEXTS[0])["per_step"]
-    assert steps[2]["host_reads"] == 0, steps
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_host_reads_stop_within_two_steps_of_a_page_boundary(mode):
-    """Host reads are allowed in the step that opens a page (views are rebuilt, eviction may run), but they end
-    there: two steps later the step is back to no host reads and to the ops of a step that opens no page."""
-    steps = _measured(mode, CONTEXTS[0])["per_step"]
-    assert steps[2]["host_reads"] <= 3, steps  # see the xfail above: one layer's tail and view, at most
-    assert steps[3]["host_reads"] == 0, steps
-    assert steps[3]["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER, steps
+    assert steps[1]["host_reads"] > 0, steps  # the boundary step: the measurement really crosses one
+    for after in steps[2:]:
+        assert after["host_reads"] == 0, steps
+        assert after["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER, steps
 
 
 @pytest.mark.parametrize("mode", MODES)

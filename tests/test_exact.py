@@ -149,7 +149,7 @@ def test_greedy_tokens_equal_plain_generate(request: pytest.FixtureRequest, whic
         assert stats["evictions"]["device"] > 0  # full tail pages made room for new ones
         assert stats["bytes_moved"]["host->device"] > 0  # pages really came back from below
     if name.startswith("evict-"):
-        assert rt.eviction.name == name[6:]
+        assert rt.placement.policy.name == name[6:]
 
 
 # -- logits step by step, with chunked prefill --------------------------------------------------------------
