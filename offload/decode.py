@@ -127,7 +127,7 @@ class DeviceDecode:
         """Attention over the forced pages, the `free` best-scored others and the tail. `scores` cover pages
         first..last-1, `bias` is -inf on the forced ones; `window_start`: the first visible position when a
         sliding window starts inside a page, else None."""
-        pages = self._choose(layer, view, first, scores, forced, bias, free, step)
+        pages = self.choose(layer, view, first, scores, forced, bias, free, step)
         slots = view.row.index_select(0, pages)
         self.host_reads.add_((slots >= self.split).sum())
         count = pages.shape[0]
@@ -142,7 +142,7 @@ class DeviceDecode:
         mask = (positions.flatten()[:tokens] >= window_start)[None, None, None, :]
         return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
 
-    def _choose(self, layer: int, view: LayerView, first: int, scores: torch.Tensor, forced: torch.Tensor,
+    def choose(self, layer: int, view: LayerView, first: int, scores: torch.Tensor, forced: torch.Tensor,
                 bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
         """Page ids to attend (int64 on the device, the tail last), and their use recorded: the predicted mass of
         every page in the window feeds score eviction, the pages attended LRU."""
@@ -290,7 +290,7 @@ class KernelDecode(DeviceDecode):
                forced: torch.Tensor, bias: torch.Tensor, free: int, valid: int, window_start: int | None,
                step: int, scaling: float, softcap: float | None) -> torch.Tensor:
         # Position order: the window's first page, when chosen, comes first (its start is hidden), the tail last.
-        pages = torch.sort(self._choose(layer, view, first, scores, forced, bias, free, step)).values
+        pages = torch.sort(self.choose(layer, view, first, scores, forced, bias, free, step)).values
         count = pages.shape[0]
         if count > self.workspace:
             raise ValueError(f"device_budget: sparse attention needs {count} workspace pages, the budget leaves "

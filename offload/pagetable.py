@@ -17,6 +17,13 @@ NONE = -1
 TIERS = ("device", "host", "disk")
 
 
+def window_start(window: int | None, n: int, page_size: int) -> tuple[int, int]:
+    """(page, offset) of the first token that the query at position n-1 sees with a sliding window of `window`
+    tokens (None: full attention, (0, 0)). transformers' sliding mask: key > query - window."""
+    lo = 0 if window is None else max(0, n - window)
+    return lo // page_size, lo % page_size
+
+
 class PageTable:
     # Normal tensors even when a sequence starts inside inference_mode(): the next one may drain this table
     # outside it, and in-place updates of inference tensors are refused there.

@@ -29,18 +29,18 @@ from offload.engine import Transfer, TransferEngine
 from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
-from offload.pagetable import PageTable
+from offload.pagetable import PageTable, window_start
 from offload.placement import Placement
-from offload.sparse import SparseMixin
+from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
-from policies import EVICTION, PREFETCH, SELECTION, PrefetchContext
+from policies import EVICTION, PREFETCH
 from tiers import DeviceTier, HostTier, PageShape
 from tiers.host import aligned_host_tensor
 
 log = logging.getLogger(__name__)
 
 
-class Runtime(SparseMixin):
+class Runtime:
     # Pools and buffers outlive any inference_mode() the runtime is built in, and are updated in place outside it
     # (on I/O threads too): they must be normal tensors.
     @torch.inference_mode(False)
@@ -113,19 +113,12 @@ class Runtime(SparseMixin):
                                    host_storage, on_host)
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefetcher = PREFETCH.create(config.prefetch)
-        self.selector = SELECTION.create(config.selection)
         self.sparse = config.attention == "sparse"
-        self.forced_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self.mass: torch.Tensor | None = None
-        self.hooks: list = []
-        self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.selection = None
         if self.sparse:
-            # Key summaries of every page, kept on the device: [layers, max_pages, S, H, D]. Not KV bytes.
-            self.summaries = torch.zeros((self.layers, self.max_pages, self.selector.summary_size(), self.kv_heads,
-                                          self.head_dim), dtype=self.dtype, device=self.device)
-            self.summary_rows = list(self.summaries)  # per-layer views, made once
-            if getattr(self.prefetcher, "needs_speculation", False):
-                self._install_speculation()
+            self.selection = SparseSelection(model, config, self.windows, self.page_size, self.max_pages,
+                                             self.kv_heads, self.head_dim, self.dtype, self.device,
+                                             getattr(self.prefetcher, "needs_speculation", False))
         self._stats_init()
         self.closed = False
         self._new_sequence()
@@ -145,10 +138,9 @@ class Runtime(SparseMixin):
         self.sequence_id = getattr(self, "sequence_id", -1) + 1
         self.ring = LoadRing(self.ring_k, self.ring_v, self.table, self._load, self._unbusy, self.stall,
                              self.count_load, self.tracer is not None)
-        self.pf_context = PrefetchContext()
+        if self.selection is not None:
+            self.selection.new_sequence()
         self.step = 0
-        self.recall_sum = [0.0] * self.layers
-        self.recall_n = [0] * self.layers
 
     # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
     # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
@@ -195,9 +187,8 @@ class Runtime(SparseMixin):
             self._drain()
         finally:
             self.engine.close()
-            for hook in self.hooks:
-                hook.remove()
-            self.hooks.clear()
+            if self.selection is not None:
+                self.selection.close()
             self.placement.close()
             self.ring_k = self.ring_v = self.pm_k = self.pm_v = self.hm_k = self.hm_v = torch.empty(0)
             self.host_staging = None
@@ -257,11 +248,8 @@ class Runtime(SparseMixin):
 
     # -- sliding windows -----------------------------------------------------------------------------------
     def _window_first(self, layer: int, n: int) -> tuple[int, int]:
-        """(page, offset) of the first token that the query at position n-1 sees, with n tokens stored: (0, 0)
-        for full attention. transformers' sliding mask: key > query - window."""
-        window = self.windows[layer]
-        lo = 0 if window is None else max(0, n - window)
-        return lo // self.page_size, lo % self.page_size
+        """(page, offset) of the first token that the query at position n-1 sees, with n tokens stored."""
+        return window_start(self.windows[layer], n, self.page_size)
 
     def _dead_pages(self, layer: int, n: int) -> int:
         """With n tokens stored, the leading pages of `layer` that no query to come (positions >= n) can see."""
@@ -369,7 +357,7 @@ class Runtime(SparseMixin):
         n = self.table.tokens[layer]
         pos = self._fill_tail(layer, k, v, 0) if n % P else 0
         if pos and self.sparse and self.table.tokens[layer] % P == 0:
-            self._summarize_resident(layer, self.table.tokens[layer] // P - 1)
+            self._summarize_filled(layer, self.table.tokens[layer] // P - 1)
         rest = k.shape[1] - pos
         # Pages the window has left for good go now, before the new pages take slots; new pages already out of
         # it are never stored.
@@ -404,7 +392,7 @@ class Runtime(SparseMixin):
             self.placement.place_lower(layer, pages[:lower], kp[:lower], vp[:lower])
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
-            self._summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
+            self.selection.summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -439,11 +427,13 @@ class Runtime(SparseMixin):
             self._release(layer, self._dead_pages(layer, n))
             return out
         q = am.group_queries(query, self.kv_heads).float()
-        full = self._select(layer, q, last, valid, scaling, softcap)
+        sel = self.selection
+        full = (sel.select(layer, q, n, scaling, softcap, self.table, self.placement.tiers()) if sel is not None
+                else torch.arange(first, last))
         # Marked before any loading: promotion must not give up a page this layer is about to read.
-        self.placement.policy.on_use(layer, full, self.step, self.mass if self.sparse else None)
-        if self.hooks:
-            self._speculate(layer, scaling)
+        self.placement.policy.on_use(layer, full, self.step, sel.mass if sel is not None else None)
+        if sel is not None and sel.hooks:
+            sel.speculate(layer, scaling, self.table.tokens[layer + 1] if layer + 1 < self.layers else 0)
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
         self._queue_loads(layer, missing)
@@ -482,12 +472,8 @@ class Runtime(SparseMixin):
             last = -(-n // P) - 1
             self.decoder.view(l, self.table, last + 1)
             self._tail(l)
-            if self.sparse:
-                first, off = self._window_first(l, n)
-                visible = n - first * P - off
-                budget = self.config.token_budget_for(visible)
-                if budget < visible:
-                    self._forced(first, last, n - last * P, max(0, (budget - (n - last * P)) // P))
+            if self.sparse and (plan := self.selection.budget_pages(l, n)) is not None:
+                self.selection.fixed(*plan[:3], plan[3])
 
     def _decode_on_device(self, layer: int, view, query, n: int, valid: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
@@ -496,9 +482,8 @@ class Runtime(SparseMixin):
         last = view.pages - 1
         start = (first - view.first) * P + off  # the window's first token among the gathered ones
         visible = n - first * P - off
-        budget = self.config.token_budget_for(visible) if self.sparse else visible
-        k_pages = max(0, (budget - valid) // P)
-        if budget >= visible or k_pages >= last - first:
+        plan = self.selection.budget_pages(layer, n) if self.sparse else None
+        if plan is None:  # exact, or a budget that covers the window
             t0 = time.perf_counter()
             out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
             if view.host:  # pages read from the host pool: loads of pages needed now
@@ -509,9 +494,8 @@ class Runtime(SparseMixin):
                 nxt = (layer + 1) % self.layers
                 self.decoder.prefetch(nxt, self.table, -(-(self.table.tokens[nxt] + 1) // P))
             return out
-        forced, bias, free = self._forced(first, last, valid, k_pages)
-        q = am.group_queries(query, self.kv_heads).float()
-        scores = self.selector.score(q, self.summary_rows[layer].narrow(0, first, last - first), scaling)
+        forced, bias, free = self.selection.fixed(*plan)
+        scores = self.selection.scores(layer, am.group_queries(query, self.kv_heads).float(), first, last, scaling)
         t0 = time.perf_counter()
         out = self.decoder.sparse(layer, view, query, first, scores, forced, bias, free, valid,
                                   first * P + off if off else None, self.step, scaling, softcap)
@@ -521,27 +505,10 @@ class Runtime(SparseMixin):
         self._count_decode(layer, min(1.0, attended / visible))
         return out
 
-    def _forced(self, first: int, last: int, valid: int, k_pages: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sparse selection's fixed part among full pages first..last-1: the sink pages and the recent window, as
-        device tensors (page ids, and a bias that is -inf on them over first..last-1), and how many pages top-k
-        adds (the budget's pages less the forced ones). Cached: they change at page boundaries and as the tail
-        fills past a page of the recent window."""
-        P = self.page_size
-        sinks = min(last, -(-self.config.sink_tokens // P))
-        recent = max(0, self.config.recent_tokens - valid)
-        lo = max(0, last - -(-recent // P)) if recent else last
-        key = (first, last, sinks, lo)
-        hit = self.forced_cache.get(key)
-        if hit is None:
-            ids = [p for p in range(first, last) if p < sinks or p >= lo]
-            bias = torch.zeros(last - first, dtype=torch.float32)
-            bias[[p - first for p in ids]] = float("-inf")
-            hit = (torch.tensor(ids, dtype=torch.long, device=self.device), bias.to(self.device), len(ids))
-            if len(self.forced_cache) > 64:
-                self.forced_cache.clear()
-            self.forced_cache[key] = hit
-        forced, bias, count = hit
-        return forced, bias, k_pages - count
+    def _summarize_filled(self, layer: int, page: int) -> None:
+        """The summary of a page that just filled, from its keys on the device."""
+        s = int(self.table.slot["device"][layer, page])
+        self.selection.summarize_page(layer, page, self.device_tier.k[s:s + 1])
 
     def _edge_hide(self, first: int, off: int):
         """For `_pages_partials`: hides tokens 0..off-1 of page `first` (before the sliding window's start) in a
@@ -606,7 +573,7 @@ class Runtime(SparseMixin):
             if page >= self.max_pages:
                 raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
             if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
-                self._summarize_resident(layer, page - 1)  # before making room can evict it
+                self._summarize_filled(layer, page - 1)  # before making room can evict it
             slot = self.placement.device_slots(1)[0]
             self.table.set("device", layer, page, slot)
         # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page, through views of that page.
@@ -666,7 +633,7 @@ class Runtime(SparseMixin):
         if not self.sparse:
             want = torch.arange(first, last)
         else:
-            want = self.prefetcher.predict(layer, self.pf_context)
+            want = self.prefetcher.predict(layer, self.selection.context)
             if want is None:
                 return None
             want = want[(want < last) & (want >= first)]
@@ -828,7 +795,7 @@ class Runtime(SparseMixin):
             "stall_seconds": sum(self.stall_per_layer),
             "stall_seconds_per_layer": list(self.stall_per_layer),
             "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,
-            "recall": self._recall(),
+            "recall": self.selection.recall() if self.selection is not None else None,
             "page_size": self.page_size,
             "page_bytes": self.shape.page_bytes,
         }

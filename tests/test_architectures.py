@@ -379,14 +379,20 @@ def test_sparse_selects_within_the_window_and_never_a_released_page(arch, tmp_pa
     opts = three_tiers(model, tmp_path, attention="sparse", token_budget=2 * PAGE, sink_tokens=PAGE,
                        recent_tokens=PAGE, host_budget=8 * page_bytes(model))
     with offload(model, **opts) as rt:
-        choose = rt._choose
+        # Both decode paths: the selection on the host (layers with pages on disk) and on the device.
+        choose, on_device = rt.selection.choose, rt.decoder.choose
 
-        def spy(layer, q, last, valid, scaling):
-            pages = choose(layer, q, last, valid, scaling)
-            chosen.append((layer, pages, rt._window_first(layer, last * PAGE + valid)[0]))
+        def spy(layer, q, n, scaling):
+            pages = choose(layer, q, n, scaling)
+            chosen.append((layer, pages, rt._window_first(layer, n)[0]))
             return pages
 
-        rt._choose = spy
+        def spy_device(layer, view, first, *args):
+            pages = on_device(layer, view, first, *args)
+            chosen.append((layer, pages, first))
+            return pages
+
+        rt.selection.choose, rt.decoder.choose = spy, spy_device
         greedy(model, ids, new=40)
         assert_released(rt)
         assert rt.stats()["attended_fraction"] < 1.0
@@ -409,7 +415,7 @@ def test_speculated_query_is_the_layers_own_query(arch):
 
         def spy(layer, query, key, value, scaling, window=None, softcap=None):
             queries[layer] = query.clone()
-            inputs[layer] = rt.hidden.get(layer)
+            inputs[layer] = rt.selection.hidden.get(layer)
             return attend(layer, query, key, value, scaling, window, softcap)
 
         rt.attend = spy
@@ -419,7 +425,7 @@ def test_speculated_query_is_the_layers_own_query(arch):
         for layer in range(1, model.config.num_hidden_layers):
             hidden, _ = inputs[layer]
             _, rope = inputs[layer - 1]  # what the previous layer hands on to the speculation
-            got = rt._speculated_query(layer, hidden, rope)
+            got = rt.selection.speculated_query(layer, hidden, rope)
             torch.testing.assert_close(got, queries[layer], atol=1e-5, rtol=1e-5)
 
 

@@ -35,7 +35,7 @@ def test_selection_keeps_sinks_and_recent_window_within_the_budget(tiny_gqa3_mod
         last = rt.table.pages(0) - 1
         valid = n - last * page
         q = torch.randn(rt.kv_heads, 3, rt.head_dim)
-        chosen = rt._choose(0, q, last, valid, rt.head_dim ** -0.5).tolist()
+        chosen = rt.selection.choose(0, q, n, rt.head_dim ** -0.5).tolist()
         allowed = rt.config.token_budget_for(n)
         assert chosen == sorted(set(chosen)) and all(0 <= p < last for p in chosen)
         assert 0 in chosen  # the sink page
@@ -179,4 +179,4 @@ def test_score_eviction_after_a_longer_sequence(tiny_llama_model) -> None:
         tiny_llama_model.generate(torch.randint(0, 128, (1, 100)), max_new_tokens=3, do_sample=False)
         out = tiny_llama_model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=3, do_sample=False)
         assert out.shape[1] == 23
-        assert rt.mass is None  # nothing was scored: the context fit the budget
+        assert rt.selection.mass is None  # nothing was scored: the context fit the budget
