@@ -396,27 +396,41 @@ class Runtime:
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
-        if self.decoder is not None and self.table.tokens[layer] % self.page_size == 0:
-            self.decoder.absorb(self.placement.policy)  # a page boundary: eviction may run, from up-to-date uses
+        """One new token of one layer, top to bottom. A step that opens a page is a boundary: the uses recorded on
+        the device reach the eviction policy, the new tail may evict, and the last layer readies the next step.
+        Then the layer attends on the device over the pools (`_decode_on_device`), or, when some of its pages
+        live only on disk or recall is measured, through the load ring (`_decode_streaming`). Last, pages its
+        sliding window left are released."""
         opened = self.table.tokens[layer] % self.page_size == 0
-        self._append_token(layer, k, v)
+        if opened and self.decoder is not None:
+            self.decoder.absorb(self.placement.policy)
+        self._append_token(layer, k, v)  # into the tail page, on the device
         if opened and layer == self.layers - 1:
             self._ready_next_step()
-        P = self.page_size
         n = self.table.tokens[layer]
+        first, off = self._window_first(layer, n)  # the window starts at token `off` of page `first`
+        view = None
+        if self.decoder is not None and not self.config.measure_recall:
+            view = self.decoder.view(layer, self.table, self.table.pages(layer))
+            if view.lower or view.first > first:
+                view = None
+        if view is not None:
+            if self.ring.pending or self.ring.inflight:
+                self.ring.forget(layer)  # loads an earlier step queued for this layer
+            out = self._decode_on_device(layer, view, query, n, first, off, scaling, softcap)
+        else:
+            out = self._decode_streaming(layer, query, n, first, off, scaling, softcap)
+        self._release(layer, self._dead_pages(layer, n))
+        return out
+
+    def _decode_streaming(self, layer: int, query, n: int, first: int, off: int, scaling: float,
+                          softcap: float | None) -> torch.Tensor:
+        """The decode step through the load ring: pages missing from the device are loaded in chunks (the next
+        layer's ahead), attended chunk by chunk and merged by log-sum-exp."""
+        P = self.page_size
         last = self.table.pages(layer) - 1
         valid = n - last * P
-        # The window starts at token `off` of page `first`; pages before it were released.
-        first, off = self._window_first(layer, n)
         visible = n - first * P - off
-        if self.decoder is not None and not self.config.measure_recall:
-            view = self.decoder.view(layer, self.table, last + 1)
-            if not view.lower and view.first <= first:
-                if self.ring.pending or self.ring.inflight:
-                    self.ring.forget(layer)  # loads an earlier step queued for this layer
-                out = self._decode_on_device(layer, view, query, n, valid, first, off, scaling, softcap)
-                self._release(layer, self._dead_pages(layer, n))
-                return out
         if (not self.sparse and self.host_tier is None and self.disk_tier is None
                 and last - first < self.plan.half):
             # Nothing ever left the device: every page is resident, nothing to load or predict.
@@ -424,7 +438,6 @@ class Runtime:
             out = self._resident_attention(layer, query, self.table.slot["device"][layer, first:last], last, valid,
                                            scaling, softcap, off)
             self._count_decode(layer, 1.0)
-            self._release(layer, self._dead_pages(layer, n))
             return out
         q = am.group_queries(query, self.kv_heads).float()
         sel = self.selection
@@ -448,7 +461,6 @@ class Runtime:
                                               hide=self._edge_hide(first, off)))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
         self._count_decode(layer, (full.numel() * P + valid - cut) / visible)
-        self._release(layer, self._dead_pages(layer, n))
         return out
 
     def _served_on_device(self, layer: int) -> bool:
@@ -475,11 +487,12 @@ class Runtime:
             if self.sparse and (plan := self.selection.budget_pages(l, n)) is not None:
                 self.selection.fixed(*plan[:3], plan[3])
 
-    def _decode_on_device(self, layer: int, view, query, n: int, valid: int, first: int, off: int, scaling: float,
+    def _decode_on_device(self, layer: int, view, query, n: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
-        """The decode step over the unified pool (offload/decode.py): no table read, no copy through the ring."""
+        """The decode step over the pools (offload/decode.py): no table read, no copy through the ring."""
         P = self.page_size
         last = view.pages - 1
+        valid = n - last * P
         start = (first - view.first) * P + off  # the window's first token among the gathered ones
         visible = n - first * P - off
         plan = self.selection.budget_pages(layer, n) if self.sparse else None

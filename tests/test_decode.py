@@ -123,3 +123,29 @@ def test_sparse_step_attends_over_forced_top_scored_and_tail(backend: str, windo
     # Host pages read, counted on the device; uses recorded for eviction at the next boundary.
     assert int(decoder.host_reads) == sum(1 for p in chosen if LAYOUT[p][0] == "host")
     assert sorted((decoder.use_step[0] == 7).nonzero().flatten().tolist()) == chosen
+
+
+# -- decisions as plain data ---------------------------------------------------------------------------------------
+def test_device_evictions_are_planned_from_the_table_alone() -> None:
+    """Eviction is decided from the page table and the policy, with no tier and no model: the least recently
+    used full page goes first, a page being copied or an open tail never, and a page with no copy below is marked
+    for write-back."""
+    from offload.config import OffloadConfig
+    from offload.placement import Eviction, plan_device_evictions
+    from policies import EVICTION
+
+    t = PageTable(2, 8)
+    t.page_size = P
+    for layer in range(2):
+        t.tokens[layer] = 3 * P + 1  # pages 0..2 full, page 3 an open tail
+        t.set("device", layer, [0, 1, 2, 3], [4 * layer + s for s in range(4)])
+    t.set("host", 0, 1, 0)  # page 1 of layer 0 also has a host copy
+    t.last_use[0] = torch.tensor([5, 1, 9, 9, 0, 0, 0, 0])
+    t.last_use[1] = torch.tensor([3, 7, 2, 9, 0, 0, 0, 0])
+    t.busy[1, 2] = 1  # being copied
+    policy = EVICTION.create("lru", t)
+    got = plan_device_evictions(t, policy, OffloadConfig(), 3)
+    assert got == [Eviction(0, 1, 1, write_back=False), Eviction(1, 0, 4, write_back=True),
+                   Eviction(0, 0, 0, write_back=True)]
+    with pytest.raises(ValueError, match="^device_budget: "):
+        plan_device_evictions(t, policy, OffloadConfig(), 6)  # 8 pages, 2 tails, 1 busy: 5 can go
