@@ -43,6 +43,11 @@ class LayerView:
     slots: torch.Tensor  # int32 [pages - first], unified slots of pages first..pages-1 (page order, tail last)
     row: torch.Tensor  # int32 [max_pages], the unified slot of every page (-1: in no pool)
     tail: torch.Tensor  # int64 [1], the tail page's id
+    # The kernel backend's: slots of pages first..last in the device pool's tensor (host pages in workspace rows),
+    # and the gather that brings the host pages there (unified source slots; first row and count).
+    attn: torch.Tensor | None = None
+    gather_src: torch.Tensor | None = None
+    gather_dst: tuple[int, int] = (0, 0)
 
 
 class DeviceDecode:

@@ -410,7 +410,7 @@ def plot_timeline(tracer: Tracer, path: str, stats: Mapping[str, Any] | None = N
                         color=COLORS.get(lane, "tab:cyan"))
         ax.axhline(y - 0.4, color="lightgray", lw=0.6, zorder=0)
     policy = [e for e in tracer.events if e.track == "policy" and e.end is None]
-    marks = {"evict": ("black", "x"), "prefetch hit": ("tab:green", "|"), "prefetch miss": ("tab:orange", "|")}
+    marks = {"evict": ("black", "x"), "prefetch hit": ("tab:green", "|"), "load needed": ("tab:orange", "|")}
     labels = [_lane_label(lane) for lane in lanes]
     if policy:  # decisions are instants: a row of marks above the lanes
         y = len(lanes)

@@ -628,7 +628,7 @@ class Runtime:
         remaining = missing[~torch.isin(missing, ring.covered(layer))]
         self.count_load(remaining.numel(), predicted=False)
         if self.tracer is not None and remaining.numel():
-            self.tracer.instant("policy", "prefetch miss", layer=layer, pages=remaining.numel())
+            self.tracer.instant("policy", "load needed", layer=layer, pages=remaining.numel())
         ring.request(layer, remaining, predicted=False, front=True)
         nxt = (layer + 1) % self.layers
         want = self._predict(nxt)

@@ -12,8 +12,8 @@ Times are host `time.perf_counter()` seconds. Conventions the runtime follows (t
   {"bytes": int, "pages": int, "layer": int, "src": tier, "dst": tier, "thread": thread or stream name}.
 - compute: track "compute", name "attention", args {"layer": int, "pages": int, "tokens": int}.
 - stall (compute waiting for a copy): track "stall", name "wait", args {"layer": int, "on": transfer track}.
-- policy decisions: instants on track "policy": "evict" (args tier, pages, layer), "prefetch hit" and
-  "prefetch miss" (args layer, pages).
+- policy decisions: instants on track "policy": "evict" (args tier, pages, layer), "prefetch hit" (predicted
+  pages attention used) and "load needed" (pages loaded on demand), both with args layer, pages.
 - counters: "occupancy" with values {"device": bytes, "host": bytes, "disk": bytes}, recorded whenever
   residency changes; the sampler (`offload/sampler.py`) adds "host rss", "disk io", "gpu memory", "pcie".
 
