@@ -190,12 +190,15 @@ class DeviceDecode:
         o, _ = am.pages_partial(am.group_queries(query, self.kv_heads), kp, vp, scaling, softcap, hidden)
         return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
 
-    def absorb(self, eviction) -> None:
+    def absorb(self, eviction) -> torch.Tensor:
         """Hands the uses recorded since the last boundary to the eviction policy's host tables (a device read,
-        at page boundaries only), and starts a new record."""
-        eviction.absorb(self.use_step.cpu(), self.mass.cpu())
+        at page boundaries only), starts a new record, and returns the step each page was last used in (-1: not
+        since the last boundary), on the host."""
+        used = self.use_step.to("cpu", copy=True)  # a copy also where the device is the CPU
+        eviction.absorb(used, self.mass.cpu())
         self.use_step.fill_(NONE)
         self.mass.zero_()
+        return used
 
 
 class KernelDecode(DeviceDecode):

@@ -30,7 +30,7 @@ from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable, window_start
-from offload.placement import Placement
+from offload.placement import Placement, pinned_pages
 from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH
@@ -403,7 +403,9 @@ class Runtime:
         sliding window left are released."""
         opened = self.table.tokens[layer] % self.page_size == 0
         if opened and self.decoder is not None:
-            self.decoder.absorb(self.placement.policy)
+            used = self.decoder.absorb(self.placement.policy)
+            if self.sparse and layer == 0:
+                self._promote_used(used)
         self._append_token(layer, k, v)  # into the tail page, on the device
         if opened and layer == self.layers - 1:
             self._ready_next_step()
@@ -469,6 +471,33 @@ class Runtime:
         view = self.decoder.views[layer] if self.decoder is not None and not self.config.measure_recall else None
         return (view is not None and not view.lower and view.version == self.table.version[layer]
                 and self.table.tokens[layer] % self.page_size != 0)
+
+    def _promote_used(self, used: torch.Tensor) -> None:
+        """Sparse mode, at a page boundary: pages the device step read from the host pool since the last boundary
+        (`used` >= 0; the most recently used first) move to the device, as many as free slots and device pages
+        unused since the last boundary make room for (those are evicted by the policy, written back if they have
+        no copy below). Once per boundary, off the steps in between."""
+        host, t = self.host_tier, self.table
+        if host is None:
+            return
+        want = (used >= 0) & (t.slot["device"] < 0) & (t.slot["host"] >= 0) & (t.busy == 0)
+        if not bool(want.any()):
+            return
+        free = max(0, self.device_tier.num_free - self.layers)  # room for every layer's next tail page stays
+        stale = (t.slot["device"] >= 0) & (used < 0) & (t.busy == 0) & pinned_pages(t, self.config)
+        room = free + int(stale.sum())
+        layers, pages = want.nonzero(as_tuple=True)
+        order = torch.argsort(used[layers, pages], descending=True, stable=True)[:room]
+        if order.numel() == 0:
+            return
+        if order.numel() > free:
+            self.placement.evict_device(order.numel() - free)
+        layers, pages = layers[order], pages[order]
+        for layer in layers.unique().tolist():
+            mine = pages[layers == layer]
+            slots = t.slot["host"][layer, mine].long()
+            self.placement.promote(layer, mine, host.k[slots].to(self.device), host.v[slots].to(self.device),
+                                   self.step)
 
     def _ready_next_step(self) -> None:
         """After a step that moved pages (a prefill, a step that opened pages): rebuilds the views, tail slots and

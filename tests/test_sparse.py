@@ -86,6 +86,30 @@ def test_sparse_attends_the_budget_and_reports_recall(tiny_gqa3_model) -> None:
     assert s["attended_fraction"] * 0.5 < s["recall"]["mean"] <= 1.0
 
 
+@pytest.mark.parametrize("eviction", EVICTION.names())
+def test_sparse_over_host_pages_promotes_them_and_attends_as_if_all_were_resident(tiny_gqa3_model, eviction) -> None:
+    """Selection depends on the query and the summaries, never on where pages live: with most pages in host RAM
+    (read in place by the device step, promoted to the device at page boundaries) sparse attention gives the
+    tokens it gives with every page on the device."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    page_bytes = 2 * 2 * 8 * 16 * 4
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, eviction=eviction)
+    with torch.no_grad():
+        with offload(tiny_gqa3_model, **kw) as rt:
+            ref = tiny_gqa3_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            assert rt.stats()["resident_bytes"]["host"] == 0
+        with offload(tiny_gqa3_model, device_budget=36 * page_bytes, host_budget="4MiB", **kw) as rt:
+            out = tiny_gqa3_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            s = rt.stats()
+            rt.table.check_invariants()
+            # Promoted pages keep their host copy: the device copy can go again without a write-back.
+            promoted = (rt.table.slot["device"] >= 0) & (rt.table.slot["host"] >= 0)
+            assert bool(promoted.any())
+    assert s["resident_bytes"]["host"] > 0 and s["loads"]["promoted"] > 0 and s["loads"]["needed"] > 0
+    assert s["attended_fraction"] < 0.5
+    assert torch.equal(out, ref)
+
+
 # -- policy contracts ---------------------------------------------------------------------------------------
 def _table(layers: int = 2, pages: int = 6) -> PageTable:
     t = PageTable(layers, pages)
