@@ -532,7 +532,9 @@ class Runtime:
                 self.counters["loads"]["needed"] += view.host
                 self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
             self._count_decode(layer, 1.0)
-            if isinstance(self.decoder, KernelDecode):  # the next layer's host pages, while this one computes
+            if isinstance(self.decoder, KernelDecode) and not self.sparse:
+                # The next layer's host pages, while this one computes. Not in sparse mode: its steps gather the
+                # chosen pages into the same workspace rows on the compute stream.
                 nxt = (layer + 1) % self.layers
                 self.decoder.prefetch(nxt, self.table, -(-(self.table.tokens[nxt] + 1) // P))
             return out
