@@ -91,7 +91,8 @@ def run_sweep(model, tok, text_ids: list[int], contexts: list[int], budgets_: li
                     "context": ctx, "token_budget": tb, "prefetch": pf, "nll": nll, "nll_exact": ref_nll,
                     "top1_agreement": agree, "attended_fraction": s["attended_fraction"],
                     "recall": s["recall"]["mean"] if s["recall"] else None,
-                    "prefetch_hit_rate": p["hits"] / max(1, p["hits"] + p["misses"]),
+                    # The share of the pages attention loaded that arrived by prefetch.
+                    "prefetch_hit_rate": p["hits"] / max(1, p["hits"] + s["loads"]["needed"]),
                     "h2d_bytes_per_token_over_kv": s["bytes_moved"]["host->device"] / max(1, decode) / kv,
                     "decode_tokens": decode, "seconds": time.time() - t0,
                 }
