@@ -3,7 +3,7 @@
 - `none`: nothing ahead of time; pages are loaded when the selection asks for them.
 - `temporal`: the pages layer L+1 selected at the previous step (attention repeats from step to step).
 - `speculative`: the pages layer L+1 would select for a query approximated from layer L's input and
-  layer L+1's query weights, as InfiniGen does (the runtime computes that query; see Runtime._speculate).
+  layer L+1's query weights, as InfiniGen does (the runtime computes that query; see SparseSelection.speculate).
 In exact mode every page is needed, so the runtime prefetches the missing pages of the next layer whatever the policy.
 """
 
