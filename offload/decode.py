@@ -97,6 +97,10 @@ class DeviceDecode:
         self._reserve(pages - first)
         return v
 
+    def serves_exact(self, view: LayerView) -> bool:
+        """Whether an exact step of the layer can run here: every page it holds is in a pool."""
+        return not view.lower
+
     def forget(self) -> None:
         """A new sequence: every view is stale."""
         self.views = [None] * self.layers
@@ -233,6 +237,10 @@ class KernelDecode(DeviceDecode):
             self.compute = torch.cuda.current_stream(device)
         self.ready: list[object | None] = [None] * layers  # per layer: the event of its gather ahead, if any
 
+    def serves_exact(self, view: LayerView) -> bool:
+        """Whether an exact step of the layer fits: its host pages fit the workspace rows of its parity."""
+        return not view.lower and view.host <= self.half
+
     def attach_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.host_k, self.host_v = k, v
 
@@ -253,7 +261,6 @@ class KernelDecode(DeviceDecode):
         v.attn = attn.to(self.device)
         v.gather_src = (host[on_host] + self.split).to(self.device)  # unified slots: all in the host pool
         v.gather_dst = (base, v.host)
-        v.lower = v.lower or v.host > self.half
         self.ready[layer] = None
         return v
 
@@ -270,8 +277,8 @@ class KernelDecode(DeviceDecode):
         """CUDA, exact mode: starts gathering `layer`'s host pages on the side stream, when its view holds for its
         next step (`pages` pages, no page boundary in between)."""
         v = self.views[layer]
-        if (not self.cuda or v is None or v.version != table.version[layer] or v.pages != pages or v.lower
-                or not v.host or self.ready[layer] is not None):
+        if (not self.cuda or v is None or v.version != table.version[layer] or v.pages != pages
+                or not self.serves_exact(v) or not v.host or self.ready[layer] is not None):
             return
         self.side.wait_stream(self.compute)  # the rows may still be read by the layer two before
         with torch.cuda.stream(self.side):
@@ -299,10 +306,7 @@ class KernelDecode(DeviceDecode):
                step: int, scaling: float, softcap: float | None) -> torch.Tensor:
         # Position order: the window's first page, when chosen, comes first (its start is hidden), the tail last.
         pages = torch.sort(self.choose(layer, view, first, scores, forced, bias, free, step)).values
-        count = pages.shape[0]
-        if count > self.workspace:
-            raise ValueError(f"device_budget: sparse attention needs {count} workspace pages, the budget leaves "
-                             f"{self.workspace}; raise device_budget or lower token_budget")
+        count = pages.shape[0]  # at most `workspace`: the runtime streams a step that needs more
         slots = view.row.index_select(0, pages).to(torch.int32)
         self.host_reads.add_((slots >= self.split).sum())
         self._gather_into((self.split, count), slots)

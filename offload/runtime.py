@@ -40,6 +40,13 @@ from tiers.host import aligned_host_tensor
 log = logging.getLogger(__name__)
 
 
+def use_kernels(device: torch.device, config: OffloadConfig) -> bool:
+    """Whether the decode step runs the Triton kernels (`offload.decode.KernelDecode`): on CUDA, with triton
+    installed and no disk tier (layers with pages on disk take the streaming path, whose buffers the kernels'
+    workspace rows would share while in use)."""
+    return device.type == "cuda" and config.disk_dir is None and importlib.util.find_spec("triton") is not None
+
+
 class Runtime:
     # Pools and buffers outlive any inference_mode() the runtime is built in, and are updated in place outside it
     # (on I/O threads too): they must be normal tensors.
@@ -74,7 +81,17 @@ class Runtime:
         self.decoder: DeviceDecode | None = None
         h = self.plan.half
         dims = self.shape.dims
-        if self.device.type == "cpu":
+        if use_kernels(self.device, config):
+            # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
+            # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
+            # (used by layers the workspace can't serve) share those rows: the two never run at once.
+            pools = [torch.empty((dev_pages + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            device_tier = DeviceTier(self.shape, dev_pages, self.device,
+                                     storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
+            self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
+                                        self.q_heads, self.kv_heads, self.device)
+            work = [pool[dev_pages:] for pool in pools]
+        elif self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
             # part is anonymous memory that the OS backs only once written.
@@ -82,21 +99,11 @@ class Runtime:
             both = aligned_host_tensor(2 * slots * self.kv_heads * self.page_size * self.head_dim, self.dtype,
                                        pin=False).view(2, slots, *dims)
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
-                                          storage=(both[0, :dev_pages], both[1, :dev_pages]))
+                                     storage=(both[0, :dev_pages], both[1, :dev_pages]))
             host_storage = (both[0, dev_pages:], both[1, dev_pages:])
             self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
                                         self.kv_heads, self.device)
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
-        elif config.disk_dir is None and importlib.util.find_spec("triton") is not None:
-            # CUDA with the kernels: the workspace rows follow the device tier's slots in one tensor, so paged
-            # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
-            # (used by layers the workspace can't serve) share those rows: the two never run at once.
-            pools = [torch.empty((dev_pages + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
-            device_tier = DeviceTier(self.shape, dev_pages, self.device,
-                                          storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
-            self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
-                                        self.q_heads, self.kv_heads, self.device)
-            work = [pool[dev_pages:] for pool in pools]
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
@@ -469,7 +476,8 @@ class Runtime:
         """Whether the layer's next decode step will gather its pages in place (nothing to load ahead): its view is
         current and every page it holds is in a pool."""
         view = self.decoder.views[layer] if self.decoder is not None and not self.config.measure_recall else None
-        return (view is not None and not view.lower and view.version == self.table.version[layer]
+        return (view is not None and view.version == self.table.version[layer]
+                and (self.sparse or self.decoder.serves_exact(view)) and not view.lower
                 and self.table.tokens[layer] % self.page_size != 0)
 
     def _promote_used(self, used: torch.Tensor) -> None:
@@ -525,6 +533,8 @@ class Runtime:
         start = (first - view.first) * P + off  # the window's first token among the gathered ones
         visible = n - first * P - off
         plan = self.selection.budget_pages(layer, n) if self.sparse else None
+        if plan is None and not self.decoder.serves_exact(view):
+            return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
             t0 = time.perf_counter()
             out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
@@ -539,6 +549,9 @@ class Runtime:
                 self.decoder.prefetch(nxt, self.table, -(-(self.table.tokens[nxt] + 1) // P))
             return out
         forced, bias, free = self.selection.fixed(*plan)
+        if isinstance(self.decoder, KernelDecode) and forced.numel() + max(free, 0) + 1 > self.decoder.workspace:
+            # More pages than the workspace rows hold: stream them this step.
+            return self._decode_streaming(layer, query, n, first, off, scaling, softcap)
         scores = self.selection.scores(layer, am.group_queries(query, self.kv_heads).float(), first, last, scaling)
         t0 = time.perf_counter()
         out = self.decoder.sparse(layer, view, query, first, scores, forced, bias, free, valid,

@@ -149,3 +149,49 @@ def test_device_evictions_are_planned_from_the_table_alone() -> None:
                    Eviction(0, 0, 0, write_back=True)]
     with pytest.raises(ValueError, match="^device_budget: "):
         plan_device_evictions(t, policy, OffloadConfig(), 6)  # 8 pages, 2 tails, 1 busy: 5 can go
+
+
+# -- the runtime with the kernel backend ---------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["exact", "sparse"])
+def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(monkeypatch, attention: str) -> None:
+    """The CUDA decode step's integration (host pool attached at the first spill, workspace rows of each layer's
+    parity shared with the streaming path's buffers, the sparse call with its device-side page count) run on the
+    CPU under Triton's interpreter: the same tokens as DynamicCache (exact) or as the torch step (sparse)."""
+    from transformers import DynamicCache
+
+    import offload.runtime as runtime_module
+    from offload import offload
+    from offload.models import tiny_llama
+
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seed=3)
+    page_bytes = 2 * 2 * 8 * 16 * 4
+    # Budgets where part of the KV is in host RAM and the workspace rows hold what a step gathers.
+    prompt, pages = (100, 30) if attention == "exact" else (300, 60)
+    ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(5))
+    opts = dict(attention=attention, page_size=8, device_budget=pages * page_bytes, host_budget="1MiB",
+                token_budget=24, sink_tokens=8, recent_tokens=8)
+    with torch.no_grad():
+        if attention == "exact":
+            ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 past_key_values=DynamicCache())
+        else:
+            with offload(model, **opts) as rt:
+                assert not isinstance(rt.decoder, KernelDecode)
+                ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+        with offload(model, **opts) as rt:
+            assert isinstance(rt.decoder, KernelDecode)
+            calls = {"exact": 0, "sparse": 0}
+            for name in calls:
+                def spy(*args, _name=name, _call=getattr(rt.decoder, name)):
+                    calls[_name] += 1
+                    return _call(*args)
+                setattr(rt.decoder, name, spy)
+            out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            s = rt.stats()
+            rt.table.check_invariants()
+    assert calls[attention] >= 2 * 7  # every decode step of both layers ran the kernels
+    assert s["resident_bytes"]["host"] > 0 and s["loads"]["needed"] > 0
+    if attention == "sparse":
+        assert s["attended_fraction"] < 0.2
+    assert torch.equal(out, ref)
