@@ -125,7 +125,7 @@ class DeviceDecode:
         """Attention of one token over pages first..last, from token `start` of the first page to token `valid`
         of the tail. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
         count = view.pages - view.first
-        k, v = self._gather(view.slots, count)
+        k, v = self.gather(view.slots, count)
         tokens = (count - 1) * self.page_size + valid
         return self._attend(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
@@ -140,7 +140,7 @@ class DeviceDecode:
         slots = view.row.index_select(0, pages)
         self.host_reads.add_((slots >= self.split).sum())
         count = pages.shape[0]
-        k, v = self._gather(slots, count)
+        k, v = self.gather(slots, count)
         tokens = (count - 1) * self.page_size + valid
         if window_start is None:
             return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap)
@@ -163,7 +163,7 @@ class DeviceDecode:
         self.use_rows[layer].index_fill_(0, pages, step)
         return pages
 
-    def _gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages at unified `slots` -> K and V [1, H, count * P, D], in slot order."""
         views = self.ws_views.get(count)
         if views is None:

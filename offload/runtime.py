@@ -301,6 +301,8 @@ class Runtime:
                         query[:, :, a:b], key[:, :, start:b], value[:, :, start:b], attn_mask=mask, scale=scaling,
                         enable_gqa=gqa))
                 out = torch.cat(outs, dim=2).transpose(1, 2)
+        elif softcap is None and (view := self._prefill_view(layer)) is not None:
+            out = self._prefill_over_view(layer, view, query, key, value, scaling)
         else:
             # Soft-capping needs the scores (framework SDPA can't cap them), and earlier pages come as partials.
             q = am.group_queries(query, self.kv_heads)
@@ -311,6 +313,31 @@ class Runtime:
         if layer == self.layers - 1:
             self._ready_next_step()
         return out
+
+    def _prefill_view(self, layer: int):
+        """The layer's view, when a prefill chunk after earlier tokens can read them all through one gather: the
+        torch decode step's unified pool (the CPU), every page in a pool."""
+        if type(self.decoder) is not DeviceDecode or self.config.measure_recall:
+            return None
+        view = self.decoder.view(layer, self.table, self.table.pages(layer))
+        return None if view.lower else view
+
+    def _prefill_over_view(self, layer: int, view, query, key, value, scaling: float) -> torch.Tensor:
+        """A prefill chunk of T tokens after n earlier ones: the earlier tokens' pages gathered in one pass, the new
+        keys after them, and one SDPA call with the causal (and sliding-window) mask [T, earlier + T]."""
+        P, n, tokens = self.page_size, self.table.tokens[layer], query.shape[2]
+        count = view.pages - view.first
+        held = n - view.first * P  # earlier tokens in the gathered pages
+        k_old, v_old = self.decoder.gather(view.slots, count)
+        k = torch.cat([k_old.narrow(2, 0, held), key], dim=2)
+        v = torch.cat([v_old.narrow(2, 0, held), value], dim=2)
+        dev = query.device
+        mask = ~am.window_hidden(torch.arange(n, n + tokens, device=dev),
+                                 torch.arange(view.first * P, n + tokens, device=dev), self.windows[layer],
+                                 causal=True)  # [T, held + T], True: attend
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling,
+                                                               enable_gqa=self.q_heads != self.kv_heads)
+        return out.transpose(1, 2)
 
     def _new_tokens_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                             window: int | None, softcap: float | None) -> am.Partial:
