@@ -11,7 +11,6 @@ import torch
 from transformers import DynamicCache
 
 from offload import offload
-from offload.models import tiny_llama
 
 
 def _page_bytes(model, page_size: int) -> int:
