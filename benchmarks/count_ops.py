@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload.opcount import measure  # noqa: E402
+from offload.report import markdown_table  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +36,10 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [measure(int(c), m, args.page_size, args.layers)
             for m in args.modes.split(",") for c in args.context.split(",")]
-    print("| mode | context | aten ops per layer beyond DynamicCache | host reads per step (DynamicCache) |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['context']} | {r['extra_ops_per_layer']:.0f} | {r['host_reads']} "
-              f"({r['dynamic_host_reads']}) |")
+    print("\n".join(markdown_table(
+        ["mode", "context", "aten ops per layer beyond DynamicCache", "host reads per step (DynamicCache)"],
+        [[r["mode"], str(r["context"]), f"{r['extra_ops_per_layer']:.0f}",
+          f"{r['host_reads']} ({r['dynamic_host_reads']})"] for r in rows])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload import offload  # noqa: E402
 from offload.opcount import kv_bytes  # noqa: E402
+from offload.report import markdown_table  # noqa: E402
 
 PAGE = 64
 SLACK = 16 << 20  # bytes of host budget beyond the KV
@@ -164,11 +165,10 @@ def print_report(result: dict) -> None:
     print(f"model: {result['model']}, prompt {result['context']} tokens, {result['repeats']} repeats x "
           f"{result['new_tokens']} decode tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB at the end")
     print()
-    print("| case | dynamic ms/token | offload ms/token | ratio | target | result | host share of resident bytes |")
-    print("|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['case']} | {r['dynamic_ms']:.2f} | {r['offload_ms']:.2f} | {r['ratio']:.3f} | "
-              f"<= {r['target']:.2f} | {'pass' if r['pass'] else 'FAIL'} | {100 * r['host_fraction']:.0f}% |")
+    print("\n".join(markdown_table(
+        ["case", "dynamic ms/token", "offload ms/token", "ratio", "target", "result", "host share of resident bytes"],
+        [[r["case"], f"{r['dynamic_ms']:.2f}", f"{r['offload_ms']:.2f}", f"{r['ratio']:.3f}", f"<= {r['target']:.2f}",
+          "pass" if r["pass"] else "FAIL", f"{100 * r['host_fraction']:.0f}%"] for r in result["rows"]])))
     print()
     for r in result["rows"]:
         if not placed_as_meant("resident" if "resident" in r["case"] else "spilled", r["resident_bytes"]):

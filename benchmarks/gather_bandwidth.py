@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload.kernels.gather import gather_pages  # noqa: E402
+from offload.report import markdown_table  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -109,11 +110,10 @@ def main() -> None:
     rows = [measure(n, host_k, host_v, dev_k, dev_v, a.warmup, a.repeats, a.seed) for n in counts]
     print(f"{torch.cuda.get_device_name()}, page [H={a.heads}, P={a.page_size}, D={a.head_dim}] bfloat16, "
           f"K+V, median of {a.repeats}")
-    print("| pages | bytes | GB/s gather | GB/s contiguous | GB/s per-page copies | gather/contiguous |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['pages']} | {r['bytes']} | {r['gbs_gather']:.1f} | {r['gbs_contiguous']:.1f} "
-              f"| {r['gbs_per_page']:.1f} | {r['gather_over_contiguous']:.2f} |")
+    print("\n".join(markdown_table(
+        ["pages", "bytes", "GB/s gather", "GB/s contiguous", "GB/s per-page copies", "gather/contiguous"],
+        [[str(r["pages"]), str(r["bytes"]), f"{r['gbs_gather']:.1f}", f"{r['gbs_contiguous']:.1f}",
+          f"{r['gbs_per_page']:.1f}", f"{r['gather_over_contiguous']:.2f}"] for r in rows])))
     if a.json:
         meta = {"device": torch.cuda.get_device_name(), "heads": a.heads, "page_size": a.page_size,
                 "head_dim": a.head_dim, "dtype": "bfloat16", "pool_pages": a.pool_pages, "repeats": a.repeats}

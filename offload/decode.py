@@ -30,6 +30,20 @@ from offload import attention_math as am
 NONE = -1
 
 
+def attend_token(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, softcap: float | None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token [1, Hq, 1, D] over contiguous keys and values [1, H, S, D] -> [1, 1, Hq, D]; `mask`
+    [1, 1, 1, S] (True: attend) or None. Soft-capped scores (which framework SDPA can't cap) take the manual path,
+    which needs no mask where it is used."""
+    q_heads, kv_heads = query.shape[1], k.shape[1]
+    if softcap is not None:
+        o, _ = am.dense_partial(am.group_queries(query, kv_heads), k[0], v[0], scaling, softcap=softcap)
+        return am.ungroup_output(o, q_heads, 1).to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=q_heads != kv_heads)
+    return out.transpose(1, 2)
+
+
 @dataclass
 class LayerView:
     """What the device needs to know of one layer's pages, valid while the layer's table version is `version`
@@ -127,7 +141,7 @@ class DeviceDecode:
         count = view.pages - view.first
         k, v = self.gather(view.slots, count)
         tokens = (count - 1) * self.page_size + valid
-        return self._attend(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
+        return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, first: int, scores: torch.Tensor,
@@ -143,13 +157,13 @@ class DeviceDecode:
         k, v = self.gather(slots, count)
         tokens = (count - 1) * self.page_size + valid
         if window_start is None:
-            return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap)
+            return attend_token(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap)
         positions = pages[:, None] * self.page_size + self.offsets  # [count, P]
         if softcap is not None:  # pages with hidden keys: those before the window, and the tail's unwritten ones
             hidden = (positions < window_start) | (positions >= (view.pages - 1) * self.page_size + valid)
             return self._attend_pages(query, count, scaling, softcap, hidden[:, None, :])
         mask = (positions.flatten()[:tokens] >= window_start)[None, None, None, :]
-        return self._attend(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
+        return attend_token(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
 
     def choose(self, layer: int, view: LayerView, first: int, scores: torch.Tensor, forced: torch.Tensor,
                 bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
@@ -176,16 +190,6 @@ class DeviceDecode:
         torch.index_select(self.pool_k, 0, slots, out=k_out)
         torch.index_select(self.pool_v, 0, slots, out=v_out)
         return k, v
-
-    def _attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                softcap: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """query [1, Hq, 1, D] over k, v [1, H, S, D]; `mask` [1, 1, 1, S] (True: attend) or None."""
-        if softcap is not None:  # framework SDPA can't soft-cap its scores
-            o, _ = am.dense_partial(am.group_queries(query, self.kv_heads), k[0], v[0], scaling, softcap=softcap)
-            return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, attn_mask=mask, scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
-        return out.transpose(1, 2)
 
     def _attend_pages(self, query: torch.Tensor, count: int, scaling: float, softcap: float | None,
                       hidden: torch.Tensor) -> torch.Tensor:

@@ -109,11 +109,8 @@ class LoadRing:
         for job in self.inflight:
             if job.layer != layer:
                 keep.append(job)
-                continue
-            for t in job.transfers:
-                t.wait()
-            self.unbusy(job.layer, job.pages)
-            self.free.append(job.buf)
+            else:
+                self._retire(job)
         self.inflight = keep
         self.pump()
 
@@ -121,8 +118,11 @@ class LoadRing:
         """Waits for every copy in flight and forgets every request."""
         self.pending.clear()
         while self.inflight:
-            job = self.inflight.popleft()
-            for t in job.transfers:
-                t.wait()
-            self.unbusy(job.layer, job.pages)
-            self.free.append(job.buf)
+            self._retire(self.inflight.popleft())
+
+    def _retire(self, job: Job) -> None:
+        """Waits for a job's copies, ends its pages' busy mark and frees its buffer, unread."""
+        for t in job.transfers:
+            t.wait()
+        self.unbusy(job.layer, job.pages)
+        self.free.append(job.buf)

@@ -34,7 +34,7 @@ class Eviction:
     write_back: bool
 
 
-def pinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
+def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
     """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks and the recent window
     while anything else can go)."""
     mask = torch.ones(table.layers, table.max_pages, dtype=torch.bool)
@@ -57,7 +57,7 @@ def plan_device_evictions(table: PageTable, policy: EvictionPolicy, config: Offl
     for layer in range(table.layers):
         if table.tokens[layer] % table.page_size:
             eligible[layer, table.pages(layer) - 1] = False  # an open tail page is written in place
-    victims = policy.victims(eligible & pinned_pages(table, config), n)
+    victims = policy.victims(eligible & unpinned_pages(table, config), n)
     if len(victims) < n:
         # Sinks and the recent window stay while anything else can go; under a tight budget they go too.
         taken = set(victims)
@@ -161,7 +161,7 @@ class Placement:
         if len(slots) < n:
             clean = (t.slot["host"] >= 0) | (t.slot["disk"] >= 0)
             eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < step)
-            for l, p in self.policy.victims(eligible & pinned_pages(t, self.config), n - len(slots)):
+            for l, p in self.policy.victims(eligible & unpinned_pages(t, self.config), n - len(slots)):
                 slots.append(int(t.slot["device"][l, p]))
                 t.set("device", l, p, -1)
                 self.evictions["device"] += 1

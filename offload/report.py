@@ -225,7 +225,7 @@ TIME_ROWS = (
 )
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines; the first column left-aligned, the others right-aligned (numbers)."""
     return [
         "| " + " | ".join(header) + " |",
@@ -242,7 +242,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"Tokens: {tokens.get('prefill', 0)} prefill, {tokens.get('decode', 0)} decode. "
                   f"KV cache: {_size(summary.get('kv_bytes'))}. Trace events: {summary.get('events', 0)}.", ""]
     lines += ["## Transfers", ""]
-    lines += _table(
+    lines += markdown_table(
         ["tier pair", "bytes", "spans", "busy (s)", "bandwidth (GB/s)"],
         [[pair, _size(x["bytes"]), str(x["spans"]), f"{x['busy_seconds']:.4f}", _num(x["bandwidth_gbps"])]
          for pair, x in summary["transfers"].items()],
@@ -250,12 +250,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     t = summary["time"]
     wall = t["wall_seconds"]
     lines += ["", "## Time", ""]
-    lines += _table(
+    lines += markdown_table(
         ["what", "seconds", "share of wall"],
         [[label, f"{t[key]:.4f}", f"{100 * t[key] / wall:.1f}%" if wall > 0 else "-"] for key, label in TIME_ROWS],
     )
     lines += ["", "## Occupancy", ""]
-    lines += _table(
+    lines += markdown_table(
         ["tier", "peak", "mean", "at end", "budget"],
         [[tier, *(_size(o[k]) for k in ("peak_bytes", "mean_bytes", "final_bytes", "budget_bytes"))]
          for tier, o in summary["occupancy"].items()],
@@ -269,13 +269,13 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         rows += [["prefetch hits: predicted pages that attention used", str(pf.get("hits", 0))],
                  ["accuracy: hits / predicted", _pct(pf.get("accuracy"))],
                  ["prefetched share of loads: hits / (hits + needed)", _pct(pf.get("prefetched_share"))]]
-    lines += _table(["pages", "count"], rows)
+    lines += markdown_table(["pages", "count"], rows)
     if summary.get("attended_fraction") is not None:
         lines += ["", f"Attended fraction of the context: {summary['attended_fraction']:.3f}."]
     per_layer = summary.get("stall_seconds_per_layer") or []
     if per_layer:
         lines += ["", "## Stall per layer", ""]
-        lines += _table(["layer", "seconds"], [[str(i), f"{x:.4f}"] for i, x in enumerate(per_layer)])
+        lines += markdown_table(["layer", "seconds"], [[str(i), f"{x:.4f}"] for i, x in enumerate(per_layer)])
     return "\n".join(lines) + "\n"
 
 

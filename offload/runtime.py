@@ -24,13 +24,13 @@ import torch
 from offload import attention_math as am
 from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
-from offload.decode import DeviceDecode, KernelDecode
+from offload.decode import DeviceDecode, KernelDecode, attend_token
 from offload.engine import Transfer, TransferEngine
 from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable, window_start
-from offload.placement import Placement, pinned_pages
+from offload.placement import Placement, unpinned_pages
 from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH
@@ -519,7 +519,7 @@ class Runtime:
         if not bool(want.any()):
             return
         free = max(0, self.device_tier.num_free - self.layers)  # room for every layer's next tail page stays
-        stale = (t.slot["device"] >= 0) & (used < 0) & (t.busy == 0) & pinned_pages(t, self.config)
+        stale = (t.slot["device"] >= 0) & (used < 0) & (t.busy == 0) & unpinned_pages(t, self.config)
         room = free + int(stale.sum())
         layers, pages = want.nonzero(as_tuple=True)
         order = torch.argsort(used[layers, pages], descending=True, stable=True)[:room]
@@ -549,7 +549,7 @@ class Runtime:
             self.decoder.view(l, self.table, last + 1)
             self._tail(l)
             if self.sparse and (plan := self.selection.budget_pages(l, n)) is not None:
-                self.selection.fixed(*plan[:3], plan[3])
+                self.selection.fixed(*plan)
 
     def _decode_on_device(self, layer: int, view, query, n: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
@@ -634,13 +634,7 @@ class Runtime:
             # One pass: gather page-major rows straight into the head-major buffer through a permuted view.
             torch.index_select(pool, 0, idx, out=hm[:, :cnt].permute(1, 0, 2, 3))
             kv.append(hm[:, :cnt].reshape(1, self.kv_heads, cnt * self.page_size, self.head_dim)[:, :, start:tokens])
-        if softcap is not None:  # framework SDPA can't soft-cap its scores
-            q = am.group_queries(query, self.kv_heads)
-            o, _ = am.dense_partial(q, kv[0][0], kv[1][0], scaling, softcap=softcap)
-            return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, kv[0], kv[1], scale=scaling, enable_gqa=self.q_heads != self.kv_heads)
-        return out.transpose(1, 2)
+        return attend_token(query, kv[0], kv[1], scaling, softcap)
 
     def _tail_partial(self, layer: int, last: int, valid: int, q, scaling: float, softcap: float | None = None,
                       start: int = 0, hide=None):
@@ -810,9 +804,9 @@ class Runtime:
         self.counters = {
             "tokens": {"prefill": 0, "decode": 0},
             # Pages brought to the device for attention, by reason: the step needed them now (exact mode's
-            # loads ahead of the next layer included: every page is needed), a prediction asked for them, or
-            # sparse mode kept them on the device after a load.
-            "loads": {"needed": 0, "predicted": 0, "promoted": 0},
+            # loads ahead of the next layer included: every page is needed) or a prediction asked for them.
+            # Pages sparse mode kept on the device after a load are counted by the placement ("promoted").
+            "loads": {"needed": 0, "predicted": 0},
             # Where predictions were made (sparse mode): pages loaded on one, and those attention then used.
             "prefetch": {"issued": 0, "hits": 0},
             "attended": 0.0,

@@ -332,24 +332,31 @@ def test_generate_takes_the_sparse_flags(
     assert_empty_dir(kv)
 
 
-def test_interrupt_exits_130_and_cleans_the_disk_dir(
-    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
-) -> None:
-    import tools.common
-
+def _stop_after(monkeypatch: pytest.MonkeyPatch, pieces: int, stop) -> list[str]:
+    """Makes `offload generate` call `stop()` once `pieces` pieces of text have streamed; returns those pieces."""
     real = common.generate_stream
     seen: list[str] = []
 
-    def interrupted(*args, **kwargs):
+    def stopping(*args, **kwargs):
         def on_text(piece: str) -> None:
             seen.append(piece)
-            if len(seen) == 3:
-                raise KeyboardInterrupt
+            if len(seen) == pieces:
+                stop()
 
         kwargs["on_text"] = on_text
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tools.common, "generate_stream", interrupted)
+    monkeypatch.setattr(common, "generate_stream", stopping)
+    return seen
+
+
+def test_interrupt_exits_130_and_cleans_the_disk_dir(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    seen = _stop_after(monkeypatch, 3, interrupt)
     kv = tmp_path / "kv"
     code, _, err = run_cli(
         capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS[:300], "--max-new-tokens", "50",
@@ -638,22 +645,11 @@ def test_sighup_in_process_exits_129_cleans_up_and_restores_the_handler(
     """Bug: SIGHUP (the terminal closed) killed the run without cleaning up, like SIGTERM."""
     import signal
 
-    import tools.common
+    def hang_up() -> None:
+        assert any(Path(kv).iterdir())  # the disk tier's file exists now
+        os.kill(os.getpid(), signal.SIGHUP)
 
-    real = common.generate_stream
-    seen: list[str] = []
-
-    def hung_up(*args, **kwargs):
-        def on_text(piece: str) -> None:
-            seen.append(piece)
-            if len(seen) == 2:
-                assert any(Path(kv).iterdir())  # the disk tier's file exists now
-                os.kill(os.getpid(), signal.SIGHUP)
-
-        kwargs["on_text"] = on_text
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tools.common, "generate_stream", hung_up)
+    seen = _stop_after(monkeypatch, 2, hang_up)
     kv = tmp_path / "kv"
     before = signal.getsignal(signal.SIGHUP)
     code, _, err = run_cli(
