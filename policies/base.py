@@ -56,16 +56,40 @@ class PrefetchContext:
 
 
 class SelectionPolicy(ABC):
+    """Scores blocks of keys (`select_block` tokens of a page, the unit of selection) from compact summaries kept on
+    the device. `bound` gives, per block, KV head and query row, an estimate of the largest scaled score q.k of
+    the block's keys; the runtime turns it into a share of attention per block and head (a softmax over blocks)
+    and picks the top blocks of each head. Every method runs on the device and reads nothing back on the host."""
+
     name: str
 
     @abstractmethod
     def summary_size(self) -> int:
-        """Vectors of length head_dim kept per page and KV head."""
+        """Vectors of length head_dim kept per block and KV head."""
 
     @abstractmethod
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
-        """Keys of full pages [n, H, P, D] -> summaries [n, summary_size, H, D]."""
+        """Keys of full blocks [n, H, B, D] -> summaries [n, summary_size, H, D] (the keys' dtype)."""
 
     @abstractmethod
+    def bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Queries [H, M, D] (float32; row g*T + t of KV head h is query head h*G + g at token t) and summaries
+        [n, S, H, D] -> float32 [n, H, M], the estimated largest score q.k * scaling in each block; higher is
+        attended more."""
+
+    def keep(self, summaries: torch.Tensor) -> torch.Tensor | None:
+        """Bool [n, H]: blocks always chosen whatever the query (outliers), or None for none."""
+        return None
+
+    def query(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The queries to score `layer`'s blocks with, given this step's q [H, M, D] (float32); a policy may keep
+        state per layer (a probe built from recent queries). Same shape as q."""
+        return q
+
+    def reset(self) -> None:
+        """A new sequence: forget state kept across steps."""
+
     def score(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Queries [H, M, D] and summaries [n, S, H, D] -> a score per page [n]; higher attends more."""
+        """Predicted share of attention per block [n]: the bound's softmax over blocks, summed over heads and
+        rows (one set of blocks for every head)."""
+        return torch.softmax(self.bound(q, summaries, scaling), dim=0).sum(dim=(1, 2))

@@ -29,6 +29,5 @@ class MinMaxSelection(SelectionPolicy):
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
         return torch.stack([k.amin(dim=2), k.amax(dim=2)], dim=1)
 
-    def score(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
-        bound = minmax_bound(q, summaries) * scaling  # [n, H, M]
-        return torch.softmax(bound, dim=0).sum(dim=(1, 2))
+    def bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        return minmax_bound(q, summaries).mul_(scaling)  # [n, H, M]
