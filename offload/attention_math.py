@@ -63,10 +63,13 @@ def pages_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: fl
                   hidden: torch.Tensor | None = None) -> Partial:
     """Attention of every query over the tokens of the pages in `k`, `v` ([n, H, P, D]).
 
-    `hidden`: bool [n, T, P] (T query tokens; True hides the key from that token), or None to see every key."""
+    `hidden`: bool [n, T, P] (T query tokens; True hides the key from that token), or a mask broadcastable to the
+    scores [n, H, M, P] (per head and query row: sparse selection's own blocks), or None to see every key."""
     qf = q.float().unsqueeze(0)  # [1, H, M, D]; no copy when the caller passes float32
     s = _cap(torch.matmul(qf, k.float().transpose(-1, -2)), scaling, softcap)  # [n, H, M, P]
-    if hidden is not None:
+    if hidden is not None and hidden.dim() == 4:
+        s = s.masked_fill(hidden, float("-inf"))
+    elif hidden is not None:
         n, h, m_rows, p = s.shape
         t = hidden.shape[1]
         s = s.view(n, h, m_rows // t, t, p).masked_fill(hidden[:, None, None], float("-inf")).view(n, h, m_rows, p)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from offload.sizes import parse_size
 
 ATTENTION_MODES = ("exact", "sparse")
+HEAD_SELECTIONS = ("shared", "kv", "query")
 
 
 @dataclass
@@ -36,6 +37,18 @@ class OffloadConfig:
     # Sparse mode: tokens always attended at the start (attention sinks) and at the end (recent window).
     sink_tokens: int = 16
     recent_tokens: int = 64
+    # Sparse mode: the first layers attend to every page (their attention is diffuse). Chosen by measurement, see
+    # README ("Choosing the selection").
+    dense_layers: int = 2
+    # Sparse mode: tokens per selection block, a divisor of page_size. Pages stay the unit of transfer and
+    # placement; blocks are the unit of choice. None: 16 where it divides page_size, else page_size.
+    select_block: int | None = None
+    # Sparse mode: who chooses the blocks. "kv": each KV head, from its query heads' combined scores; "query": each
+    # query head; "shared": one set for every head.
+    head_selection: str = "kv"
+    # Sparse mode: weight in [0, 1) of each block's decayed history of predicted attention, blended with the
+    # current estimate (0: the current estimate alone).
+    history: float = 0.0
     # Sparse mode: also compute dense attention and report the attention mass the selected pages covered.
     measure_recall: bool = False
     # Record a timeline of transfers, compute and stalls (see `Runtime.save_trace`).
@@ -80,6 +93,18 @@ class OffloadConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"dense_layers: expected an int >= 0, got {self.dense_layers!r}")
+        sb = self.select_block
+        if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or sb < 1
+                               or self.page_size % sb != 0):
+            raise ValueError(f"select_block: expected an int that divides page_size ({self.page_size}), got {sb!r}")
+        if self.head_selection not in HEAD_SELECTIONS:
+            raise ValueError(f"head_selection: expected one of {', '.join(HEAD_SELECTIONS)}, "
+                             f"got {self.head_selection!r}")
+        h = self.history
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
+            raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         if self.device is not None:
@@ -89,6 +114,12 @@ class OffloadConfig:
     def option_names(cls) -> list[str]:
         """The user-facing options, in declaration order (also the CLI flags)."""
         return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def block_size(self) -> int:
+        """Tokens per selection block (`select_block`, or its default)."""
+        if self.select_block is not None:
+            return self.select_block
+        return 16 if self.page_size % 16 == 0 else self.page_size
 
     def token_budget_for(self, context: int) -> int:
         """The sparse token budget for a context of `context` tokens."""

@@ -12,9 +12,10 @@ pool. Where host and device share memory (the CPU), both pools are views of one 
 (`offload.kernels.gather`) reads the pinned host pool in place through unified virtual addressing.
 
   exact:  gather pages first..last (tail last) into the head-major workspace -> SDPA over tokens off..n-1.
-  sparse: score the window's pages from their summaries -> top-k among those not forced -> forced (sinks, recent
-          window) + top-k + tail -> unified slots -> gather -> SDPA (a position mask only where a sliding window
-          starts inside a page).
+  sparse: score the window's blocks (`select_block` tokens) from their summaries, per chooser (a KV head, a query
+          head, or one for all) -> top-k among those not forced -> forced (sinks, recent window) + top-k + the
+          tail's blocks -> unified block ids -> one gather of each head's own blocks -> SDPA, the first block cut
+          where a sliding window starts inside it.
 Uses of pages (the step and the predicted attention mass) are recorded in device tensors and handed to the
 eviction policy at the next page boundary (`absorb`), so eviction decides from them there.
 """
@@ -57,6 +58,10 @@ class LayerView:
     slots: torch.Tensor  # int32 [pages - first], unified slots of pages first..pages-1 (page order, tail last)
     row: torch.Tensor  # int32 [max_pages], the unified slot of every page (-1: in no pool)
     tail: torch.Tensor  # int64 [1], the tail page's id
+    # Sparse mode: the unified block id of every block of pages 0..pages-1 per gathered head, int64
+    # [pages * R, heads] ((slot * H + kv head) * R + block), and the tail page's blocks [R, choosers].
+    blockrow: torch.Tensor | None = None
+    tail_blocks: torch.Tensor | None = None
     # The kernel backend's: slots of pages first..last in the device pool's tensor (host pages in workspace rows),
     # and the gather that brings the host pages there (unified source slots; first row and count).
     attn: torch.Tensor | None = None
@@ -68,7 +73,8 @@ class DeviceDecode:
     """Owns the device side of decode: the layer views, the gather workspace and the use records."""
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, layers: int, max_pages: int,
-                 q_heads: int, kv_heads: int, device: torch.device):
+                 q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
+                 head_selection: str = "kv"):
         self.pool_k, self.pool_v = pools  # [split + host slots, H, P, D]: the unified pool
         self.split = split
         self.layers, self.max_pages = layers, max_pages
@@ -78,15 +84,32 @@ class DeviceDecode:
         self.views: list[LayerView | None] = [None] * layers
         # The unified slot of every page, one row per sequence and layer (one sequence today).
         self.rows = torch.full((1, layers, max_pages), NONE, dtype=torch.int32, device=device)
-        # Uses since the last boundary: the step a page was last attended (-1: not since) and its attention mass.
+        # Sparse mode's blocks: R per page; a choice has one column per chooser, and each gathered head (a KV head,
+        # or a query head when each chooses alone) reads its chooser's blocks.
+        self.selecting = block is not None
+        self.block = block or self.page_size
+        self.per_page = self.page_size // self.block
+        self.choosers = {"shared": 1, "kv": kv_heads, "query": q_heads}[head_selection]
+        self.heads = q_heads if head_selection == "query" else kv_heads
+        self.head_of = torch.arange(self.heads, device=device) // (self.heads // kv_heads)
+        self.block_ids = torch.arange(self.per_page, device=device)
+        self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
+        # Uses since the last boundary: the step a page was last attended (-1: not since), and the predicted
+        # attention mass of each block per chooser.
         self.use_step = torch.full((layers, max_pages), NONE, dtype=torch.int64, device=device)
-        self.mass = torch.zeros((layers, max_pages), dtype=torch.float32, device=device)
+        self.mass = torch.zeros((layers, max_pages * self.per_page, self.choosers), dtype=torch.float32,
+                                device=device)
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
-        # Pages read from the host pool by sparse steps (exact steps count theirs on the host, from the view).
+        # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
+        # the host, from the view), and the blocks the last sparse step gathered [count, choosers].
         self.host_reads = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_blocks: torch.Tensor | None = None
         self.ws_k = self.ws_v = torch.empty(0, device=device)
         self.ws_views: dict[int, tuple] = {}
-        self.offsets = torch.arange(self.page_size, device=device)
+        # Sparse mode's gather target: blocks head-major, [heads * count, B, D] in use.
+        self.bk = self.bv = torch.empty(0, device=device)
+        self.bk_views: dict[int, tuple] = {}
+        self.flat = tuple(p.view(-1, self.block, self.head_dim) for p in pools)  # the pools as [blocks, B, D]
 
     # -- views ---------------------------------------------------------------------------------------------
     def view(self, layer: int, table, pages: int) -> LayerView:
@@ -107,6 +130,11 @@ class DeviceDecode:
             row=self.rows[0, layer],
             tail=torch.tensor([pages - 1], device=self.device),
         )
+        if self.selecting:
+            R = self.per_page
+            base = self.rows[0, layer, :pages].long()[:, None] * self.kv_heads + self.head_of  # [pages, heads]
+            v.blockrow = (base[:, None, :] * R + self.block_ids[None, :, None]).reshape(pages * R, self.heads)
+            v.tail_blocks = ((pages - 1) * R + self.block_ids)[:, None].expand(R, self.choosers)
         self.views[layer] = v
         self._reserve(pages - first)
         return v
@@ -144,38 +172,62 @@ class DeviceDecode:
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
 
-    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, first: int, scores: torch.Tensor,
-               forced: torch.Tensor, bias: torch.Tensor, free: int, valid: int, window_start: int | None,
-               step: int, scaling: float, softcap: float | None) -> torch.Tensor:
-        """Attention over the forced pages, the `free` best-scored others and the tail. `scores` cover pages
-        first..last-1, `bias` is -inf on the forced ones; `window_start`: the first visible position when a
-        sliding window starts inside a page, else None."""
-        pages = self.choose(layer, view, first, scores, forced, bias, free, step)
-        slots = view.row.index_select(0, pages)
-        self.host_reads.add_((slots >= self.split).sum())
-        count = pages.shape[0]
-        k, v = self.gather(slots, count)
-        tokens = (count - 1) * self.page_size + valid
-        if window_start is None:
-            return attend_token(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap)
-        positions = pages[:, None] * self.page_size + self.offsets  # [count, P]
-        if softcap is not None:  # pages with hidden keys: those before the window, and the tail's unwritten ones
-            hidden = (positions < window_start) | (positions >= (view.pages - 1) * self.page_size + valid)
-            return self._attend_pages(query, count, scaling, softcap, hidden[:, None, :])
-        mask = (positions.flatten()[:tokens] >= window_start)[None, None, None, :]
-        return attend_token(query, k.narrow(2, 0, tokens), v.narrow(2, 0, tokens), scaling, softcap, mask)
+    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
+               forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        """Attention of one token over each head's own blocks: the fixed ones, the `free` best-scored others and
+        the tail page's. `plan` is the step's `sparse.BlockPlan`; `scores` [nb, choosers] cover its candidate
+        blocks and `bias` [nb, 1] is -inf on the fixed ones. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
+        blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
+        ids = self.block_ids_of(view, blocks)
+        self.host_reads.add_((ids >= self.host_blocks).sum())
+        count = blocks.shape[0]
+        k, v = self.gather_blocks(ids, count)
+        tokens = (count - self.per_page) * self.block + plan.valid
+        return attend_token(query, k.narrow(2, plan.cut, tokens - plan.cut), v.narrow(2, plan.cut, tokens - plan.cut),
+                            scaling, softcap)
 
-    def choose(self, layer: int, view: LayerView, first: int, scores: torch.Tensor, forced: torch.Tensor,
-                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
-        """Page ids to attend (int64 on the device, the tail last), and their use recorded: the predicted mass of
-        every page in the window feeds score eviction, the pages attended LRU."""
-        self.mass_rows[layer].narrow(0, first, scores.shape[0]).add_(scores)
+    def choose(self, layer: int, view: LayerView, fb: int, scores: torch.Tensor, forced: torch.Tensor,
+               bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
+        """Blocks to attend per chooser (int64 [count, choosers] on the device: the fixed ones first, the tail's
+        last), and their use recorded: the predicted mass of every candidate block feeds score eviction, the
+        pages attended LRU."""
+        self.mass_rows[layer].narrow(0, fb, scores.shape[0]).add_(scores)
         if free > 0:
-            pages = torch.cat([forced, torch.topk(scores + bias, free).indices.add_(first), view.tail])
+            blocks = torch.cat([forced, torch.topk(scores + bias, free, dim=0).indices.add_(fb), view.tail_blocks])
         else:
-            pages = torch.cat([forced, view.tail])
+            blocks = torch.cat([forced, view.tail_blocks])
+        pages = blocks.view(-1) if self.per_page == 1 else torch.div(blocks.view(-1), self.per_page,
+                                                                      rounding_mode="floor")
         self.use_rows[layer].index_fill_(0, pages, step)
-        return pages
+        self.last_blocks = blocks
+        return blocks
+
+    def block_ids_of(self, view: LayerView, blocks: torch.Tensor) -> torch.Tensor:
+        """Unified block ids [count, heads] of each gathered head's blocks."""
+        if self.choosers == 1:
+            return view.blockrow.index_select(0, blocks.view(-1))
+        return view.blockrow.gather(0, blocks)
+
+    def gather_blocks(self, ids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks at unified ids [count, heads] -> K and V [1, heads, count * B, D], each head its own blocks."""
+        views = self.bk_views.get(count)
+        if views is None:
+            n = count * self.heads
+            if self.bk.shape[0] < n:
+                with torch.inference_mode(False):
+                    shape = (max(n, self.bk.shape[0] + self.bk.shape[0] // 4), self.block, self.head_dim)
+                    self.bk = torch.empty(shape, dtype=self.pool_k.dtype, device=self.device)
+                    self.bv = torch.empty_like(self.bk)
+                self.bk_views = {}
+            shape = (1, self.heads, count * self.block, self.head_dim)
+            views = self.bk_views[count] = (self.bk[:n], self.bv[:n], self.bk[:n].view(shape),
+                                            self.bv[:n].view(shape))
+        out_k, out_v, k, v = views
+        order = ids.t().reshape(-1)  # head-major
+        torch.index_select(self.flat[0], 0, order, out=out_k)
+        torch.index_select(self.flat[1], 0, order, out=out_v)
+        return k, v
 
     def gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages at unified `slots` -> K and V [1, H, count * P, D], in slot order."""
@@ -191,19 +243,12 @@ class DeviceDecode:
         torch.index_select(self.pool_v, 0, slots, out=v_out)
         return k, v
 
-    def _attend_pages(self, query: torch.Tensor, count: int, scaling: float, softcap: float | None,
-                      hidden: torch.Tensor) -> torch.Tensor:
-        """Soft-capped attention over the `count` gathered pages, page-major, `hidden` [count, 1, P] masked."""
-        kp, vp = (ws[:, :count].permute(1, 0, 2, 3) for ws in (self.ws_k, self.ws_v))
-        o, _ = am.pages_partial(am.group_queries(query, self.kv_heads), kp, vp, scaling, softcap, hidden)
-        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
-
     def absorb(self, eviction) -> torch.Tensor:
         """Hands the uses recorded since the last boundary to the eviction policy's host tables (a device read,
         at page boundaries only), starts a new record, and returns the step each page was last used in (-1: not
         since the last boundary), on the host."""
         used = self.use_step.to("cpu", copy=True)  # a copy also where the device is the CPU
-        eviction.absorb(used, self.mass.cpu())
+        eviction.absorb(used, self.mass.view(self.layers, self.max_pages, -1).sum(-1).cpu())
         self.use_step.fill_(NONE)
         self.mass.zero_()
         return used
@@ -218,23 +263,28 @@ class KernelDecode(DeviceDecode):
               of the layer's parity; on CUDA this happens on a side stream while the layer before computes, and
               the compute stream waits on the layer's event. Paged decode then reads device pages in place and
               host pages from the workspace.
-      sparse: the chosen pages are sorted and gathered from both pools into the workspace (one launch); paged
-              decode reads them there, with the page count, the tail's fill and the window's start in a device
-              tensor, so that nothing about the selection is read on the host.
+      sparse: each head's chosen blocks are gathered from both pools into a block workspace (one launch); paged
+              decode reads it as a pool of `select_block`-token pages, with the block count, the last block's fill
+              and the window's start in a device tensor, so that nothing about the selection is read on the host.
     """
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
-                 max_pages: int, q_heads: int, kv_heads: int, device: torch.device):
-        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device)
+                 max_pages: int, q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
+                 head_selection: str = "kv"):
+        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection)
         import importlib
 
         # Modules by path: the package re-exports functions of the same names.
-        self.gather = importlib.import_module("offload.kernels.gather")
+        self.kgather = importlib.import_module("offload.kernels.gather")
         self.paged = importlib.import_module("offload.kernels.paged_decode")
         self.workspace, self.half = workspace, workspace // 2
         self.host_k = self.host_v = pools[0][:0]  # attached at the first spill
         self.rows_ws = torch.arange(split, split + workspace, dtype=torch.int32, device=device)
         self.meta = torch.zeros(3, dtype=torch.int32, device=device)
+        if self.selecting:  # the blocks a sparse step gathers, [workspace * R, heads, B, D], as a pool of B-token pages
+            shape = (workspace * self.per_page, self.heads, self.block, self.head_dim)
+            self.bk, self.bv = (torch.empty(shape, dtype=pools[0].dtype, device=device) for _ in range(2))
+            self.rows_blocks = torch.arange(shape[0], dtype=torch.int32, device=device)
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.side = torch.cuda.Stream(device)
@@ -274,7 +324,7 @@ class KernelDecode(DeviceDecode):
 
     def _gather_into(self, rows: tuple[int, int], slots: torch.Tensor) -> None:
         base, n = rows
-        self.gather.gather_pages(self.pool_k[base:base + n], self.pool_v[base:base + n], self.pool_k, self.pool_v,
+        self.kgather.gather_pages(self.pool_k[base:base + n], self.pool_v[base:base + n], self.pool_k, self.pool_v,
                                  self.host_k, self.host_v, slots, self.split)
 
     def prefetch(self, layer: int, table, pages: int) -> None:
@@ -305,21 +355,18 @@ class KernelDecode(DeviceDecode):
                                        start % self.page_size)
         return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
 
-    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, first: int, scores: torch.Tensor,
-               forced: torch.Tensor, bias: torch.Tensor, free: int, valid: int, window_start: int | None,
-               step: int, scaling: float, softcap: float | None) -> torch.Tensor:
-        # Position order: the window's first page, when chosen, comes first (its start is hidden), the tail last.
-        pages = torch.sort(self.choose(layer, view, first, scores, forced, bias, free, step)).values
-        count = pages.shape[0]  # at most `workspace`: the runtime streams a step that needs more
-        slots = view.row.index_select(0, pages).to(torch.int32)
-        self.host_reads.add_((slots >= self.split).sum())
-        self._gather_into((self.split, count), slots)
-        self.meta[0], self.meta[1] = count, valid
-        if window_start is None:
-            self.meta[2] = 0
-        else:  # the window starts inside page `first`: hide its head if that page was chosen
-            self.meta[2] = (pages[0] == first).to(torch.int32) * (window_start % self.page_size)
-        q = am.group_queries(query, self.kv_heads)
-        o, _ = self.paged.paged_decode_static(q, self.pool_k, self.pool_v, self.rows_ws, self.meta, scaling,
-                                              softcap)
+    def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
+               forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
+        ids = self.block_ids_of(view, blocks)
+        self.host_reads.add_((ids >= self.host_blocks).sum())
+        count = blocks.shape[0]  # at most the block workspace's rows: the runtime streams a step that needs more
+        B = self.block
+        tail = -(-plan.valid // B)  # the tail's blocks holding tokens
+        self.kgather.gather_blocks(self.bk[:count], self.bv[:count], self.pool_k, self.pool_v, self.host_k,
+                                  self.host_v, ids.to(torch.int32), self.split)
+        self.meta[0], self.meta[1], self.meta[2] = count - self.per_page + tail, plan.valid - (tail - 1) * B, plan.cut
+        q = am.group_queries(query, self.heads)
+        o, _ = self.paged.paged_decode_static(q, self.bk, self.bv, self.rows_blocks, self.meta, scaling, softcap)
         return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)

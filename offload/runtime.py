@@ -81,6 +81,8 @@ class Runtime:
         self.decoder: DeviceDecode | None = None
         h = self.plan.half
         dims = self.shape.dims
+        # Sparse mode: the decode step gathers blocks of `select_block` tokens, chosen per head.
+        blocks = (config.block_size(), config.head_selection) if config.attention == "sparse" else ()
         if use_kernels(self.device, config):
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
@@ -89,7 +91,7 @@ class Runtime:
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
-                                        self.q_heads, self.kv_heads, self.device)
+                                        self.q_heads, self.kv_heads, self.device, *blocks)
             work = [pool[dev_pages:] for pool in pools]
         elif self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
@@ -102,7 +104,7 @@ class Runtime:
                                      storage=(both[0, :dev_pages], both[1, :dev_pages]))
             host_storage = (both[0, dev_pages:], both[1, dev_pages:])
             self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
-                                        self.kv_heads, self.device)
+                                        self.kv_heads, self.device, *blocks)
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
@@ -124,7 +126,7 @@ class Runtime:
         self.selection = None
         if self.sparse:
             self.selection = SparseSelection(model, config, self.windows, self.page_size, self.max_pages,
-                                             self.kv_heads, self.head_dim, self.dtype, self.device,
+                                             self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
                                              getattr(self.prefetcher, "needs_speculation", False))
         self._stats_init()
         self.closed = False
@@ -317,7 +319,7 @@ class Runtime:
     def _prefill_view(self, layer: int):
         """The layer's view, when a prefill chunk after earlier tokens can read them all through one gather: the
         torch decode step's unified pool (the CPU), every page in a pool."""
-        if type(self.decoder) is not DeviceDecode or self.config.measure_recall:
+        if type(self.decoder) is not DeviceDecode:
             return None
         view = self.decoder.view(layer, self.table, self.table.pages(layer))
         return None if view.lower else view
@@ -446,7 +448,7 @@ class Runtime:
         n = self.table.tokens[layer]
         first, off = self._window_first(layer, n)  # the window starts at token `off` of page `first`
         view = None
-        if self.decoder is not None and not self.config.measure_recall:
+        if self.decoder is not None:
             view = self.decoder.view(layer, self.table, self.table.pages(layer))
             if view.lower or view.first > first:
                 view = None
@@ -477,32 +479,61 @@ class Runtime:
             return out
         q = am.group_queries(query, self.kv_heads).float()
         sel = self.selection
-        full = (sel.select(layer, q, n, scaling, softcap, self.table, self.placement.tiers()) if sel is not None
-                else torch.arange(first, last))
+        chosen = plan = None
+        if sel is not None:
+            full, chosen, plan = sel.select(layer, q, n, scaling)
+        else:
+            full = torch.arange(first, last)
         # Marked before any loading: promotion must not give up a page this layer is about to read.
-        self.placement.policy.on_use(layer, full, self.step, sel.mass if sel is not None else None)
+        mass = sel.mass[full.to(sel.mass.device)] if sel is not None and sel.mass is not None else None
+        self.placement.policy.on_use(layer, full, self.step, mass)
         if sel is not None and sel.hooks:
             sel.speculate(layer, scaling, self.table.tokens[layer + 1] if layer + 1 < self.layers else 0)
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
         self._queue_loads(layer, missing)
-        # Tokens before `off` on the window's first page are not attended, when that page is (always in exact
-        # mode; the tail when the window lies within it).
-        cut = off if off and (first == last or (full.numel() > 0 and int(full[0]) == first)) else 0
-        if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
-            out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, cut)
-        else:
-            parts = [self._tail_partial(layer, last, valid, q, scaling, softcap, start=off if first == last else 0)]
+        if chosen is not None:  # each head sees its own blocks of the pages, and the tail
+            parts = [self._tail_partial(layer, last, valid, q, scaling, softcap)]
             parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
-                                              hide=self._edge_hide(first, off)))
+                                              hide=sel.hide(plan, chosen, first, off)))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
-        self._count_decode(layer, (full.numel() * P + valid - cut) / visible)
+            attended = chosen.shape[0] * sel.block + valid
+        else:
+            # Tokens before `off` on the window's first page are not attended (the tail's when the window lies
+            # within it).
+            cut = off if off and (first == last or full.numel() > 0) else 0
+            if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
+                out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, cut)
+            else:
+                parts = [self._tail_partial(layer, last, valid, q, scaling, softcap, start=off if first == last else 0)]
+                parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
+                                                  hide=self._edge_hide(first, off)))
+                out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
+            attended = full.numel() * P + valid - cut
+        if sel is not None and self.config.measure_recall:
+            keys = self._window_keys(layer, first, last) if plan is not None else None
+            sel.record_recall(layer, q, keys, first, plan, chosen, scaling, softcap)
+        self._count_decode(layer, min(1.0, attended / visible))
         return out
+
+    def _window_keys(self, layer: int, first: int, last: int) -> torch.Tensor:
+        """Keys of pages first..last of `layer` [count, H, P, D] on the device, read from whichever tier holds
+        each (the recall diagnostic's dense attention; not counted as traffic)."""
+        dims = self.shape.dims
+        k = torch.empty((last + 1 - first, *dims), dtype=self.dtype)
+        for name, tier in self.placement.tiers():
+            slots = self.table.slot[name][layer, first:last + 1]
+            have = (slots >= 0).nonzero().flatten()
+            if have.numel() and tier is not None:
+                kk = torch.empty((have.numel(), *dims), dtype=self.dtype)
+                tier.read(slots[have].tolist(), kk, torch.empty_like(kk))
+                k[have] = kk
+        return k.to(self.device)
 
     def _served_on_device(self, layer: int) -> bool:
         """Whether the layer's next decode step will gather its pages in place (nothing to load ahead): its view is
         current and every page it holds is in a pool."""
-        view = self.decoder.views[layer] if self.decoder is not None and not self.config.measure_recall else None
+        view = self.decoder.views[layer] if self.decoder is not None else None
         return (view is not None and view.version == self.table.version[layer]
                 and (self.sparse or self.decoder.serves_exact(view)) and not view.lower
                 and self.table.tokens[layer] % self.page_size != 0)
@@ -548,8 +579,8 @@ class Runtime:
             last = -(-n // P) - 1
             self.decoder.view(l, self.table, last + 1)
             self._tail(l)
-            if self.sparse and (plan := self.selection.budget_pages(l, n)) is not None:
-                self.selection.fixed(*plan)
+            if self.sparse and (plan := self.selection.budget(l, n)) is not None:
+                self.selection.fixed(plan)
 
     def _decode_on_device(self, layer: int, view, query, n: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
@@ -559,7 +590,7 @@ class Runtime:
         valid = n - last * P
         start = (first - view.first) * P + off  # the window's first token among the gathered ones
         visible = n - first * P - off
-        plan = self.selection.budget_pages(layer, n) if self.sparse else None
+        plan = self.selection.budget(layer, n) if self.sparse else None
         if plan is None and not self.decoder.serves_exact(view):
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
@@ -569,24 +600,33 @@ class Runtime:
                 self.counters["loads"]["needed"] += view.host
                 self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
             self._count_decode(layer, 1.0)
+            if self.config.measure_recall:
+                self.selection.recall_n[layer] += 1
+                self.selection.recall_sum[layer] += 1.0
             if isinstance(self.decoder, KernelDecode) and not self.sparse:
                 # The next layer's host pages, while this one computes. Not in sparse mode: its steps gather the
-                # chosen pages into the same workspace rows on the compute stream.
+                # chosen blocks on the compute stream.
                 nxt = (layer + 1) % self.layers
                 self.decoder.prefetch(nxt, self.table, -(-(self.table.tokens[nxt] + 1) // P))
             return out
-        forced, bias, free = self.selection.fixed(*plan)
-        if isinstance(self.decoder, KernelDecode) and forced.numel() + max(free, 0) + 1 > self.decoder.workspace:
-            # More pages than the workspace rows hold: stream them this step.
+        forced, bias, free = self.selection.fixed(plan)
+        R = self.selection.per_page
+        if (isinstance(self.decoder, KernelDecode)
+                and forced.shape[0] + max(free, 0) + R > self.decoder.workspace * R):
+            # More blocks than the block workspace holds: stream them this step.
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)
-        scores = self.selection.scores(layer, am.group_queries(query, self.kv_heads).float(), first, last, scaling)
+        q = am.group_queries(query, self.kv_heads).float()
+        scores = self.selection.scores(layer, q, plan, scaling)
         t0 = time.perf_counter()
-        out = self.decoder.sparse(layer, view, query, first, scores, forced, bias, free, valid,
-                                  first * P + off if off else None, self.step, scaling, softcap)
+        out = self.decoder.sparse(layer, view, query, plan, scores, forced, bias, free, self.step, scaling, softcap)
+        chosen = forced.shape[0] + max(free, 0)
+        self.counters["blocks"]["attended"] += chosen * self.decoder.heads
         if self.tracer is not None:  # a timeline wants each load as a span: read the count now
             self._account_host_reads(layer, t0)
-        attended = (forced.numel() + max(free, 0)) * P + valid
-        self._count_decode(layer, min(1.0, attended / visible))
+        if self.config.measure_recall:
+            self.selection.record_recall(layer, q, self._window_keys(layer, first, last), first, plan,
+                                         self.decoder.last_blocks[:chosen], scaling, softcap)
+        self._count_decode(layer, min(1.0, (chosen * self.selection.block + valid) / visible))
         return out
 
     def _summarize_filled(self, layer: int, page: int) -> None:
@@ -811,20 +851,24 @@ class Runtime:
             "prefetch": {"issued": 0, "hits": 0},
             "attended": 0.0,
             "attended_n": 0,
+            # Sparse steps on the device: blocks (of one gathered head each) chosen besides the tail's, and those
+            # read from the host pool.
+            "blocks": {"attended": 0, "from_host": 0},
         }
         self.stall_per_layer = [0.0] * self.layers
         self.peak = {"device": 0, "host": 0, "disk": 0}
 
     def _account_host_reads(self, layer: int, t0: float) -> None:
-        """Counts the pages that sparse steps on the device read from the host pool since the last call (a device
-        read): loads of pages needed now."""
-        if self.decoder is None:
+        """Counts the blocks (of one KV head each) that sparse steps on the device read from the host pool since
+        the last call (a device read), and their bytes."""
+        if self.decoder is None or not self.sparse:
             return
-        pages = int(self.decoder.host_reads)
-        if pages:
+        blocks = int(self.decoder.host_reads)
+        if blocks:
             self.decoder.host_reads.zero_()
-            self.counters["loads"]["needed"] += pages
-            self.engine.account("host->device", pages * self.shape.page_bytes, t0, layer, "load")
+            self.counters["blocks"]["from_host"] += blocks
+            per_block = self.shape.page_bytes // (self.kv_heads * self.selection.per_page)
+            self.engine.account("host->device", blocks * per_block, t0, layer, "load")
 
     def count_load(self, pages: int, predicted: bool) -> None:
         """Counts pages starting their way to the device: on a prediction (sparse mode) or because they are
@@ -869,6 +913,7 @@ class Runtime:
             "tokens": dict(c["tokens"]),
             "loads": {**c["loads"], "promoted": self.placement.promoted},
             "prefetch": dict(c["prefetch"]) if self.sparse else None,
+            "blocks": dict(c["blocks"]) if self.sparse else None,
             "evictions": dict(self.placement.evictions),
             "stall_seconds": sum(self.stall_per_layer),
             "stall_seconds_per_layer": list(self.stall_per_layer),

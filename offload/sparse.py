@@ -1,11 +1,20 @@
-"""Sparse attention's selection: page summaries, the pages a decode step attends to within the token budget, the
+"""Sparse attention's selection: block summaries, the blocks each head attends to within the token budget, the
 speculated query of the next layer (InfiniGen-style prefetch), and the recall diagnostic.
 
-`SparseSelection` owns the summaries (on the compute device), the selection policy, the speculation hooks and the
-prefetch context. It decides; the runtime moves. Its inputs are the page table and the tiers, passed per call.
+Pages (`page_size` tokens) stay the unit of transfer and placement; blocks (`select_block` tokens, R per page) are
+the unit of choice. Each block keeps a summary per KV head; a decode step scores the window's blocks and, per the
+head mode, one set of blocks serves every head ("shared"), each KV head picks from its query heads' combined
+scores ("kv"), or each query head picks alone ("query"). The pages the step touches are the union over heads; each
+head attends only to its own blocks.
+
+`SparseSelection` owns the summaries (on the compute device), the selection policy, the attention history, the
+speculation hooks and the prefetch context. It decides; the runtime moves. Its inputs are the page table and the
+tiers, passed per call.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -15,33 +24,73 @@ from offload.models import apply_rotary, decoder_layers, query_before_rotary
 from offload.pagetable import PageTable, window_start
 from policies import SELECTION, PrefetchContext
 
+# Added to the score of blocks a policy always keeps (outliers): above any share of attention (at most G).
+KEEP = 1e4
+# Per step decay of the attention history (`history` > 0).
+HISTORY_DECAY = 0.9
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A sparse step's shape, from host integers alone: the window's first page, the tail page and its tokens, the
+    candidate blocks fb..fb+nb-1 (the full pages' blocks from the window's first visible one), the blocks the
+    budget allows, and the tokens of block fb before the window's start."""
+
+    first: int
+    last: int
+    valid: int
+    fb: int
+    nb: int
+    k_blocks: int
+    cut: int
+
 
 class SparseSelection:
     def __init__(self, model: torch.nn.Module, config: OffloadConfig, windows: list[int | None], page_size: int,
-                 max_pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 speculate: bool):
+                 max_pages: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, speculate: bool):
         self.model, self.config, self.windows, self.page_size = model, config, windows, page_size
         self.layers = len(windows)
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.block = config.block_size()
+        self.per_page = page_size // self.block  # R: blocks per page
+        self.mode = config.head_selection
+        # Columns of a choice: one per KV head ("kv"), per query head ("query"), or one for all ("shared").
+        self.choosers = {"shared": 1, "kv": kv_heads, "query": q_heads}[self.mode]
         self.selector = SELECTION.create(config.selection)
-        # Key summaries of every page, kept on the device: [layers, max_pages, S, H, D]. Not KV bytes.
-        self.summaries = torch.zeros((self.layers, max_pages, self.selector.summary_size(), kv_heads, head_dim),
+        max_blocks = max_pages * self.per_page
+        # Key summaries of every block, kept on the device: [layers, max_blocks, S, H, D]. Not KV bytes.
+        self.summaries = torch.zeros((self.layers, max_blocks, self.selector.summary_size(), kv_heads, head_dim),
                                      dtype=dtype, device=device)
         self.summary_rows = list(self.summaries)  # per-layer views, made once
+        self.history = None
+        if config.history > 0:
+            self.history = torch.zeros((self.layers, max_blocks, self.choosers), dtype=torch.float32, device=device)
+            self.history_rows = list(self.history)
         self.device = device
         self.hooks: list = []
         self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
-        # Sparse selection's fixed part per (first, last, sinks, recent start): see `fixed`.
-        self.fixed_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # Sparse selection's fixed part per (fb, last, sinks, recent start): see `fixed`.
+        self.fixed_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if speculate:
             self._install_speculation()
         self.new_sequence()
 
     def new_sequence(self) -> None:
         self.context = PrefetchContext()
+        self.context.history = self.history_pages
         self.mass: torch.Tensor | None = None  # the predicted attention share of the pages chosen last
-        self.recall_sum = [0.0] * self.layers
+        self.last_count: dict[int, int] = {}  # blocks per chooser of each layer's last choice (streaming path)
+        self.selector.reset()
+        if self.history is not None:
+            self.history.zero_()
+        # Recall diagnostic, accumulated on the device: covered mass, pages touched (the union over heads) and
+        # the pages' worth of blocks each head attends (without the tail), per layer.
+        self.recall_sum = torch.zeros(self.layers, dtype=torch.float64, device=self.device)
+        self.union_sum = torch.zeros(self.layers, dtype=torch.float64, device=self.device)
         self.recall_n = [0] * self.layers
+        self.sparse_n = [0] * self.layers
+        self.head_pages = [0.0] * self.layers
 
     def close(self) -> None:
         for hook in self.hooks:
@@ -49,86 +98,166 @@ class SparseSelection:
         self.hooks.clear()
 
     # -- summaries -------------------------------------------------------------------------------------------
+    def _blocks(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys of pages [n, H, P, D] -> keys of their blocks [n * R, H, B, D] (block order)."""
+        n, h, _, d = k.shape
+        return k.reshape(n, h, self.per_page, self.block, d).transpose(1, 2).reshape(n * self.per_page, h,
+                                                                                     self.block, d)
+
     def summarize(self, layer: int, pages: list[int], k: torch.Tensor) -> None:
-        """Summaries of full pages `pages` (consecutive) of `layer` from their keys k [n, H, P, D]."""
+        """Summaries of the blocks of full pages `pages` (consecutive) of `layer` from their keys k [n, H, P, D]."""
         if pages:
-            self.summaries[layer, pages[0]:pages[-1] + 1] = self.selector.summarize(k)
+            R = self.per_page
+            self.summaries[layer, pages[0] * R:(pages[-1] + 1) * R] = self.selector.summarize(self._blocks(k))
 
     def summarize_page(self, layer: int, page: int, k: torch.Tensor) -> None:
-        """The summary of one page that just filled, from its keys k [1, H, P, D]."""
-        self.summaries[layer, page] = self.selector.summarize(k)[0]
+        """The summaries of the blocks of one page that just filled, from its keys k [1, H, P, D]."""
+        R = self.per_page
+        self.summaries[layer, page * R:(page + 1) * R] = self.selector.summarize(self._blocks(k))
 
     # -- selection -------------------------------------------------------------------------------------------
-    def budget_pages(self, layer: int, n: int) -> tuple[int, int, int, int] | None:
-        """With n tokens stored (the tail page holding the last ones): (first, last, valid, k_pages), the window's
-        first page, the tail page, its tokens and the full pages the budget allows; None when the budget covers
-        every token the query sees (the step is exact)."""
-        P = self.page_size
+    def budget(self, layer: int, n: int) -> BlockPlan | None:
+        """The sparse step of `layer` with n tokens stored (the tail page holding the last ones); None when it is
+        exact: a dense layer, or a budget that covers every token the query sees."""
+        if layer < self.config.dense_layers:
+            return None
+        P, B = self.page_size, self.block
         first, off = window_start(self.windows[layer], n, P)
         last = -(-n // P) - 1
         valid = n - last * P
         visible = n - first * P - off
         budget = self.config.token_budget_for(visible)
-        k_pages = max(0, (budget - valid) // P)
-        if budget >= visible or k_pages >= last - first:
+        start = first * P + off
+        fb = start // B
+        nb = last * self.per_page - fb
+        k_blocks = max(0, (budget - valid) // B)
+        if budget >= visible or k_blocks >= nb:
             return None
-        return first, last, valid, k_pages
+        return BlockPlan(first, last, valid, fb, nb, k_blocks, start - fb * B)
 
-    def fixed(self, first: int, last: int, valid: int, k_pages: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The selection's fixed part among full pages first..last-1: the sink pages and the recent window, as
-        device tensors (page ids, and a bias that is -inf on them over first..last-1), and how many pages the
-        scores add (the budget's pages less the fixed ones; none when those already take it all). Cached: they
-        change at page boundaries and as the tail fills past a page of the recent window."""
-        P = self.page_size
-        sinks = min(last, -(-self.config.sink_tokens // P))
-        recent = max(0, self.config.recent_tokens - valid)
-        lo = max(0, last - -(-recent // P)) if recent else last
-        key = (first, last, sinks, lo)
+    def fixed(self, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The selection's fixed part among the candidate blocks: the sink blocks (from the window's first visible
+        one, which is always kept when the window starts inside it) and the recent window, as device tensors
+        (block ids [nf, choosers] in position order, and a bias over the candidates that is -inf on them), and how
+        many blocks the scores add (the budget's blocks less the fixed ones; none when those take it all).
+        Cached: they change at page boundaries and as the tail fills past a block of the recent window."""
+        B, R = self.block, self.per_page
+        end = plan.last * R
+        sinks = -(-self.config.sink_tokens // B)
+        if plan.cut:
+            sinks = max(sinks, 1)
+        recent = max(0, self.config.recent_tokens - plan.valid)
+        lo = max(plan.fb, end - -(-recent // B))
+        key = (plan.fb, plan.last, sinks, lo)
         hit = self.fixed_cache.get(key)
         if hit is None:
-            # NOTE: pages before `first` were released by a sliding window; they can't be chosen.
-            ids = [p for p in range(first, last) if p < sinks or p >= lo]
-            bias = torch.zeros(last - first, dtype=torch.float32)
-            bias[[p - first for p in ids]] = float("-inf")
-            hit = (torch.tensor(ids, dtype=torch.long, device=self.device), bias.to(self.device), len(ids))
+            ids = sorted(set(range(plan.fb, min(plan.fb + sinks, end))) | set(range(lo, end)))
+            bias = torch.zeros(plan.nb, dtype=torch.float32)
+            bias[[b - plan.fb for b in ids]] = float("-inf")
+            forced = torch.tensor(ids, dtype=torch.long, device=self.device)
+            hit = (forced[:, None].expand(len(ids), self.choosers), bias.to(self.device)[:, None], forced)
             if len(self.fixed_cache) > 64:
                 self.fixed_cache.clear()
             self.fixed_cache[key] = hit
-        forced, bias, count = hit
-        return forced, bias, k_pages - count
+        forced, bias, ids = hit
+        return forced, bias, plan.k_blocks - ids.shape[0]
 
-    def scores(self, layer: int, q: torch.Tensor, first: int, last: int, scaling: float) -> torch.Tensor:
-        """Predicted share of attention of pages first..last-1 for queries q [H, M, D] (float32)."""
-        return self.selector.score(q, self.summary_rows[layer].narrow(0, first, last - first), scaling)
+    def scores(self, layer: int, q: torch.Tensor, plan: BlockPlan, scaling: float,
+               guess: bool = False) -> torch.Tensor:
+        """Predicted share of attention of the candidate blocks for queries q [H, M, D] (float32), per chooser:
+        float32 [nb, choosers]. `guess`: q is a speculated query, which leaves the policy's state and the history
+        unchanged."""
+        if not guess:
+            q = self.selector.query(layer, q)
+        summaries = self.summary_rows[layer].narrow(0, plan.fb, plan.nb)
+        share = torch.softmax(self.selector.bound(q, summaries, scaling), dim=0)  # [nb, H, M]
+        if self.mode == "kv":
+            share = share.sum(2)
+        elif self.mode == "shared":
+            share = share.sum((1, 2)).unsqueeze(1)
+        else:
+            share = share.view(plan.nb, -1)
+        keep = self.selector.keep(summaries)  # [nb, H]
+        if keep is not None:
+            if self.mode == "shared":
+                keep = keep.any(1, keepdim=True)
+            elif self.mode == "query":
+                keep = keep.repeat_interleave(self.q_heads // self.kv_heads, dim=1)
+            share = share + keep * KEEP
+        if self.history is not None:
+            w = self.config.history
+            past = self.history_rows[layer].narrow(0, plan.fb, plan.nb)
+            if guess:
+                return torch.lerp(share, past, w)
+            past.mul_(HISTORY_DECAY).add_(share, alpha=1 - HISTORY_DECAY)
+            share = torch.lerp(share, past, w)
+        return share
 
-    def choose(self, layer: int, q: torch.Tensor, n: int, scaling: float) -> torch.Tensor:
-        """Full pages (CPU ids, in page order) a query attends to with n tokens stored: every page of the window
-        when the budget covers it, else the fixed part and the best-scored others. Sets `mass` to the predicted
-        share of the pages chosen by score (None when none were)."""
-        self.mass = None  # never the one of an earlier layer or sequence
-        plan = self.budget_pages(layer, n)
-        if plan is None:
-            first = window_start(self.windows[layer], n, self.page_size)[0]
-            return torch.arange(first, -(-n // self.page_size) - 1)
-        first, last, valid, k_pages = plan
-        forced, bias, free = self.fixed(first, last, valid, k_pages)
+    def choose(self, layer: int, q: torch.Tensor, plan: BlockPlan, scaling: float, guess: bool = False
+               ) -> torch.Tensor:
+        """Blocks each chooser attends besides the tail: int64 [nf + free, choosers] on the device, the fixed
+        part first (in position order) then the best-scored others. Sets `mass`: the share of each page."""
+        forced, bias, free = self.fixed(plan)
+        self.mass = None
         if free <= 0:
-            return forced.cpu()
-        scores = self.scores(layer, q, first, last, scaling)
-        top = torch.topk(scores + bias, free).indices
-        chosen, order = torch.sort(torch.cat([forced, top + first]))
-        # The predicted share of attention of each chosen page feeds the score eviction policy.
-        self.mass = torch.cat([scores[forced - first], scores[top]])[order].cpu()
-        return chosen.cpu()
+            return forced
+        scores = self.scores(layer, q, plan, scaling, guess)
+        top = torch.topk(scores + bias, free, dim=0).indices.add_(plan.fb)
+        # The predicted share of attention of each page feeds the score eviction policy.
+        page_share = scores.sum(1)
+        self.mass = torch.zeros(plan.last, dtype=torch.float32, device=self.device).index_add_(
+            0, torch.arange(plan.fb, plan.fb + plan.nb, device=self.device) // self.per_page, page_share)
+        return torch.cat([forced, top])
 
-    def select(self, layer: int, q: torch.Tensor, n: int, scaling: float, softcap: float | None,
-               table: PageTable, tiers) -> torch.Tensor:
-        """`choose`, remembered for temporal prefetch, and measured against dense attention when asked."""
-        chosen = self.choose(layer, q, n, scaling)
-        self.context.last_selected[layer] = chosen
-        if self.config.measure_recall:
-            self._measure_recall(layer, q, chosen, n, scaling, softcap, table, tiers)
-        return chosen
+    def select(self, layer: int, q: torch.Tensor, n: int, scaling: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None, BlockPlan | None]:
+        """For the streaming path: (full pages to attend, CPU ids in page order; the blocks chosen per chooser or
+        None when the step is exact; the plan). The pages are remembered for temporal prefetch."""
+        plan = self.budget(layer, n)
+        if plan is None:
+            self.mass = None
+            first = window_start(self.windows[layer], n, self.page_size)[0]
+            pages, chosen = torch.arange(first, -(-n // self.page_size) - 1), None
+        else:
+            chosen = self.choose(layer, q, plan, scaling)
+            pages = torch.unique(chosen.flatten() // self.per_page).cpu()
+            self.last_count[layer] = chosen.shape[0]
+        self.context.last_selected[layer] = pages
+        return pages, chosen, plan
+
+    def hide(self, plan: BlockPlan, chosen: torch.Tensor, first: int, off: int):
+        """For the streaming path's partials: `hide(pages)` -> bool [n, H, M, P] (broadcastable; True hides the
+        key from that query row): each head sees only its own blocks, and no token before the window's start."""
+        R, B, P = self.per_page, self.block, self.page_size
+        seen = torch.zeros((plan.last * R, self.choosers), dtype=torch.bool, device=self.device)
+        seen.scatter_(0, chosen, True)
+        if off:  # tokens of the window's first page before its start
+            edge = torch.zeros(P, dtype=torch.bool, device=self.device)
+            edge[:off] = True
+        heads = self.kv_heads if self.mode != "shared" else 1
+        rows = self.choosers // heads
+
+        def hidden(pages: torch.Tensor) -> torch.Tensor:
+            idx = pages.to(self.device)
+            blocks = seen.view(plan.last, R, self.choosers).index_select(0, idx)  # [n, R, C]
+            out = (~blocks).repeat_interleave(B, dim=1).permute(0, 2, 1)  # [n, C, P]
+            out = out.reshape(idx.numel(), heads, rows, P)
+            if off:
+                out = out | ((idx == first)[:, None, None, None] & edge)
+            return out
+
+        return hidden
+
+    def history_pages(self, layer: int, last: int) -> torch.Tensor | None:
+        """The pages of layer's full pages 0..last-1 holding the blocks its attention history ranks highest (as
+        many per chooser as its last choice held), CPU ids; None without a history or a choice yet."""
+        count = self.last_count.get(layer)
+        if self.history is None or count is None or last <= 0:
+            return None
+        R = self.per_page
+        past = self.history_rows[layer].narrow(0, 0, last * R)
+        top = torch.topk(past, min(past.shape[0], count), dim=0).indices
+        return torch.unique(top.flatten() // R).cpu()
 
     # -- speculation (InfiniGen) -----------------------------------------------------------------------------
     def _install_speculation(self) -> None:
@@ -168,10 +297,16 @@ class SparseSelection:
         q = self.speculated_query(nxt, *captured)
         if q is None:
             return  # no rotary to apply: no prediction (the layer then loads what it misses on demand)
-        mass = self.mass
-        self.context.predicted_pages[nxt] = self.choose(nxt, am.group_queries(q, self.kv_heads), tokens_next + 1,
-                                                        scaling)
-        self.mass = mass  # the prediction's mass is not this layer's
+        plan = self.budget(nxt, tokens_next + 1)
+        if plan is None:
+            first = window_start(self.windows[nxt], tokens_next + 1, self.page_size)[0]
+            predicted = torch.arange(first, -(-(tokens_next + 1) // self.page_size) - 1)
+        else:
+            mass = self.mass
+            chosen = self.choose(nxt, am.group_queries(q, self.kv_heads).float(), plan, scaling, guess=True)
+            self.mass = mass  # the prediction's mass is not this layer's
+            predicted = torch.unique(chosen.flatten() // self.per_page).cpu()
+        self.context.predicted_pages[nxt] = predicted
 
     def speculated_query(self, nxt: int, hidden: torch.Tensor,
                          rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
@@ -185,41 +320,48 @@ class SparseSelection:
         return apply_rotary(module, query_before_rotary(self.model_type, module, hidden, self.head_dim), *rope)
 
     # -- recall diagnostic -----------------------------------------------------------------------------------
-    def _measure_recall(self, layer: int, q: torch.Tensor, chosen: torch.Tensor, n: int, scaling: float,
-                        softcap: float | None, table: PageTable, tiers) -> None:
-        """Dense attention over every page in the layer's window, to find the share of attention mass the chosen
-        pages hold. `tiers`: (name, tier) pairs to read pages from."""
-        P = self.page_size
-        first, off = window_start(self.windows[layer], n, P)
-        last = -(-n // P) - 1
-        valid = n - last * P
-        count = last + 1 - first
-        dims = (self.kv_heads, P, self.head_dim)
-        k = torch.empty((count, *dims), dtype=self.summaries.dtype)
-        v = torch.empty_like(k)
-        for name, tier in tiers:
-            slots = table.slot[name][layer, first: last + 1]
-            have = (slots >= 0).nonzero().flatten()
-            if have.numel() and tier is not None:
-                kk = torch.empty((have.numel(), *dims), dtype=k.dtype)
-                vv = torch.empty_like(kk)
-                tier.read(slots[have].tolist(), kk, vv)
-                k[have], v[have] = kk, vv
-        k = k.to(self.device)
-        s = torch.matmul(q.float()[None], k.float().transpose(-1, -2)) * scaling  # [pages, H, M, P]
+    def record_recall(self, layer: int, q: torch.Tensor, k: torch.Tensor, base: int, plan: BlockPlan | None,
+                      chosen: torch.Tensor | None, scaling: float, softcap: float | None) -> None:
+        """Dense attention of queries q [H, M, D] (one token) over keys k [count, H, P, D] of pages base..last (the
+        tail last), to find the share of attention mass the chosen blocks (per chooser, without the tail) and the
+        tail cover, averaged over query heads; also the pages the choice touched. An exact step covers all."""
+        self.recall_n[layer] += 1
+        if plan is None:
+            self.recall_sum[layer] += 1.0
+            return
+        P, R, B = self.page_size, self.per_page, self.block
+        count, heads = k.shape[0], k.shape[1]
+        s = torch.matmul(q.float()[None], k.float().transpose(-1, -2)) * scaling  # [count, H, M, P]
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        s[count - 1, :, :, valid:] = float("-inf")
-        s[0, :, :, :off] = float("-inf")  # before the sliding window's start
-        p = torch.softmax(s.permute(1, 2, 0, 3).reshape(s.shape[1], s.shape[2], -1), dim=-1)
-        mass = p.view(s.shape[1], s.shape[2], count, P).sum(-1).mean(dim=(0, 1))  # [pages]
-        covered = float(mass[(chosen - first).to(mass.device)].sum() + mass[count - 1])
-        self.recall_sum[layer] += covered
-        self.recall_n[layer] += 1
+        pos = torch.arange(base * P, (base + count) * P, device=s.device).view(count, 1, 1, P)
+        s = s.masked_fill((pos < plan.fb * B + plan.cut) | (pos >= plan.last * P + plan.valid), float("-inf"))
+        p = torch.softmax(s.permute(1, 2, 0, 3).reshape(heads * s.shape[2], count * P), dim=-1)  # [Hq, tokens]
+        full = (plan.last - base) * P
+        mass = p[:, :full].reshape(p.shape[0], full // B, B).sum(-1)  # [Hq, blocks base*R..last*R-1]
+        seen = torch.zeros((full // B, self.choosers), dtype=torch.bool, device=s.device)
+        seen.scatter_(0, chosen - base * R, True)
+        if self.mode == "shared":
+            per_query = seen.expand(-1, p.shape[0])
+        elif self.mode == "kv":
+            per_query = seen.repeat_interleave(p.shape[0] // heads, 1)
+        else:
+            per_query = seen
+        covered = (mass * per_query.t()).sum(-1) + p[:, full:].sum(-1)
+        self.recall_sum[layer] += covered.mean()
+        self.union_sum[layer] += seen.view(-1, R, self.choosers).any(2).any(1).sum()
+        self.sparse_n[layer] += 1
+        self.head_pages[layer] += chosen.shape[0] / R
 
     def recall(self) -> dict | None:
+        """Per layer and mean: the attention mass covered; over sparse steps, the pages a step touched (the union
+        over heads) and the pages' worth of blocks each head attended (tails not counted)."""
         if not any(self.recall_n):
             return None
-        per_layer = [s / n if n else None for s, n in zip(self.recall_sum, self.recall_n)]
+        covered = self.recall_sum.cpu().tolist()
+        per_layer = [s / n if n else None for s, n in zip(covered, self.recall_n)]
         seen = [r for r in per_layer if r is not None]
-        return {"per_layer": per_layer, "mean": sum(seen) / len(seen)}
+        steps = sum(self.sparse_n)
+        touched = float(self.union_sum.sum())
+        return {"per_layer": per_layer, "mean": sum(seen) / len(seen),
+                "union_pages": touched / max(1, steps), "pages_per_head": sum(self.head_pages) / max(1, steps)}

@@ -45,8 +45,14 @@ OPTION_HELP: dict[str, str] = {
     "selection": "sparse mode: page selection policy",
     "sink_tokens": "sparse mode: tokens at the start that are always attended (attention sinks)",
     "recent_tokens": "sparse mode: most recent tokens that are always attended",
+    "dense_layers": "sparse mode: the first layers attend to every page",
+    "select_block": "sparse mode: tokens per selection block, a divisor of --page-size (default: 16 where it "
+    "divides the page size, else the page size)",
+    "head_selection": "sparse mode: who chooses the blocks: kv (each KV head), query (each query head) or shared "
+    "(one set for all heads)",
+    "history": "sparse mode: weight in [0, 1) of each block's decayed attention history in its score",
     "measure_recall": "sparse mode: also compute dense attention and report the attention mass the selected "
-    "pages covered",
+    "blocks covered",
     "trace": "record a timeline of transfers, compute and stalls; generate saves it as Chrome trace JSON (see "
     "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
@@ -58,6 +64,8 @@ METAVARS: dict[str, str] = {
     "disk_budget": "SIZE",
     "disk_dir": "DIR",
     "token_budget": "N|FRACTION",
+    "select_block": "TOKENS",
+    "head_selection": "MODE",
     "prefetch": "NAME",
     "eviction": "NAME",
     "selection": "NAME",
