@@ -1,5 +1,5 @@
 """The Triton paged decode kernel against the torch reference and dense attention (TRITON_INTERPRET=1 on the CPU,
-set in conftest.py)."""
+set in conftest.py), over pools of pages and over block workspaces from `gather_blocks`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from offload import attention_math as am
 from offload.kernels import paged_decode, paged_decode_reference
+from offload.kernels.gather import gather_blocks
 from offload.kernels.paged_decode import paged_decode_static, paged_decode_workspace, static_splits
 
 pytest.importorskip("triton")
@@ -212,3 +213,74 @@ def test_paged_decode_static_rejects_bad_arguments():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="capacity"):
         paged_decode_workspace(q, 0)
+
+
+# `paged_decode_static` over a block workspace: each head's own blocks of B tokens, gathered by `gather_blocks` into
+# [W, Ho, B, D] and read as a pool of W pages of B tokens (slots = arange(W)), Ho = H with G query rows per head or
+# Ho = the query heads with G = 1.
+
+def _block_selection(kv_heads: int, ho: int, r: int, slots_total: int, w: int, seed: int) -> torch.Tensor:
+    """int32 [w, ho] unified block ids: column c takes w distinct blocks of KV head c * kv_heads // ho, from any
+    slot and any position in the page, in a random order."""
+    gen = torch.Generator().manual_seed(seed)
+    cols = []
+    for c in range(ho):
+        head = c * kv_heads // ho
+        picks = torch.randperm(slots_total * r, generator=gen)[:w]  # (slot, j) = divmod(pick, r)
+        cols.append((picks // r * kv_heads + head) * r + picks % r)
+    return torch.stack(cols, dim=1).to(torch.int32)
+
+
+def _blocks_dense(q, pools, index, b, n, valid_last, scaling, softcap, start):
+    """Dense attention of column c of q over its blocks index[:n, c] of the unified pool (device then host slots)
+    laid end to end, tokens start..(n-1)*B+valid_last-1: straight from the pools, no gather kernel."""
+    d, tokens = q.shape[2], (n - 1) * b + valid_last
+
+    def flat(dev, host):  # [Ho, n*B, D]
+        blocks = torch.cat([dev, host]).cpu().reshape(-1, b, d)  # [S*H*R, B, D]
+        picked = blocks[index[:n].long().cpu()]  # [n, Ho, B, D]
+        return picked.permute(1, 0, 2, 3).reshape(index.shape[1], n * b, d)[:, start:tokens]
+
+    dev_k, dev_v, host_k, host_v = pools
+    return am.dense_partial(q.cpu(), flat(dev_k, host_k), flat(dev_v, host_v), scaling, softcap=softcap)
+
+
+# (H, Ho, G, D, P, B, S_dev, S_host, W, splits, softcap, dtype, steps [(n, valid_last, start)])
+BLOCK_WORKSPACE_CASES = [
+    (2, 2, 2, 16, 16, 4, 3, 2, 6, None, None, torch.float32, [(6, 4, 0), (3, 2, 1)]),    # Ho = H, G = 2
+    (2, 4, 1, 16, 16, 4, 3, 2, 5, 2, 30.0, torch.float32, [(5, 3, 2), (1, 4, 0)]),       # one column per query head
+    (2, 2, 3, 16, 32, 8, 2, 2, 4, 2, None, torch.bfloat16, [(4, 8, 3), (2, 5, 0)]),
+    (2, 4, 1, 16, 32, 16, 2, 2, 4, None, 20.0, torch.float32, [(4, 16, 5), (3, 9, 0)]),  # B = 16: tl.dot, G = 1
+    (1, 1, 4, 32, 64, 16, 1, 2, 3, 1, None, torch.bfloat16, [(3, 11, 2)]),               # B = 16 of P = 64
+    (2, 6, 1, 16, 8, 2, 2, 2, 6, None, None, torch.float16, [(6, 1, 1), (2, 2, 0)]),     # B = 2, Ho = 3H
+]
+
+
+@pytest.mark.parametrize("h,ho,g,d,p,b,s_dev,s_host,w,splits,softcap,dtype,steps", BLOCK_WORKSPACE_CASES)
+def test_static_over_a_block_workspace_matches_dense(h, ho, g, d, p, b, s_dev, s_host, w, splits, softcap, dtype,
+                                                     steps):
+    """Per step: the first n rows of the index gathered into the workspace (the rest -1, so the NaN the workspace
+    was filled with stays there, unread), then one `paged_decode_static` with meta (n, valid_last, start); equal to
+    the workspace's reference and to dense attention of each column over its own blocks."""
+    gen = torch.Generator().manual_seed(ho * b + g)
+    pools = [torch.randn(s, h, p, d, generator=gen).to(dtype).to(DEVICE) for s in (s_dev, s_dev, s_host, s_host)]
+    dev_k, dev_v, host_k, host_v = pools
+    q = torch.randn(ho, g, d, generator=gen).to(DEVICE)
+    scaling = 1 / math.sqrt(d)
+    selection = _block_selection(h, ho, p // b, s_dev + s_host, w, seed=g).to(DEVICE)
+    ws_k, ws_v = (torch.full((w, ho, b, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    rows = torch.arange(w, dtype=torch.int32, device=DEVICE)
+    meta = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    index = torch.full((w, ho), -1, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_workspace(q, w, splits)
+    for n, valid_last, start in steps:
+        index.fill_(-1)
+        index[:n] = selection[:n]
+        ws_k.fill_(float("nan"))
+        ws_v.fill_(float("nan"))
+        gather_blocks(ws_k, ws_v, dev_k, dev_v, host_k, host_v, index, s_dev)
+        meta.copy_(torch.tensor([n, valid_last, start], dtype=torch.int32))
+        got = paged_decode_static(q, ws_k, ws_v, rows, meta, scaling, softcap, out=out)
+        assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+        _close(got, paged_decode_reference(q, ws_k, ws_v, rows[:n], valid_last, scaling, softcap, start), TOL[dtype])
+        _close(got, _blocks_dense(q, pools, index, b, n, valid_last, scaling, softcap, start), TOL[dtype])

@@ -12,6 +12,11 @@ Shapes (G = query heads per KV head, one token; same conventions as `offload.att
 and `meta` = int32 (n, valid_last, start) is a device tensor the kernel reads, so one captured launch replays for
 any page count n <= N after `slots`, `meta` and `q` are updated in place. Its buffers come from a `DecodeWorkspace`
 (`paged_decode_workspace`), allocated once.
+
+The pools may also be a block workspace from `offload.kernels.gather.gather_blocks`: [W, Ho, B, D] read as W pages of
+B tokens over Ho heads, with slots = arange(W) and q [Ho, G, D] (G = 1 when each query head has its own blocks).
+`meta` is shared by the heads: every head's first n rows are attended, `valid_last` cuts row n-1 and `start` row 0
+of each head alike.
 """
 
 from __future__ import annotations
