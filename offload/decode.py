@@ -94,11 +94,12 @@ class DeviceDecode:
         self.head_of = torch.arange(self.heads, device=device) // (self.heads // kv_heads)
         self.block_ids = torch.arange(self.per_page, device=device)
         self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
-        # Uses since the last boundary: the step a page was last attended (-1: not since), and the predicted
-        # attention mass of each block per chooser.
-        self.use_step = torch.full((layers, max_pages), NONE, dtype=torch.int64, device=device)
+        # Uses since the last boundary: the step a block was last attended (-1: not since), and the predicted
+        # attention mass of each block per chooser (kept for the score eviction policy alone).
+        self.use_step = torch.full((layers, max_pages * self.per_page), NONE, dtype=torch.int64, device=device)
         self.mass = torch.zeros((layers, max_pages * self.per_page, self.choosers), dtype=torch.float32,
                                 device=device)
+        self.keep_mass = False
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
         # the host, from the view), and the blocks the last sparse step gathered [count, choosers].
@@ -190,16 +191,15 @@ class DeviceDecode:
     def choose(self, layer: int, view: LayerView, fb: int, scores: torch.Tensor, forced: torch.Tensor,
                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
         """Blocks to attend per chooser (int64 [count, choosers] on the device: the fixed ones first, the tail's
-        last), and their use recorded: the predicted mass of every candidate block feeds score eviction, the
-        pages attended LRU."""
-        self.mass_rows[layer].narrow(0, fb, scores.shape[0]).add_(scores)
+        last), and their use recorded: the blocks attended (for LRU, by page at the next boundary) and, where the
+        eviction policy asks for it, the predicted mass of every candidate block."""
+        if self.keep_mass:
+            self.mass_rows[layer].narrow(0, fb, scores.shape[0]).add_(scores)
         if free > 0:
             blocks = torch.cat([forced, torch.topk(scores + bias, free, dim=0).indices.add_(fb), view.tail_blocks])
         else:
             blocks = torch.cat([forced, view.tail_blocks])
-        pages = blocks.view(-1) if self.per_page == 1 else torch.div(blocks.view(-1), self.per_page,
-                                                                      rounding_mode="floor")
-        self.use_rows[layer].index_fill_(0, pages, step)
+        self.use_rows[layer].index_fill_(0, blocks.view(-1), step)
         self.last_blocks = blocks
         return blocks
 
@@ -247,7 +247,7 @@ class DeviceDecode:
         """Hands the uses recorded since the last boundary to the eviction policy's host tables (a device read,
         at page boundaries only), starts a new record, and returns the step each page was last used in (-1: not
         since the last boundary), on the host."""
-        used = self.use_step.to("cpu", copy=True)  # a copy also where the device is the CPU
+        used = self.use_step.view(self.layers, self.max_pages, self.per_page).amax(-1).cpu()
         eviction.absorb(used, self.mass.view(self.layers, self.max_pages, -1).sum(-1).cpu())
         self.use_step.fill_(NONE)
         self.mass.zero_()

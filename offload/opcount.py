@@ -77,13 +77,14 @@ def kv_bytes(model, tokens: int) -> int:
 
 
 def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, steps: int = 1,
-            device_fraction: float = 0.15, model=None, prefill_chunk: int = 512) -> dict:
+            device_fraction: float = 0.15, model=None, prefill_chunk: int = 512, **options) -> dict:
     """Prefills `context - 1` tokens, then counts decode steps of the offloaded cache and of DynamicCache.
 
     The model is a tiny random-weight Llama with `layers` layers (4 query heads over 2 KV heads, head_dim 16,
     float32) unless `model` is given. The offloaded cache holds `device_fraction` of the KV bytes of `context`
     tokens on the device and the rest in host RAM, in pages of `page_size` tokens, with attention `mode`
-    ("exact" or "sparse"). The first step counted appends token `context - 1`, which must not open a page; with
+    ("exact" or "sparse"; in sparse mode every layer runs the sparse step, `dense_layers=0`, unless `options`,
+    further runtime options, say otherwise). The first step counted appends token `context - 1`, which must not open a page; with
     `steps` > 1 the next steps are counted too (choose `context` a multiple of `page_size` to have the second
     step open a page).
 
@@ -115,8 +116,10 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         base = [count_step(model, cache, token) for _ in range(steps)]
     kv = kv_bytes(model, context)
+    if mode == "sparse":
+        options.setdefault("dense_layers", 0)
     with offload(model, device_budget=max(int(device_fraction * kv), 0), host_budget=kv, page_size=page_size,
-                 attention=mode) as rt, torch.no_grad():
+                 attention=mode, **options) as rt, torch.no_grad():
         cache = rt.cache()
         for chunk in ids.split(prefill_chunk, dim=1):
             model(input_ids=chunk, past_key_values=cache, use_cache=True)

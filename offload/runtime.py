@@ -115,6 +115,8 @@ class Runtime:
         self.pm_k, self.pm_v = (w[2 * h:3 * h] for w in work)
         # Head-major [H, h, P, D]: SDPA reads a slice of it without another copy.
         self.hm_k, self.hm_v = (w[3 * h:].view(self.kv_heads, h, self.page_size, self.head_dim) for w in work)
+        if self.decoder is not None:
+            self.decoder.keep_mass = config.eviction == "score"  # the only policy that reads it
         on_host = ((lambda host: self.decoder.attach_host(host.k, host.v)) if isinstance(self.decoder, KernelDecode)
                    else None)
         self.placement = Placement(self.plan, self.shape, config, device_tier, self.engine,

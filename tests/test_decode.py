@@ -41,12 +41,13 @@ LAYOUT = [("host", 3), ("device", 0), ("host", 7), ("host", 0), ("device", 5), (
 TOKENS = 6 * P + 3  # the tail (page 6) holds 3 tokens
 
 
-def _decoders(k: torch.Tensor, v: torch.Tensor) -> list[DeviceDecode]:
-    unified = DeviceDecode((k, v), DEV, 1, 16, HQ, H, torch.device("cpu"))
+def _decoders(k: torch.Tensor, v: torch.Tensor, *blocks) -> list[DeviceDecode]:
+    """(torch backend, kernel backend); `blocks`: (select_block, head_selection) for sparse steps."""
+    unified = DeviceDecode((k, v), DEV, 1, 16, HQ, H, torch.device("cpu"), *blocks)
     # Kernel backend: the device pool with workspace rows after it, the host pool apart.
     dk = torch.cat([k[:DEV], torch.full((WS, H, P, D), float("nan"))])
     dv = torch.cat([v[:DEV], torch.full((WS, H, P, D), float("nan"))])
-    kernels = KernelDecode((dk, dv), DEV, WS, 1, 16, HQ, H, torch.device("cpu"))
+    kernels = KernelDecode((dk, dv), DEV, WS, 1, 16, HQ, H, torch.device("cpu"), *blocks)
     kernels.attach_host(k[DEV:].clone(), v[DEV:].clone())
     return [unified, kernels]
 
@@ -100,29 +101,54 @@ def test_a_view_is_rebuilt_when_the_table_changes_and_only_then() -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["kv", "query", "shared"])
 @pytest.mark.parametrize("window", [False, True])
-def test_sparse_step_attends_over_forced_top_scored_and_tail(backend: str, window: bool) -> None:
+def test_sparse_step_attends_each_head_over_its_own_blocks(backend: str, mode: str, window: bool) -> None:
+    """Blocks of 2 tokens (R = 2 per page): each chooser's fixed, top-scored and tail blocks, and each query head
+    attends over its chooser's blocks alone, cut at a sliding window's start inside the first block."""
+    from offload.sparse import BlockPlan
+
+    B, R, G = 2, 2, HQ // H
     k, v = _pools(2)
-    decoder = _decoders(k, v)[backend == "triton"]
+    decoder = _decoders(k, v, B, mode)[backend == "triton"]
     first = 1 if window else 0
-    off = 2 if window else 0
+    off = 3 if window else 0  # the window starts at token 1 of block 3 (page 1's second block)
     table = _table(LAYOUT, TOKENS, first)
     view = decoder.view(0, table, 7)
-    # Candidates: full pages first..5. Forced: the window's first page and page 5 (the recent window).
-    forced = torch.tensor([first, 5])
-    scores = torch.tensor([0.1, 0.9, 0.05, 0.8, 0.3, 0.2][first:6])
-    bias = torch.zeros(6 - first)
-    bias[forced - first] = float("-inf")
+    fb = (first * P + off) // B
+    plan = BlockPlan(first=first, last=6, valid=TOKENS - 6 * P, fb=fb, nb=6 * R - fb, k_blocks=5,
+                     cut=first * P + off - fb * B)
+    choosers = {"kv": H, "query": HQ, "shared": 1}[mode]
+    fixed = [fb, 11]  # the window's first block and the recent window's
+    forced = torch.tensor(fixed)[:, None].expand(2, choosers)
+    scores = torch.rand((plan.nb, choosers), generator=torch.Generator().manual_seed(4))
+    bias = torch.zeros(plan.nb, 1)
+    bias[[b - fb for b in fixed]] = float("-inf")
     q = torch.randn(1, HQ, 1, D, generator=torch.Generator().manual_seed(3))
-    got = decoder.sparse(0, view, q, first, scores, forced, bias, 2, TOKENS - 6 * P,
-                         first * P + off if window else None, 7, SCALING, None)
-    ranked = sorted((p for p in range(first, 6) if p not in (first, 5)), key=lambda p: -float(scores[p - first]))
-    chosen = sorted({first, 5, *ranked[:2], 6})
-    want = _reference(q, k, v, chosen, first * P + off, TOKENS)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # Host pages read, counted on the device; uses recorded for eviction at the next boundary.
-    assert int(decoder.host_reads) == sum(1 for p in chosen if LAYOUT[p][0] == "host")
-    assert sorted((decoder.use_step[0] == 7).nonzero().flatten().tolist()) == chosen
+    free = plan.k_blocks - len(fixed)
+    got = decoder.sparse(0, view, q, plan, scores, forced, bias, free, 7, SCALING, None)
+
+    lo, tail = first * P + off, [12, 13]
+    want, host_reads, pages_used = [], 0, set()
+    for head in range(HQ):
+        c = {"kv": head // G, "query": head, "shared": 0}[mode]
+        ranked = sorted((b for b in range(fb, 12) if b not in fixed), key=lambda b: -float(scores[b - fb, c]))
+        blocks = sorted({*fixed, *ranked[:free], *tail})
+        pages_used |= {b // R for b in blocks}
+        if mode == "query" or (mode == "kv" and head % G == 0) or (mode == "shared" and head % G == 0):
+            host_reads += sum(1 for b in blocks if b not in tail and LAYOUT[b // R][0] == "host")
+        pos = torch.tensor([b * B + t for b in blocks for t in range(B)])
+        pos = pos[(pos >= lo) & (pos < TOKENS)]
+        idx = torch.tensor([_unified_slot(*LAYOUT[int(p) // P]) for p in pos])
+        kk, vv = k[idx, head // G, pos % P], v[idx, head // G, pos % P]  # [tokens, D]
+        w = torch.softmax((q[0, head, 0] @ kk.t()) * SCALING, dim=-1)
+        want.append(w @ vv)
+    torch.testing.assert_close(got[0, 0], torch.stack(want), atol=1e-5, rtol=1e-5)
+    # Host blocks read (one KV head's block each, per gathered head), counted on the device; uses recorded for
+    # eviction at the next boundary.
+    assert int(decoder.host_reads) == host_reads
+    used = decoder.use_step[0].view(16, R).amax(-1)  # blocks -> pages
+    assert sorted((used == 7).nonzero().flatten().tolist()) == sorted(pages_used)
 
 
 # -- decisions as plain data ---------------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(m
     prompt, pages = (100, 30) if attention == "exact" else (300, 60)
     ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(5))
     opts = dict(attention=attention, page_size=8, device_budget=pages * page_bytes, host_budget="1MiB",
-                token_budget=24, sink_tokens=8, recent_tokens=8)
+                token_budget=24, sink_tokens=8, recent_tokens=8, dense_layers=0)
     with torch.no_grad():
         if attention == "exact":
             ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
@@ -191,7 +217,8 @@ def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(m
             s = rt.stats()
             rt.table.check_invariants()
     assert calls[attention] >= 2 * 7  # every decode step of both layers ran the kernels
-    assert s["resident_bytes"]["host"] > 0 and s["loads"]["needed"] > 0
+    assert s["resident_bytes"]["host"] > 0
+    assert (s["blocks"]["from_host"] if attention == "sparse" else s["loads"]["needed"]) > 0
     if attention == "sparse":
         assert s["attended_fraction"] < 0.2
     assert torch.equal(out, ref)
