@@ -248,16 +248,14 @@ class SparseSelection:
 
         return hidden
 
-    def history_pages(self, layer: int, last: int) -> torch.Tensor | None:
-        """The pages of layer's full pages 0..last-1 holding the blocks its attention history ranks highest (as
-        many per chooser as its last choice held), CPU ids; None without a history or a choice yet."""
+    def history_pages(self, layer: int) -> torch.Tensor | None:
+        """The pages holding the blocks `layer`'s attention history ranks highest, as many per chooser as its last
+        choice held (CPU ids; the runtime keeps those in the window); None without a history or a choice yet."""
         count = self.last_count.get(layer)
-        if self.history is None or count is None or last <= 0:
+        if self.history is None or count is None:
             return None
-        R = self.per_page
-        past = self.history_rows[layer].narrow(0, 0, last * R)
-        top = torch.topk(past, min(past.shape[0], count), dim=0).indices
-        return torch.unique(top.flatten() // R).cpu()
+        top = torch.topk(self.history_rows[layer], count, dim=0).indices
+        return torch.unique(top.flatten() // self.per_page).cpu()
 
     # -- speculation (InfiniGen) -----------------------------------------------------------------------------
     def _install_speculation(self) -> None:

@@ -10,7 +10,7 @@ Each kind has a registry (policies.registry) mapping a name to a class.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -48,11 +48,14 @@ class PrefetchPolicy(ABC):
 
 
 class PrefetchContext:
-    """What a prefetch policy may look at: the previous selection per layer, and a scorer for a predicted query."""
+    """What a prefetch policy may look at: the previous selection per layer, the pages chosen for a speculated
+    query, and the attention history."""
 
     def __init__(self) -> None:
         self.last_selected: dict[int, torch.Tensor] = {}
         self.predicted_pages: dict[int, torch.Tensor] = {}
+        # layer -> pages ranked highest by the attention history (None: no history kept).
+        self.history: Callable[[int], torch.Tensor | None] | None = None
 
 
 class SelectionPolicy(ABC):

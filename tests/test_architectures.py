@@ -328,7 +328,7 @@ def test_sparse_with_a_budget_covering_the_context_equals_exact(arch, tmp_path: 
     ids = prompt_ids(seed=7)
     expected = greedy(model, ids)
     opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1.0, prefetch="speculative",
-                       measure_recall=True)
+                       measure_recall=True, dense_layers=0)
     with offload(model, **opts) as rt:
         got = greedy(model, ids)
         assert_released(rt)
@@ -346,7 +346,7 @@ def test_sparse_with_a_budget_covering_the_window_equals_exact_without_sinks_or_
     ids = prompt_ids(55, seed=2)
     expected = greedy(model, ids)
     opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1.0, sink_tokens=0, recent_tokens=0,
-                       prefetch="none", measure_recall=True)
+                       prefetch="none", measure_recall=True, dense_layers=0)
     with offload(model, **opts) as rt:
         got = greedy(model, ids)
         assert_released(rt)
@@ -354,6 +354,37 @@ def test_sparse_with_a_budget_covering_the_window_equals_exact_without_sinks_or_
     assert torch.equal(got, expected)
     assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["attended_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ["kv", "query"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
+def test_every_block_chosen_per_head_within_sliding_windows_equals_exact(arch, mode, tmp_path: Path, monkeypatch):
+    """Each head's own blocks, every one of the window chosen by score (none fixed but the window's partly hidden
+    first block): the window's start cuts that block on the device step and hides it on the streaming path, and
+    the tokens are those of the model without offloading."""
+    import dataclasses
+
+    from offload.sparse import SparseSelection
+
+    budget = SparseSelection.budget
+
+    def every_block(self, layer, n):
+        plan = budget(self, layer, n)
+        return None if plan is None else dataclasses.replace(plan, k_blocks=plan.nb)
+
+    monkeypatch.setattr(SparseSelection, "budget", every_block)
+    model = tiny(arch)
+    ids = prompt_ids(55, seed=2)
+    expected = greedy(model, ids)
+    opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1, sink_tokens=0, recent_tokens=0,
+                       prefetch="none", measure_recall=True, dense_layers=0, select_block=PAGE // 2,
+                       head_selection=mode)
+    with offload(model, **opts) as rt:
+        got = greedy(model, ids)
+        assert_released(rt)
+        stats = rt.stats()
+    assert torch.equal(got, expected)
+    assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
@@ -364,7 +395,7 @@ def test_score_eviction_in_sparse_mode_with_windows_wider_than_the_budget(arch, 
     model = tiny(arch)
     ids = prompt_ids(100, seed=1)
     opts = three_tiers(model, tmp_path, attention="sparse", eviction="score", prefetch="none",
-                       token_budget=WINDOW + PAGE, sink_tokens=0, recent_tokens=0)
+                       token_budget=WINDOW + PAGE, sink_tokens=0, recent_tokens=0, dense_layers=0)
     with offload(model, **opts) as rt:
         greedy(model, ids, new=10)
         assert_released(rt)
@@ -377,20 +408,21 @@ def test_sparse_selects_within_the_window_and_never_a_released_page(arch, tmp_pa
     ids = prompt_ids(90, seed=8)
     chosen: list[tuple[int, torch.Tensor, int]] = []
     opts = three_tiers(model, tmp_path, attention="sparse", token_budget=2 * PAGE, sink_tokens=PAGE,
-                       recent_tokens=PAGE, host_budget=8 * page_bytes(model))
+                       recent_tokens=PAGE, host_budget=8 * page_bytes(model), dense_layers=0)
     with offload(model, **opts) as rt:
         # Both decode paths: the selection on the host (layers with pages on disk) and on the device.
         choose, on_device = rt.selection.choose, rt.decoder.choose
+        R = rt.selection.per_page
 
-        def spy(layer, q, n, scaling):
-            pages = choose(layer, q, n, scaling)
-            chosen.append((layer, pages, rt._window_first(layer, n)[0]))
-            return pages
+        def spy(layer, q, plan, scaling, guess=False):
+            blocks = choose(layer, q, plan, scaling, guess)
+            chosen.append((layer, blocks // R, plan.first))
+            return blocks
 
-        def spy_device(layer, view, first, *args):
-            pages = on_device(layer, view, first, *args)
-            chosen.append((layer, pages, first))
-            return pages
+        def spy_device(layer, view, fb, *args):
+            blocks = on_device(layer, view, fb, *args)
+            chosen.append((layer, blocks // R, fb // R))
+            return blocks
 
         rt.selection.choose, rt.decoder.choose = spy, spy_device
         greedy(model, ids, new=40)
