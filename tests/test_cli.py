@@ -175,6 +175,10 @@ BAD_OPTIONS = [
     (["--token-budget", "-3"], "--token-budget"),
     (["--page-size", "0"], "--page-size"),
     (["--io-threads", "0"], "--io-threads"),
+    (["--select-block", "24"], "--select-block"),
+    (["--head-selection", "each"], "--head-selection"),
+    (["--dense-layers", "-1"], "--dense-layers"),
+    (["--history", "1.5"], "--history"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
 ]
 
@@ -322,8 +326,8 @@ def test_generate_takes_the_sparse_flags(
     code, out, err = run_cli(
         capsys, "generate", "--model", str(tiny_model_dir), "--prompt", CORPUS, "--max-new-tokens", "8",
         "--disk-dir", str(kv), "--stats", "--no-progress", "--attention", "sparse", "--token-budget", "0.3",
-        "--sink-tokens", "4", "--recent-tokens", "8",
-        "--prefetch", prefetch, "--eviction", "score", *THREE_TIERS,
+        "--sink-tokens", "4", "--recent-tokens", "8", "--dense-layers", "0", "--select-block", "4",
+        "--head-selection", "query", "--prefetch", prefetch, "--eviction", "score", *THREE_TIERS,
     )
     assert code == 0, err
     assert out.strip() and "attended_fraction" in err
