@@ -1,13 +1,16 @@
 """How much attention mass each selection policy covers at a token budget, against an oracle that ranks blocks by
 their true attention mass: per head mode, block size and budget, on SmolLM2 with natural text (CPU, offline).
 
-    python benchmarks/selectors.py --context 2048,4096 --steps 4 --out selectors.json
+    python benchmarks/selectors.py --context 2048,4096 --steps 8 --out selectors.json
+    python benchmarks/selectors.py --texts passkey --out selectors-passkey.json
 
 For each context and text it runs the model with its ordinary DynamicCache, captures each layer's decode queries
 (and the queries of the prompt's last `--warm` tokens, the history a query probe starts from), then evaluates
 every variant offline on the cached keys. A step with t visible tokens attends T = round(budget * t) tokens: the
 tail (the tokens after the last full page) always, the first ceil(sink / B) blocks and the blocks of the recent
-window, and each head's top-scored other blocks up to (T - tail) // B blocks in all. Head modes:
+window (sink 16 and recent 64 tokens, the runtime's defaults), and each head's top-scored other blocks up to
+(T - tail) // B blocks in all; blocks a policy's `keep` flags come first among those (in shared mode, flagged for
+any KV head). Head modes:
 
 - shared: one set of blocks per layer, scored by the bound's softmax over blocks summed over KV heads and rows;
 - kv: each KV head chooses from its query heads' summed scores;
@@ -19,7 +22,8 @@ query head, averaged over heads, steps and texts; per layer, then over layers wi
 pages any head's blocks touch (tail included) as a share of the visible pages: what the step reads.
 
 A variant is a registered selection policy, optionally with class constants overridden: `channels:share=0.125`,
-`probe:decay=0.8:weight=0.3`. Its label is the spec itself.
+`probe:decay=0.8:weight=0.3`. Its label is the spec itself. The policies' constants were chosen so, on text
+further in (`--offset 8192 --budgets 0.1,0.2`), away from the prompts reported by default.
 """
 
 from __future__ import annotations
@@ -196,15 +200,16 @@ def summarize(acc: dict, layers: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", default="2048,4096", help="comma-separated prompt lengths in tokens")
-    ap.add_argument("--steps", type=int, default=4, help="decode steps evaluated per context and text")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps evaluated per context and text")
     ap.add_argument("--warm", type=int, default=32, help="prompt queries a probe starts from")
     ap.add_argument("--variants", default="minmax,channels,landmark,probe", help="comma-separated variant specs")
     ap.add_argument("--blocks", default="16,32,64")
     ap.add_argument("--budgets", default="0.05,0.1,0.2")
     ap.add_argument("--texts", default=",".join(TEXTS),
-                    help="files of benchmarks/data; `passkey`: a pass key hidden mid-way in repeated filler")
+                    help="files of benchmarks/data; `passkey`: a pass key hidden mid-way in repeated filler "
+                         "(a prompt of about the context's length)")
     ap.add_argument("--offset", type=int, default=0, help="tokens of each text skipped before the prompt")
     ap.add_argument("--detail", default="kv,32,0.1", help="mode,block,budget of the per-layer and dense tables")
     ap.add_argument("--out", help="also write the results as JSON")
@@ -231,11 +236,11 @@ def main() -> None:
                 ids = torch.tensor([passkey_ids(tok, context, 0.5, seed=context)[0]])
             else:
                 ids = tok(text, return_tensors="pt").input_ids[:, a.offset:a.offset + context]
-            if ids.shape[1] < context:
-                raise ValueError(f"context: {name} holds {ids.shape[1]} tokens, fewer than {context}")
+                if ids.shape[1] < context:
+                    raise ValueError(f"context: {name} holds {ids.shape[1]} tokens, fewer than {context}")
             keys, queries, warmup = capture(model, ids, a.steps, a.warm)
             evaluate(keys, queries, warmup, variants, blocks, budgets, head_dim ** -0.5, 16, 64, acc, outliers)
-            print(f"context {context} {name}: {time.time() - t0:.0f} s", file=sys.stderr)
+            print(f"context {context} {name} ({ids.shape[1]} tokens): {time.time() - t0:.0f} s", file=sys.stderr)
         summary = summarize(acc, c.num_hidden_layers)
         summary["outlier_share"] = {k: round(sum(v) / len(v), 4) for k, v in outliers.items()}
         result["contexts"][str(context)] = summary
