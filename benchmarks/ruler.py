@@ -174,6 +174,7 @@ class Case:
     expected: list[str]
     # Each inserted needle: its text, its character offset in `prompt`, and its depth in haystack tokens.
     needles: list[dict]
+    span: tuple[int, int]  # the characters of `prompt` that the haystack (needles included) or word list takes
     max_new_tokens: int
     fmt: str
 
@@ -208,12 +209,12 @@ def make_case(tokenizer, task: str, context: int, depth: float | None = 0.5, ind
     rng = random.Random(s)
     target = min(context, max_positions - spec.max_new_tokens)
     if task == "common_words":
-        prompt, expected = _common_words(tokenizer, target, rng, fmt)
+        prompt, expected, span = _common_words(tokenizer, target, rng, fmt)
         needles: list[dict] = []
     else:
         build = _variable_tracking if task == "variable_tracking" else _niah
-        prompt, expected, needles = build(tokenizer, task, target, depth, rng, fmt)
-    return Case(task, context, depth if spec.needles else None, index, s, prompt, expected, needles,
+        prompt, expected, needles, span = build(tokenizer, task, target, depth, rng, fmt)
+    return Case(task, context, depth if spec.needles else None, index, s, prompt, expected, needles, span,
                 spec.max_new_tokens, fmt)
 
 
@@ -236,34 +237,47 @@ def _and(items: list[str]) -> str:
 
 
 def _insert(tokenizer, user_before: str, user_after: str, answer_prefix: str, fmt: str, target: int,
-            placed: list[tuple[float, str]], rng: random.Random) -> tuple[str, list[dict]]:
+            placed: list[tuple[float, str]], rng: random.Random) -> tuple[str, list[dict], tuple[int, int]]:
     """The prompt: `user_before`, a haystack with each (depth, text) of `placed` inserted between sentences at that
-    depth, `user_after`, then the answer prefix; about `target` tokens. Returns it and the needles' records."""
+    depth, `user_after`, then the answer prefix; about `target` tokens and never more. Returns it, the needles'
+    records (in the order of `placed`) and the haystack's span."""
     fixed = count(tokenizer, render(tokenizer, user_before + "\n\n" + user_after, answer_prefix, fmt))
     needle_tokens = sum(count(tokenizer, " " + text) for _, text in placed)
     sents, sizes = haystack(tokenizer, max(0, target - fixed - needle_tokens), rng)
-    total = sum(sizes)
-    bounds = [0]
-    for n in sizes:
-        bounds.append(bounds[-1] + n)  # tokens before each boundary; boundary i is before sentence i
-    at: dict[int, list[str]] = {}
-    for depth, text in placed:
-        i = min(range(len(bounds)), key=lambda j: abs(bounds[j] - depth * total))
-        at.setdefault(i, []).append(text)
-    parts, marks, length = [], [], 0
-    for i in range(len(sents) + 1):
-        for text in at.get(i, []):
-            part = (" " if parts else "") + text
-            marks.append((length + len(part) - len(text), text, bounds[i] / max(1, total)))
-            parts.append(part)
-            length += len(part)
-        if i < len(sents):
-            parts.append(sents[i] if parts else sents[i].lstrip())
-            length += len(parts[-1])
-    user = user_before + "\n\n" + "".join(parts) + "\n\n" + user_after
-    prompt = render(tokenizer, user, answer_prefix, fmt)
-    base = prompt.index(user) + len(user_before) + 2
-    return prompt, [{"text": text, "char": base + c, "depth": d} for c, text, d in marks]
+
+    def build(kept: int) -> tuple[str, list[dict], tuple[int, int]]:
+        total = sum(sizes[:kept])
+        bounds = [0]
+        for n in sizes[:kept]:
+            bounds.append(bounds[-1] + n)  # tokens before each boundary; boundary i is before sentence i
+        at: dict[int, list[int]] = {}
+        for n, (depth, _) in enumerate(placed):
+            i = min(range(len(bounds)), key=lambda j: abs(bounds[j] - depth * total))
+            at.setdefault(i, []).append(n)
+        parts, marks, length = [], {}, 0
+        for i in range(kept + 1):
+            for n in at.get(i, []):
+                text = placed[n][1]
+                part = (" " if parts else "") + text
+                marks[n] = (length + len(part) - len(text), text, bounds[i] / max(1, total))
+                parts.append(part)
+                length += len(part)
+            if i < kept:
+                parts.append(sents[i] if parts else sents[i].lstrip())
+                length += len(parts[-1])
+        user = user_before + "\n\n" + "".join(parts) + "\n\n" + user_after
+        prompt = render(tokenizer, user, answer_prefix, fmt)
+        base = prompt.index(user) + len(user_before) + 2
+        records = [{"text": text, "char": base + c, "depth": d}
+                   for c, text, d in (marks[n] for n in range(len(placed)))]
+        return prompt, records, (base, base + length)
+
+    kept = len(sents)
+    built = build(kept)
+    while kept and count(tokenizer, built[0]) > target:  # the pieces counted apart can come out a token short
+        kept -= 1
+        built = build(kept)
+    return built
 
 
 def _niah(tokenizer, task: str, target: int, depth: float, rng: random.Random, fmt: str):
@@ -286,9 +300,9 @@ def _niah(tokenizer, task: str, target: int, depth: float, rng: random.Random, f
     else:
         question = f"What are all the special magic numbers for {_and(asked)} mentioned in the provided text?"
         prefix = f"The special magic numbers for {_and(asked)} mentioned in the provided text are"
-    prompt, marks = _insert(tokenizer, NIAH_INSTRUCTION, question, prefix, fmt, target,
-                            list(zip(depths, needles)), rng)
-    return prompt, expected, marks
+    prompt, marks, span = _insert(tokenizer, NIAH_INSTRUCTION, question, prefix, fmt, target,
+                                  list(zip(depths, needles)), rng)
+    return prompt, expected, marks, span
 
 
 def _variable_tracking(tokenizer, task: str, target: int, depth, rng: random.Random, fmt: str):
@@ -303,8 +317,9 @@ def _variable_tracking(tokenizer, task: str, target: int, depth, rng: random.Ran
     question = f"Question: Find all variables that are assigned the value {value} in the text above."
     prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
               f"variables are assigned the value {value}, they are:")
-    prompt, marks = _insert(tokenizer, VT_INSTRUCTION, question, prefix, fmt, target, list(zip(depths, chain)), rng)
-    return prompt, names, marks
+    prompt, marks, span = _insert(tokenizer, VT_INSTRUCTION, question, prefix, fmt, target,
+                                  list(zip(depths, chain)), rng)
+    return prompt, names, marks, span
 
 
 _VOCABULARY: list[str] | None = None
@@ -323,7 +338,7 @@ def vocabulary() -> list[str]:
     return _VOCABULARY
 
 
-def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple[str, list[str]]:
+def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple[str, list[str], tuple[int, int]]:
     words = rng.sample(vocabulary(), len(vocabulary()))
     common, rare = words[:COMMON_WORDS], words[COMMON_WORDS:]
     question = f"Question: What are the {COMMON_WORDS} most common words in the above list?"
@@ -334,20 +349,24 @@ def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple
     freq = max(2 * RARE_FREQ, min(COMMON_FREQ, int(target / per_line) // (3 * COMMON_WORDS)))
     base = rng.random()
 
-    def build(n_rare: int) -> str:
+    def build(n_rare: int) -> tuple[str, tuple[int, int]]:
         items = common * freq + rare[:n_rare] * RARE_FREQ
         random.Random(f"{base}|{n_rare}").shuffle(items)
         listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-        return render(tokenizer, CWE_INSTRUCTION + "\n\n" + listing + "\n\n" + question, prefix, fmt)
+        user = CWE_INSTRUCTION + "\n\n" + listing + "\n\n" + question
+        prompt = render(tokenizer, user, prefix, fmt)
+        start = prompt.index(user) + len(CWE_INSTRUCTION) + 2
+        return prompt, (start, start + len(listing))
 
     lo, hi = 0, len(rare)  # the most rare words that keep the prompt within `target`
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count(tokenizer, build(mid)) <= target:
+        if count(tokenizer, build(mid)[0]) <= target:
             lo = mid
         else:
             hi = mid - 1
-    return build(lo), common
+    prompt, span = build(lo)
+    return prompt, common, span
 
 
 def make_cases(tokenizer, tasks: list[str], contexts: list[int], depths: list[float], per_task: int,
