@@ -177,6 +177,7 @@ class Case:
     span: tuple[int, int]  # the characters of `prompt` that the haystack (needles included) or word list takes
     max_new_tokens: int
     fmt: str
+    ask_first: bool  # the question is also asked before the haystack
 
     @property
     def name(self) -> str:
@@ -200,8 +201,10 @@ def case_seed(task: str, context: int, depth: float | None, index: int, seed: in
 
 
 def make_case(tokenizer, task: str, context: int, depth: float | None = 0.5, index: int = 0, seed: int = 0,
-              fmt: str = "chat", max_positions: int = MAX_POSITIONS) -> Case:
-    """One case of `task` whose prompt has about `context` tokens (at most `max_positions` less the answer)."""
+              fmt: str = "chat", ask_first: bool = True, max_positions: int = MAX_POSITIONS) -> Case:
+    """One case of `task` whose prompt has about `context` tokens (at most `max_positions` less the answer).
+    `ask_first`: the question comes before the haystack as well as after it (a small model then knows what to look
+    for while it reads; with the question only at the end, SmolLM2 answers niah_multikey with a distractor)."""
     if task not in TASKS:
         raise ValueError(f"--tasks: unknown task {task!r}; known: {', '.join(TASKS)}")
     spec = TASKS[task]
@@ -209,13 +212,13 @@ def make_case(tokenizer, task: str, context: int, depth: float | None = 0.5, ind
     rng = random.Random(s)
     target = min(context, max_positions - spec.max_new_tokens)
     if task == "common_words":
-        prompt, expected, span = _common_words(tokenizer, target, rng, fmt)
+        prompt, expected, span = _common_words(tokenizer, target, rng, fmt, ask_first)
         needles: list[dict] = []
     else:
         build = _variable_tracking if task == "variable_tracking" else _niah
-        prompt, expected, needles, span = build(tokenizer, task, target, depth, rng, fmt)
+        prompt, expected, needles, span = build(tokenizer, task, target, depth, rng, fmt, ask_first)
     return Case(task, context, depth if spec.needles else None, index, s, prompt, expected, needles, span,
-                spec.max_new_tokens, fmt)
+                spec.max_new_tokens, fmt, ask_first)
 
 
 def _numbers(rng: random.Random, n: int, digits: int) -> list[str]:
@@ -280,7 +283,7 @@ def _insert(tokenizer, user_before: str, user_after: str, answer_prefix: str, fm
     return built
 
 
-def _niah(tokenizer, task: str, target: int, depth: float, rng: random.Random, fmt: str):
+def _niah(tokenizer, task: str, target: int, depth: float, rng: random.Random, fmt: str, ask_first: bool):
     many = 1 if task == "niah_single" else NEEDLES
     keys = _keys(rng, many)
     values = _numbers(rng, many, VALUE_DIGITS)
@@ -300,12 +303,12 @@ def _niah(tokenizer, task: str, target: int, depth: float, rng: random.Random, f
     else:
         question = f"What are all the special magic numbers for {_and(asked)} mentioned in the provided text?"
         prefix = f"The special magic numbers for {_and(asked)} mentioned in the provided text are"
-    prompt, marks, span = _insert(tokenizer, NIAH_INSTRUCTION, question, prefix, fmt, target,
-                                  list(zip(depths, needles)), rng)
+    lead = NIAH_INSTRUCTION + (" " + question if ask_first else "")
+    prompt, marks, span = _insert(tokenizer, lead, question, prefix, fmt, target, list(zip(depths, needles)), rng)
     return prompt, expected, marks, span
 
 
-def _variable_tracking(tokenizer, task: str, target: int, depth, rng: random.Random, fmt: str):
+def _variable_tracking(tokenizer, task: str, target: int, depth, rng: random.Random, fmt: str, ask_first: bool):
     names: list[str] = []
     while len(names) < HOPS + 1:
         name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
@@ -317,8 +320,9 @@ def _variable_tracking(tokenizer, task: str, target: int, depth, rng: random.Ran
     question = f"Question: Find all variables that are assigned the value {value} in the text above."
     prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
               f"variables are assigned the value {value}, they are:")
-    prompt, marks, span = _insert(tokenizer, VT_INSTRUCTION, question, prefix, fmt, target,
-                                  list(zip(depths, chain)), rng)
+    lead = VT_INSTRUCTION + (f" Find all variables that are assigned the value {value} in the text below."
+                             if ask_first else "")
+    prompt, marks, span = _insert(tokenizer, lead, question, prefix, fmt, target, list(zip(depths, chain)), rng)
     return prompt, names, marks, span
 
 
@@ -338,7 +342,8 @@ def vocabulary() -> list[str]:
     return _VOCABULARY
 
 
-def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple[str, list[str], tuple[int, int]]:
+def _common_words(tokenizer, target: int, rng: random.Random, fmt: str,
+                  ask_first: bool) -> tuple[str, list[str], tuple[int, int]]:
     words = rng.sample(vocabulary(), len(vocabulary()))
     common, rare = words[:COMMON_WORDS], words[COMMON_WORDS:]
     question = f"Question: What are the {COMMON_WORDS} most common words in the above list?"
@@ -348,14 +353,15 @@ def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple
     per_line = count(tokenizer, "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words[:300]))) / 300
     freq = max(2 * RARE_FREQ, min(COMMON_FREQ, int(target / per_line) // (3 * COMMON_WORDS)))
     base = rng.random()
+    lead = CWE_INSTRUCTION + (f" What are the {COMMON_WORDS} most common words in the list below?" if ask_first else "")
 
     def build(n_rare: int) -> tuple[str, tuple[int, int]]:
         items = common * freq + rare[:n_rare] * RARE_FREQ
         random.Random(f"{base}|{n_rare}").shuffle(items)
         listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-        user = CWE_INSTRUCTION + "\n\n" + listing + "\n\n" + question
+        user = lead + "\n\n" + listing + "\n\n" + question
         prompt = render(tokenizer, user, prefix, fmt)
-        start = prompt.index(user) + len(CWE_INSTRUCTION) + 2
+        start = prompt.index(user) + len(lead) + 2
         return prompt, (start, start + len(listing))
 
     lo, hi = 0, len(rare)  # the most rare words that keep the prompt within `target`
@@ -370,7 +376,7 @@ def _common_words(tokenizer, target: int, rng: random.Random, fmt: str) -> tuple
 
 
 def make_cases(tokenizer, tasks: list[str], contexts: list[int], depths: list[float], per_task: int,
-               seed: int = 0, fmt: str = "chat") -> list[Case]:
+               seed: int = 0, fmt: str = "chat", ask_first: bool = True) -> list[Case]:
     """Every case of the suite, context by context. Tasks without needles get as many cases as those with, one per
     depth slot."""
     cases = []
@@ -379,9 +385,10 @@ def make_cases(tokenizer, tasks: list[str], contexts: list[int], depths: list[fl
             for d, depth in enumerate(depths):
                 for i in range(per_task):
                     if TASKS[task].needles:
-                        cases.append(make_case(tokenizer, task, context, depth, i, seed, fmt))
+                        cases.append(make_case(tokenizer, task, context, depth, i, seed, fmt, ask_first))
                     else:
-                        cases.append(make_case(tokenizer, task, context, None, d * per_task + i, seed, fmt))
+                        cases.append(make_case(tokenizer, task, context, None, d * per_task + i, seed, fmt,
+                                               ask_first))
     return cases
 
 
@@ -443,7 +450,8 @@ def generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str
 
 def case_row(case: Case, prompt_tokens: int, method: str, output: str, seconds: float, **extra) -> dict:
     return {"case": case.name, "task": case.task, "context": case.context, "prompt_tokens": prompt_tokens,
-            "depth": case.depth, "index": case.index, "seed": case.seed, "expected": case.expected,
+            "depth": case.depth, "needle_depths": [n["depth"] for n in case.needles], "index": case.index,
+            "seed": case.seed, "expected": case.expected,
             "method": method, "config": None, "options": None, "token_budget": None, **extra,
             "output": output, "score": score(output, case.expected), "seconds": seconds}
 
@@ -526,7 +534,8 @@ def summary_markdown(result: dict) -> str:
     tasks = [t for t in TASKS if any(r["task"] == t for r in exact.values())]
     contexts = sorted({r["context"] for r in exact.values()})
     columns = list(dict.fromkeys((r["config"], r["token_budget"]) for r in sparse))
-    lines = [f"# RULER-style suite ({result.get('date')}, {result.get('model')}, format {result.get('format')})", ""]
+    lines = [f"# RULER-style suite ({result.get('date')}, {result.get('model')}, format {result.get('format')}, "
+             f"question {result.get('question')})", ""]
 
     lines += ["## Exact attention: mean score (cases solved / cases)", ""]
     table, unsolved = [], []
@@ -602,8 +611,8 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: all)")
     ap.add_argument("--contexts", help=f"prompt lengths in tokens (default {','.join(map(str, CONTEXTS))})")
     ap.add_argument("--depths", help=f"needle depths (default {','.join(map(str, DEPTHS))})")
@@ -616,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-natural", action="store_true", help="skip the natural-text metrics")
     ap.add_argument("--format", default="chat", choices=("chat", "plain"),
                     help="chat: the tokenizer's chat template, the answer begun in the assistant's turn (default)")
+    ap.add_argument("--question", default="both", choices=("both", "end"),
+                    help="ask the question before the haystack and after it (default), or only at the end")
     ap.add_argument("--continuation", type=int, default=32, help="natural text: teacher-forced tokens")
     ap.add_argument("--device-fraction", type=float, default=0.1, help="share of the KV the device budget holds")
     ap.add_argument("--seed", type=int, default=0)
@@ -668,8 +679,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__} with {torch.get_num_threads()} threads",
               "command": " ".join(sys.argv if argv is None else ["benchmarks/ruler.py", *argv]),
-              "model": a.model or "SmolLM2-135M-Instruct", "format": a.format, "tasks": tasks, "contexts": contexts,
-              "depths": depths, "budgets": [] if a.exact_only else budgets_,
+              "model": a.model or "SmolLM2-135M-Instruct", "format": a.format, "question": a.question,
+              "tasks": tasks, "contexts": contexts, "depths": depths, "budgets": [] if a.exact_only else budgets_,
               "configs": [] if a.exact_only else [{"name": n, "options": o} for n, o in configs],
               "device_fraction": a.device_fraction, "cases": [], "natural": [], "interrupted": False}
 
@@ -682,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     exact_cache: dict[str, tuple[str, float]] = {}  # the prompt -> exact output and seconds (greedy: deterministic)
     try:
         for context in contexts:
-            cases = make_cases(tok, tasks, [context], depths, a.cases_per_task, a.seed, a.format)
+            cases = make_cases(tok, tasks, [context], depths, a.cases_per_task, a.seed, a.format,
+                               a.question == "both")
             for i, case in enumerate(cases):
                 ids = tok(case.prompt, add_special_tokens=False)["input_ids"]
                 if case.prompt not in exact_cache:

@@ -44,15 +44,26 @@ def tokens(tok, text: str) -> int:
     return len(tok(text)["input_ids"])
 
 
-@pytest.mark.parametrize("fmt", ["chat", "plain"])
+@pytest.mark.parametrize(("fmt", "ask_first"), [("chat", True), ("plain", False)])
 @pytest.mark.parametrize("task", list(ruler.TASKS))
 @pytest.mark.parametrize("context", [2048, 8192])
-def test_prompt_has_about_the_asked_tokens(tok, task, context, fmt):
-    case = ruler.make_case(tok, task, context, 0.5, fmt=fmt)
+def test_prompt_has_about_the_asked_tokens(tok, task, context, fmt, ask_first):
+    case = ruler.make_case(tok, task, context, 0.5, fmt=fmt, ask_first=ask_first)
     n = tokens(tok, case.prompt)
     limit = min(context, ruler.MAX_POSITIONS - case.max_new_tokens)
     assert 0.97 * limit <= n <= limit
     assert case.prompt.endswith((" is", " are", ":"))  # the answer is begun
+
+
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_the_question_can_come_first(tok, task):
+    first = ruler.make_case(tok, task, 2048, 0.5, ask_first=True)
+    end = ruler.make_case(tok, task, 2048, 0.5, ask_first=False)
+    assert first.expected == end.expected
+    lead, plain_lead = first.prompt[:first.span[0]], end.prompt[:end.span[0]]
+    assert lead.startswith(plain_lead.rstrip()) and len(lead) > len(plain_lead)
+    asked = {"variable_tracking": r"value (\d+)", "common_words": r"the (\d+) most"}.get(task, r"for (.+) mentioned")
+    assert re.search(asked, lead).group(1) == re.search(asked, first.prompt[first.span[1]:]).group(1)
 
 
 @pytest.mark.parametrize("task", NEEDLE_TASKS)
