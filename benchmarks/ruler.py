@@ -537,6 +537,8 @@ def summary_markdown(result: dict) -> str:
     columns = list(dict.fromkeys((r["config"], r["token_budget"]) for r in sparse))
     lines = [f"# RULER-style suite ({result.get('date')}, {result.get('model')}, format {result.get('format')}, "
              f"question {result.get('question')})", ""]
+    if not exact:
+        return "\n".join(lines + ["No case ran."])
 
     lines += ["## Exact attention: mean score (cases solved / cases)", ""]
     table, unsolved = [], []
