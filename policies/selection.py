@@ -47,7 +47,7 @@ class ChannelsSelection(MinMaxSelection):
     """The min/max bound over the `ceil(share * head_dim)` channels of each head and query row where |q| is largest
     (the other channels' terms are left out, not bounded).
 
-    `share`: on SmolLM2 (benchmarks/selectors.py, prose at 2K and 4K tokens, every head mode, block of 16 to 64
+    `share`: on SmolLM2 (benchmarks/selection_recall.py, prose at 2K and 4K tokens, every head mode, block of 16 to 64
     and budget of 10% and 20%), half the channels keep the recall within 0.001 of minmax in every case; a quarter
     loses up to 0.002 on average and up to 0.006, an eighth 0.004 to 0.006 and up to 0.016."""
 
@@ -70,7 +70,7 @@ class LandmarkSelection(SelectionPolicy):
     key of the block and that mean (the rest zeros). `keep` flags blocks where it falls below `outlier_cosine`.
 
     Being a minimum over the block's keys, it flags a share of blocks about proportional to the block size. At 0.3,
-    on SmolLM2 prose (benchmarks/selectors.py), 2.5% of 16-token blocks, 5% of 32-token blocks and 9-10% of 64-token
+    on SmolLM2 prose (benchmarks/selection_recall.py), 2.5% of 16-token blocks, 5% of 32-token blocks and 9-10% of 64-token
     blocks are outliers, and the recall is 0.003 to 0.006 above minmax on average; with no outliers it is 0.02 below
     (0.05 below with 16-token blocks); at 0.1 (1% of 16-token blocks) 0.005 to 0.007 below; at 0.5 0.002 to 0.007
     above, with 5%, 8% and 15% outliers."""
@@ -100,7 +100,7 @@ class ProbeSelection(MinMaxSelection):
     """`query` keeps per layer the average of its queries decayed by `decay` each step, and returns
     `weight` * q + (1 - weight) * that average (which includes q); a layer's first query is its own average.
 
-    On SmolLM2 prose (benchmarks/selectors.py, the history starting from the prompt's last 32 queries) every blend
+    On SmolLM2 prose (benchmarks/selection_recall.py, the history starting from the prompt's last 32 queries) every blend
     tried (decay 0.5 to 0.98, weight 0.3 to 0.9) is within 0.002 of minmax on average; 0.95 and 0.8 are among the
     best, 0.001 above, and make the heads agree a little more (0.36 of the pages touched against 0.37)."""
 

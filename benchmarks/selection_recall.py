@@ -1,8 +1,8 @@
 """How much attention mass each selection policy covers at a token budget, against an oracle that ranks blocks by
 their true attention mass: per head mode, block size and budget, on SmolLM2 with natural text (CPU, offline).
 
-    python benchmarks/selectors.py --context 2048,4096 --steps 8 --out selectors.json
-    python benchmarks/selectors.py --texts passkey --out selectors-passkey.json
+    python benchmarks/selection_recall.py --context 2048,4096 --steps 8 --out selectors.json
+    python benchmarks/selection_recall.py --texts passkey --out selectors-passkey.json
 
 For each context and text it runs the model with its ordinary DynamicCache, captures each layer's decode queries
 (and the queries of the prompt's last `--warm` tokens, the history a query probe starts from), then evaluates
