@@ -24,6 +24,15 @@ Sparse configurations run only on the cases exact attention solves (score 1), so
 configuration loses; the exact table says what the model itself cannot do. Each configuration runs as
 `offload(model, attention="sparse", token_budget=b, device_budget=..., host_budget=..., **options)` with the device
 holding `--device-fraction` of the KV and the host the rest (as benchmarks/sparse_accuracy.py).
+
+Prompts (`--format`, `--question`): by default the tokenizer's chat template with the answer begun in the
+assistant's turn ("The special magic number for X mentioned in the provided text is"), the question asked before the
+haystack and again after it; on SmolLM2 that solved the most cases of the formats measured (BENCHMARKS.md). A
+context of 8192 tokens gives prompts of 8192 less the task's new tokens, within SmolLM2's window.
+
+Time on a 2-core CPU: a case takes 6-13 s at 2K and 13-25 s at 4K per generation (exact, then each budget and
+configuration on the cases exact solves); an 8K prefill alone takes about 40 s. Exact outputs are kept per prompt
+within a run; each finished case is written to the JSON at once.
 """
 
 from __future__ import annotations
@@ -124,16 +133,16 @@ def books() -> list[list[str]]:
     return _BOOKS
 
 
-_COUNTS: dict[int, list[list[int]]] = {}
+_COUNTS: dict[int, tuple[object, list[list[int]]]] = {}  # id -> (the tokenizer, kept so the id stays its own)
 
 
 def sentence_tokens(tokenizer) -> list[list[int]]:
     """Tokens of each sentence (with its separator), per book; counted once per tokenizer."""
     key = id(tokenizer)
     if key not in _COUNTS:
-        _COUNTS[key] = [[len(ids) for ids in tokenizer(book, add_special_tokens=False)["input_ids"]]
-                        for book in books()]
-    return _COUNTS[key]
+        _COUNTS[key] = (tokenizer, [[len(ids) for ids in tokenizer(book, add_special_tokens=False)["input_ids"]]
+                                    for book in books()])
+    return _COUNTS[key][1]
 
 
 def count(tokenizer, text: str) -> int:
@@ -457,11 +466,12 @@ def case_row(case: Case, prompt_tokens: int, method: str, output: str, seconds: 
 
 
 def natural_rows(model, tokenizer, context: int, budgets_: list[float], configs: list[tuple[str, dict]],
-                 continuation: int, device_fraction: float, log) -> list[dict]:
+                 continuation: int, device_fraction: float, log, emit) -> None:
     """Teacher-forced continuation of prose, per budget and configuration, against exact attention: NLL, top-1
     agreement and host->device traffic from an ordinary run; recall from a second run with measure_recall=True.
     That run takes the streaming decode path, where pages come through the load ring and prefetch acts, so the
-    prefetch hit rate is reported from it too (the ordinary step reads host pages in place, predicting nothing)."""
+    prefetch hit rate is reported from it too (the ordinary step reads host pages in place, predicting nothing).
+    Each row goes to `emit` as soon as it is measured."""
     import torch
     from transformers import DynamicCache
 
@@ -476,7 +486,6 @@ def natural_rows(model, tokenizer, context: int, budgets_: list[float], configs:
     ref_nll = float(-ref.gather(1, cont[:, None]).mean())
     log(f"natural text {ctx} tokens: exact NLL {ref_nll:.3f} in {time.perf_counter() - t0:.1f} s")
     kv = kv_bytes(model, ctx + continuation)
-    rows = []
     for tb in budgets_:
         for name, options in configs:
             runs = {}
@@ -506,12 +515,11 @@ def natural_rows(model, tokenizer, context: int, budgets_: list[float], configs:
                 "recall_run_h2d_bytes_per_token_over_kv": rs["bytes_moved"]["host->device"] / max(1, decode) / kv,
                 "decode_tokens": decode, "seconds": seconds, "recall_seconds": runs[True][2],
             }
-            rows.append(row)
+            emit(row)
             log(f"  {name}@{tb:g}: NLL {row['nll']:.3f} (exact {ref_nll:.3f}), top-1 {row['top1_agreement']:.3f}, "
                 f"recall {row['recall'] if row['recall'] is None else round(row['recall'], 3)}, "
-                f"hit {row['prefetch_hit_rate']:.3f}, h2d/token/KV {row['h2d_bytes_per_token_over_kv']:.4f} "
-                f"in {seconds:.1f} + {runs[True][2]:.1f} s")
-    return rows
+                f"prefetch hit (ring) {row['recall_run_prefetch_hit_rate']:.3f}, "
+                f"h2d/token/KV {row['h2d_bytes_per_token_over_kv']:.4f} in {seconds:.1f} + {runs[True][2]:.1f} s")
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------
@@ -618,7 +626,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: all)")
     ap.add_argument("--contexts", help=f"prompt lengths in tokens (default {','.join(map(str, CONTEXTS))})")
@@ -697,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f, indent=1)
         os.replace(tmp, a.out)
 
+    def emit_natural(row: dict) -> None:
+        result["natural"].append(row)
+        flush()
+
     exact_cache: dict[str, tuple[str, float]] = {}  # the prompt -> exact output and seconds (greedy: deterministic)
     try:
         for context in contexts:
@@ -726,9 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                         flush()
                         log(f"    {name}@{tb:g}: {row['score']:.2f} in {seconds:.1f} s: {out.strip()!r}")
             if not (a.exact_only or a.no_natural):
-                result["natural"] += natural_rows(model, tok, context, budgets_, configs, a.continuation,
-                                                  a.device_fraction, log)
-                flush()
+                natural_rows(model, tok, context, budgets_, configs, a.continuation, a.device_fraction, log,
+                             emit_natural)
     except KeyboardInterrupt:
         result["interrupted"] = True
         log("interrupted: reporting what ran")
