@@ -36,7 +36,7 @@ class OffloadConfig:
     selection: str = "minmax"
     # Sparse mode: tokens always attended at the start (attention sinks) and at the end (recent window).
     sink_tokens: int = 16
-    recent_tokens: int = 64
+    recent_tokens: int = 32
     # Sparse mode: the first layers attend to every page (their attention is diffuse). Chosen by measurement, see
     # README ("Choosing the selection").
     dense_layers: int = 2
