@@ -342,18 +342,26 @@ def test_sparse_with_a_budget_covering_the_window_equals_exact_without_sinks_or_
     """Bug: with token_budget=1.0 (the whole window) and a window edge inside a page, a sliding layer counted the
     window's partly hidden first page as a full page, dropped one page of its window and gave different tokens
     (recall ~0.85); sinks and a recent window covering the window hid it."""
+    stats = _windowed_sparse_equals_exact(arch, tmp_path, token_budget=1.0)
+    assert stats["attended_fraction"] == pytest.approx(1.0)
+
+
+def _windowed_sparse_equals_exact(arch: str, tmp_path: Path, **options) -> dict:
+    """Greedy tokens of sparse attention without sinks or a recent window over three tiers, on a prompt whose
+    windows start inside pages, against the model without offloading; every attended share must be 1.0. Returns
+    the stats."""
     model = tiny(arch)
     ids = prompt_ids(55, seed=2)
     expected = greedy(model, ids)
-    opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1.0, sink_tokens=0, recent_tokens=0,
-                       prefetch="none", measure_recall=True, dense_layers=0)
+    opts = three_tiers(model, tmp_path, attention="sparse", sink_tokens=0, recent_tokens=0, prefetch="none",
+                       measure_recall=True, dense_layers=0, **options)
     with offload(model, **opts) as rt:
         got = greedy(model, ids)
         assert_released(rt)
         stats = rt.stats()
     assert torch.equal(got, expected)
     assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
-    assert stats["attended_fraction"] == pytest.approx(1.0)
+    return stats
 
 
 @pytest.mark.parametrize("mode", ["kv", "query"])
@@ -373,18 +381,9 @@ def test_every_block_chosen_per_head_within_sliding_windows_equals_exact(arch, m
         return None if plan is None else dataclasses.replace(plan, k_blocks=plan.nb)
 
     monkeypatch.setattr(SparseSelection, "budget", every_block)
-    model = tiny(arch)
-    ids = prompt_ids(55, seed=2)
-    expected = greedy(model, ids)
-    opts = three_tiers(model, tmp_path, attention="sparse", token_budget=1, sink_tokens=0, recent_tokens=0,
-                       prefetch="none", measure_recall=True, dense_layers=0, select_block=PAGE // 2,
-                       head_selection=mode)
-    with offload(model, **opts) as rt:
-        got = greedy(model, ids)
-        assert_released(rt)
-        stats = rt.stats()
-    assert torch.equal(got, expected)
-    assert stats["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    stats = _windowed_sparse_equals_exact(arch, tmp_path, token_budget=1, select_block=PAGE // 2,
+                                          head_selection=mode)
+    assert stats["blocks"]["attended"] > 0  # the device step chose blocks
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
