@@ -3,6 +3,7 @@ their true attention mass: per head mode, block size and budget, on SmolLM2 with
 
     python benchmarks/selection_recall.py --context 2048,4096 --steps 8 --out selectors.json
     python benchmarks/selection_recall.py --texts passkey --out selectors-passkey.json
+    python benchmarks/selection_recall.py --variants minmax --blocks 16 --allocation uniform,cover,cover:each=1,greedy
 
 For each context and text it runs the model with its ordinary DynamicCache, captures each layer's decode queries
 (and the queries of the prompt's last `--warm` tokens, the history a query probe starts from), then evaluates
@@ -20,6 +21,38 @@ Recall is the true attention mass (dense softmax over every visible key) of the 
 query head, averaged over heads, steps and texts; per layer, then over layers with the first 0..3 layers dense
 (over the sparse layers only, and over all layers with the dense ones counted as 1.0). `pages` is the union of the
 pages any head's blocks touch (tail included) as a share of the visible pages: what the step reads.
+
+`--allocation` instead splits the token budget unevenly between the sparse layers (the layers after the first
+`--dense`), at the same total: each step, the uniform count of blocks per layer U = (round(b * t) - tail) // B
+(never fewer than the forced blocks nor more than all), times the sparse layers, is shared out between them,
+each layer's count kept within [lo * U, hi * U] (default 0.5 and 3) and at least its forced blocks; then each
+chooser of a layer (`--mode`) takes its best-scored blocks up to that count. b is the budget itself
+(accounting "sparse": the dense layers left out) or what a budget over all layers leaves after the dense layers'
+full attention, (L * budget - dense) / (L - dense) (accounting "all"). Rules, from each chooser's predicted
+shares (its softmax over blocks of the bounds, summed over its query heads and normalised):
+
+- uniform: U everywhere (the baseline; the first rule listed is the one the deltas are against);
+- cover (`share`, default 0.8): counts proportional to the blocks a layer needs (forced ones first, then the best
+  scored, averaged over choosers) to reach `share` of the predicted mass;
+- entropy: proportional to exp(entropy) of the predicted shares (the effective number of blocks);
+- greedy: the largest marginal predicted shares across layers (equal marginal share in every layer);
+- pyramid (`ratio`, default 3): linear in depth, the first sparse layer `ratio` times the last (PyramidKV);
+- oracle: greedy on the true recall of the blocks in the selection's order, each step (a ceiling, not a rule);
+- profile: a fixed per-layer profile, the oracle's mean shares in an earlier run (`--profile`, e.g. on text
+  further in: `--offset 8192`).
+
+A rule is estimated at the first decode step and its weights kept for the sequence, or every step with `each=1`:
+`cover:share=0.9:each=1`, `oracle:lo=0:hi=100`. The report gives recall over all layers (the dense ones 1.0),
+over the sparse ones, the share of visible tokens attended, and the per-layer shares and recall.
+
+On SmolLM2 (minmax, kv, 16-token blocks, 2 dense layers, 32 steps; results/allocation-cpu.json and
+allocation-passkey-cpu.json, the profile from allocation-calibration-cpu.json at --offset 8192), over contexts of
+2K, 4K and 8K and budgets of 5% to 20%, the recall over all layers gains on prose 0.009 to 0.012 on average with
+greedy (0.003 to 0.023), 0.012 to 0.014 with the profile (0.006 to 0.027), 0.006 to 0.007 with cover, against 0.017 to
+0.022 for the oracle; on the pass key prompt the oracle gains 0.006, greedy 0.002, and cover and entropy lose up to
+0.04 at the smallest budgets (they take blocks from layers the key needs). Estimated every step instead of once,
+greedy gains about 0.002 more on prose. (Averages leave out 2K at 10% over all layers, where the uniform budget is
+below the forced blocks and no rule has anything to move.)
 
 A variant is a registered selection policy, optionally with class constants overridden: `channels:share=0.125`,
 `probe:decay=0.8:weight=0.3`. Its label is the spec itself. The policies' constants were chosen so, on text
@@ -39,6 +72,7 @@ sys.path[0] = ROOT
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
@@ -185,6 +219,233 @@ def evaluate(keys, queries, warmup, variants: list[str], blocks: list[int], budg
                         cell["pages"].append(pages)
 
 
+ALLOCATIONS = {"uniform": {}, "cover": {"share": 0.8}, "entropy": {}, "greedy": {}, "pyramid": {"ratio": 3.0},
+               "oracle": {}, "profile": {}}
+
+
+def parse_allocation(spec: str) -> dict:
+    """A rule from `name[:key=value...]`: `each=1` re-estimates it every step (default: at the first decode step,
+    then kept), `lo`/`hi` bound a layer's blocks to that share of the uniform count (default 0.5 and 3)."""
+    name, *sets = spec.split(":")
+    if name not in ALLOCATIONS:
+        raise ValueError(f"allocation: {name!r} is none of {', '.join(ALLOCATIONS)}")
+    rule = {"name": name, "each": 0.0, "lo": 0.5, "hi": 3.0, **ALLOCATIONS[name]}
+    for item in sets:
+        key, value = item.split("=")
+        if key not in rule or key == "name":
+            raise ValueError(f"allocation: {name} has no option {key!r}")
+        rule[key] = float(value)
+    return rule
+
+
+def apportion(weight: torch.Tensor, pool: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Integer counts within [lo, hi] summing to `pool` (when the bounds allow it), proportional to `weight` where
+    no bound binds: clamp(x * weight, lo, hi) with x found by bisection, then largest remainders."""
+    w = weight.double().clamp_min(1e-12)
+    lo, hi = lo.double(), hi.double()
+    if pool <= lo.sum():
+        return lo.long()
+    if pool >= hi.sum():
+        return hi.long()
+    a, b = 0.0, float((hi / w).max()) + 1.0
+    for _ in range(100):
+        x = (a + b) / 2
+        a, b = (x, b) if float(torch.clamp(x * w, lo, hi).sum()) < pool else (a, x)
+    k = torch.clamp(b * w, lo, hi)
+    base = k.floor()
+    short = int(pool - base.sum())
+    if short > 0:
+        room = (k - base).masked_fill(base >= hi, -1.0)
+        base[room.topk(short).indices] += 1
+    elif short < 0:
+        over = (k - base).masked_fill(base <= lo, 2.0)
+        base[over.topk(-short, largest=False).indices] -= 1
+    return base.long()
+
+
+def greedy(curve: torch.Tensor, pool: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """curve [n, M + 1] (a layer's gain with k = 0..M extra blocks) -> extra blocks per layer within [lo, hi] and
+    `pool` in all, taking the largest marginal gains across layers (the best split when the curves are concave)."""
+    gain = curve.diff(dim=-1)
+    j = torch.arange(gain.shape[-1])
+    gain = gain.masked_fill(j < lo[:, None], float("inf")).masked_fill(j >= hi[:, None], float("-inf"))
+    take = min(max(pool, int(lo.sum())), int(hi.sum()))
+    picked = torch.zeros(gain.numel(), dtype=torch.long)
+    picked[gain.flatten().topk(take).indices] = 1
+    return picked.view(gain.shape).sum(-1)
+
+
+def profile_weights(profile: dict | None, spec: str, B: int, budget: float, accounting: str,
+                    dense: int) -> torch.Tensor:
+    """The sparse layers' shares under the oracle of an earlier --allocation run (`--profile`), averaged over its
+    contexts, for the same variant, block, budget and accounting: a fixed per-model profile."""
+    if profile is None:
+        raise ValueError("allocation: profile needs --profile, the JSON of an earlier run with the oracle rule")
+    try:
+        shares = [by_variant[spec][str(B)][str(budget)][accounting]["oracle"]["attended_per_layer"][dense:]
+                  for by_variant in profile["contexts"].values()]
+    except KeyError as e:
+        raise ValueError(f"profile: no oracle entry for {spec}, {B}, {budget}, {accounting}") from e
+    return torch.tensor(shares, dtype=torch.float64).mean(0)
+
+
+def curves(mass: torch.Tensor, tail: torch.Tensor, score: torch.Tensor, forced: torch.Tensor, mode: str):
+    """For each layer, as the choosers add their best-scored other blocks one by one (k = 0..M): the true recall
+    [L, M + 1] (averaged over query heads), and each chooser's predicted share of its own normalised scores
+    [L, C, M + 1], both counting the forced blocks (and the tail, for the true recall) from k = 0. Also the
+    choosers' normalised scores [L, C, nb]."""
+    L, H, G, nb = mass.shape
+    s = group(score, mode)
+    M = nb - int(forced.sum())
+    order = s.masked_fill(forced, float("-inf")).argsort(dim=-1, descending=True)[..., :M]
+    base = mass[..., forced].sum(-1) + tail
+    got = mass.gather(-1, order.expand(L, H, G, M))
+    true = torch.cat([base[..., None], base[..., None] + got.cumsum(-1)], dim=-1).mean(dim=(1, 2))
+    share = s / s.sum(-1, keepdim=True)
+    pbase = share[..., forced].sum(-1)
+    pred = torch.cat([pbase[..., None], pbase[..., None] + share.gather(-1, order).cumsum(-1)], dim=-1)
+    return true, pred.flatten(1, 2), share.flatten(1, 2)
+
+
+def evaluate_allocation(keys, queries, warmup, variants: list[str], blocks: list[int], budgets: list[float],
+                        scaling: float, sink: int, recent: int, rules: list[str], mode: str, dense: int, text: str,
+                        acc: dict, profile: dict | None = None) -> None:
+    """Per-layer recall and attended share of every (variant, block, budget, accounting, allocation rule) for
+    every step, added to `acc`. The first `dense` layers attend to everything. A rule splits the sparse layers'
+    blocks (the uniform count per layer times their number; a layer never gets fewer than its forced blocks nor
+    more than all of them) between them; `accounting` "all" gives the sparse layers what the budget over all
+    layers leaves after the dense ones, "sparse" the budget itself."""
+    L, H, T, D = keys.shape
+    steps, _, Hq, _ = queries.shape
+    G = Hq // H
+    prompt = T - steps
+    sparse = L - dense
+    parsed = {spec: parse_allocation(spec) for spec in rules}
+    policies = {spec: make_variant(spec) for spec in variants}
+    for policy in policies.values():
+        policy.reset()
+        for q in warmup:
+            for layer in range(L):
+                policy.query(layer, q[layer].view(H, G, D))
+    most = (T - 1) // PAGE * PAGE
+    flat = keys.reshape(L * H, T, D)
+    summaries = {(spec, B): policy.summarize(flat[:, :most].reshape(L * H, most // B, B, D).transpose(0, 1))
+                 for spec, policy in policies.items() for B in blocks}
+    kept: dict = {}  # the weights of the rules estimated once, from the first step
+    for step in range(steps):
+        t = prompt + step + 1
+        last = (t - 1) // PAGE
+        valid = t - last * PAGE
+        q = queries[step].view(L, H, G, D)
+        p = torch.softmax(torch.einsum("lhgd,lhtd->lhgt", q, keys[:, :, :t]) * scaling, dim=-1)
+        probes = {spec: torch.stack([policy.query(layer, q[layer]) for layer in range(L)]).view(L * H, G, D)
+                  for spec, policy in policies.items()}
+        for B in blocks:
+            nb = last * PAGE // B
+            mass = p[..., :nb * B].reshape(L, H, G, nb, B).sum(-1)
+            tail = p[..., nb * B:].sum(-1)
+            forced = torch.zeros(nb, dtype=torch.bool)
+            forced[: -(-sink // B)] = True
+            if recent > valid:
+                forced[max(0, nb - -(-(recent - valid) // B)):] = True
+            nf = int(forced.sum())
+            for spec, policy in policies.items():
+                s = summaries[spec, B][:nb]
+                score = torch.softmax(policy.bound(probes[spec], s, scaling), dim=0).permute(1, 2, 0)
+                true, pred, share = curves(mass, tail, score.reshape(L, H, G, nb), forced, mode)
+                true, pred, share = true[dense:], pred[dense:], share[dense:]
+                for budget in budgets:
+                    for accounting in ("all", "sparse"):
+                        mean = budget if accounting == "sparse" else (L * budget - dense) / sparse
+                        if mean <= 0:
+                            continue
+                        uniform = min(max((int(round(mean * t)) - valid) // B, nf), nb)
+                        pool = sparse * uniform
+                        lo = torch.full((sparse,), uniform)
+                        hi = lo.clone()
+                        for spec_rule, rule in parsed.items():
+                            lo.fill_(min(max(nf, math.ceil(rule["lo"] * uniform)), uniform))
+                            hi.fill_(max(min(nb, math.floor(rule["hi"] * uniform)), uniform))
+                            key = (spec, B, budget, accounting, spec_rule)
+                            name = rule["name"]
+                            if name == "uniform" or uniform >= nb:
+                                count = torch.full((sparse,), uniform)
+                            elif name == "oracle":
+                                count = nf + greedy(true, pool - sparse * nf, lo - nf, hi - nf)
+                            elif name == "greedy" and (rule["each"] or key not in kept):
+                                count = nf + greedy(pred.mean(1), pool - sparse * nf, lo - nf, hi - nf)
+                                kept.setdefault(key, count.double())
+                            else:
+                                weight = kept.get(key) if not rule["each"] else None
+                                if weight is None:
+                                    if name == "cover":
+                                        weight = nf + (pred < rule["share"]).sum(-1).double().mean(-1)
+                                    elif name == "entropy":
+                                        ent = -(share * share.clamp_min(1e-30).log()).sum(-1)
+                                        weight = ent.exp().mean(-1)
+                                    elif name == "pyramid":
+                                        weight = torch.linspace(rule["ratio"], 1.0, sparse)
+                                    elif name == "profile":
+                                        weight = profile_weights(profile, spec, B, budget, accounting, dense)
+                                    else:
+                                        weight = kept[key]
+                                    kept.setdefault(key, weight)
+                                count = apportion(weight, pool, lo, hi)
+                            extra = (count - nf).clamp(0, true.shape[1] - 1)
+                            recall = torch.cat([torch.ones(dense), true.gather(1, extra[:, None])[:, 0]])
+                            attended = torch.cat([torch.ones(dense), (valid + B * count.double()) / t])
+                            cell = acc.setdefault(key, {})
+                            cell.setdefault(text, {"recall": [], "attended": []})
+                            cell[text]["recall"].append(recall.float())
+                            cell[text]["attended"].append(attended.float())
+
+
+def summarize_allocation(acc: dict, dense: int) -> dict:
+    """{variant: {block: {budget: {accounting: {rule: ...}}}}}: recall over all layers (the dense ones 1.0) and
+    over the sparse ones, attended share over all layers and over the sparse ones, per layer, and per text."""
+    out: dict = {}
+    for (spec, B, budget, accounting, rule), cell in acc.items():
+        per_text = {text: (torch.stack(c["recall"]).mean(0), torch.stack(c["attended"]).mean(0))
+                    for text, c in cell.items()}
+        recall = torch.stack([r for r, _ in per_text.values()]).mean(0)
+        attended = torch.stack([a for _, a in per_text.values()]).mean(0)
+        entry = {"recall": round(float(recall.mean()), 4), "recall_sparse": round(float(recall[dense:].mean()), 4),
+                 "attended": round(float(attended.mean()), 4),
+                 "attended_sparse": round(float(attended[dense:].mean()), 4),
+                 "recall_per_layer": [round(float(x), 4) for x in recall],
+                 "attended_per_layer": [round(float(x), 4) for x in attended],
+                 "texts": {text: round(float(r.mean()), 4) for text, (r, _) in per_text.items()}}
+        out.setdefault(spec, {}).setdefault(str(B), {}).setdefault(str(budget), {}).setdefault(
+            accounting, {})[rule] = entry
+    return out
+
+
+def report_allocation(context: int, summary: dict, rules: list[str], dense: int) -> None:
+    for spec, by_block in summary.items():
+        for B, by_budget in by_block.items():
+            print(f"\n### context {context}, {spec}, {B}-token blocks, first {dense} layers dense: recall over all "
+                  "layers (vs uniform), over the sparse layers, share attended over all layers / sparse layers\n")
+            rows = []
+            for budget, by_acc in by_budget.items():
+                for accounting, cells in by_acc.items():
+                    base = cells[rules[0]]["recall"]
+                    for rule in rules:
+                        e = cells[rule]
+                        rows.append([f"{float(budget):g}", accounting, rule, f"{e['recall']:.4f}",
+                                     f"{e['recall'] - base:+.4f}", f"{e['recall_sparse']:.4f}",
+                                     f"{e['attended']:.4f} / {e['attended_sparse']:.4f}"])
+            print("\n".join(markdown_table(["budget", "accounting", "rule", "recall", "delta", "sparse",
+                                            "attended"], rows)))
+            for budget, by_acc in by_budget.items():
+                cells = by_acc["sparse"]
+                print(f"\n### context {context}, {spec}, {B}, budget {float(budget):g} over the sparse layers: "
+                      "share attended per layer (recall)\n")
+                L = len(cells[rules[0]]["recall_per_layer"])
+                print("\n".join(markdown_table(["layer", *rules], [
+                    [str(i), *(f"{cells[r]['attended_per_layer'][i]:.3f} ({cells[r]['recall_per_layer'][i]:.3f})"
+                               for r in rules)] for i in range(L)])))
+
+
 def summarize(acc: dict, layers: int) -> dict:
     out = {}
     for (name, mode, B, budget), cell in acc.items():
@@ -197,6 +458,15 @@ def summarize(acc: dict, layers: int) -> dict:
                                 for d in range(4)}
         out.setdefault(name, {}).setdefault(mode, {}).setdefault(str(B), {})[str(budget)] = entry
     return out
+
+
+def prompt_ids(tok, name: str, text: str | None, context: int, offset: int) -> torch.Tensor:
+    if text is None:
+        return torch.tensor([passkey_ids(tok, context, 0.5, seed=context)[0]])
+    ids = tok(text, return_tensors="pt").input_ids[:, offset:offset + context]
+    if ids.shape[1] < context:
+        raise ValueError(f"context: {name} holds {ids.shape[1]} tokens, fewer than {context}")
+    return ids
 
 
 def main() -> None:
@@ -212,8 +482,20 @@ def main() -> None:
                          "(a prompt of about the context's length)")
     ap.add_argument("--offset", type=int, default=0, help="tokens of each text skipped before the prompt")
     ap.add_argument("--detail", default="kv,32,0.1", help="mode,block,budget of the per-layer and dense tables")
+    ap.add_argument("--allocation", help="comma-separated rules splitting the token budget between the sparse "
+                    "layers (the first `uniform`, the baseline): instead of the comparison of policies, the recall "
+                    "of --variants in --mode under each rule (see the docstring)")
+    ap.add_argument("--mode", default="kv", choices=MODES, help="head mode of --allocation")
+    ap.add_argument("--dense", type=int, default=2, help="first layers attending densely, for --allocation")
+    ap.add_argument("--profile", help="JSON of an earlier --allocation run with the oracle rule, for the profile "
+                    "rule")
     ap.add_argument("--out", help="also write the results as JSON")
     a = ap.parse_args()
+    profile = json.load(open(a.profile)) if a.profile else None
+    rules = a.allocation.split(",") if a.allocation else None
+    for spec in rules or ():
+        if parse_allocation(spec)["name"] == "profile" and not a.profile:
+            raise ValueError("allocation: profile needs --profile, the JSON of an earlier run with the oracle rule")
     variants = a.variants.split(",")
     blocks = [int(x) for x in a.blocks.split(",")]
     budgets = [float(x) for x in a.budgets.split(",")]
@@ -231,13 +513,19 @@ def main() -> None:
     for context in (int(x) for x in a.context.split(",")):
         acc: dict = {}
         outliers: dict = {}
+        if rules:
+            for name, text in texts.items():
+                ids = prompt_ids(tok, name, text, context, a.offset)
+                keys, queries, warmup = capture(model, ids, a.steps, a.warm)
+                evaluate_allocation(keys, queries, warmup, variants, blocks, budgets, head_dim ** -0.5, 16, 64,
+                                    rules, a.mode, a.dense, name, acc, profile)
+                print(f"context {context} {name} ({ids.shape[1]} tokens): {time.time() - t0:.0f} s", file=sys.stderr)
+            summary = summarize_allocation(acc, a.dense)
+            result["contexts"][str(context)] = summary
+            report_allocation(context, summary, rules, a.dense)
+            continue
         for name, text in texts.items():
-            if text is None:
-                ids = torch.tensor([passkey_ids(tok, context, 0.5, seed=context)[0]])
-            else:
-                ids = tok(text, return_tensors="pt").input_ids[:, a.offset:a.offset + context]
-                if ids.shape[1] < context:
-                    raise ValueError(f"context: {name} holds {ids.shape[1]} tokens, fewer than {context}")
+            ids = prompt_ids(tok, name, text, context, a.offset)
             keys, queries, warmup = capture(model, ids, a.steps, a.warm)
             evaluate(keys, queries, warmup, variants, blocks, budgets, head_dim ** -0.5, 16, 64, acc, outliers)
             print(f"context {context} {name} ({ids.shape[1]} tokens): {time.time() - t0:.0f} s", file=sys.stderr)
