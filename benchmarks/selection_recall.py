@@ -158,14 +158,14 @@ def group(score: torch.Tensor, mode: str) -> torch.Tensor:
     return score
 
 
-def evaluate(keys, queries, warmup, variants: list[str], blocks: list[int], budgets: list[float], scaling: float,
-             sink: int, recent: int, acc: dict, outliers: dict) -> None:
-    """Adds per-layer recall and page shares of every (variant, mode, block, budget) for every step to `acc`."""
+def _steps(keys, queries, warmup, policies: dict, blocks: list[int], scaling: float, sink: int, recent: int):
+    """Per decode step and block size: (t tokens, the tail page `last` and its `valid` tokens, B, full-page blocks
+    nb, the true attention mass per block [L, H, G, nb] and of the tail [L, H, G], the forced blocks (sinks and the
+    recent window, bool [nb]), each policy's probe queries [L*H, G, D] and the block summaries per (policy, B))."""
     L, H, T, D = keys.shape
     steps, _, Hq, _ = queries.shape
     G = Hq // H
     prompt = T - steps
-    policies = {spec: make_variant(spec) for spec in variants}
     for policy in policies.values():
         policy.reset()
         for q in warmup:  # [L, Hq, D]: the prompt's last queries, oldest first
@@ -191,32 +191,43 @@ def evaluate(keys, queries, warmup, variants: list[str], blocks: list[int], budg
             forced[: -(-sink // B)] = True
             if recent > valid:
                 forced[max(0, nb - -(-(recent - valid) // B)):] = True
-            scores = {"oracle": (mass, None)}
-            for spec, policy in policies.items():
-                s = summaries[spec, B][:nb]
-                bound = policy.bound(probes[spec], s, scaling)  # [nb, L*H, G]
-                score = torch.softmax(bound, dim=0).permute(1, 2, 0).reshape(L, H, G, nb)
-                keep = policy.keep(s)
-                if keep is not None:
-                    keep = keep.t().reshape(L, H, 1, nb)
-                    outliers.setdefault(f"{spec} B={B}", []).append(float(keep.float().mean()))
-                scores[spec] = (score, keep)
-            for budget in budgets:
-                k_blocks = (int(round(budget * t)) - valid) // B
-                free = k_blocks - int(forced.sum())
-                for name, (score, keep) in scores.items():
-                    for mode in MODES:
-                        if k_blocks >= nb:
-                            recall, pages = torch.ones(L), torch.ones(L)
-                        else:
-                            kept = None if keep is None else (keep.any(1, keepdim=True) if mode == "shared" else keep)
-                            chosen = choose(group(score, mode), forced, kept, free).expand(L, H, G, nb)
-                            recall = ((mass * chosen).sum(-1) + tail).mean(dim=(1, 2))
-                            touched = chosen.any(1).any(1).view(L, last, PAGE // B).any(-1).sum(-1)
-                            pages = (touched + 1) / (last + 1)
-                        cell = acc.setdefault((name, mode, B, budget), {"recall": [], "pages": []})
-                        cell["recall"].append(recall)
-                        cell["pages"].append(pages)
+            yield t, last, valid, B, nb, mass, tail, forced, probes, summaries
+
+
+def evaluate(keys, queries, warmup, variants: list[str], blocks: list[int], budgets: list[float], scaling: float,
+             sink: int, recent: int, acc: dict, outliers: dict) -> None:
+    """Adds per-layer recall and page shares of every (variant, mode, block, budget) for every step to `acc`."""
+    L, H, T, D = keys.shape
+    G = queries.shape[2] // H
+    policies = {spec: make_variant(spec) for spec in variants}
+    for t, last, valid, B, nb, mass, tail, forced, probes, summaries in _steps(
+            keys, queries, warmup, policies, blocks, scaling, sink, recent):
+        scores = {"oracle": (mass, None)}
+        for spec, policy in policies.items():
+            s = summaries[spec, B][:nb]
+            bound = policy.bound(probes[spec], s, scaling)  # [nb, L*H, G]
+            score = torch.softmax(bound, dim=0).permute(1, 2, 0).reshape(L, H, G, nb)
+            keep = policy.keep(s)
+            if keep is not None:
+                keep = keep.t().reshape(L, H, 1, nb)
+                outliers.setdefault(f"{spec} B={B}", []).append(float(keep.float().mean()))
+            scores[spec] = (score, keep)
+        for budget in budgets:
+            k_blocks = (int(round(budget * t)) - valid) // B
+            free = k_blocks - int(forced.sum())
+            for name, (score, keep) in scores.items():
+                for mode in MODES:
+                    if k_blocks >= nb:
+                        recall, pages = torch.ones(L), torch.ones(L)
+                    else:
+                        kept = None if keep is None else (keep.any(1, keepdim=True) if mode == "shared" else keep)
+                        chosen = choose(group(score, mode), forced, kept, free).expand(L, H, G, nb)
+                        recall = ((mass * chosen).sum(-1) + tail).mean(dim=(1, 2))
+                        touched = chosen.any(1).any(1).view(L, last, PAGE // B).any(-1).sum(-1)
+                        pages = (touched + 1) / (last + 1)
+                    cell = acc.setdefault((name, mode, B, budget), {"recall": [], "pages": []})
+                    cell["recall"].append(recall)
+                    cell["pages"].append(pages)
 
 
 ALLOCATIONS = {"uniform": {}, "cover": {"share": 0.8}, "entropy": {}, "greedy": {}, "pyramid": {"ratio": 3.0},
@@ -316,88 +327,63 @@ def evaluate_allocation(keys, queries, warmup, variants: list[str], blocks: list
     more than all of them) between them; `accounting` "all" gives the sparse layers what the budget over all
     layers leaves after the dense ones, "sparse" the budget itself."""
     L, H, T, D = keys.shape
-    steps, _, Hq, _ = queries.shape
-    G = Hq // H
-    prompt = T - steps
+    G = queries.shape[2] // H
     sparse = L - dense
     parsed = {spec: parse_allocation(spec) for spec in rules}
     policies = {spec: make_variant(spec) for spec in variants}
-    for policy in policies.values():
-        policy.reset()
-        for q in warmup:
-            for layer in range(L):
-                policy.query(layer, q[layer].view(H, G, D))
-    most = (T - 1) // PAGE * PAGE
-    flat = keys.reshape(L * H, T, D)
-    summaries = {(spec, B): policy.summarize(flat[:, :most].reshape(L * H, most // B, B, D).transpose(0, 1))
-                 for spec, policy in policies.items() for B in blocks}
     kept: dict = {}  # the weights of the rules estimated once, from the first step
-    for step in range(steps):
-        t = prompt + step + 1
-        last = (t - 1) // PAGE
-        valid = t - last * PAGE
-        q = queries[step].view(L, H, G, D)
-        p = torch.softmax(torch.einsum("lhgd,lhtd->lhgt", q, keys[:, :, :t]) * scaling, dim=-1)
-        probes = {spec: torch.stack([policy.query(layer, q[layer]) for layer in range(L)]).view(L * H, G, D)
-                  for spec, policy in policies.items()}
-        for B in blocks:
-            nb = last * PAGE // B
-            mass = p[..., :nb * B].reshape(L, H, G, nb, B).sum(-1)
-            tail = p[..., nb * B:].sum(-1)
-            forced = torch.zeros(nb, dtype=torch.bool)
-            forced[: -(-sink // B)] = True
-            if recent > valid:
-                forced[max(0, nb - -(-(recent - valid) // B)):] = True
-            nf = int(forced.sum())
-            for spec, policy in policies.items():
-                s = summaries[spec, B][:nb]
-                score = torch.softmax(policy.bound(probes[spec], s, scaling), dim=0).permute(1, 2, 0)
-                true, pred, share = curves(mass, tail, score.reshape(L, H, G, nb), forced, mode)
-                true, pred, share = true[dense:], pred[dense:], share[dense:]
-                for budget in budgets:
-                    for accounting in ("all", "sparse"):
-                        mean = budget if accounting == "sparse" else (L * budget - dense) / sparse
-                        if mean <= 0:
-                            continue
-                        uniform = min(max((int(round(mean * t)) - valid) // B, nf), nb)
-                        pool = sparse * uniform
-                        lo = torch.full((sparse,), uniform)
-                        hi = lo.clone()
-                        for spec_rule, rule in parsed.items():
-                            lo.fill_(min(max(nf, math.ceil(rule["lo"] * uniform)), uniform))
-                            hi.fill_(max(min(nb, math.floor(rule["hi"] * uniform)), uniform))
-                            key = (spec, B, budget, accounting, spec_rule)
-                            name = rule["name"]
-                            if name == "uniform" or uniform >= nb:
-                                count = torch.full((sparse,), uniform)
-                            elif name == "oracle":
-                                count = nf + greedy(true, pool - sparse * nf, lo - nf, hi - nf)
-                            elif name == "greedy" and (rule["each"] or key not in kept):
-                                count = nf + greedy(pred.mean(1), pool - sparse * nf, lo - nf, hi - nf)
-                                kept.setdefault(key, count.double())
-                            else:
-                                weight = kept.get(key) if not rule["each"] else None
-                                if weight is None:
-                                    if name == "cover":
-                                        weight = nf + (pred < rule["share"]).sum(-1).double().mean(-1)
-                                    elif name == "entropy":
-                                        ent = -(share * share.clamp_min(1e-30).log()).sum(-1)
-                                        weight = ent.exp().mean(-1)
-                                    elif name == "pyramid":
-                                        weight = torch.linspace(rule["ratio"], 1.0, sparse)
-                                    elif name == "profile":
-                                        weight = profile_weights(profile, spec, B, budget, accounting, dense)
-                                    else:
-                                        weight = kept[key]
-                                    kept.setdefault(key, weight)
-                                count = apportion(weight, pool, lo, hi)
-                            extra = (count - nf).clamp(0, true.shape[1] - 1)
-                            recall = torch.cat([torch.ones(dense), true.gather(1, extra[:, None])[:, 0]])
-                            attended = torch.cat([torch.ones(dense), (valid + B * count.double()) / t])
-                            cell = acc.setdefault(key, {})
-                            cell.setdefault(text, {"recall": [], "attended": []})
-                            cell[text]["recall"].append(recall.float())
-                            cell[text]["attended"].append(attended.float())
+    for t, last, valid, B, nb, mass, tail, forced, probes, summaries in _steps(
+            keys, queries, warmup, policies, blocks, scaling, sink, recent):
+        nf = int(forced.sum())
+        for spec, policy in policies.items():
+            s = summaries[spec, B][:nb]
+            score = torch.softmax(policy.bound(probes[spec], s, scaling), dim=0).permute(1, 2, 0)
+            true, pred, share = curves(mass, tail, score.reshape(L, H, G, nb), forced, mode)
+            true, pred, share = true[dense:], pred[dense:], share[dense:]
+            for budget in budgets:
+                for accounting in ("all", "sparse"):
+                    mean = budget if accounting == "sparse" else (L * budget - dense) / sparse
+                    if mean <= 0:
+                        continue
+                    uniform = min(max((int(round(mean * t)) - valid) // B, nf), nb)
+                    pool = sparse * uniform
+                    lo = torch.full((sparse,), uniform)
+                    hi = lo.clone()
+                    for spec_rule, rule in parsed.items():
+                        lo.fill_(min(max(nf, math.ceil(rule["lo"] * uniform)), uniform))
+                        hi.fill_(max(min(nb, math.floor(rule["hi"] * uniform)), uniform))
+                        key = (spec, B, budget, accounting, spec_rule)
+                        name = rule["name"]
+                        if name == "uniform" or uniform >= nb:
+                            count = torch.full((sparse,), uniform)
+                        elif name == "oracle":
+                            count = nf + greedy(true, pool - sparse * nf, lo - nf, hi - nf)
+                        elif name == "greedy" and (rule["each"] or key not in kept):
+                            count = nf + greedy(pred.mean(1), pool - sparse * nf, lo - nf, hi - nf)
+                            kept.setdefault(key, count.double())
+                        else:
+                            weight = kept.get(key) if not rule["each"] else None
+                            if weight is None:
+                                if name == "cover":
+                                    weight = nf + (pred < rule["share"]).sum(-1).double().mean(-1)
+                                elif name == "entropy":
+                                    ent = -(share * share.clamp_min(1e-30).log()).sum(-1)
+                                    weight = ent.exp().mean(-1)
+                                elif name == "pyramid":
+                                    weight = torch.linspace(rule["ratio"], 1.0, sparse)
+                                elif name == "profile":
+                                    weight = profile_weights(profile, spec, B, budget, accounting, dense)
+                                else:
+                                    weight = kept[key]
+                                kept.setdefault(key, weight)
+                            count = apportion(weight, pool, lo, hi)
+                        extra = (count - nf).clamp(0, true.shape[1] - 1)
+                        recall = torch.cat([torch.ones(dense), true.gather(1, extra[:, None])[:, 0]])
+                        attended = torch.cat([torch.ones(dense), (valid + B * count.double()) / t])
+                        cell = acc.setdefault(key, {})
+                        cell.setdefault(text, {"recall": [], "attended": []})
+                        cell[text]["recall"].append(recall.float())
+                        cell[text]["attended"].append(attended.float())
 
 
 def summarize_allocation(acc: dict, dense: int) -> dict:
@@ -562,7 +548,7 @@ def report(context: int, summary: dict, names: list[str], blocks: list[int], bud
     print("\n".join(markdown_table(["layer", *names], [
         [str(i), *(f"{e['recall_per_layer'][i]:.3f}" for e in cells)] for i in range(layers)])))
     if summary.get("outlier_share"):
-        print(f"\noutlier share: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["outlier_share"].items()))
+        print("\noutlier share: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["outlier_share"].items()))
 
 
 if __name__ == "__main__":

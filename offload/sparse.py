@@ -21,7 +21,7 @@ import torch
 from offload import attention_math as am
 from offload.config import OffloadConfig
 from offload.models import apply_rotary, decoder_layers, query_before_rotary
-from offload.pagetable import PageTable, window_start
+from offload.pagetable import window_start
 from policies import SELECTION, PrefetchContext
 
 # Added to the score of blocks a policy always keeps (outliers): above any share of attention (at most G).
