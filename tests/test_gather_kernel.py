@@ -157,10 +157,19 @@ def test_missing_triton_is_one_clear_error(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_reads_the_pinned_host_pool_in_place():
     h, p, d, split = 8, 64, 128, 6
-    pools = _pools(h, p, d, split, 10, torch.bfloat16, seed=3, host_device="cpu", pin=True)
-    assert pools[2].is_pinned() and pools[0].is_cuda
+    pools = _pinned_pools(h, p, d, split, 10, seed=3)
     slots = [12, 0, -1, 5, 15, 6, 3, -1, 9]
-    got, want = _both(pools, slots, split)
+    _same_on_cuda(*_both(pools, slots, split))
+
+
+def _pinned_pools(h: int, p: int, d: int, split: int, s_host: int, seed: int):
+    """bf16 pools: the device pool on CUDA, the host pool pinned in CPU memory."""
+    pools = _pools(h, p, d, split, s_host, torch.bfloat16, seed=seed, host_device="cpu", pin=True)
+    assert pools[2].is_pinned() and pools[0].is_cuda
+    return pools
+
+
+def _same_on_cuda(got, want) -> None:
     torch.cuda.synchronize()
     for g, w in zip(got, want):
         assert g.is_cuda
@@ -320,15 +329,10 @@ def test_gather_blocks_missing_triton_is_one_clear_error(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gathers_blocks_from_the_pinned_host_pool_in_place():
     h, p, b, d, split, s_host = 8, 64, 16, 128, 6, 10
-    pools = _pools(h, p, d, split, s_host, torch.bfloat16, seed=7, host_device="cpu", pin=True)
-    assert pools[2].is_pinned() and pools[0].is_cuda
+    pools = _pinned_pools(h, p, d, split, s_host, seed=7)
     for ho in (h, 4 * h):
         index = _random_index(24, ho, h, p // b, split, s_host, seed=ho)
-        got, want = _both_blocks(pools, index, split, b)
-        torch.cuda.synchronize()
-        for g, w in zip(got, want):
-            assert g.is_cuda
-            _same_bits(g, w)
+        _same_on_cuda(*_both_blocks(pools, index, split, b))
 
 
 @pytest.mark.gpu
