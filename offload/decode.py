@@ -45,6 +45,16 @@ def attend_token(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     return out.transpose(1, 2)
 
 
+def top_blocks(forced: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor, free: int, fb: int,
+               *after: torch.Tensor) -> torch.Tensor:
+    """The blocks a step attends per chooser, int64 [count, choosers]: the fixed ones `forced` [nf, choosers], the
+    `free` best of `scores` [nb, choosers] outside them (`bias` [nb, 1] is -inf on them; candidates are blocks
+    fb..fb+nb-1), then the blocks in `after` (the tail's). One top-k and one concatenation, on the device."""
+    if free <= 0:
+        return torch.cat([forced, *after]) if after else forced
+    return torch.cat([forced, torch.topk(scores + bias, free, dim=0).indices.add_(fb), *after])
+
+
 @dataclass
 class LayerView:
     """What the device needs to know of one layer's pages, valid while the layer's table version is `version`
@@ -56,8 +66,6 @@ class LayerView:
     host: int  # pages among first..pages-1 that are read from the host pool
     lower: bool  # some page first..pages-1 lives only on disk: the streaming path serves this layer
     slots: torch.Tensor  # int32 [pages - first], unified slots of pages first..pages-1 (page order, tail last)
-    row: torch.Tensor  # int32 [max_pages], the unified slot of every page (-1: in no pool)
-    tail: torch.Tensor  # int64 [1], the tail page's id
     # Sparse mode: the unified block id of every block of pages 0..pages-1 per gathered head, int64
     # [pages * R, heads] ((slot * H + kv head) * R + block), and the tail page's blocks [R, choosers].
     blockrow: torch.Tensor | None = None
@@ -128,8 +136,6 @@ class DeviceDecode:
             host=int(((dev[first:pages] < 0) & (host[first:pages] >= 0)).sum()),
             lower=bool((held < 0).any()),
             slots=self.rows[0, layer, first:pages],
-            row=self.rows[0, layer],
-            tail=torch.tensor([pages - 1], device=self.device),
         )
         if self.selecting:
             R = self.per_page
@@ -179,10 +185,8 @@ class DeviceDecode:
         """Attention of one token over each head's own blocks: the fixed ones, the `free` best-scored others and
         the tail page's. `plan` is the step's `sparse.BlockPlan`; `scores` [nb, choosers] cover its candidate
         blocks and `bias` [nb, 1] is -inf on the fixed ones. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
-        blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
-        ids = self.block_ids_of(view, blocks)
-        self.host_reads.add_((ids >= self.host_blocks).sum())
-        count = blocks.shape[0]
+        ids = self.pick(layer, view, plan, scores, forced, bias, free, step)
+        count = ids.shape[0]
         k, v = self.gather_blocks(ids, count)
         tokens = (count - self.per_page) * self.block + plan.valid
         return attend_token(query, k.narrow(2, plan.cut, tokens - plan.cut), v.narrow(2, plan.cut, tokens - plan.cut),
@@ -195,19 +199,21 @@ class DeviceDecode:
         eviction policy asks for it, the predicted mass of every candidate block."""
         if self.keep_mass:
             self.mass_rows[layer].narrow(0, fb, scores.shape[0]).add_(scores)
-        if free > 0:
-            blocks = torch.cat([forced, torch.topk(scores + bias, free, dim=0).indices.add_(fb), view.tail_blocks])
-        else:
-            blocks = torch.cat([forced, view.tail_blocks])
+        blocks = top_blocks(forced, scores, bias, free, fb, view.tail_blocks)
         self.use_rows[layer].index_fill_(0, blocks.view(-1), step)
         self.last_blocks = blocks
         return blocks
 
-    def block_ids_of(self, view: LayerView, blocks: torch.Tensor) -> torch.Tensor:
-        """Unified block ids [count, heads] of each gathered head's blocks."""
+    def pick(self, layer: int, view: LayerView, plan, scores: torch.Tensor, forced: torch.Tensor,
+             bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
+        """`choose`, then the unified block ids [count, heads] each gathered head reads, the host pool's counted."""
+        blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
         if self.choosers == 1:
-            return view.blockrow.index_select(0, blocks.view(-1))
-        return view.blockrow.gather(0, blocks)
+            ids = view.blockrow.index_select(0, blocks.view(-1))
+        else:
+            ids = view.blockrow.gather(0, blocks)
+        self.host_reads.add_((ids >= self.host_blocks).sum())
+        return ids
 
     def gather_blocks(self, ids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks at unified ids [count, heads] -> K and V [1, heads, count * B, D], each head its own blocks."""
@@ -358,10 +364,8 @@ class KernelDecode(DeviceDecode):
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,
                softcap: float | None) -> torch.Tensor:
-        blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
-        ids = self.block_ids_of(view, blocks)
-        self.host_reads.add_((ids >= self.host_blocks).sum())
-        count = blocks.shape[0]  # at most the block workspace's rows: the runtime streams a step that needs more
+        ids = self.pick(layer, view, plan, scores, forced, bias, free, step)
+        count = ids.shape[0]  # at most the block workspace's rows: the runtime streams a step that needs more
         B = self.block
         tail = -(-plan.valid // B)  # the tail's blocks holding tokens
         self.kgather.gather_blocks(self.bk[:count], self.bv[:count], self.pool_k, self.pool_v, self.host_k,

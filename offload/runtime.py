@@ -437,8 +437,8 @@ class Runtime:
         """One new token of one layer, top to bottom. A step that opens a page is a boundary: the uses recorded on
         the device reach the eviction policy, the new tail may evict, and the last layer readies the next step.
         Then the layer attends on the device over the pools (`_decode_on_device`), or, when some of its pages
-        live only on disk or recall is measured, through the load ring (`_decode_streaming`). Last, pages its
-        sliding window left are released."""
+        live only on disk, through the load ring (`_decode_streaming`). Last, pages its sliding window left are
+        released."""
         opened = self.table.tokens[layer] % self.page_size == 0
         if opened and self.decoder is not None:
             used = self.decoder.absorb(self.placement.policy)
@@ -603,8 +603,7 @@ class Runtime:
                 self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
             self._count_decode(layer, 1.0)
             if self.config.measure_recall:
-                self.selection.recall_n[layer] += 1
-                self.selection.recall_sum[layer] += 1.0
+                self.selection.record_exact(layer)
             if isinstance(self.decoder, KernelDecode) and not self.sparse:
                 # The next layer's host pages, while this one computes. Not in sparse mode: its steps gather the
                 # chosen blocks on the compute stream.

@@ -20,6 +20,7 @@ import torch
 
 from offload import attention_math as am
 from offload.config import OffloadConfig
+from offload.decode import top_blocks
 from offload.models import apply_rotary, decoder_layers, query_before_rotary
 from offload.pagetable import window_start
 from policies import SELECTION, PrefetchContext
@@ -202,12 +203,10 @@ class SparseSelection:
         if free <= 0:
             return forced
         scores = self.scores(layer, q, plan, scaling, guess)
-        top = torch.topk(scores + bias, free, dim=0).indices.add_(plan.fb)
         # The predicted share of attention of each page feeds the score eviction policy.
-        page_share = scores.sum(1)
         self.mass = torch.zeros(plan.last, dtype=torch.float32, device=self.device).index_add_(
-            0, torch.arange(plan.fb, plan.fb + plan.nb, device=self.device) // self.per_page, page_share)
-        return torch.cat([forced, top])
+            0, torch.arange(plan.fb, plan.fb + plan.nb, device=self.device) // self.per_page, scores.sum(1))
+        return top_blocks(forced, scores, bias, free, plan.fb)
 
     def select(self, layer: int, q: torch.Tensor, n: int, scaling: float
                ) -> tuple[torch.Tensor, torch.Tensor | None, BlockPlan | None]:
@@ -229,8 +228,7 @@ class SparseSelection:
         """For the streaming path's partials: `hide(pages)` -> bool [n, H, M, P] (broadcastable; True hides the
         key from that query row): each head sees only its own blocks, and no token before the window's start."""
         R, B, P = self.per_page, self.block, self.page_size
-        seen = torch.zeros((plan.last * R, self.choosers), dtype=torch.bool, device=self.device)
-        seen.scatter_(0, chosen, True)
+        seen = self._seen(chosen, plan.last * R)
         if off:  # tokens of the window's first page before its start
             edge = torch.zeros(P, dtype=torch.bool, device=self.device)
             edge[:off] = True
@@ -247,6 +245,10 @@ class SparseSelection:
             return out
 
         return hidden
+
+    def _seen(self, chosen: torch.Tensor, blocks: int) -> torch.Tensor:
+        """Bool [blocks, choosers]: True where a chooser chose the block (`chosen` [count, choosers] ids)."""
+        return torch.zeros((blocks, self.choosers), dtype=torch.bool, device=chosen.device).scatter_(0, chosen, True)
 
     def history_pages(self, layer: int) -> torch.Tensor | None:
         """The pages holding the blocks `layer`'s attention history ranks highest, as many per chooser as its last
@@ -323,10 +325,10 @@ class SparseSelection:
         """Dense attention of queries q [H, M, D] (one token) over keys k [count, H, P, D] of pages base..last (the
         tail last), to find the share of attention mass the chosen blocks (per chooser, without the tail) and the
         tail cover, averaged over query heads; also the pages the choice touched. An exact step covers all."""
-        self.recall_n[layer] += 1
         if plan is None:
-            self.recall_sum[layer] += 1.0
+            self.record_exact(layer)
             return
+        self.recall_n[layer] += 1
         P, R, B = self.page_size, self.per_page, self.block
         count, heads = k.shape[0], k.shape[1]
         s = torch.matmul(q.float()[None], k.float().transpose(-1, -2)) * scaling  # [count, H, M, P]
@@ -337,8 +339,7 @@ class SparseSelection:
         p = torch.softmax(s.permute(1, 2, 0, 3).reshape(heads * s.shape[2], count * P), dim=-1)  # [Hq, tokens]
         full = (plan.last - base) * P
         mass = p[:, :full].reshape(p.shape[0], full // B, B).sum(-1)  # [Hq, blocks base*R..last*R-1]
-        seen = torch.zeros((full // B, self.choosers), dtype=torch.bool, device=s.device)
-        seen.scatter_(0, chosen - base * R, True)
+        seen = self._seen(chosen - base * R, full // B)
         if self.mode == "shared":
             per_query = seen.expand(-1, p.shape[0])
         elif self.mode == "kv":
@@ -350,6 +351,11 @@ class SparseSelection:
         self.union_sum[layer] += seen.view(-1, R, self.choosers).any(2).any(1).sum()
         self.sparse_n[layer] += 1
         self.head_pages[layer] += chosen.shape[0] / R
+
+    def record_exact(self, layer: int) -> None:
+        """A step of `layer` that attended every token: all of the mass covered."""
+        self.recall_n[layer] += 1
+        self.recall_sum[layer] += 1.0
 
     def recall(self) -> dict | None:
         """Per layer and mean: the attention mass covered; over sparse steps, the pages a step touched (the union
