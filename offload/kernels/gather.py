@@ -36,27 +36,36 @@ def _check(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v:
     if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int32 or slots.dim() != 1:
         got = f"{slots.dtype} {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
         raise ValueError(f"slots must be a 1-D int32 tensor, got {got}")
-    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
-        raise ValueError(f"split must be a non-negative int, got {split!r}")
+    tensors = _check_layout(out_k, out_v, dev_k, dev_v, host_k, host_v, split)
     n = slots.numel()
-    tensors = {"out_k": out_k, "out_v": out_v, "dev_k": dev_k, "dev_v": dev_v, "host_k": host_k, "host_v": host_v}
     for name, t in tensors.items():
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [S, H, P, D], got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.dtype != out_k.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} differs from out_k dtype {out_k.dtype}")
         if t.shape[1:] != out_k.shape[1:]:
             raise ValueError(f"{name} page shape {tuple(t.shape[1:])} differs from out_k {tuple(out_k.shape[1:])}")
     for name, t in (("out_k", out_k), ("out_v", out_v)):
         if t.shape[0] != n:
             raise ValueError(f"{name} must have one row per slot ({n}), got {t.shape[0]}")
+    return n
+
+
+def _check_layout(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
+                  host_k: torch.Tensor, host_v: torch.Tensor, split: int) -> dict[str, torch.Tensor]:
+    """What both gathers require: `split` a non-negative int; every tensor 4-D, contiguous, of out_k's dtype; K and
+    V pools with as many slots. Returns the tensors by name."""
+    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+        raise ValueError(f"split must be a non-negative int, got {split!r}")
+    tensors = {"out_k": out_k, "out_v": out_v, "dev_k": dev_k, "dev_v": dev_v, "host_k": host_k, "host_v": host_v}
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.dtype != out_k.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from out_k dtype {out_k.dtype}")
     if dev_v.shape[0] != dev_k.shape[0]:
         raise ValueError(f"dev_v has {dev_v.shape[0]} slots, dev_k {dev_k.shape[0]}")
     if host_v.shape[0] != host_k.shape[0]:
         raise ValueError(f"host_v has {host_v.shape[0]} slots, host_k {host_k.shape[0]}")
-    return n
+    return tensors
 
 
 def gather_pages_reference(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
@@ -122,25 +131,12 @@ def _check_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
         got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
         raise ValueError(f"index must be a 2-D int32 tensor [n, Ho], got {got}")
-    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
-        raise ValueError(f"split must be a non-negative int, got {split!r}")
-    tensors = {"out_k": out_k, "out_v": out_v, "dev_k": dev_k, "dev_v": dev_v, "host_k": host_k, "host_v": host_v}
-    for name, t in tensors.items():
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.dtype != out_k.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} differs from out_k dtype {out_k.dtype}")
+    tensors = _check_layout(out_k, out_v, dev_k, dev_v, host_k, host_v, split)
     h, p, d = dev_k.shape[1:]
     for name in ("dev_v", "host_k", "host_v"):
         if tensors[name].shape[1:] != dev_k.shape[1:]:
             raise ValueError(f"{name} page shape {tuple(tensors[name].shape[1:])} differs from dev_k "
                              f"{tuple(dev_k.shape[1:])}")
-    if dev_v.shape[0] != dev_k.shape[0]:
-        raise ValueError(f"dev_v has {dev_v.shape[0]} slots, dev_k {dev_k.shape[0]}")
-    if host_v.shape[0] != host_k.shape[0]:
-        raise ValueError(f"host_v has {host_v.shape[0]} slots, host_k {host_k.shape[0]}")
     b = out_k.shape[2]
     if b < 1 or p % b:
         raise ValueError(f"out_k block size B={b} must divide the page size P={p}")
