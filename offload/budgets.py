@@ -24,7 +24,7 @@ FREE_SHARE = 0.5
 
 @dataclass(frozen=True)
 class Plan:
-    page_bytes: int
+    page_bytes: int  # of a page on the device (full precision)
     device_cache_pages: int
     workspace_pages: int  # three halves: two for loads (now, next layer), one for head-major gathers
     host_pages: int
@@ -33,6 +33,11 @@ class Plan:
     device_budget: int
     host_budget: int
     disk_budget: int
+    lower_page_bytes: int = 0  # of a page in the host and disk tiers (smaller when kv_quant packs it); 0: page_bytes
+
+    @property
+    def lower_bytes(self) -> int:
+        return self.lower_page_bytes or self.page_bytes
 
     @property
     def half(self) -> int:
@@ -49,9 +54,13 @@ def _free_device_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device) -> Plan:
-    """Slots per tier. Raises ValueError naming the budget when one is too small to work at all."""
+def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device,
+                 lower_page_bytes: int | None = None) -> Plan:
+    """Slots per tier: device pages of `page_bytes`, host and disk pages of `lower_page_bytes` (default the same;
+    less when `kv_quant` packs them). Raises ValueError naming the budget when one is too small to work at all."""
+    lower = lower_page_bytes or page_bytes
     kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
+    kv_lower = lower * max_pages * layers  # the same, as the tiers below the device store it
     most_workspace = 4 * max_pages
     dev = config.device_budget_bytes
     if dev is None:
@@ -73,25 +82,25 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
 
     host = config.host_budget_bytes
     if host is None:
-        host = min(kv_max, int(FREE_SHARE * psutil.virtual_memory().available))
-    host_pages = host // page_bytes
+        host = min(kv_lower, int(FREE_SHARE * psutil.virtual_memory().available))
+    host_pages = host // lower
 
     disk_pages = staging = 0
     disk = config.disk_budget_bytes or 0
     if config.disk_dir is not None:
         check_disk_dir(config.disk_dir)
         if config.disk_budget_bytes is None:
-            disk = min(kv_max, int(FREE_SHARE * shutil.disk_usage(config.disk_dir).free))
-        disk_pages = disk // page_bytes
+            disk = min(kv_lower, int(FREE_SHARE * shutil.disk_usage(config.disk_dir).free))
+        disk_pages = disk // lower
         if device.type == "cuda":
             # Disk pages reach the GPU through pinned host staging as large as the workspace.
             staging = 2 * (workspace // 4)
             if host_pages < staging:
                 raise ValueError(
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "
-                    f"({format_size(staging * page_bytes)}) for staging disk reads"
+                    f"({format_size(staging * lower)}) for staging disk reads"
                 )
-    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk)
+    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower)
 
 
 def disk_reserve_pages(plan: Plan, tokens: int | None, page_size: int, windows: list[int | None]) -> int:
@@ -134,13 +143,16 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
     have = plan.capacity_pages()
     if need <= have:
         return
-    short = format_size((need - have) * plan.page_bytes)
+    short = format_size((need - have) * plan.lower_bytes)  # what the host or disk tier lacks, as they store it
     if config.disk_dir is None:
         advice = f"raise host_budget by {short} or more, or pass disk_dir"
     else:
         advice = f"raise disk_budget by {short} or more"
     held = " (sliding-window layers hold only their window)" if any(w is not None for w in windows) else ""
-    raise ValueError(
-        f"budgets: the KV of {tokens} tokens{held} needs {format_size(need * plan.page_bytes)} but device, host and "
-        f"disk budgets hold {format_size(have * plan.page_bytes)} of pages; {advice}"
-    )
+    if plan.lower_bytes == plan.page_bytes:
+        sizes = f"needs {format_size(need * plan.page_bytes)} but device, host and disk budgets hold " \
+                f"{format_size(have * plan.page_bytes)} of pages"
+    else:
+        sizes = f"needs {need} pages but device, host and disk budgets hold {have} (kv_quant packs host and disk " \
+                f"pages into {format_size(plan.lower_bytes)})"
+    raise ValueError(f"budgets: the KV of {tokens} tokens{held} {sizes}; {advice}")

@@ -49,6 +49,9 @@ class OffloadConfig:
     # Sparse mode: weight in [0, 1) of each block's decayed history of predicted attention, blended with the
     # current estimate (0: the current estimate alone).
     history: float = 0.0
+    # Pages below the device (host and disk) stored quantized: "none" (full precision), "k8v8", "k8v4" (8-bit keys,
+    # 4-bit values) or "k4v2"; see offload/quant.py. With a setting, attention is no longer bit-exact.
+    kv_quant: str = "none"
     # Sparse mode: also compute dense attention and report the attention mass the selected pages covered.
     measure_recall: bool = False
     # Record a timeline of transfers, compute and stalls (see `Runtime.save_trace`).
@@ -64,6 +67,7 @@ class OffloadConfig:
     disk_budget_bytes: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from offload.quant import SETTINGS as KV_QUANT
         from policies import EVICTION, PREFETCH, SELECTION
 
         for name in ("device_budget", "host_budget", "disk_budget"):
@@ -105,6 +109,8 @@ class OffloadConfig:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
             raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
+        if self.kv_quant not in KV_QUANT:
+            raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         if self.device is not None:

@@ -71,10 +71,16 @@ class LayerView:
     blockrow: torch.Tensor | None = None
     tail_blocks: torch.Tensor | None = None
     # The kernel backend's: slots of pages first..last in the device pool's tensor (host pages in workspace rows),
-    # and the gather that brings the host pages there (unified source slots; first row and count).
+    # and the gather that brings the host pages there (unified source slots, host slots when they are packed;
+    # first row and count).
     attn: torch.Tensor | None = None
     gather_src: torch.Tensor | None = None
     gather_dst: tuple[int, int] = (0, 0)
+    # Packed host pages (kv_quant), torch backend: device slots of pages first..last with host pages at slot 0,
+    # and the host pages' positions among them and their host slots (int64 on the device).
+    dev_slots: torch.Tensor | None = None
+    host_pos: torch.Tensor | None = None
+    host_src: torch.Tensor | None = None
 
 
 class DeviceDecode:
@@ -82,9 +88,13 @@ class DeviceDecode:
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, layers: int, max_pages: int,
                  q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
-                 head_selection: str = "kv"):
+                 head_selection: str = "kv", codec=None):
+        """`codec` (offload.quant.PageCodec): the host pool holds packed pages (attached by `attach_host`), and
+        `pools` are the device's alone; None: `pools` are the unified pool, device slots then host slots."""
         self.pool_k, self.pool_v = pools  # [split + host slots, H, P, D]: the unified pool
         self.split = split
+        self.codec = codec
+        self.host_k = self.host_v = None  # the packed host pool, once attached
         self.layers, self.max_pages = layers, max_pages
         self.q_heads, self.kv_heads = q_heads, kv_heads
         self.page_size, self.head_dim = self.pool_k.shape[2], self.pool_k.shape[3]
@@ -137,6 +147,12 @@ class DeviceDecode:
             lower=bool((held < 0).any()),
             slots=self.rows[0, layer, first:pages],
         )
+        if self.codec is not None:
+            on_host = held >= self.split
+            pos = on_host.nonzero().flatten()
+            v.dev_slots = torch.where(on_host, 0, held).to(self.device, torch.long)
+            v.host_pos = pos.to(self.device)
+            v.host_src = (held[pos] - self.split).to(self.device, torch.long)
         if self.selecting:
             R = self.per_page
             base = self.rows[0, layer, :pages].long()[:, None] * self.kv_heads + self.head_of  # [pages, heads]
@@ -149,6 +165,10 @@ class DeviceDecode:
     def serves_exact(self, view: LayerView) -> bool:
         """Whether an exact step of the layer can run here: every page it holds is in a pool."""
         return not view.lower
+
+    def attach_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The host pool, once it exists, where it is not part of `pools` (packed, or another device's memory)."""
+        self.host_k, self.host_v = k, v
 
     def forget(self) -> None:
         """A new sequence: every view is stale."""
@@ -174,7 +194,7 @@ class DeviceDecode:
         """Attention of one token over pages first..last, from token `start` of the first page to token `valid`
         of the tail. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
         count = view.pages - view.first
-        k, v = self.gather(view.slots, count)
+        k, v = self.gather(view)
         tokens = (count - 1) * self.page_size + valid
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
@@ -231,12 +251,26 @@ class DeviceDecode:
                                             self.bv[:n].view(shape))
         out_k, out_v, k, v = views
         order = ids.t().reshape(-1)  # head-major
-        torch.index_select(self.flat[0], 0, order, out=out_k)
-        torch.index_select(self.flat[1], 0, order, out=out_v)
+        if self.codec is None:
+            torch.index_select(self.flat[0], 0, order, out=out_k)
+            torch.index_select(self.flat[1], 0, order, out=out_v)
+            return k, v
+        # Packed host pool: device blocks in place (host entries read block 0), then every entry unpacked from
+        # the host pool (device entries read host block 0) and kept where the entry is the host's. Which entries
+        # are the host's is known on the device only: both run whatever the choice, and the host reads nothing.
+        torch.index_select(self.flat[0], 0, order.clamp(max=self.host_blocks - 1), out=out_k)
+        torch.index_select(self.flat[1], 0, order.clamp(max=self.host_blocks - 1), out=out_v)
+        if self.host_k is not None:
+            kb, vb = self.codec.decode_blocks(self.host_k, self.host_v, (order - self.host_blocks).clamp(min=0),
+                                              self.block, out_k.dtype)
+            from_host = (order >= self.host_blocks).view(-1, 1, 1)
+            torch.where(from_host, kb, out_k, out=out_k)
+            torch.where(from_host, vb, out_v, out=out_v)
         return k, v
 
-    def gather(self, slots: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pages at unified `slots` -> K and V [1, H, count * P, D], in slot order."""
+    def gather(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view's pages first..last -> K and V [1, H, count * P, D], in page order."""
+        count = view.pages - view.first
         views = self.ws_views.get(count)
         if views is None:
             views = self.ws_views[count] = tuple(
@@ -245,8 +279,15 @@ class DeviceDecode:
                 for ws in (self.ws_k, self.ws_v))
         (k_out, k), (v_out, v) = views
         # One pass each: page-major rows straight into the head-major workspace through a permuted view.
+        slots = view.slots if self.codec is None else view.dev_slots
         torch.index_select(self.pool_k, 0, slots, out=k_out)
         torch.index_select(self.pool_v, 0, slots, out=v_out)
+        if self.codec is not None and view.host:  # packed host pages, unpacked into their rows
+            src = view.host_src
+            hk, hv = self.codec.decode(self.host_k.index_select(0, src), self.host_v.index_select(0, src),
+                                       k_out.dtype)
+            k_out.index_copy_(0, view.host_pos, hk)
+            v_out.index_copy_(0, view.host_pos, hv)
         return k, v
 
     def absorb(self, eviction) -> torch.Tensor:
@@ -276,15 +317,20 @@ class KernelDecode(DeviceDecode):
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
                  max_pages: int, q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
-                 head_selection: str = "kv"):
-        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection)
+                 head_selection: str = "kv", codec=None):
+        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection, codec)
         import importlib
 
         # Modules by path: the package re-exports functions of the same names.
         self.kgather = importlib.import_module("offload.kernels.gather")
         self.paged = importlib.import_module("offload.kernels.paged_decode")
         self.workspace, self.half = workspace, workspace // 2
-        self.host_k = self.host_v = pools[0][:0]  # attached at the first spill
+        # Attached at the first spill; packed host pools go through the dequantizing gathers.
+        if codec is None:
+            self.host_k = self.host_v = pools[0][:0]
+        else:
+            self.host_k = torch.empty((0, codec.k_bytes), dtype=torch.uint8, device=device)
+            self.host_v = torch.empty((0, codec.v_bytes), dtype=torch.uint8, device=device)
         self.rows_ws = torch.arange(split, split + workspace, dtype=torch.int32, device=device)
         self.meta = torch.zeros(3, dtype=torch.int32, device=device)
         if self.selecting:  # the blocks a sparse step gathers, [workspace * R, heads, B, D], as a pool of B-token pages
@@ -301,9 +347,6 @@ class KernelDecode(DeviceDecode):
         """Whether an exact step of the layer fits: its host pages fit the workspace rows of its parity."""
         return not view.lower and view.host <= self.half
 
-    def attach_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.host_k, self.host_v = k, v
-
     def _reserve(self, pages: int) -> None:
         """The workspace rows are fixed: a layer needing more is served by the streaming path (`view.lower`)."""
 
@@ -319,7 +362,8 @@ class KernelDecode(DeviceDecode):
         base = self.split + (layer % 2) * self.half
         attn[on_host] = base + torch.arange(v.host, dtype=torch.int32)
         v.attn = attn.to(self.device)
-        v.gather_src = (host[on_host] + self.split).to(self.device)  # unified slots: all in the host pool
+        # Unified slots, all in the host pool; host slots for the dequantizing gather.
+        v.gather_src = (host[on_host] + (self.split if self.codec is None else 0)).to(self.device)
         v.gather_dst = (base, v.host)
         self.ready[layer] = None
         return v
@@ -330,6 +374,10 @@ class KernelDecode(DeviceDecode):
 
     def _gather_into(self, rows: tuple[int, int], slots: torch.Tensor) -> None:
         base, n = rows
+        if self.codec is not None:
+            self.kgather.gather_pages_packed(self.pool_k[base:base + n], self.pool_v[base:base + n], self.host_k,
+                                             self.host_v, slots, self.codec)
+            return
         self.kgather.gather_pages(self.pool_k[base:base + n], self.pool_v[base:base + n], self.pool_k, self.pool_v,
                                  self.host_k, self.host_v, slots, self.split)
 
@@ -368,8 +416,13 @@ class KernelDecode(DeviceDecode):
         count = ids.shape[0]  # at most the block workspace's rows: the runtime streams a step that needs more
         B = self.block
         tail = -(-plan.valid // B)  # the tail's blocks holding tokens
-        self.kgather.gather_blocks(self.bk[:count], self.bv[:count], self.pool_k, self.pool_v, self.host_k,
-                                  self.host_v, ids.to(torch.int32), self.split)
+        if self.codec is None:
+            self.kgather.gather_blocks(self.bk[:count], self.bv[:count], self.pool_k, self.pool_v, self.host_k,
+                                      self.host_v, ids.to(torch.int32), self.split)
+        else:
+            self.kgather.gather_blocks_packed(self.bk[:count], self.bv[:count], self.pool_k[:self.split],
+                                              self.pool_v[:self.split], self.host_k, self.host_v,
+                                              ids.to(torch.int32), self.split, self.codec)
         self.meta[0], self.meta[1], self.meta[2] = count - self.per_page + tail, plan.valid - (tail - 1) * B, plan.cut
         q = am.group_queries(query, self.heads)
         o, _ = self.paged.paged_decode_static(q, self.bk, self.bv, self.rows_blocks, self.meta, scaling, softcap)

@@ -11,6 +11,7 @@ copies run on a thread pool (torch copies and positioned I/O release the GIL). L
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,16 +88,21 @@ class TransferEngine:
     # -- memory to memory -------------------------------------------------------------------------------------
     def copy(self, pair: str, src: tuple[torch.Tensor, torch.Tensor], src_slots: list[int],
              dst: tuple[torch.Tensor, torch.Tensor], dst_slots: list[int], layer: int = -1,
-             name: str = "load") -> Transfer:
-        """Copies pages src[k|v][src_slots] -> dst[k|v][dst_slots]; `pair` is "host->device" or "device->host"."""
-        nbytes = len(src_slots) * 2 * src[0][0].numel() * src[0].element_size()
+             name: str = "load", codec=None) -> Transfer:
+        """Copies pages src[k|v][src_slots] -> dst[k|v][dst_slots]; `pair` is "host->device" or "device->host".
+        With a `codec` (offload.quant.PageCodec) the host side holds packed pages: a store packs the device's pages
+        on the device before they cross, a load unpacks them on the device after; the bytes counted are those that
+        cross."""
+        side = src if pair == "host->device" else dst  # the host's pages, as they are stored
+        nbytes = len(src_slots) * (side[0][0].numel() * side[0].element_size()
+                                   + side[1][0].numel() * side[1].element_size())
         self.bytes_moved[pair] += nbytes
         plan = runs(src_slots, dst_slots)
+        move = self._mover(pair, codec, dst[0].dtype)
 
         def body() -> None:
             for s, d, n in plan:
-                dst[0][d:d + n].copy_(src[0][s:s + n], non_blocking=self.cuda)
-                dst[1][d:d + n].copy_(src[1][s:s + n], non_blocking=self.cuda)
+                move((src[0][s:s + n], src[1][s:s + n]), (dst[0][d:d + n], dst[1][d:d + n]))
 
         src_tier, dst_tier = pair.split("->")
         args = {"bytes": nbytes, "pages": len(src_slots), "layer": layer, "src": src_tier, "dst": dst_tier}
@@ -115,6 +121,29 @@ class TransferEngine:
                 self.tracer.cuda_span(pair, name, start, done, thread=pair + " stream", **args)
             return Transfer(event=done, gpu_waits=self.gpu_waits, layer=layer, stream=self.compute)
         return Transfer(future=self.pool.submit(self._timed, pair, name, body, args))
+
+    def _mover(self, pair: str, codec, dtype: torch.dtype) -> Callable:
+        """copy(src pair, dst pair): as is, or through the codec on the compute device (on the copy's stream)."""
+        nb = self.cuda
+
+        def plain(src, dst) -> None:
+            dst[0].copy_(src[0], non_blocking=nb)
+            dst[1].copy_(src[1], non_blocking=nb)
+
+        def unpack(src, dst) -> None:
+            k, v = codec.decode(src[0].to(dst[0].device, non_blocking=nb), src[1].to(dst[0].device, non_blocking=nb),
+                                dtype)
+            dst[0].copy_(k)
+            dst[1].copy_(v)
+
+        def pack(src, dst) -> None:
+            kq, vq = codec.encode(src[0], src[1])
+            dst[0].copy_(kq, non_blocking=nb)
+            dst[1].copy_(vq, non_blocking=nb)
+
+        if codec is None:
+            return plain
+        return unpack if pair.endswith("device") else pack
 
     def account(self, pair: str, nbytes: int, start: float, layer: int, name: str) -> None:
         """Counts a copy done synchronously by the caller (a CPU-side page copy), with its span."""
@@ -136,12 +165,29 @@ class TransferEngine:
             self.tracer.span(track, name, t0, time.perf_counter(), thread=threading.current_thread().name, **args)
 
     # -- disk -----------------------------------------------------------------------------------------------
-    def disk_read(self, disk, slots: list[int], k_out: torch.Tensor, v_out: torch.Tensor, layer: int = -1) -> Transfer:
+    def disk_read(self, disk, slots: list[int], k_out: torch.Tensor, v_out: torch.Tensor, layer: int = -1,
+                  codec=None) -> Transfer:
+        """Reads pages into k_out, v_out; with a `codec`, packed pages into a scratch buffer and then unpacked
+        into k_out, v_out (full precision, on the CPU)."""
         nbytes = len(slots) * disk.page_bytes
         self.bytes_moved["disk->host"] += nbytes
         args = {"bytes": nbytes, "pages": len(slots), "layer": layer, "src": "disk", "dst": "host"}
-        return Transfer(future=self.pool.submit(self._timed, "disk read", "load",
-                                                lambda: disk.read(slots, k_out, v_out), args))
+        if codec is None:
+            read = lambda: disk.read(slots, k_out, v_out)  # noqa: E731
+        else:
+            def read() -> None:
+                kq, vq = self.scratch(disk.shape, len(slots))
+                disk.read(slots, kq, vq)
+                self._mover("host->device", codec, k_out.dtype)((kq, vq), (k_out, v_out))
+        return Transfer(future=self.pool.submit(self._timed, "disk read", "load", read, args))
+
+    @staticmethod
+    def scratch(shape, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page-aligned host buffers for n pages as `shape` stores them (disk reads go straight into them)."""
+        from tiers.host import aligned_host_tensor
+
+        return tuple(aligned_host_tensor(n * math.prod(dims), shape.store_dtype, pin=False).view(n, *dims)
+                     for dims in (shape.k_dims, shape.v_dims))
 
     def disk_write(self, disk, slots: list[int], k: torch.Tensor, v: torch.Tensor, layer: int = -1) -> Transfer:
         nbytes = len(slots) * disk.page_bytes
@@ -151,8 +197,10 @@ class TransferEngine:
                                                 lambda: disk.write(slots, k, v), args))
 
     def disk_to_device(self, disk, slots: list[int], staging: tuple[torch.Tensor, torch.Tensor],
-                       dst: tuple[torch.Tensor, torch.Tensor], layer: int = -1) -> Transfer:
-        """CUDA: disk -> pinned staging -> device, chained in an I/O thread; the future yields the copy's event."""
+                       dst: tuple[torch.Tensor, torch.Tensor], layer: int = -1, codec=None) -> Transfer:
+        """CUDA: disk -> pinned staging -> device, chained in an I/O thread; the future yields the copy's event.
+        With a `codec` the staging holds packed pages, unpacked on the device."""
+        move = self._mover("host->device", codec, dst[0].dtype)
         n = len(slots)
         nbytes = n * disk.page_bytes
         self.bytes_moved["disk->host"] += nbytes
@@ -168,8 +216,7 @@ class TransferEngine:
             with torch.cuda.stream(self.h2d):
                 if start is not None:
                     start.record()
-                dst[0].copy_(staging[0], non_blocking=True)
-                dst[1].copy_(staging[1], non_blocking=True)
+                move(staging, dst)
                 done.record()
             if self.tracer is not None:
                 self.tracer.cuda_span("host->device", "load", start, done, thread="host->device stream",

@@ -8,6 +8,7 @@ hand-made table and no model); its other methods carry them out with the transfe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,10 +75,14 @@ class Placement:
                  engine: TransferEngine, policy: EvictionPolicy, stall: Callable[[int, float], None],
                  tracer: Tracer | None, windows: list[int | None],
                  host_storage: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 on_host: Callable[[HostTier], None] | None = None):
+                 on_host: Callable[[HostTier], None] | None = None, codec=None):
         """`host_storage`: the host pool's tensors when the caller allocated them (see HostTier); `on_host` is
-        called with the host tier once it exists."""
+        called with the host tier once it exists. `codec` (offload.quant.PageCodec): pages below the device are
+        stored packed by it, packed on their way down."""
         self.plan, self.shape, self.config = plan, shape, config
+        self.codec = codec
+        # Pages as the host and disk tiers store them.
+        self.stored = shape if codec is None else dataclasses.replace(shape, packed=(codec.k_bytes, codec.v_bytes))
         self.device = device_tier
         self.host_tier: HostTier | None = None  # allocated once, at the first spill
         self.disk_tier = None
@@ -103,7 +108,7 @@ class Placement:
     @torch.inference_mode(False)
     def host(self) -> HostTier | None:
         if self.host_tier is None and self.plan.host_pages > 0:
-            self.host_tier = HostTier(self.shape, self.plan.host_pages, pin=self.device.device.type == "cuda",
+            self.host_tier = HostTier(self.stored, self.plan.host_pages, pin=self.device.device.type == "cuda",
                                       storage=self.host_storage)
             if self.plan.host_staging_pages:
                 # Staging for disk -> GPU reads: host slots 0..W-1, one half per workspace half.
@@ -119,7 +124,7 @@ class Placement:
 
             # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
             reserve = disk_reserve_pages(self.plan, self.expected_tokens, self.shape.page_size, self.windows)
-            self.disk_tier = DiskTier(self.shape, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
+            self.disk_tier = DiskTier(self.stored, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
                                       reserve=reserve)
             self.host()
         return self.disk_tier
@@ -183,7 +188,8 @@ class Placement:
             slots = host.allocate(1)
         dk, dv = self.device.k, self.device.v
         if slots is not None:
-            t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store")
+            t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store",
+                                 self.codec)
             self.stall(layer, t.wait())
             self.table.set("host", layer, page, slots[0])
             return
@@ -193,9 +199,9 @@ class Placement:
             raise ValueError("budgets: the KV no longer fits device, host and disk budgets; raise host_budget or "
                              "disk_budget")
         t0 = time.perf_counter()
-        k, v = dk[dev_slot:dev_slot + 1].cpu(), dv[dev_slot:dev_slot + 1].cpu()
+        k, v = (t.cpu() for t in self.pack(dk[dev_slot:dev_slot + 1], dv[dev_slot:dev_slot + 1]))
         if self.device.device.type != "cpu":
-            self.engine.account("device->host", self.shape.page_bytes, t0, layer, "store")
+            self.engine.account("device->host", self.stored.page_bytes, t0, layer, "store")
         self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
         self.table.set("disk", layer, page, dslots[0])
 
@@ -226,8 +232,19 @@ class Placement:
         self.device.v.index_copy_(0, idx, vp)
         self.table.set("device", layer, pages, slots)
 
+    def pack(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages [n, H, P, D] as the tiers below the device store them (packed by the codec, if any), on their
+        device."""
+        return (k, v) if self.codec is None else self.codec.encode(k, v)
+
+    def unpack(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages read from a tier below the device -> full precision [n, H, P, D] on the compute device."""
+        k, v = k.to(self.device.device), v.to(self.device.device)
+        return (k, v) if self.codec is None else self.codec.decode(k, v, self.shape.dtype)
+
     def place_lower(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
         """Stores full pages that don't fit the device: host first, then disk."""
+        kp, vp = self.pack(kp, vp)
         host = self.host()
         n_host = max(0, min(len(pages), host.num_free if host else 0))
         if n_host:
@@ -245,7 +262,7 @@ class Placement:
             if src_k.device.type != "cpu":
                 t0 = time.perf_counter()
                 src_k, src_v = src_k.cpu(), src_v.cpu()
-                self.engine.account("device->host", rest * self.shape.page_bytes, t0, layer, "store")
+                self.engine.account("device->host", rest * self.stored.page_bytes, t0, layer, "store")
             t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
             self.stall(layer, t.wait())
             self.table.set("disk", layer, pages[n_host:], slots)

@@ -32,7 +32,7 @@ import torch
 SETTINGS: dict[str, tuple[int, int] | None] = {"none": None, "k8v8": (8, 8), "k8v4": (8, 4), "k4v2": (4, 2)}
 ALIGN = 16
 _F16_MAX = 65504.0
-_ROUND = 2.0 ** -10  # more than float16's relative rounding step (2**-11): moves a parameter past its rounding
+_ROUND = 2.0 ** -10  # float16's relative step: how far rounding a parameter may move it
 
 
 def _align(n: int) -> int:
@@ -199,16 +199,23 @@ class PageCodec:
             lo, hi = t.amin(dim, keepdim=True), t.amax(dim, keepdim=True)
             step = (hi - lo) / (2 ** bits - 1)
             mag = torch.maximum(lo.abs(), hi.abs())
-            bounds.append((0.5 * step * (1 + 4 * _ROUND) + 4 * _ROUND * mag + 1e-7).expand_as(t))
+            bounds.append((0.5 * step * (1 + 4 * _ROUND) + 4 * _ROUND * mag + 2.0 ** -23).expand_as(t))
         return bounds[0].contiguous(), bounds[1].reshape(n, H, P, D)
 
 
 def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scale and minimum, exactly representable in float16: the minimum rounded down, the scale up."""
-    low = (lo - lo.abs() * _ROUND).clamp(-_F16_MAX, _F16_MAX).to(torch.float16).float()
+    low = _to_f16(lo.clamp(-_F16_MAX, _F16_MAX), down=True)
     scale = ((hi.clamp(max=_F16_MAX) - low) / (2 ** bits - 1)).clamp(min=0)
-    scale = (scale * (1 + _ROUND)).clamp(max=_F16_MAX).to(torch.float16).float()
-    return scale, low
+    return _to_f16(scale.clamp(max=_F16_MAX), down=False), low
+
+
+def _to_f16(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """x rounded to a float16 value at or below it (`down`) or at or above it, as float32."""
+    h = x.to(torch.float16)
+    off = h.float() > x if down else h.float() < x
+    toward = torch.full_like(h, float("-inf") if down else float("inf"))
+    return torch.where(off, torch.nextafter(h, toward), h).float()
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:

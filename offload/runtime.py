@@ -31,6 +31,7 @@ from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable, window_start
 from offload.placement import Placement, unpinned_pages
+from offload.quant import PageCodec
 from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
 from policies import EVICTION, PREFETCH
@@ -71,8 +72,11 @@ class Runtime:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.page_size = config.page_size
         self.shape = PageShape(self.kv_heads, self.page_size, self.head_dim, self.dtype)
+        # kv_quant: pages below the device are packed by this codec (offload/quant.py); None stores them as they are.
+        self.codec = PageCodec.of(config.kv_quant, self.kv_heads, self.page_size, self.head_dim)
         self.max_pages = -(-self.max_positions // self.page_size)
-        self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device)
+        self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device,
+                                       self.codec.page_bytes if self.codec else None)
         self.tracer = Tracer() if config.trace else None
         if self.tracer is not None:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
@@ -91,8 +95,14 @@ class Runtime:
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
-                                        self.q_heads, self.kv_heads, self.device, *blocks)
+                                        self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec)
             work = [pool[dev_pages:] for pool in pools]
+        elif self.device.type == "cpu" and self.codec is not None:
+            # Packed host pages: the decode step reads device pages in place and unpacks the host's.
+            device_tier = DeviceTier(self.shape, dev_pages, self.device)
+            self.decoder = DeviceDecode((device_tier.k, device_tier.v), dev_pages, self.layers, self.max_pages,
+                                        self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec)
+            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         elif self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
@@ -117,11 +127,12 @@ class Runtime:
         self.hm_k, self.hm_v = (w[3 * h:].view(self.kv_heads, h, self.page_size, self.head_dim) for w in work)
         if self.decoder is not None:
             self.decoder.keep_mass = config.eviction == "score"  # the only policy that reads it
-        on_host = ((lambda host: self.decoder.attach_host(host.k, host.v)) if isinstance(self.decoder, KernelDecode)
-                   else None)
+        on_host = None
+        if self.decoder is not None and host_storage is None:  # the decode step reads the host pool on its own
+            on_host = lambda host: self.decoder.attach_host(host.k, host.v)  # noqa: E731
         self.placement = Placement(self.plan, self.shape, config, device_tier, self.engine,
                                    EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
-                                   host_storage, on_host)
+                                   host_storage, on_host, self.codec)
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.sparse = config.attention == "sparse"
@@ -330,9 +341,8 @@ class Runtime:
         """A prefill chunk of T tokens after n earlier ones: the earlier tokens' pages gathered in one pass, the new
         keys after them, and one SDPA call with the causal (and sliding-window) mask [T, earlier + T]."""
         P, n, tokens = self.page_size, self.table.tokens[layer], query.shape[2]
-        count = view.pages - view.first
         held = n - view.first * P  # earlier tokens in the gathered pages
-        k_old, v_old = self.decoder.gather(view.slots, count)
+        k_old, v_old = self.decoder.gather(view)
         k = torch.cat([k_old.narrow(2, 0, held), key], dim=2)
         v = torch.cat([v_old.narrow(2, 0, held), value], dim=2)
         dev = query.device
@@ -521,16 +531,16 @@ class Runtime:
     def _window_keys(self, layer: int, first: int, last: int) -> torch.Tensor:
         """Keys of pages first..last of `layer` [count, H, P, D] on the device, read from whichever tier holds
         each (the recall diagnostic's dense attention; not counted as traffic)."""
-        dims = self.shape.dims
-        k = torch.empty((last + 1 - first, *dims), dtype=self.dtype)
+        k = torch.empty((last + 1 - first, *self.shape.dims), dtype=self.dtype, device=self.device)
         for name, tier in self.placement.tiers():
             slots = self.table.slot[name][layer, first:last + 1]
             have = (slots >= 0).nonzero().flatten()
             if have.numel() and tier is not None:
-                kk = torch.empty((have.numel(), *dims), dtype=self.dtype)
-                tier.read(slots[have].tolist(), kk, torch.empty_like(kk))
-                k[have] = kk
-        return k.to(self.device)
+                kk, vv = self.engine.scratch(tier.shape, have.numel())
+                tier.read(slots[have].tolist(), kk, vv)
+                k[have.to(self.device)] = (self.placement.unpack(kk, vv)[0] if tier is not self.device_tier
+                                           else kk.to(self.device))
+        return k
 
     def _served_on_device(self, layer: int) -> bool:
         """Whether the layer's next decode step will gather its pages in place (nothing to load ahead): its view is
@@ -564,8 +574,7 @@ class Runtime:
         for layer in layers.unique().tolist():
             mine = pages[layers == layer]
             slots = t.slot["host"][layer, mine].long()
-            self.placement.promote(layer, mine, host.k[slots].to(self.device), host.v[slots].to(self.device),
-                                   self.step)
+            self.placement.promote(layer, mine, *self.placement.unpack(host.k[slots], host.v[slots]), self.step)
 
     def _ready_next_step(self) -> None:
         """After a step that moved pages (a prefill, a step that opened pages): rebuilds the views, tail slots and
@@ -600,7 +609,7 @@ class Runtime:
             out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
             if view.host:  # pages read from the host pool: loads of pages needed now
                 self.counters["loads"]["needed"] += view.host
-                self.engine.account("host->device", view.host * self.shape.page_bytes, t0, layer, "load")
+                self.engine.account("host->device", view.host * self.placement.stored.page_bytes, t0, layer, "load")
             self._count_decode(layer, 1.0)
             if self.config.measure_recall:
                 self.selection.record_exact(layer)
@@ -814,7 +823,7 @@ class Runtime:
         if n_host:
             host = self.host_tier
             transfers.append(self.engine.copy("host->device", (host.k, host.v), host_slot[on_host].tolist(),
-                                              (dst_k, dst_v), list(range(n_host)), layer))
+                                              (dst_k, dst_v), list(range(n_host)), layer, codec=self.codec))
         n_disk = order.numel() - n_host
         if n_disk:
             disk_slots = self.table.slot["disk"][layer, pages[~on_host]].tolist()
@@ -823,11 +832,11 @@ class Runtime:
                 staging = self._staging_for(dst_k)
                 transfers.append(self.engine.disk_to_device(
                     self.disk_tier, disk_slots, (staging[0][:n_disk], staging[1][:n_disk]),
-                    (dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk]), layer))
+                    (dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk]), layer, self.codec))
             else:
                 # The CPU is the device: disk pages are read straight into the workspace (disk->host only).
                 transfers.append(self.engine.disk_read(self.disk_tier, disk_slots, dst_k[n_host:n_host + n_disk],
-                                                       dst_v[n_host:n_host + n_disk], layer))
+                                                       dst_v[n_host:n_host + n_disk], layer, self.codec))
         return order, transfers
 
     def _staging_for(self, dst_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -868,7 +877,7 @@ class Runtime:
         if blocks:
             self.decoder.host_reads.zero_()
             self.counters["blocks"]["from_host"] += blocks
-            per_block = self.shape.page_bytes // (self.kv_heads * self.selection.per_page)
+            per_block = self.placement.stored.page_bytes // (self.kv_heads * self.selection.per_page)
             self.engine.account("host->device", blocks * per_block, t0, layer, "load")
 
     def count_load(self, pages: int, predicted: bool) -> None:
@@ -887,11 +896,10 @@ class Runtime:
             self.tracer.span("stall", "wait", now - seconds, now, layer=layer, on=on)
 
     def _resident(self) -> dict[str, int]:
-        pb = self.shape.page_bytes
-        res = {
-            "device": (self.device_tier.num_used + self.plan.workspace_pages) * pb,
-            "host": self.host_tier.num_used * pb if self.host_tier else 0,
-            "disk": self.disk_tier.num_used * pb if self.disk_tier else 0,
+        res = {  # bytes as each tier stores its pages (packed below the device with kv_quant)
+            "device": (self.device_tier.num_used + self.plan.workspace_pages) * self.shape.page_bytes,
+            "host": self.host_tier.used_bytes if self.host_tier else 0,
+            "disk": self.disk_tier.used_bytes if self.disk_tier else 0,
         }
         for k, v in res.items():
             self.peak[k] = max(self.peak[k], v)
@@ -922,4 +930,9 @@ class Runtime:
             "recall": self.selection.recall() if self.selection is not None else None,
             "page_size": self.page_size,
             "page_bytes": self.shape.page_bytes,
+            # kv_quant: pages below the device are packed, `compression` times smaller than at full precision, and
+            # attention over them is no longer bit-exact, whatever the attention mode.
+            "kv_quant": self.config.kv_quant,
+            "compression": self.shape.page_bytes / self.placement.stored.page_bytes,
+            "bit_exact": self.codec is None and not self.sparse,
         }

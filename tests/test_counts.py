@@ -104,3 +104,22 @@ def test_a_sliding_window_model_decodes_within_the_same_targets(mode):
     row = measure(context, mode, PAGE, model=model)
     assert row["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER, row
     assert row["host_reads"] == 0, row
+
+
+# -- packed host pages (kv_quant) -----------------------------------------------------------------------------------
+# The torch step unpacks the host's pages (exact) or every chosen block that may be the host's (sparse) with device
+# ops: a fixed number more per layer, whatever the context, and still nothing read on the host.
+MAX_EXTRA_OPS_PER_LAYER_QUANT = {"exact": 50, "sparse": 90}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_decode_step_over_packed_host_pages_stays_flat_and_reads_nothing(mode):
+    rows = [measure(context, mode, PAGE, LAYERS, steps=STEPS, kv_quant="k8v4") for context in CONTEXTS]
+    for row in rows:
+        assert row["resident_bytes"]["host"] > 0, row
+        assert row["host_reads"] == 0, row
+        assert [s["host_reads"] for s in row["per_step"]][2:] == [0, 0], row  # after the boundary, none again
+        assert row["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER_QUANT[mode], row
+    assert rows[0]["offload_ops"] == rows[1]["offload_ops"]
+    assert rows[0]["extra_ops_per_layer"] > _measured(mode, CONTEXTS[0])["extra_ops_per_layer"]  # it does unpack
+

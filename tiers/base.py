@@ -1,14 +1,15 @@
 """The tier interface: a pool of page slots under a byte budget.
 
 A page holds the keys and the values of `page_size` tokens of one layer, all KV heads:
-K and V each have shape [H_kv, page_size, head_dim] (`PageShape`). A tier stores `capacity` pages in slots
+K and V each have shape [H_kv, page_size, head_dim] (`PageShape`), or, in the tiers below the device with
+`kv_quant` set, are rows of bytes holding quantized codes and their scales (`PageShape.packed`). A tier stores `capacity` pages in slots
 numbered 0..capacity-1. Tiers only store; what lives where is decided by the runtime and `policies/`, and
 bytes are moved by the transfer engine (`offload/engine.py`), which dispatches on (source tier, destination tier).
 
 Lifecycle: construct (storage is allocated once, here) -> allocate/release slots, read/write pages -> close().
 
 Memory tiers (device, host) expose their storage as two tensors `k` and `v` of shape
-[capacity, H_kv, page_size, head_dim], so copies are plain tensor ops. The disk tier has no tensors: it reads
+[capacity, H_kv, page_size, head_dim] ([capacity, bytes] when packed), so copies are plain tensor ops. The disk tier has no tensors: it reads
 and writes pages into host tensors with positioned I/O.
 """
 
@@ -28,19 +29,44 @@ class PageShape:
     page_size: int
     head_dim: int
     dtype: torch.dtype
+    # Packed pages (quantized, offload/quant.py): K and V are rows of `packed` = (K bytes, V bytes) uint8 each,
+    # codes and scales together. None: K and V are [H, P, D] tensors of `dtype`.
+    packed: tuple[int, int] | None = None
 
     @property
     def half_bytes(self) -> int:
-        """Bytes of the K (or the V) half of one page."""
+        """Bytes of the K (or the V) half of one full-precision page."""
         return self.kv_heads * self.page_size * self.head_dim * self.dtype.itemsize
 
     @property
+    def k_bytes(self) -> int:
+        """Bytes of the K half of one page as stored."""
+        return self.packed[0] if self.packed else self.half_bytes
+
+    @property
+    def v_bytes(self) -> int:
+        return self.packed[1] if self.packed else self.half_bytes
+
+    @property
     def page_bytes(self) -> int:
-        return 2 * self.half_bytes
+        return self.k_bytes + self.v_bytes
 
     @property
     def dims(self) -> tuple[int, int, int]:
         return (self.kv_heads, self.page_size, self.head_dim)
+
+    @property
+    def k_dims(self) -> tuple[int, ...]:
+        """The shape of the K half of one page as stored: [H, P, D], or [K bytes] when packed."""
+        return (self.packed[0],) if self.packed else self.dims
+
+    @property
+    def v_dims(self) -> tuple[int, ...]:
+        return (self.packed[1],) if self.packed else self.dims
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.packed else self.dtype
 
 
 class Tier(ABC):

@@ -7,8 +7,8 @@ already written stay where they are and I/O in flight is unaffected. A full disk
 naming disk_dir, as at construction.
 
 Layout: the file `offload-<pid>-<hex>.kv` holds up to `capacity` slots of `slot_bytes` = page_bytes rounded up to
-4 KiB. Slot s keeps K at byte s * slot_bytes and V right after it, at s * slot_bytes + half_bytes; the rest
-of the slot is padding. When half_bytes is a multiple of 4 KiB both halves start on a 4 KiB boundary, there
+4 KiB. Slot s keeps K at byte s * slot_bytes and V right after it, at s * slot_bytes + k_bytes; the rest
+of the slot is padding. When k_bytes and v_bytes are multiples of 4 KiB both halves start on a 4 KiB boundary, there
 is no padding, and a run of consecutive slots is one contiguous extent: that is the only layout in which
 O_DIRECT is used (`direct`). Any other page shape gets buffered I/O.
 
@@ -182,8 +182,8 @@ class DiskTier(Tier):
     def _enable_direct(self, fd: int, directory: str, want: bool | None) -> bool:
         if want is False:
             return False
-        if self.shape.half_bytes % ALIGN:
-            reason = f"the half-page size {self.shape.half_bytes} B is not a multiple of {ALIGN}"
+        if (odd := next((b for b in (self.shape.k_bytes, self.shape.v_bytes) if b % ALIGN), None)) is not None:
+            reason = f"the half-page size {odd} B is not a multiple of {ALIGN}"
         elif not _O_DIRECT:
             reason = "this platform has no O_DIRECT"
         else:
@@ -285,11 +285,12 @@ class DiskTier(Tier):
         if self.closed:
             raise RuntimeError(f"disk: tier {self._path} is closed")
         slots = [int(s) for s in slots]
-        expected = (len(slots), *self.shape.dims)
-        for t in (k, v):
-            if tuple(t.shape) != expected or t.dtype != self.shape.dtype or t.device.type != "cpu":
+        dtype = self.shape.store_dtype
+        for t, dims in ((k, self.shape.k_dims), (v, self.shape.v_dims)):
+            expected = (len(slots), *dims)
+            if tuple(t.shape) != expected or t.dtype != dtype or t.device.type != "cpu":
                 raise ValueError(
-                    f"disk: expected CPU {self.shape.dtype} pages of shape {expected}, "
+                    f"disk: expected CPU {dtype} pages of shape {expected}, "
                     f"got {t.dtype} {tuple(t.shape)} on {t.device}"
                 )
         for s in slots:
@@ -356,10 +357,10 @@ class DiskTier(Tier):
         return result
 
     def _io(self, write: bool, slots: list[int], first: int, count: int, k: memoryview, v: memoryview) -> None:
-        half, pad = self.shape.half_bytes, self.slot_bytes - self.shape.page_bytes
+        kb, vb, pad = self.shape.k_bytes, self.shape.v_bytes, self.slot_bytes - self.shape.page_bytes
         iov: list[memoryview] = []
         for p in range(first, first + count):
-            iov += [k[p * half : (p + 1) * half], v[p * half : (p + 1) * half]]
+            iov += [k[p * kb : (p + 1) * kb], v[p * vb : (p + 1) * vb]]
             if pad and p < first + count - 1:
                 iov.append(memoryview(bytearray(pad)))  # skips (or fills) the padding between two pages
         want = sum(len(b) for b in iov)

@@ -8,6 +8,7 @@ block of torch's caching host allocator, which would round it up to a power of t
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -49,12 +50,12 @@ class HostTier(MemoryTier):
             self._storage = None
             return
         self.pinned = torch.cuda.is_available() if pin is None else pin
-        n = capacity * shape.kv_heads * shape.page_size * shape.head_dim
-        # K and V share one allocation: [2, capacity, H, P, D].
-        self._storage = aligned_host_tensor(2 * n, shape.dtype, self.pinned)
+        nk, nv = (capacity * math.prod(dims) for dims in (shape.k_dims, shape.v_dims))
+        # K and V share one allocation: K's [capacity, *k_dims], then V's.
+        self._storage = aligned_host_tensor(nk + nv, shape.store_dtype, self.pinned)
         with torch.inference_mode(False):  # views of a normal tensor made inside the mode would not be normal
-            both = self._storage.view(2, capacity, *shape.dims)
-            self.k, self.v = both[0], both[1]
+            self.k = self._storage[:nk].view(capacity, *shape.k_dims)
+            self.v = self._storage[nk:].view(capacity, *shape.v_dims)
 
     def close(self) -> None:
         """Unregisters the pinned pool (idempotent) and drops this tier's references to it."""
