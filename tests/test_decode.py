@@ -178,11 +178,14 @@ def test_device_evictions_are_planned_from_the_table_alone() -> None:
 
 
 # -- the runtime with the kernel backend ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kv_quant", ["none", "k8v4"])
 @pytest.mark.parametrize("attention", ["exact", "sparse"])
-def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(monkeypatch, attention: str) -> None:
+def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(monkeypatch, attention: str,
+                                                                              kv_quant: str) -> None:
     """The CUDA decode step's integration (host pool attached at the first spill, workspace rows of each layer's
     parity shared with the streaming path's buffers, the sparse call with its device-side page count) run on the
-    CPU under Triton's interpreter: the same tokens as DynamicCache (exact) or as the torch step (sparse)."""
+    CPU under Triton's interpreter: the same tokens as DynamicCache (exact) or as the torch step (sparse, and any
+    packed host pool, which the kernels unpack as the torch step does)."""
     from transformers import DynamicCache
 
     import offload.runtime as runtime_module
@@ -195,9 +198,9 @@ def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(m
     prompt, pages = (100, 30) if attention == "exact" else (300, 60)
     ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(5))
     opts = dict(attention=attention, page_size=8, device_budget=pages * page_bytes, host_budget="1MiB",
-                token_budget=24, sink_tokens=8, recent_tokens=8, dense_layers=0)
+                token_budget=24, sink_tokens=8, recent_tokens=8, dense_layers=0, kv_quant=kv_quant)
     with torch.no_grad():
-        if attention == "exact":
+        if attention == "exact" and kv_quant == "none":
             ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                  past_key_values=DynamicCache())
         else:
