@@ -131,6 +131,12 @@ class TransferEngine:
             dst[1].copy_(src[1], non_blocking=nb)
 
         def unpack(src, dst) -> None:
+            if kernel is not None and src[0].is_pinned():
+                # CUDA: one launch reads the packed pages in place over the bus and writes them unpacked into dst:
+                # no copy of them, packed or unpacked, is made on the way.
+                rows = torch.arange(src[0].shape[0], dtype=torch.int32, device=dst[0].device)
+                kernel(dst[0], dst[1], src[0], src[1], rows, codec)
+                return
             k, v = codec.decode(src[0].to(dst[0].device, non_blocking=nb), src[1].to(dst[0].device, non_blocking=nb),
                                 dtype)
             dst[0].copy_(k)
@@ -143,7 +149,18 @@ class TransferEngine:
 
         if codec is None:
             return plain
+        kernel = self._unpack_kernel() if self.cuda else None
         return unpack if pair.endswith("device") else pack
+
+    def _unpack_kernel(self):
+        """The dequantizing page gather (offload.kernels.gather.gather_pages_packed), or None without triton."""
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return None
+        from offload.kernels.gather import gather_pages_packed
+
+        return gather_pages_packed
 
     def account(self, pair: str, nbytes: int, start: float, layer: int, name: str) -> None:
         """Counts a copy done synchronously by the caller (a CPU-side page copy), with its span."""

@@ -152,6 +152,23 @@ def test_prefetch_variants_add_sparse_rows(tmp_path: Path):
     assert rows[1]["prefetch"] == "none" and rows[1]["error"] is None
 
 
+def test_quant_variants_add_rows_that_move_fewer_bytes(tmp_path: Path):
+    """One row per offload method and kv_quant setting, side by side with full precision in the same run: the
+    packed rows move the codec's share of the bytes from host to device."""
+    from offload.quant import PageCodec
+
+    out = tmp_path / "r.json"
+    argv = ARGS + ["--methods", "offload-exact", "--quant-variants", "k8v4", "--context", "256", "--out", str(out)]
+    code, _, stderr = _run(argv)
+    assert code == 0, stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["offload-exact", "offload-exact+kv_quant=k8v4"]
+    assert [r["kv_quant"] for r in rows] == ["none", "k8v4"] and rows[1]["error"] is None
+    full, packed = (r["bytes_moved_per_token"]["host->device"] for r in rows)
+    assert full > 0
+    assert full / packed == pytest.approx(PageCodec.of("k8v4", 2, 16, 16).ratio(torch.float32), rel=0.05)
+
+
 @pytest.mark.parametrize(
     "extra, flag",
     [
@@ -164,6 +181,7 @@ def test_prefetch_variants_add_sparse_rows(tmp_path: Path):
         (["--repeats", "0"], "--repeats"),
         (["--kv-device-fraction", "1.5"], "--kv-device-fraction"),
         (["--prefetch-variants", "psychic"], "--prefetch-variants"),
+        (["--quant-variants", "k3v3"], "--quant-variants"),
         (["--context", "4093"], "--context"),  # 4093 + 4 new tokens > the tiny shape's 4096 positions
     ],
 )

@@ -170,6 +170,23 @@ def test_nothing_is_quantized_while_every_page_stays_on_the_device(model):
     assert s["kv_quant"] == "k4v2" and s["bit_exact"] is False
 
 
+def test_none_keeps_dynamic_cache_tokens_through_host_and_disk(model, tmp_path):
+    """kv_quant="none" stores and moves pages as they are: with pages in host RAM and on disk, greedy generation
+    gives DynamicCache's tokens, and the stats say the run was bit-exact."""
+    from transformers import DynamicCache
+
+    ids = _ids(300)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             past_key_values=DynamicCache())
+        with offload(model, page_size=PAGE, kv_quant="none", device_budget=20 * PAGE_BYTES,
+                     host_budget=8 * PAGE_BYTES, disk_dir=str(tmp_path)) as rt:
+            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            s = rt.stats()
+    assert s["resident_bytes"]["disk"] > 0 and s["bit_exact"] is True and s["compression"] == 1.0
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("attention", ["exact", "sparse"])
 def test_packed_host_pages_count_packed_bytes_and_stay_close_to_full_precision(model, attention):
     """Same budgets, none against k8v8 and k8v4: the same pages move (and sit in host RAM), each packed, so bytes

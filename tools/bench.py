@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "(default: 0.15)")
     group.add_argument("--prefetch-variants", default=None, metavar="LIST",
                        help="extra offload-sparse rows, one per prefetch policy, e.g. temporal,speculative,none")
+    group.add_argument("--quant-variants", default=None, metavar="LIST",
+                       help="extra rows of each offload method in --methods, one per kv_quant setting, e.g. k8v4,k4v2 "
+                       "(side by side with full precision in the same run)")
     group.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
                        help="prompt tokens per prefill forward pass; 0: the whole prompt at once (default)")
     group.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompts (default: 0)")
@@ -125,7 +128,7 @@ def parse_contexts(text: str) -> list[int]:
     return list(dict.fromkeys(contexts))
 
 
-def parse_variants(methods_text: str, prefetch_text: str | None) -> list[Variant]:
+def parse_variants(methods_text: str, prefetch_text: str | None, quant_text: str | None = None) -> list[Variant]:
     methods = list(dict.fromkeys(m.strip() for m in str(methods_text).split(",") if m.strip()))
     if not methods:
         raise ValueError(f"methods: expected a comma-separated list from {', '.join(METHODS)}")
@@ -146,6 +149,16 @@ def parse_variants(methods_text: str, prefetch_text: str | None) -> list[Variant
                 raise ValueError(f"prefetch-variants: {exc}") from None
             variants.append(Variant(f"offload-sparse+prefetch={name}", "offload-sparse",
                                     {"attention": "sparse", "prefetch": name}))
+    if quant_text:
+        from offload.quant import SETTINGS
+
+        for name in dict.fromkeys(q.strip() for q in quant_text.split(",") if q.strip()):
+            if name not in SETTINGS:
+                raise ValueError(f"quant-variants: expected settings from {', '.join(SETTINGS)}, got {name!r}")
+            for m in methods:
+                if m.startswith("offload-"):
+                    variants.append(Variant(f"{m}+kv_quant={name}", m,
+                                            {"attention": m.removeprefix("offload-"), "kv_quant": name}))
     return variants
 
 
@@ -177,7 +190,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
     for flag, path in (("out", args.out), ("plot", args.plot)):
         if path:
             check_output_file(flag, path)
-    return contexts, parse_variants(args.methods, args.prefetch_variants)
+    return contexts, parse_variants(args.methods, args.prefetch_variants, args.quant_variants)
 
 
 def check_output_file(flag: str, path: str) -> None:
@@ -420,7 +433,7 @@ def make_row(variant: Variant, context: int, bench: Bench, samples: list[Sample]
         config = OffloadConfig(**bench.options(variant, context))
         row.update(device_budget_bytes=config.device_budget_bytes, host_budget_bytes=config.host_budget_bytes,
                    attention=config.attention, prefetch=config.prefetch, eviction=config.eviction,
-                   page_size=config.page_size)
+                   page_size=config.page_size, kv_quant=config.kv_quant)
         if config.attention == "sparse":
             row.update(token_budget=config.token_budget_for(context), selection=config.selection)
     if not samples:
