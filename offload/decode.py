@@ -9,7 +9,9 @@ is read back on the host: the step's shapes follow from host integers (tokens, b
 Unified slots: slot s < `split` is slot s of the device pool, slot s >= `split` is slot s - split of the host
 pool. Where host and device share memory (the CPU), both pools are views of one allocation, so one
 `index_select` per K and V gathers a layer's pages from both; on CUDA the gather kernel
-(`offload.kernels.gather`) reads the pinned host pool in place through unified virtual addressing.
+(`offload.kernels.gather`) reads the pinned host pool in place through unified virtual addressing. With `kv_quant`
+the host pool holds packed pages (`offload.quant`): the CUDA step's gathers unpack them in the same launch, and the
+torch step unpacks the host's pages (exact) or the chosen blocks (sparse) after gathering the device's.
 
   exact:  gather pages first..last (tail last) into the head-major workspace -> SDPA over tokens off..n-1.
   sparse: score the window's blocks (`select_block` tokens) from their summaries, per chooser (a KV head, a query
@@ -258,8 +260,9 @@ class DeviceDecode:
         # Packed host pool: device blocks in place (host entries read block 0), then every entry unpacked from
         # the host pool (device entries read host block 0) and kept where the entry is the host's. Which entries
         # are the host's is known on the device only: both run whatever the choice, and the host reads nothing.
-        torch.index_select(self.flat[0], 0, order.clamp(max=self.host_blocks - 1), out=out_k)
-        torch.index_select(self.flat[1], 0, order.clamp(max=self.host_blocks - 1), out=out_v)
+        on_device = order.clamp(max=self.host_blocks - 1)
+        torch.index_select(self.flat[0], 0, on_device, out=out_k)
+        torch.index_select(self.flat[1], 0, on_device, out=out_v)
         if self.host_k is not None:
             kb, vb = self.codec.decode_blocks(self.host_k, self.host_v, (order - self.host_blocks).clamp(min=0),
                                               self.block, out_k.dtype)

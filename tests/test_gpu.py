@@ -125,3 +125,27 @@ def test_kernel_decode_over_device_and_pinned_host_gives_the_same_tokens(dtype: 
         assert torch.equal(got, plain)
     else:  # bf16: another summation order may flip a near-tie late in the sequence
         assert torch.equal(got[:, :310], plain[:, :310])
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_packed_host_pages_on_cuda_give_the_tokens_of_the_cpu(tmp_path, disk: bool) -> None:
+    """kv_quant on CUDA: pages packed on the GPU on their way down, unpacked by the dequantizing gathers on their way
+    up (the decode step's without a disk tier, the streaming path's loads with one). The same packed bytes and the
+    same placement as on the CPU, unpacked the same: the CPU run's tokens."""
+    import copy
+
+    model = _model()
+    ids = torch.randint(0, 256, (1, 300), device="cuda")
+    pb = _page_bytes(model, 16)
+    opts = dict(page_size=16, device_budget=24 * pb, host_budget=(6 if disk else 60) * pb, kv_quant="k8v4")
+    if disk:
+        opts["disk_dir"] = str(tmp_path)
+    outs = []
+    with torch.no_grad():
+        for m, x in ((model, ids), (copy.deepcopy(model).cpu(), ids.cpu())):
+            with offload(m, **opts) as rt:
+                outs.append(m.generate(x, max_new_tokens=16, min_new_tokens=16, do_sample=False).cpu())
+                stats = rt.stats()
+                assert stats["resident_bytes"]["disk" if disk else "host"] > 0
+                assert stats["bit_exact"] is False and stats["compression"] > 3
+    assert torch.equal(outs[0], outs[1])

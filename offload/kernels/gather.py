@@ -150,33 +150,43 @@ def gather_pages(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, 
     tg.launch(out_k, out_v, dev_k, dev_v, host_k, host_v, slots.to(out_k.device), n, split)
 
 
+def _check_index(index: torch.Tensor) -> None:
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
+        got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+        raise ValueError(f"index must be a 2-D int32 tensor [n, Ho], got {got}")
+
+
+def _check_block_out(out_k: torch.Tensor, out_v: torch.Tensor, index: torch.Tensor, h: int, p: int, d: int,
+                     slots: int, whose: str) -> int:
+    """What both block gathers require of their outputs [n, Ho, B, D] and index [n, Ho], for pools of `slots`
+    unified slots of H=h, P=p, D=d (`whose` names where those come from); returns R = P // B."""
+    b = out_k.shape[2]
+    if b < 1 or p % b:
+        raise ValueError(f"out_k block size B={b} must divide the page size P={p}")
+    if out_k.shape[3] != d:
+        raise ValueError(f"out_k head_dim {out_k.shape[3]} differs from {whose} {d}")
+    if out_v.shape != out_k.shape:
+        raise ValueError(f"out_v shape {tuple(out_v.shape)} differs from out_k {tuple(out_k.shape)}")
+    if index.shape != out_k.shape[:2]:
+        raise ValueError(f"index shape {tuple(index.shape)} must be out_k's [n, Ho] {tuple(out_k.shape[:2])}")
+    r = p // b
+    if slots * h * r > 2**31:
+        raise ValueError(f"the unified pool's {slots * h * r} blocks pass the int32 range of index")
+    return r
+
+
 def _check_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
                   host_k: torch.Tensor, host_v: torch.Tensor, index: torch.Tensor, split: int) -> int:
     """Validates shapes, dtypes and layout of a block gather; returns R = P // B, the blocks per page (nothing is
     read from `index`)."""
-    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
-        got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
-        raise ValueError(f"index must be a 2-D int32 tensor [n, Ho], got {got}")
+    _check_index(index)
     tensors = _check_layout(out_k, out_v, dev_k, dev_v, host_k, host_v, split)
     h, p, d = dev_k.shape[1:]
     for name in ("dev_v", "host_k", "host_v"):
         if tensors[name].shape[1:] != dev_k.shape[1:]:
             raise ValueError(f"{name} page shape {tuple(tensors[name].shape[1:])} differs from dev_k "
                              f"{tuple(dev_k.shape[1:])}")
-    b = out_k.shape[2]
-    if b < 1 or p % b:
-        raise ValueError(f"out_k block size B={b} must divide the page size P={p}")
-    if out_k.shape[3] != d:
-        raise ValueError(f"out_k head_dim {out_k.shape[3]} differs from the pools' {d}")
-    if out_v.shape != out_k.shape:
-        raise ValueError(f"out_v shape {tuple(out_v.shape)} differs from out_k {tuple(out_k.shape)}")
-    if index.shape != out_k.shape[:2]:
-        raise ValueError(f"index shape {tuple(index.shape)} must be out_k's [n, Ho] {tuple(out_k.shape[:2])}")
-    r = p // b
-    if (split + host_k.shape[0]) * h * r > 2**31:
-        raise ValueError(f"the unified pool's {(split + host_k.shape[0]) * h * r} blocks pass the int32 range "
-                         "of index")
-    return r
+    return _check_block_out(out_k, out_v, index, h, p, d, split + host_k.shape[0], "the pools'")
 
 
 def gather_blocks_reference(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
@@ -316,9 +326,7 @@ def _check_blocks_packed(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.
                          codec: PageCodec) -> int:
     """Validates a block gather over a device pool and a packed host pool; returns R = P // B (nothing is read
     from `index`)."""
-    if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
-        got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
-        raise ValueError(f"index must be a 2-D int32 tensor [n, Ho], got {got}")
+    _check_index(index)
     _check_split(split)
     _check_packed(host_kq, host_vq, codec)
     _check_dense({"out_k": out_k, "out_v": out_v, "dev_k": dev_k, "dev_v": dev_v})
@@ -329,18 +337,7 @@ def _check_blocks_packed(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.
             raise ValueError(f"{name} page shape {tuple(t.shape[1:])} differs from the codec's {(h, p, d)}")
     if dev_v.shape[0] != dev_k.shape[0]:
         raise ValueError(f"dev_v has {dev_v.shape[0]} slots, dev_k {dev_k.shape[0]}")
-    b = out_k.shape[2]
-    if b < 1 or p % b:
-        raise ValueError(f"out_k block size B={b} must divide the page size P={p}")
-    if out_k.shape[3] != d:
-        raise ValueError(f"out_k head_dim {out_k.shape[3]} differs from the codec's {d}")
-    if index.shape != out_k.shape[:2]:
-        raise ValueError(f"index shape {tuple(index.shape)} must be out_k's [n, Ho] {tuple(out_k.shape[:2])}")
-    r = p // b
-    if (split + host_kq.shape[0]) * h * r > 2**31:
-        raise ValueError(f"the unified pool's {(split + host_kq.shape[0]) * h * r} blocks pass the int32 range "
-                         "of index")
-    return r
+    return _check_block_out(out_k, out_v, index, h, p, d, split + host_kq.shape[0], "the codec's")
 
 
 def gather_blocks_packed_reference(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
