@@ -40,10 +40,10 @@ def _align(n: int) -> int:
 
 
 def value_group(head_dim: int, bits: int) -> int:
-    """Channels per value group: 32 at 4 bits or fewer (as KIVI), else up to 128 (one group a token and head where
-    D <= 128); the largest divisor of `head_dim` not above that. At 4 bits, one group a token (64 channels on
-    SmolLM2) lost top-1 agreement that 32-channel groups keep (BENCHMARKS.md, "Quantized cold tiers")."""
-    most = 32 if bits <= 4 else 128
+    """Channels per value group: 32 at 2 bits (as KIVI), else up to 128 (one group a token and head where D <= 128);
+    the largest divisor of `head_dim` not above that. At 4 bits, 32-channel groups lowered NLL a little but not
+    top-1 agreement, and cost 4% more bytes (BENCHMARKS.md, "Quantized cold tiers")."""
+    most = 32 if bits <= 2 else 128
     return max(g for g in range(1, min(most, head_dim) + 1) if head_dim % g == 0)
 
 
