@@ -16,7 +16,7 @@ from offload.kernels.gather import (
     gather_pages_packed_reference,
 )
 from offload.quant import SETTINGS, PageCodec
-from test_gather_kernel import _same_bits, _same_on_cuda  # tests/ is on sys.path under pytest
+from test_gather_kernel import _same_bits, _same_on_cuda, bad_index_cases  # tests/ is on sys.path under pytest
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.kernels
@@ -281,12 +281,7 @@ def _bad_block_inputs():
                 codec=codec)
     odd_k, odd_v = _outs((3, 2, 3, 12), torch.float32)
     cases = [
-        ("index", dict(index=index.long())),
-        ("index", dict(index=index.view(-1))),
-        ("index", dict(index=index[:2])),                                 # n differs from out_k's
-        ("index", dict(index=index[:, :1])),                              # Ho differs from out_k's
-        ("index", dict(split=2**31)),                                     # block ids past int32
-        ("split", dict(split=-1)),
+        *bad_index_cases(index),
         ("codec", dict(codec=PageCodec.of("none", 2, 8, 12))),
         ("host_kq", dict(host_kq=kq.view(torch.int8))),
         ("host_kq", dict(host_kq=kq[:, :-16])),

@@ -275,6 +275,19 @@ def test_blocks_all_holes_and_empty_index_leave_outputs_untouched():
     assert all(t.shape == (0, 2, 4, 16) for t in got)
 
 
+def bad_index_cases(index: torch.Tensor) -> list[tuple[str, dict]]:
+    """Bad `index` and `split` arguments of a block gather (int32 [3, 2] `index`, split 2), each with the name its
+    error must give."""
+    return [
+        ("index", dict(index=index.long())),
+        ("index", dict(index=index.view(-1))),
+        ("index", dict(index=index[:2])),  # n differs from out_k's
+        ("index", dict(index=index[:, :1])),  # Ho differs from out_k's
+        ("index", dict(split=2**31)),  # block ids past int32
+        ("split", dict(split=-1)),
+    ]
+
+
 def _bad_block_inputs():
     """(text the message must hold, the arguments with one thing broken)."""
     h, p, b, d, dtype = 2, 8, 4, 16, torch.float32
@@ -285,12 +298,7 @@ def _bad_block_inputs():
                 split=2)
     odd_k, odd_v = _block_outs(3, 2, 3, d, dtype)
     cases = [
-        ("index", dict(index=index.long())),
-        ("index", dict(index=index.view(-1))),
-        ("index", dict(index=index[:2])),                            # n differs from out_k's
-        ("index", dict(index=index[:, :1])),                         # Ho differs from out_k's
-        ("index", dict(split=2**31)),                                # block ids past int32
-        ("split", dict(split=-1)),
+        *bad_index_cases(index),
         ("out_k block size B=3 must divide the page size P=8", dict(out_k=odd_k, out_v=odd_v)),
         ("out_k block size B=0", dict(out_k=out_k[:, :, :0], out_v=out_v[:, :, :0])),
         ("out_k head_dim", dict(out_k=out_k[..., :8].contiguous(), out_v=out_v[..., :8].contiguous())),
