@@ -39,9 +39,11 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
     """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks and the recent window
     while anything else can go)."""
     mask = torch.ones(table.layers, table.max_pages, dtype=torch.bool)
-    if config.attention == "sparse":
-        P = table.page_size
+    P = table.page_size
+    if config.attention == "sparse" or config.kv_quant != "none":
+        # With kv_quant, too: the sinks draw much of the attention, and leaving the device would quantize them.
         mask[:, : -(-config.sink_tokens // P)] = False
+    if config.attention == "sparse":
         recent = -(-config.recent_tokens // P) + 1
         for layer in range(table.layers):
             last = table.pages(layer)

@@ -434,13 +434,20 @@ class Runtime:
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
         on_device = self.placement.new_pages_on_device(layer, count - 1)
         lower = count - 1 - on_device
-        dev_idx = list(range(lower, count))  # the newest pages go to the device
-        self.placement.place_device(layer, [pages[i] for i in dev_idx], kp[lower:], vp[lower:])
+        # The newest pages go to the device; with kv_quant the sink pages too, ahead of them (kept unquantized).
+        keep = min(on_device, max(0, self._sink_pages() - first)) if self.codec is not None and lower else 0
+        dev_idx = list(range(keep)) + list(range(lower + keep, count))
+        self.placement.place_device(layer, [pages[i] for i in dev_idx], kp[dev_idx], vp[dev_idx])
         if lower:
-            self.placement.place_lower(layer, pages[:lower], kp[:lower], vp[:lower])
+            low_idx = list(range(keep, lower + keep))
+            self.placement.place_lower(layer, [pages[i] for i in low_idx], kp[low_idx], vp[low_idx])
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
             self.selection.summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
+
+    def _sink_pages(self) -> int:
+        """Pages holding the sink tokens (`sink_tokens`)."""
+        return -(-self.config.sink_tokens // self.page_size)
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:

@@ -190,9 +190,9 @@ def test_none_keeps_dynamic_cache_tokens_through_host_and_disk(model, tmp_path):
 
 @pytest.mark.parametrize("attention", ["exact", "sparse"])
 def test_packed_host_pages_count_packed_bytes_and_stay_close_to_full_precision(model, attention):
-    """Same budgets, none against k8v8 and k8v4: the same pages move (and sit in host RAM), each packed, so bytes
-    moved and resident fall by the codec's ratio exactly; kv_bytes stays the logical size; logits stay close to
-    full precision's and the next tokens agree."""
+    """Same budgets, none against k8v8 and k8v4: the same pages sit in host RAM, each packed (but the sink page of
+    each layer, which kv_quant keeps on the device), so resident and moved bytes fall by the codec's ratio or
+    more; kv_bytes stays the logical size; logits stay close to full precision's and the next tokens agree."""
     ids = _ids(420)
     opts = dict(attention=attention, device_budget=(20 if attention == "exact" else 40) * PAGE_BYTES,
                 host_budget="1MiB", token_budget=64, sink_tokens=16, recent_tokens=16, dense_layers=0)
@@ -203,11 +203,14 @@ def test_packed_host_pages_count_packed_bytes_and_stay_close_to_full_precision(m
         ratio = PAGE_BYTES / PageCodec.of(setting, 2, PAGE, 16).page_bytes
         assert s["compression"] == pytest.approx(ratio) and s["bit_exact"] is False
         assert s["kv_bytes"] == s0["kv_bytes"]
-        assert s0["resident_bytes"]["host"] > 0
-        assert s["resident_bytes"]["host"] * ratio == pytest.approx(s0["resident_bytes"]["host"])
+        packed = PageCodec.of(setting, 2, PAGE, 16).page_bytes
+        assert s0["resident_bytes"]["host"] > 0 and s["resident_bytes"]["host"] % packed == 0
+        held, held0 = s["resident_bytes"]["host"] // packed, s0["resident_bytes"]["host"] // PAGE_BYTES
+        assert held0 - 2 <= held <= held0  # at most the two layers' sink pages stayed on the device
         for pair in ("device->host", "host->device"):
             assert s0["bytes_moved"][pair] > 0
-            assert s["bytes_moved"][pair] * ratio == pytest.approx(s0["bytes_moved"][pair]), pair
+            # The sink pages, attended every step, no longer cross at all: in sparse mode most of what crossed.
+            assert s0["bytes_moved"][pair] / s["bytes_moved"][pair] >= ratio * 0.999, pair
         assert not torch.equal(got, base)  # pages really went through the codec
         assert float((got - base).abs().max()) < tol * float(base.abs().max())
         assert float((got.argmax(-1) == base.argmax(-1)).float().mean()) >= 0.9
