@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -145,7 +144,7 @@ def summary_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ruler import TASKS
+    from ruler import TASKS, _ints as ints, add_run_arguments, run_record
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,16 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-contexts", default="4096,8192", help="task prompt lengths ('' for none)")
     ap.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths")
     ap.add_argument("--token-budget", type=float, default=0.1, help="sparse attention's budget")
-    ap.add_argument("--device-fraction", type=float, default=0.1, help="share of the KV the device budget holds")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", help="a model directory or .gguf file (default: the embedded SmolLM2)")
-    ap.add_argument("--out", default="quant-quality.json")
-    ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
+    add_run_arguments(ap, "quant-quality.json")
     a = ap.parse_args(argv)
     if a.report:
         print(summary_markdown(json.load(open(a.report))))
         return 0
-    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     settings = [s for s in a.settings.split(",") if s]
     attention = [m for m in a.attention.split(",") if m]
     tasks = [t for t in a.tasks.split(",") if t]
@@ -180,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         if t not in TASKS:
             ap.error(f"--tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
 
-    import torch
-
     from offload.models import load_model
 
     def log(msg: str) -> None:
@@ -189,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model, tok = load_model(a.model, progress=False)
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
-              "command": " ".join(["benchmarks/quant_quality.py", *(sys.argv[1:] if argv is None else argv)]),
-              "model": a.model or "SmolLM2-135M-Instruct", "settings": settings, "attention": attention,
+    result = {**run_record("benchmarks/quant_quality.py", argv, a.model), "settings": settings, "attention": attention,
               "token_budget": a.token_budget, "device_fraction": a.device_fraction, "natural": [], "tasks": [],
               "interrupted": False}
 

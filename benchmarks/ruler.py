@@ -614,6 +614,26 @@ def summary_markdown(result: dict) -> str:
 
 # -- main ---------------------------------------------------------------------------------------------------------
 
+def add_run_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options every suite of this kind takes: the device's share of the KV, seed, model, output and report."""
+    ap.add_argument("--device-fraction", type=float, default=0.1, help="share of the KV the device budget holds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", help="a model directory or .gguf file (default: the embedded SmolLM2)")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
+
+
+def run_record(script: str, argv: list[str] | None, model: str | None) -> dict:
+    """The head of a run's JSON: date, machine, command and model."""
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+            "command": " ".join([script, *(sys.argv[1:] if argv is None else argv)]),
+            "model": model or "SmolLM2-135M-Instruct"}
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
@@ -640,11 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--question", default="both", choices=("both", "end"),
                     help="ask the question before the haystack and after it (default), or only at the end")
     ap.add_argument("--continuation", type=int, default=32, help="natural text: teacher-forced tokens")
-    ap.add_argument("--device-fraction", type=float, default=0.1, help="share of the KV the device budget holds")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", help="a model directory or .gguf file (default: the embedded SmolLM2)")
-    ap.add_argument("--out", default="ruler.json")
-    ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
+    add_run_arguments(ap, "ruler.json")
     a = ap.parse_args(argv)
 
     if a.report:
@@ -663,8 +679,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--config: each configuration needs a name of its own")
     except ValueError as e:
         ap.error(str(e))
-
-    import torch
 
     from offload import offload
     from offload.models import load_model
@@ -687,11 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"ruler: error: --config {name}: {e}")
                 return 2
 
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
-              "command": " ".join(sys.argv if argv is None else ["benchmarks/ruler.py", *argv]),
-              "model": a.model or "SmolLM2-135M-Instruct", "format": a.format, "question": a.question,
+    result = {**run_record("benchmarks/ruler.py", argv, a.model), "format": a.format, "question": a.question,
               "tasks": tasks, "contexts": contexts, "depths": depths, "budgets": [] if a.exact_only else budgets_,
               "configs": [] if a.exact_only else [{"name": n, "options": o} for n, o in configs],
               "device_fraction": a.device_fraction, "cases": [], "natural": [], "interrupted": False}

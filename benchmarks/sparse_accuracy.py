@@ -49,7 +49,7 @@ def budgets(model, tokens: int, device_fraction: float) -> dict:
     kv = kv_bytes(model, tokens)
     c = model.config
     page = 2 * c.num_key_value_heads * 64 * (getattr(c, "head_dim", None) or 64) * 4
-    least = (c.num_hidden_layers + 3) * page
+    least = (c.num_hidden_layers + 4) * page  # one page per layer plus four for streaming (offload.budgets)
     return {"device_budget": max(least, int(device_fraction * kv)), "host_budget": int(1.5 * kv)}
 
 

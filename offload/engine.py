@@ -149,18 +149,21 @@ class TransferEngine:
 
         if codec is None:
             return plain
-        kernel = self._unpack_kernel() if self.cuda else None
+        kernel = self._unpack_kernel()
         return unpack if pair.endswith("device") else pack
 
     def _unpack_kernel(self):
-        """The dequantizing page gather (offload.kernels.gather.gather_pages_packed), or None without triton."""
-        import importlib.util
+        """CUDA: the dequantizing page gather (offload.kernels.gather.gather_pages_packed), or None without triton;
+        looked up at the first packed copy, once."""
+        if not hasattr(self, "_kernel"):
+            import importlib.util
 
-        if importlib.util.find_spec("triton") is None:
-            return None
-        from offload.kernels.gather import gather_pages_packed
+            self._kernel = None
+            if self.cuda and importlib.util.find_spec("triton") is not None:
+                from offload.kernels.gather import gather_pages_packed
 
-        return gather_pages_packed
+                self._kernel = gather_pages_packed
+        return self._kernel
 
     def account(self, pair: str, nbytes: int, start: float, layer: int, name: str) -> None:
         """Counts a copy done synchronously by the caller (a CPU-side page copy), with its span."""

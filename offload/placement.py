@@ -35,6 +35,11 @@ class Eviction:
     write_back: bool
 
 
+def sink_pages(config: OffloadConfig, page_size: int) -> int:
+    """Pages holding the sink tokens (`sink_tokens`)."""
+    return -(-config.sink_tokens // page_size)
+
+
 def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
     """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks and the recent window
     while anything else can go)."""
@@ -42,7 +47,7 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
     P = table.page_size
     if config.attention == "sparse" or config.kv_quant != "none":
         # With kv_quant, too: the sinks draw much of the attention, and leaving the device would quantize them.
-        mask[:, : -(-config.sink_tokens // P)] = False
+        mask[:, : sink_pages(config, P)] = False
     if config.attention == "sparse":
         recent = -(-config.recent_tokens // P) + 1
         for layer in range(table.layers):
@@ -268,6 +273,16 @@ class Placement:
             t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
             self.stall(layer, t.wait())
             self.table.set("disk", layer, pages[n_host:], slots)
+
+    def split_new_pages(self, layer: int, first: int, count: int) -> tuple[list[int], list[int]]:
+        """Of `count` new pages of `layer` from page `first` (the last one its tail), the indexes that go to the
+        device and those that go below it. The newest go to the device while its share lasts; with kv_quant the
+        sink pages too, ahead of them, so that they are never quantized."""
+        on_device = self.new_pages_on_device(layer, count - 1)
+        lower = count - 1 - on_device
+        keep = min(on_device, max(0, sink_pages(self.config, self.shape.page_size) - first)) \
+            if self.codec is not None and lower else 0
+        return list(range(keep)) + list(range(lower + keep, count)), list(range(keep, lower + keep))
 
     def new_pages_on_device(self, layer: int, count: int) -> int:
         """Of `count` new full pages of `layer` (plus its tail, which stays on the device), how many go to the

@@ -102,7 +102,6 @@ class Runtime:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
             self.decoder = DeviceDecode((device_tier.k, device_tier.v), dev_pages, self.layers, self.max_pages,
                                         self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec)
-            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         elif self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
@@ -115,9 +114,9 @@ class Runtime:
             host_storage = (both[0, dev_pages:], both[1, dev_pages:])
             self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
                                         self.kv_heads, self.device, *blocks)
-            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
+        if not isinstance(self.decoder, KernelDecode):  # the kernels' workspace rows serve the streaming path too
             work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
         # Workspace of the streaming path: the load ring (2*h pages), a page-major gather buffer (h) and its
         # head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever its size.
@@ -432,22 +431,13 @@ class Runtime:
         kp, vp = kp[skip:], vp[skip:]
         pages = list(range(first, first + count))
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
-        on_device = self.placement.new_pages_on_device(layer, count - 1)
-        lower = count - 1 - on_device
-        # The newest pages go to the device; with kv_quant the sink pages too, ahead of them (kept unquantized).
-        keep = min(on_device, max(0, self._sink_pages() - first)) if self.codec is not None and lower else 0
-        dev_idx = list(range(keep)) + list(range(lower + keep, count))
+        dev_idx, low_idx = self.placement.split_new_pages(layer, first, count)
         self.placement.place_device(layer, [pages[i] for i in dev_idx], kp[dev_idx], vp[dev_idx])
-        if lower:
-            low_idx = list(range(keep, lower + keep))
+        if low_idx:
             self.placement.place_lower(layer, [pages[i] for i in low_idx], kp[low_idx], vp[low_idx])
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
             self.selection.summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
-
-    def _sink_pages(self) -> int:
-        """Pages holding the sink tokens (`sink_tokens`)."""
-        return -(-self.config.sink_tokens // self.page_size)
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:

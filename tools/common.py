@@ -51,8 +51,8 @@ OPTION_HELP: dict[str, str] = {
     "head_selection": "sparse mode: who chooses the blocks: kv (each KV head), query (each query head) or shared "
     "(one set for all heads)",
     "history": "sparse mode: weight in [0, 1) of each block's decayed attention history in its score",
-    "kv_quant": "store pages below the device quantized: none, k8v8, k8v4 (8-bit keys, 4-bit values) or k4v2; "
-    "attention is then no longer bit-exact",
+    "kv_quant": "store pages below the device quantized (k8v4: 8-bit keys, 4-bit values); attention is then no "
+    "longer bit-exact",
     "measure_recall": "sparse mode: also compute dense attention and report the attention mass the selected "
     "blocks covered",
     "trace": "record a timeline of transfers, compute and stalls; generate saves it as Chrome trace JSON (see "
@@ -128,6 +128,10 @@ def _help(field: dataclasses.Field, members: set[Any]) -> str:
         from offload.config import ATTENTION_MODES
 
         text += f"; one of {', '.join(ATTENTION_MODES)}"
+    if field.name == "kv_quant":
+        from offload.quant import SETTINGS
+
+        text += f"; one of {', '.join(SETTINGS)}"
     if field.name in REGISTRY_OPTIONS:
         names = _registered_names(field.name)
         if names:
