@@ -1,4 +1,4 @@
-"""The `offload` command: `offload generate | profile | bench [options]`.
+"""The `offload` command: `offload generate | profile | bench | cache [options]`.
 
 Each subcommand is a module of the `tools` package with `add_arguments(parser)` and `run(args) -> int`. Only the
 chosen one is imported, so a subcommand whose module is missing or broken is still listed and fails alone, with
@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate text with the KV cache offloaded to device, host and disk",
     "profile": "run a generation with tracing on and report where the time and bytes went",
     "bench": "measure throughput and memory over contexts, budgets and policies",
+    "cache": "inspect or empty a prefix cache store",
 }
 
 Runner = Callable[[argparse.Namespace], int]

@@ -142,6 +142,8 @@ def test_dir_default_budget_and_layout(tmp_path: Path) -> None:
     store.put([(key(0xAB), b"v")])
     assert (path / "entries" / "00" / f"{key(0xAB)}.kv").read_bytes() == b"v"
     assert (path / "index.sqlite").is_file()
+    assert open_store(str(path), budget=1000).budget == 1000
+    assert open_store(str(path)).budget == 1000  # a store opened without a budget keeps the directory's
 
 
 def test_dir_index_heals(tmp_path: Path) -> None:
@@ -200,6 +202,15 @@ def test_server_budget_evicts_least_recently_used(kv_server_url: str) -> None:
     assert 0 < stats["entries"] < 64 and stats["bytes"] <= budget
     used = valkey.Valkey.from_url(kv_server_url).info("memory")["used_memory"]
     assert used <= budget + (256 << 10)
+
+
+def test_server_budget_below_its_own_needs(kv_server_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A budget below what the server needs for itself: warned about, and a full server is "not written",
+    not an error."""
+    store = open_store(kv_server_url, budget=1000, timeout=TIMEOUT)
+    assert store.put([(key(1), b"v" * 100)]) == 0
+    assert "can hold no entries" in caplog.text and "out of memory" in caplog.text
+    assert store.get([key(1)]) == [None]
 
 
 def test_server_settings_untouched_without_budget(kv_server_url: str) -> None:

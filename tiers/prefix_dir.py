@@ -1,7 +1,8 @@
 """A prefix cache in a local directory: one file per entry, an SQLite index for the LRU, shared by processes.
 
 Layout:
-    <dir>/index.sqlite               key, size, last use of every entry (the LRU order and the byte total)
+    <dir>/index.sqlite               key, size, last use of every entry (the LRU order and the byte total),
+                                     and the budget last given for the directory
     <dir>/entries/<key[:2]>/<key>.kv one value per file, exactly its bytes
 
 Writes: a value goes to a temp file next to its final name, which is then hard-linked onto the final name.
@@ -14,7 +15,9 @@ Index: every change of the index is one `BEGIN IMMEDIATE` transaction, and SQLit
 `timeout` seconds) serializes them across processes. Last use is a logical clock: each transaction stamps
 max(now in ns, the newest stamp + 1), so the LRU order is exact even within one clock tick. A `put` indexes
 what it wrote and then evicts from the least recently used end, deleting rows and files in the same
-transaction, until the indexed bytes are within the budget.
+transaction, until the indexed bytes are within the budget. An explicit budget is recorded in the index; a
+store opened without one uses the recorded budget (else DEFAULT_DIR_BUDGET), so the processes that share the
+directory, and `offload cache stats`, agree on it.
 
 NOTE: the index and the files can disagree for a moment (a writer killed between link and index, an entry
 evicted while another process re-puts it). Reads heal that: a file without a row is returned and indexed, a
@@ -35,7 +38,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from tiers.prefix import PrefixStore, StoreError, check_items, check_keys
+from tiers.prefix import DEFAULT_DIR_BUDGET, PrefixStore, StoreError, check_items, check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ STALE_TEMP_SECONDS = 600
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, size INTEGER NOT NULL, used INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_used ON entries (used)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 # Errors where a hard link is not possible at all on this file system (not "the name exists").
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
@@ -60,9 +64,8 @@ def is_store(path: str) -> bool:
 class DirStore(PrefixStore):
     kind = "dir"
 
-    def __init__(self, path: str, budget: int, timeout: float):
+    def __init__(self, path: str, budget: int | None, timeout: float):
         self.where = path
-        self.budget = budget
         self.timeout = timeout
         self.root = os.path.abspath(path)
         self.entries = os.path.join(self.root, ENTRIES_NAME)
@@ -73,8 +76,13 @@ class DirStore(PrefixStore):
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._pid = -1
-        with self._transaction():
-            pass  # creates the index now, so a directory that can't hold one fails at open
+        with self._transaction() as db:  # creates the index now: a directory that can't hold one fails at open
+            if budget is None:
+                row = db.execute("SELECT value FROM meta WHERE name = 'budget'").fetchone()
+                budget = DEFAULT_DIR_BUDGET if row is None else int(row[0])
+            else:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('budget', ?)", (budget,))
+        self.budget: int = budget
         self._remove_stale_temps()
 
     # ---- plumbing ----------------------------------------------------------------------------------------------

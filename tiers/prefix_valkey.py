@@ -145,6 +145,11 @@ class ServerStore(PrefixStore):
         except self._errors.ResponseError as e:  # a managed server: CONFIG is renamed or not permitted
             logger.warning("prefix cache: %s refused CONFIG SET maxmemory (%s); the server's own memory limit and "
                            "eviction policy apply", self.where, _one_line(e))
+            return
+        overhead = int(self.client.info("memory").get("used_memory_overhead", 0))
+        if overhead >= self.budget:
+            logger.warning("prefix cache: %s needs %d bytes for itself, more than the budget of %d bytes: it can "
+                           "hold no entries; raise prefix_cache_budget", self.where, overhead, self.budget)
 
     @staticmethod
     def _name(key: str) -> str:
