@@ -129,8 +129,9 @@ def check_timeout(timeout: float) -> float:
 
 def open_store(spec: str, budget: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> PrefixStore:
     """The store that `spec` names: a directory (created if missing; `budget` None means the budget last given for
-    it, else 4 GiB) or a server URL (`budget` None leaves the server's maxmemory alone). `timeout`: seconds a server connection, read or write, or
-    the directory's index lock, may take before the operation fails with StoreError.
+    it, else 4 GiB) or a server URL (`budget` None leaves the server's maxmemory alone). `timeout`: seconds that a
+    server connection, read or write, or the directory's index lock may take before the operation fails with
+    StoreError.
 
     A server is not contacted here: the first operation connects, so opening never fails for a server that is
     down, the operations do."""
