@@ -14,6 +14,8 @@ from offload.sizes import parse_size
 
 ATTENTION_MODES = ("exact", "sparse")
 HEAD_SELECTIONS = ("shared", "kv", "query")
+PREFIX_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+PREFIX_PUBLISH = ("prompt", "all")
 
 
 @dataclass
@@ -60,11 +62,22 @@ class OffloadConfig:
     io_threads: int = 4
     # Compute device; default: the model's.
     device: str | None = None
+    # Prefix cache (offload/prefix.py): the KV of full prompt pages kept beyond the process, in a directory or a
+    # Valkey/Redis server (redis://host:port/db), so a prompt starting like an earlier one loads those pages.
+    prefix_cache: str | None = None
+    # Bytes the prefix store may hold (least recently used entries go first). None: 4GiB for a directory; a server
+    # keeps its own maxmemory setting.
+    prefix_cache_budget: int | str | None = None
+    # What is published: "prompt" (the full pages of prefills) or "all" (generated tokens' pages too).
+    prefix_cache_publish: str = "prompt"
+    # Seconds a server may take to connect or answer one operation before it counts as unreachable.
+    prefix_cache_timeout: float = 2.0
 
     # Filled by __post_init__: budgets in bytes (None: chosen from free memory when the runtime starts).
     device_budget_bytes: int | None = field(init=False, default=None, repr=False)
     host_budget_bytes: int | None = field(init=False, default=None, repr=False)
     disk_budget_bytes: int | None = field(init=False, default=None, repr=False)
+    prefix_cache_budget_bytes: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         from offload.quant import SETTINGS as KV_QUANT
@@ -115,6 +128,28 @@ class OffloadConfig:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         if self.device is not None:
             check_device(self.device)
+        self._check_prefix_cache()
+
+    def _check_prefix_cache(self) -> None:
+        spec = self.prefix_cache
+        if spec is not None:
+            if not isinstance(spec, (str, os.PathLike)) or str(spec).strip() == "":
+                raise ValueError(f"prefix_cache: expected a directory path or a redis://host:port/db URL, got {spec!r}")
+            self.prefix_cache = spec = os.fspath(spec)
+            scheme = spec.split("://", 1)[0].lower() if "://" in spec else None
+            if scheme is not None and scheme not in PREFIX_SCHEMES:
+                raise ValueError(f"prefix_cache: a URL must start with {', '.join(s + '://' for s in PREFIX_SCHEMES)}"
+                                 f", got {spec!r}")
+        if self.prefix_cache_budget is not None:
+            self.prefix_cache_budget_bytes = parse_size(self.prefix_cache_budget, "prefix_cache_budget")
+            if self.prefix_cache_budget_bytes < 1:
+                raise ValueError(f"prefix_cache_budget: expected a size > 0 bytes, got {self.prefix_cache_budget!r}")
+        if self.prefix_cache_publish not in PREFIX_PUBLISH:
+            raise ValueError(f"prefix_cache_publish: expected one of {', '.join(PREFIX_PUBLISH)}, "
+                             f"got {self.prefix_cache_publish!r}")
+        t = self.prefix_cache_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 600:
+            raise ValueError(f"prefix_cache_timeout: expected seconds in (0, 600], got {t!r}")
 
     @classmethod
     def option_names(cls) -> list[str]:

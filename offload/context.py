@@ -45,7 +45,9 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
     saved_generation = copy.deepcopy(getattr(model, "generation_config", None))
     had_generate = "generate" in model.__dict__
     saved_generate = model.__dict__.get("generate")
+    hooks = []
     try:
+        hooks = _watch_forwards(model, runtime)
         attention.register(name, runtime)
         model.set_attn_implementation(name)
         if hasattr(model, "generate"):
@@ -57,6 +59,8 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
         yield runtime
     finally:
         try:
+            for hook in hooks:
+                hook.remove()
             if had_generate:
                 model.generate = saved_generate
             else:
@@ -67,6 +71,27 @@ def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **optio
         finally:
             attention.unregister(name)
             runtime.close()
+
+
+def _watch_forwards(model: torch.nn.Module, runtime: Runtime) -> list:
+    """Hooks that tell the runtime the input ids of each forward on its current sequence, and when it ends."""
+
+    def ours(kwargs: dict) -> bool:
+        cache = kwargs.get("past_key_values")
+        return (isinstance(cache, OffloadedCache) and cache.runtime is runtime
+                and cache.sequence == runtime.sequence_id)
+
+    def before(module, args, kwargs):
+        if ours(kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            runtime.note_forward(ids if isinstance(ids, torch.Tensor) else None)
+
+    def after(module, args, kwargs, output):
+        if ours(kwargs):
+            runtime.forward_done()
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True)]
 
 
 def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | None):
@@ -104,7 +129,10 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
         tokens, name = _planned_tokens(model, runtime, setting, given, args, kwargs, cache)
         runtime.expect_tokens(tokens, name)
         if cache is None:
-            kwargs["past_key_values"] = runtime.cache()
+            # With the ids, a turn that extends the sequence goes on with it, and a prefix cache can fill it.
+            ids = args[0] if args and args[0] is not None else kwargs.get("inputs", kwargs.get("input_ids"))
+            known = isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
+            kwargs["past_key_values"] = runtime.cache(ids if known else None)
         return original(*args, **kwargs)
 
     generate.offload_wrapped = original

@@ -31,6 +31,7 @@ from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable, window_start
 from offload.placement import Placement, unpinned_pages
+from offload.prefix import PrefixCache, TokenLog
 from offload.quant import PageCodec
 from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
@@ -77,6 +78,9 @@ class Runtime:
         self.max_pages = -(-self.max_positions // self.page_size)
         self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device,
                                        self.codec.page_bytes if self.codec else None)
+        # The prefix cache's store opens once the budgets are known to fit, before any memory is taken.
+        self.prefix = (PrefixCache(config, model, self.layers, self.kv_heads, self.page_size, self.head_dim,
+                                   self.dtype) if config.prefix_cache is not None else None)
         self.tracer = Tracer() if config.trace else None
         if self.tracer is not None:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
@@ -161,6 +165,11 @@ class Runtime:
                              self.count_load, self.tracer is not None)
         if self.selection is not None:
             self.selection.new_sequence()
+        # The sequence's token ids, as forwards feed them (`note_forward`): a turn that extends them reuses the
+        # sequence, and the prefix cache keys its pages by them.
+        self.token_log = TokenLog()
+        if self.prefix is not None:
+            self.prefix.new_sequence()
         self.step = 0
 
     # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
@@ -172,16 +181,71 @@ class Runtime:
         """The name of this runtime's attention function in transformers' AttentionInterface."""
         return f"offload-{id(self):x}"
 
-    def cache(self):
-        """A fresh transformers Cache bound to this runtime and to a new sequence. The runtime holds one sequence:
-        the pages of the previous one are released and a cache taken for it refuses further use."""
+    def cache(self, input_ids: torch.Tensor | list[int] | None = None):
+        """A transformers Cache bound to this runtime and to a new sequence. The runtime holds one sequence: the
+        pages of the previous one are released and a cache taken for it refuses further use.
+
+        With `input_ids` (the whole prompt, [1, n] or [n]), what is known already is reused, and
+        `get_seq_length()` of the cache returned says how many of those tokens are held, so that only the rest is
+        run through the model (`model.generate` skips them by itself):
+          - when the ids extend the current sequence (the next turn of a conversation), that sequence goes on: the
+            cache is bound to it, and nothing before is computed again;
+          - otherwise a new sequence starts, and with a prefix cache (`prefix_cache`) the longest stored prefix of
+            the ids, in whole pages, is loaded into the tiers."""
         from offload.cache import OffloadedCache
 
         if self.closed:
             raise ValueError("cache: this runtime's offload() block has ended; take caches inside the with block")
         self._drain()
+        ids = None if input_ids is None else _id_list(input_ids)
+        if ids is not None and self._extends(ids):
+            self.counters["tokens"]["reused"] += self.table.tokens[0]
+            return OffloadedCache(self)
         self._new_sequence()
-        return OffloadedCache(self)
+        cache = OffloadedCache(self)
+        if ids is not None and self.prefix is not None:
+            loaded = self.prefix.load(ids, self._place_loaded)
+            if loaded:
+                self.token_log.set(ids[:loaded])
+                self.counters["tokens"]["loaded"] += loaded
+                self._resident()
+        return cache
+
+    def _extends(self, ids: list[int]) -> bool:
+        """Whether `ids` continue the current sequence: it holds tokens, all its layers hold the same ones, their
+        ids are known and begin `ids`, and `ids` has at least one token more."""
+        held = self.table.tokens[0]
+        if held == 0 or len(ids) <= held or self.table.tokens.count(held) != self.layers:
+            return False
+        known = self.token_log.list()
+        return known is not None and len(known) >= held and known[:held] == ids[:held]
+
+    @torch.no_grad()
+    def _place_loaded(self, kv: torch.Tensor) -> None:
+        """Pages from the prefix cache ([pages, layers, 2, heads, page, dim] on the host) placed after the
+        sequence's tokens, layer by layer, as a prefill of those tokens would place them."""
+        n, P, H, D = kv.shape[0], self.page_size, self.kv_heads, self.head_dim
+        self.ring.drain()
+        for layer in range(self.layers):
+            pages = kv[:, layer].to(self.device, self.dtype)  # [n, 2, H, P, D]
+            k = pages[:, 0].permute(1, 0, 2, 3).reshape(H, n * P, D)
+            v = pages[:, 1].permute(1, 0, 2, 3).reshape(H, n * P, D)
+            self._store_prefill(layer, k, v, publish=False)
+
+    def note_forward(self, input_ids: torch.Tensor | None) -> None:
+        """Called before each forward of the model on this runtime's current sequence, with its input ids (None
+        when it runs on embeddings)."""
+        self.token_log.feed(input_ids, self.table.tokens[0])
+        self._forward_start = (time.perf_counter(), self.table.tokens[0])
+
+    def forward_done(self) -> None:
+        """Called after each such forward: the time of prefills (more than one token), for the prefix cache's
+        estimate of the time it saved."""
+        start = getattr(self, "_forward_start", None)
+        self._forward_start = None
+        if start is not None and (tokens := self.table.tokens[0] - start[1]) > 1:
+            self.prefill_time[0] += time.perf_counter() - start[0]
+            self.prefill_time[1] += tokens
 
     def expect_tokens(self, tokens: int, name: str = "prompt") -> None:
         """Checks, before anything runs, that a sequence of `tokens` fits the positions and the budgets. `name`: the
@@ -206,6 +270,8 @@ class Runtime:
         self.closed = True
         try:
             self._drain()
+            if self.prefix is not None:
+                self.prefix.close()  # the pages on their way to the store are written first
         finally:
             self.engine.close()
             if self.selection is not None:
@@ -259,6 +325,8 @@ class Runtime:
                 out = self._prefill(layer, query, key, value, scaling, softcap)
             if layer == 0:
                 self.counters["tokens"]["prefill"] += tokens
+        if layer == self.layers - 1 and self.prefix is not None and self.prefix.captured:
+            self.prefix.forward_done(self.token_log.list())
         self._resident()
         if self.tracer is not None:
             self.tracer.span("compute", "attention", t0, time.perf_counter(), layer=layer, tokens=tokens,
@@ -398,10 +466,13 @@ class Runtime:
         if last > first:
             yield from self._pages_partials(layer, torch.arange(first, last), q, scaling, softcap, hide=hide)
 
-    def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Appends T new tokens: fills the tail page, then places the new pages by tier."""
+    def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, publish: bool = True) -> None:
+        """Appends T new tokens: fills the tail page, then places the new pages by tier. `publish`: hand the pages
+        they finish to the prefix cache."""
         P = self.page_size
         n = self.table.tokens[layer]
+        if publish and self.prefix is not None and self.prefix.wants((n + k.shape[1]) // P):
+            self._capture_prefill(layer, n, k, v)
         pos = self._fill_tail(layer, k, v, 0) if n % P else 0
         if pos and self.sparse and self.table.tokens[layer] % P == 0:
             self._summarize_filled(layer, self.table.tokens[layer] // P - 1)
@@ -438,6 +509,20 @@ class Runtime:
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
             self.selection.summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
+
+    def _capture_prefill(self, layer: int, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copies to the host the pages that T new tokens after n finish: the open tail page (its first tokens
+        from the device) and the full pages among the new ones."""
+        P = self.page_size
+        first, end = n // P, (n + k.shape[1]) // P
+        if end <= first:
+            return
+        ks, vs = k[:, :end * P - n], v[:, :end * P - n]
+        if n % P:
+            s = self._tail(layer)[0]
+            ks = torch.cat([self.device_tier.k[s, :, :n % P], ks], dim=1)
+            vs = torch.cat([self.device_tier.v[s, :, :n % P], vs], dim=1)
+        self.prefix.capture(layer, first, ks.to("cpu", copy=True), vs.to("cpu", copy=True))
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self, layer: int, query, k, v, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -707,6 +792,9 @@ class Runtime:
         pk.select(1, off).copy_(k.view(self.kv_heads, self.head_dim))
         pv.select(1, off).copy_(v.view(self.kv_heads, self.head_dim))
         self.table.tokens[layer] = n + 1
+        if off == self.page_size - 1 and self.prefix is not None and self.prefix.publish_all:
+            # The page is full: a copy on the device, read to the host by the publisher's thread.
+            self.prefix.capture(layer, n // self.page_size, pk.clone(), pv.clone())
 
     def _tail(self, layer: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """The device slot of the page that token `tokens[layer]` goes to, and views of its K and V ([H, P, D]):
@@ -849,7 +937,8 @@ class Runtime:
     # -- statistics ------------------------------------------------------------------------------------------
     def _stats_init(self) -> None:
         self.counters = {
-            "tokens": {"prefill": 0, "decode": 0},
+            # "reused": tokens a turn found in the sequence it continued; "loaded": from the prefix cache.
+            "tokens": {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0},
             # Pages brought to the device for attention, by reason: the step needed them now (exact mode's
             # loads ahead of the next layer included: every page is needed) or a prediction asked for them.
             # Pages sparse mode kept on the device after a load are counted by the placement ("promoted").
@@ -863,6 +952,7 @@ class Runtime:
             "blocks": {"attended": 0, "from_host": 0},
         }
         self.stall_per_layer = [0.0] * self.layers
+        self.prefill_time = [0.0, 0]  # seconds and tokens of prefill forwards
         self.peak = {"device": 0, "host": 0, "disk": 0}
 
     def _account_host_reads(self, layer: int, t0: float) -> None:
@@ -932,4 +1022,25 @@ class Runtime:
             "kv_quant": self.config.kv_quant,
             "compression": self.shape.page_bytes / self.placement.stored.page_bytes,
             "bit_exact": self.codec is None and not self.sparse,
+            "prefix_cache": self._prefix_stats() if self.prefix is not None else None,
         }
+
+    def _prefix_stats(self) -> dict:
+        """The prefix cache's counters, once the pages on their way to the store are written."""
+        self.prefix.flush()
+        rate = self.prefill_time[0] / self.prefill_time[1] if self.prefill_time[1] else None
+        return self.prefix.stats(rate)
+
+
+def _id_list(input_ids) -> list[int]:
+    """[1, n] or [n] ids (a tensor or a list) as a list of ints."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids: expected one sequence, shape [1, n] or [n], got {tuple(input_ids.shape)}")
+        return input_ids.tolist()
+    ids = list(input_ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError("input_ids: expected token ids (ints)")
+    return ids

@@ -404,7 +404,7 @@ def test_text_stream_emits_multibyte_characters_whole(tiny_model_dir: Path) -> N
 class _PlainRuntime:
     """Stands in for a Runtime: a plain DynamicCache, to test the loop alone."""
 
-    def cache(self):
+    def cache(self, input_ids=None):
         from transformers import DynamicCache
 
         return DynamicCache()

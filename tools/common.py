@@ -59,6 +59,14 @@ OPTION_HELP: dict[str, str] = {
     "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
+    "prefix_cache": "keep the KV of prompt pages in this directory or Valkey/Redis server (redis://host:port/db), "
+    "and load the longest stored prefix of later prompts instead of computing it (default: none)",
+    "prefix_cache_budget": "bytes the prefix store may hold, least recently used entries evicted first (default: "
+    "4GiB for a directory; a server keeps its own maxmemory)",
+    "prefix_cache_publish": "what goes to the prefix store: prompt (the prompt's full pages) or all (generated "
+    "tokens' pages too)",
+    "prefix_cache_timeout": "seconds a prefix cache server may take to connect or answer before it counts as "
+    "unreachable (the pages are then computed)",
 }
 METAVARS: dict[str, str] = {
     "device_budget": "SIZE",
@@ -74,6 +82,10 @@ METAVARS: dict[str, str] = {
     "attention": "MODE",
     "kv_quant": "SETTING",
     "device": "DEVICE",
+    "prefix_cache": "DIR|URL",
+    "prefix_cache_budget": "SIZE",
+    "prefix_cache_publish": "WHAT",
+    "prefix_cache_timeout": "SECONDS",
 }
 # Options whose value is a name in one of the policy registries (listed in their help).
 REGISTRY_OPTIONS = {"prefetch": "PREFETCH", "eviction": "EVICTION", "selection": "SELECTION"}
@@ -388,8 +400,8 @@ def generate_stream(
     prefill_chunk: int = 512,
     progress: bool = True,
 ) -> list[int]:
-    """Greedy generation through `rt.cache()`: prefills `input_ids` ([1, n] or [n]) in chunks of `prefill_chunk`
-    tokens (a tqdm bar on stderr), then decodes one token per step, calling `on_text(piece)` with each new piece
+    """Greedy generation through `rt.cache(input_ids)`: prefills `input_ids` ([1, n] or [n]), past what the cache
+    holds of them already (a prefix cache's pages), in chunks of `prefill_chunk` tokens (a tqdm bar on stderr), then decodes one token per step, calling `on_text(piece)` with each new piece
     of text, until `max_new_tokens` tokens or an EOS token. Returns the generated ids (without the EOS)."""
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), dtype=torch.long)
     if ids.dim() == 1:
@@ -409,11 +421,14 @@ def generate_stream(
         expect_tokens(n + max_new_tokens)
 
     device = model.device
+    # With the ids, the runtime loads what a prefix cache holds of them: only the rest is computed.
+    cache = rt.cache(ids)
+    held = cache.get_seq_length()
     ids = ids.to(device)
-    cache = rt.cache()
     logits: torch.Tensor | None = None
-    with tqdm(total=n, unit="tok", desc="prefill", file=sys.stderr, disable=not progress, leave=False) as bar:
-        for start in range(0, n, prefill_chunk):
+    with tqdm(total=n, initial=held, unit="tok", desc="prefill", file=sys.stderr, disable=not progress,
+              leave=False) as bar:
+        for start in range(held, n, prefill_chunk):
             chunk = ids[:, start : start + prefill_chunk]
             # logits_to_keep=1: only the last position's logits are needed, not [chunk, vocab].
             out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
