@@ -318,6 +318,30 @@ def test_generate_through_three_tiers_matches_plain_generation(
     assert_empty_dir(kv)
 
 
+def test_generate_loads_a_shared_prefix_from_the_prefix_cache(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Two runs with the same document and different questions: the second loads the document's pages and prints
+    what plain generation prints; a bad flag value is one line and creates nothing."""
+    store, kv = tmp_path / "prefix", tmp_path / "kv"
+    flags = ["--model", str(tiny_model_dir), "--max-new-tokens", "12", "--disk-dir", str(kv), "--stats",
+             "--no-progress", "--page-size", "16", "--prefix-cache", str(store), *THREE_TIERS]
+    doc = CORPUS[:400]
+    loaded = []
+    for question in ("Who?", "Where?"):
+        code, out, err = run_cli(capsys, "generate", "--prompt", f"{doc} {question}", *flags)
+        assert code == 0, err
+        assert out == _reference_text(tiny_model_dir, f"{doc} {question}", 12) + "\n"
+        loaded.append(int(next(line for line in err.splitlines()
+                               if line.startswith("prefix_cache pages_loaded")).split()[-1].replace(",", "")))
+        assert_empty_dir(kv)
+    assert loaded[0] == 0 and loaded[1] > 0
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tiny_model_dir),
+                           "--prefix-cache", "ftp://x", "--prefix-cache-publish", "some")
+    assert code == 2
+    assert_one_line_error(err, "--prefix-cache")
+
+
 @pytest.mark.parametrize("prefetch", ["none", "temporal", "speculative"])
 def test_generate_takes_the_sparse_flags(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_model_dir: Path, prefetch: str

@@ -182,7 +182,7 @@ def test_logits_match_dynamic_cache_every_step(request: pytest.FixtureRequest, w
         stats = rt.stats()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     layers, kv_heads, head_dim = _dims(model)
-    assert stats["tokens"] == {"prefill": sum(c for c in chunks if c > 1), "decode": steps}
+    assert stats["tokens"] == {"prefill": sum(c for c in chunks if c > 1), "decode": steps, "reused": 0, "loaded": 0}
     assert stats["kv_bytes"] == layers * (PROMPT + steps) * 2 * kv_heads * head_dim * 4
     if opts_name == "three-tiers":
         assert all(stats["peak_resident_bytes"][t] > 0 for t in ("device", "host", "disk"))
@@ -226,7 +226,7 @@ def test_stats_after_generate_through_three_tiers(tiny_llama_model, tmp_path: Pa
     for key in ("resident_bytes", "peak_resident_bytes"):
         assert set(s[key]) == {"device", "host", "disk"}
         assert all(s[key][t] <= s["budgets"][t] for t in ("device", "host", "disk")), s[key]
-    assert s["tokens"] == {"prefill": PROMPT, "decode": NEW - 1}
+    assert s["tokens"] == {"prefill": PROMPT, "decode": NEW - 1, "reused": 0, "loaded": 0}
     layers, kv_heads, head_dim = _dims(model)
     assert s["kv_bytes"] == layers * (PROMPT + NEW - 1) * 2 * kv_heads * head_dim * 4
     # Exact mode predicts nothing: every page is needed, loaded ahead or not.
@@ -247,7 +247,7 @@ def test_stats_count_every_generate_of_the_runtime(tiny_llama_model):
         greedy(model, ids, new=5)
         greedy(model, ids[:, :20], new=3)
         s = rt.stats()
-    assert s["tokens"] == {"prefill": PROMPT + 20, "decode": 4 + 2}
+    assert s["tokens"] == {"prefill": PROMPT + 20, "decode": 4 + 2, "reused": 0, "loaded": 0}
     layers, kv_heads, head_dim = _dims(model)
     assert s["kv_bytes"] == layers * (20 + 2) * 2 * kv_heads * head_dim * 4  # the KV of the current sequence
     assert s["attended_fraction"] == 1.0
@@ -334,7 +334,7 @@ def test_batch_of_two_is_refused(tiny_llama_model):
         cache = rt.cache()
         with pytest.raises(ValueError, match="batch"), torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
-        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0}
+        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0}
 
 
 def test_beams_and_padding_are_refused(tiny_llama_model):
@@ -373,7 +373,8 @@ def test_prompt_beyond_max_positions_is_refused_naming_prompt(tiny_llama_model, 
         with pytest.raises(ValueError) as e:
             _generate_with_ids_passed(model, how, ids, 11)
         assert str(e.value).startswith("prompt:") and str(limit) in str(e.value)
-        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0}  # refused before anything ran
+        # refused before anything ran
+        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0}
         with pytest.raises(ValueError, match="^prompt:"):
             _generate_with_ids_passed(model, how, prompt_ids(limit + 1, seed=1), 1)
 
@@ -397,7 +398,7 @@ def test_budgets_too_small_for_the_kv_are_refused_before_generating(tiny_llama_m
         if not with_disk:
             assert "disk_dir" in msg
         s = rt.stats()
-        assert s["tokens"] == {"prefill": 0, "decode": 0} and s["kv_bytes"] == 0
+        assert s["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0} and s["kv_bytes"] == 0
         assert s["bytes_moved"] == dict.fromkeys(s["bytes_moved"], 0)
     assert os.listdir(tmp_path) == []
 
@@ -451,7 +452,8 @@ def test_forward_without_the_offloaded_cache_inside_the_block_is_plain(tiny_llam
         expected = model(ids, use_cache=False).logits
     with offload(model, page_size=8) as rt, torch.no_grad():
         got = model(ids, use_cache=False).logits
-        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0}  # the runtime was not involved
+        # the runtime was not involved
+        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0}
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -479,7 +481,7 @@ def test_forward_with_a_dynamic_cache_inside_the_block_is_plain(tiny_llama_model
     expected = stepwise_logits(model, ids, (30, 18), 3, DynamicCache(config=model.config))
     with offload(model, page_size=8) as rt:
         got = stepwise_logits(model, ids, (30, 18), 3, DynamicCache(config=model.config))
-        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0}
+        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0}
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

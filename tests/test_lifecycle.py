@@ -115,7 +115,7 @@ def test_a_cache_after_its_block_ended_is_refused(tiny_llama_model):
             call()
     with pytest.raises(ValueError, match=r"^cache: this runtime's offload\(\) block has ended"):
         rt.cache()
-    assert rt.stats()["tokens"] == {"prefill": 20, "decode": 0}  # statistics stay readable
+    assert rt.stats()["tokens"] == {"prefill": 20, "decode": 0, "reused": 0, "loaded": 0}  # statistics stay readable
 
 
 def test_a_cache_with_a_model_not_running_its_runtime_is_refused(tiny_llama_model):
@@ -141,7 +141,7 @@ def test_a_cache_with_a_model_not_running_its_runtime_is_refused(tiny_llama_mode
         with torch.no_grad():
             got = model(ids, attention_mask=padded, use_cache=False).logits[0, 2:]
         torch.testing.assert_close(got, expected_padded, atol=1e-5, rtol=1e-5)
-        assert outer.stats()["tokens"] == {"prefill": 20, "decode": 0}
+        assert outer.stats()["tokens"] == {"prefill": 20, "decode": 0, "reused": 0, "loaded": 0}
         expected = run(model, [ids, ids[:, :1]], DynamicCache(config=model.config))[1]
         torch.testing.assert_close(run(model, [ids[:, :1]], cache)[0], expected, atol=1e-4, rtol=1e-4)
 
@@ -454,7 +454,8 @@ def test_multi_turn_with_the_cache_passed_back_is_exact(tiny_gqa3_model, how):
         with offload(model, page_size=8) as rt:
             got1, got2 = conversation(rt.cache() if how == "rt.cache" else None)
             # turn 2 prefills the last generated token and the user's 9: the rest is in the cache
-            assert rt.stats()["tokens"] == {"prefill": 21 + 1 + 9, "decode": 2 * 5}
+            assert rt.stats()["tokens"] == {"prefill": 21 + 1 + 9, "decode": 2 * 5, "reused": 0,
+                                            "loaded": 0}
     assert torch.equal(got1.sequences, exp1.sequences) and torch.equal(got2.sequences, exp2.sequences)
     for got, exp in ((got1, exp1), (got2, exp2)):
         torch.testing.assert_close(torch.stack(got.logits), torch.stack(exp.logits), atol=1e-4, rtol=1e-4)

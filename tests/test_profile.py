@@ -190,7 +190,7 @@ def test_summary_copies_stats() -> None:
         "prefetch": {"issued": 4, "hits": 3},
         "stall_seconds": 0.25,
         "stall_seconds_per_layer": [0.25, 0.0],
-        "tokens": {"prefill": 300, "decode": 4},
+        "tokens": {"prefill": 300, "decode": 4, "reused": 0, "loaded": 0},
         "budgets": {"device": 10, "host": 20, "disk": 30},
     }
     s = summarize(stats, synthetic())
@@ -250,7 +250,8 @@ def test_timeline_png(tmp_path: Any) -> None:
     tr.counter("host rss", 10.5, {"rss": 3e8})
     tr.counter("host rss", 11.5, {"rss": 3.1e8})
     path = str(tmp_path / "timeline.png")
-    plot_timeline(tr, path, {"budgets": {"device": 120, "host": 1 << 30}, "tokens": {"prefill": 3, "decode": 1}})
+    plot_timeline(tr, path, {"budgets": {"device": 120, "host": 1 << 30}, "tokens": {"prefill": 3, "decode": 1,
+            "reused": 0, "loaded": 0}})
     check_png(path)
     empty = str(tmp_path / "empty.png")
     plot_timeline(Tracer(), empty)  # nothing recorded: still a readable picture
@@ -335,7 +336,7 @@ def test_summary_equals_stats_of_the_same_run(traced_run: tuple[dict, Tracer]) -
         assert {k: s["prefetch"][k] for k in ("issued", "hits")} == stats["prefetch"]
     for key in ("tokens", "kv_bytes", "attended_fraction"):
         assert s[key] == stats[key], key
-    assert s["tokens"] == {"prefill": 300, "decode": 4}
+    assert s["tokens"] == {"prefill": 300, "decode": 4, "reused": 0, "loaded": 0}
     t = s["time"]
     assert 0 < t["compute_seconds"] <= t["wall_seconds"] and 0 <= t["overlap_seconds"] <= t["compute_seconds"]
     assert t["stall_traced_seconds"] <= stats["stall_seconds"] + 1e-6  # each wait is one stall span

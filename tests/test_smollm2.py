@@ -94,6 +94,60 @@ def test_long_context_over_three_tiers_is_exact(smollm2, long_prompt, plain, tmp
     assert peak["device"] <= device and peak["host"] <= host and peak["disk"] <= stats["budgets"]["disk"]
     moved = stats["bytes_moved"]
     assert moved["host->disk"] > 0 and moved["disk->host"] > 0 and moved["host->device"] > 0, moved
-    assert stats["tokens"] == {"prefill": CONTEXT, "decode": NEW - 1}
+    assert stats["tokens"] == {"prefill": CONTEXT, "decode": NEW - 1, "reused": 0, "loaded": 0}
     assert stats["kv_bytes"] == layers * (tokens - 1) * 2 * kv_heads * head_dim * 4
     assert stats["attended_fraction"] == 1.0
+
+
+
+def test_three_turn_chat_continues_the_sequence_and_loads_the_document(smollm2, tmp_path: Path):
+    """A chat about a document: three turns in one block give the tokens of DynamicCache doing the same, computing
+    no earlier turn; a new block with a prefix cache then loads the document's pages for a new question and gives
+    plain generation's tokens."""
+    from transformers import DynamicCache
+
+    model, tokenizer = smollm2
+    doc = tokenizer.decode(_english(tokenizer, 700)[0])
+
+    def turn(text: str, first: bool = False) -> torch.Tensor:
+        template = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+        if not first:  # the next user turn after the model's answer
+            template = "<|im_end|>\n" + template[template.index("<|im_start|>user"):]
+        return tokenizer(template, return_tensors="pt", add_special_tokens=False).input_ids
+
+    turns = [turn(f"{doc}\n\nWhat is this text about?", first=True), turn("Name one thing it mentions."),
+             turn("Say that in French.")]
+
+    @torch.no_grad()
+    def chat(cache=None) -> list[list[int]]:
+        ids, answers = torch.empty((1, 0), dtype=torch.long), []
+        for t in turns:
+            ids = torch.cat([ids, t], dim=1)
+            kwargs = {} if cache is None else {"past_key_values": cache}
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 **kwargs)
+            answers.append(out[0, ids.shape[1]:].tolist())
+            ids = out
+        return answers
+
+    expected = chat(DynamicCache())
+    store = str(tmp_path / "prefix")
+    with offload(model, prefix_cache=store) as rt:
+        got = chat()
+        stats = rt.stats()
+        held = rt.table.tokens[0]
+    assert got == expected
+    # Each turn computed only what it added (the last answer token and the new turn): every token held was
+    # computed once, by a prefill or a decode step.
+    assert stats["tokens"]["reused"] > 0
+    assert stats["tokens"]["prefill"] + stats["tokens"]["decode"] == held
+    question = turn(f"{doc}\n\nWho wrote it?", first=True)
+    with offload(model, prefix_cache=store) as rt, torch.no_grad():
+        out = model.generate(question, attention_mask=torch.ones_like(question), max_new_tokens=8, do_sample=False)
+        stats = rt.stats()
+    with torch.no_grad():
+        plain_out = model.generate(question, attention_mask=torch.ones_like(question), max_new_tokens=8,
+                                   do_sample=False)
+    assert torch.equal(out, plain_out)
+    assert stats["prefix_cache"]["pages_loaded"] >= 700 // PAGE

@@ -401,7 +401,8 @@ def generate_stream(
     progress: bool = True,
 ) -> list[int]:
     """Greedy generation through `rt.cache(input_ids)`: prefills `input_ids` ([1, n] or [n]), past what the cache
-    holds of them already (a prefix cache's pages), in chunks of `prefill_chunk` tokens (a tqdm bar on stderr), then decodes one token per step, calling `on_text(piece)` with each new piece
+    holds of them already (a prefix cache's pages), in chunks of `prefill_chunk` tokens (a tqdm bar on stderr),
+    then decodes one token per step, calling `on_text(piece)` with each new piece
     of text, until `max_new_tokens` tokens or an EOS token. Returns the generated ids (without the EOS)."""
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), dtype=torch.long)
     if ids.dim() == 1:
