@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-url", default=None, help="use this Valkey/Redis server instead of starting one")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared with the reference")
+    ap.add_argument("--repeats", type=int, default=1, help="measure everything this many times; medians reported")
     ap.add_argument("--granularity", action="store_true", help="also time the two entry layouts on each store")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child-store", dest="store", default=None, help=argparse.SUPPRESS)
@@ -187,44 +189,50 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--stores: expected dir and/or valkey, got {store!r}")
     result = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, float32)", "rows": []}
+              "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, float32)", "repeats": args.repeats,
+              "rows": []}
+    runs: dict[tuple, list[dict]] = {}  # (kind, store, length) -> one sample per repeat
     try:
-        reference = {}
-        for length in args.lengths:
-            doc = document(tokenizer, length)
-            ids = prompt_ids(tokenizer, doc, QUESTIONS[1])
-            reference[length] = ask(model, ids, {}, args.new_tokens)
-            print(f"L={length}: no cache TTFT {reference[length]['ttft_s']:.2f} s", file=sys.stderr)
-        for store, spec in specs.items():
-            from tiers.prefix import open_store
+        for _ in range(args.repeats):  # repeats alternate over every measurement: drifts hit them alike
+            for length in args.lengths:
+                ids = prompt_ids(tokenizer, document(tokenizer, length), QUESTIONS[1])
+                runs.setdefault(("none", None, length), []).append(ask(model, ids, {}, args.new_tokens))
+                print(f"L={length}: no cache TTFT {runs['none', None, length][-1]['ttft_s']:.2f} s", file=sys.stderr)
+            for store, spec in specs.items():
+                from tiers.prefix import open_store
 
-            s = open_store(spec)
-            s.clear()
-            s.close()
-            first = {}
+                with open_store(spec) as s:
+                    s.clear()
+                for length in args.lengths:
+                    ids = prompt_ids(tokenizer, document(tokenizer, length), QUESTIONS[0])
+                    runs.setdefault(("first", store, length), []).append(
+                        ask(model, ids, {"prefix_cache": spec}, args.new_tokens))
+                proc = subprocess.run([sys.executable, __file__, "--child-store", spec, "--lengths",
+                                       ",".join(map(str, args.lengths)), "--new-tokens", str(args.new_tokens)]
+                                      + (["--model", args.model] if args.model else []),
+                                      stdout=subprocess.PIPE, check=True, text=True)
+                for row in json.loads(proc.stdout):
+                    runs.setdefault(("new", store, row["length"]), []).append(row)
+                result.setdefault("store_reads", {}).setdefault(store, []).append(store_read_bandwidth(spec))
+        for store in specs:
             for length in args.lengths:
-                doc = document(tokenizer, length)
-                first[length] = ask(model, prompt_ids(tokenizer, doc, QUESTIONS[0]), {"prefix_cache": spec},
-                                    args.new_tokens)
-            proc = subprocess.run([sys.executable, __file__, "--child-store", spec, "--lengths",
-                                   ",".join(map(str, args.lengths)), "--new-tokens", str(args.new_tokens)]
-                                  + (["--model", args.model] if args.model else []),
-                                  stdout=subprocess.PIPE, check=True, text=True)
-            second = {row["length"]: row for row in json.loads(proc.stdout)}
-            bandwidth = store_read_bandwidth(spec)
-            for length in args.lengths:
-                a, b, ref = first[length], second[length], reference[length]
-                pc = b["prefix_cache"]
-                row = {"store": store, "length": length, "prompt_tokens": b["prompt_tokens"],
-                       "ttft_no_cache_s": ref["ttft_s"], "ttft_first_process_s": a["ttft_s"],
-                       "ttft_new_process_s": b["ttft_s"], "speedup_vs_first": a["ttft_s"] / b["ttft_s"],
-                       "speedup_vs_no_cache": ref["ttft_s"] / b["ttft_s"], "tokens_loaded": b["held"],
-                       "bytes_loaded": pc["bytes_read"], "load_s": pc["load_seconds"],
-                       "load_gb_per_s": pc["bytes_read"] / pc["load_seconds"] / 1e9 if pc["load_seconds"] else None,
-                       "publish_wait_s": a["publish_wait_s"], "same_tokens": b["tokens"] == ref["tokens"]}
+                ref, a, b = runs["none", None, length], runs["first", store, length], runs["new", store, length]
+                ttft = {name: statistics.median(r["ttft_s"] for r in rs) for name, rs in
+                        (("none", ref), ("first", a), ("new", b))}
+                loaded = sum(r["prefix_cache"]["bytes_read"] for r in b)
+                load_s = sum(r["prefix_cache"]["load_seconds"] for r in b)
+                row = {"store": store, "length": length, "prompt_tokens": b[0]["prompt_tokens"],
+                       "ttft_no_cache_s": ttft["none"], "ttft_first_process_s": ttft["first"],
+                       "ttft_new_process_s": ttft["new"], "speedup_vs_first": ttft["first"] / ttft["new"],
+                       "speedup_vs_no_cache": ttft["none"] / ttft["new"], "tokens_loaded": b[0]["held"],
+                       "bytes_loaded": b[0]["prefix_cache"]["bytes_read"], "load_s": load_s / len(b),
+                       "load_gb_per_s": loaded / load_s / 1e9 if load_s else None,
+                       "ttft_samples": {k: [r["ttft_s"] for r in rs] for k, rs in
+                                        (("none", ref), ("first", a), ("new", b))},
+                       "same_tokens": all(r["tokens"] == ref[0]["tokens"] for r in b + ref)}
                 result["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr)
-            result.setdefault("store_reads", {})[store] = bandwidth
+        for store, spec in specs.items():
             if args.granularity:
                 mc = model.config
                 layers = mc.num_hidden_layers
@@ -247,16 +255,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(result: dict) -> str:
-    lines = ["| store | document (tokens) | TTFT no cache | TTFT first process | TTFT new process | vs first | "
+    lines = [f"medians of {result.get('repeats', 1)} repeat(s)",
+             "| store | prompt (tokens) | TTFT no cache | TTFT first process | TTFT new process | vs first | "
              "loaded | load GB/s | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['store']} | {r['prompt_tokens']} | {r['ttft_no_cache_s']:.2f} s | "
                      f"{r['ttft_first_process_s']:.2f} s | {r['ttft_new_process_s']:.2f} s | "
                      f"{r['speedup_vs_first']:.1f}x | {r['tokens_loaded']} tok | "
                      f"{r['load_gb_per_s'] or 0:.2f} | {'yes' if r['same_tokens'] else 'no'} |")
-    for store, bw in result.get("store_reads", {}).items():
+    for store, samples in result.get("store_reads", {}).items():
+        bw = max(samples, key=lambda x: x["gb_per_s"] or 0)
         lines.append(f"\n{store}: get of {bw['entries']} entries, {bw['bytes'] / 1e6:.0f} MB: "
-                     f"{bw['gb_per_s']:.2f} GB/s")
+                     f"{bw['gb_per_s']:.2f} GB/s (best of {len(samples)})")
     for store, g in result.get("granularity", {}).items():
         for name, m in g.items():
             lines.append(f"{store} one entry per {name.replace('_', ' ')}: {m['entries']} x "

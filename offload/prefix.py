@@ -41,6 +41,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -232,39 +233,36 @@ class PrefixCache:
                         self.store.where, doing, " ".join(str(exc).split()))
 
     # -- lookup --------------------------------------------------------------------------------------------
-    def load(self, ids: Sequence[int], place: Callable[[torch.Tensor], None]) -> int:
+    def load(self, ids: Sequence[int], place: Callable[[list[torch.Tensor]], None]) -> int:
         """Finds the longest stored prefix of `ids` in whole pages (leaving the last token to compute) and hands
-        it to `place` a chunk at a time ([pages, layers, 2, heads, page, dim] on the host). Returns its tokens."""
+        it to `place` a chunk at a time (pages [layers, 2, heads, page, dim] on the host, views of the fetched
+        entries). The next chunk is fetched and checked on a thread while `place` runs. Returns its tokens."""
         P = self.page_size
         usable = (len(ids) - 1) // P
         if usable <= 0:
             return 0
         t0 = time.perf_counter()
         keys = chain_keys(self.root, ids, P, pages=usable)
+        chunks = [keys[a:a + PAGES_PER_FETCH] for a in range(0, usable, PAGES_PER_FETCH)]
         loaded = read = 0
         if self._available():
-            for a in range(0, usable, PAGES_PER_FETCH):
-                want = keys[a:a + PAGES_PER_FETCH]
-                try:
-                    values = self.store.get(want)
-                except StoreError as exc:
-                    self._failed(exc, "looking up a prompt")
-                    break
-                pages = []
-                for key, value in zip(want, values):
-                    if value is None:
-                        break
+            with ThreadPoolExecutor(1, thread_name_prefix="offload-prefix-fetch") as pool:
+                ahead = pool.submit(self._fetch, chunks[0])
+                for i, chunk in enumerate(chunks):
                     try:
-                        pages.append(self.format.decode(value, key))
-                    except CorruptEntry as exc:
-                        self._corrupt(key, exc)
+                        pages, size = ahead.result()
+                    except StoreError as exc:
+                        self._failed(exc, "looking up a prompt")
                         break
-                    read += len(value)
-                if pages:
-                    place(torch.stack(pages))
-                    loaded += len(pages)
-                if len(pages) < len(want):
-                    break
+                    whole = len(pages) == len(chunk)
+                    if whole and i + 1 < len(chunks):
+                        ahead = pool.submit(self._fetch, chunks[i + 1])
+                    if pages:
+                        place(pages)
+                        loaded += len(pages)
+                        read += size
+                    if not whole:
+                        break
         self.keys = keys[:loaded]
         self.published = loaded
         with self._lock:
@@ -276,6 +274,20 @@ class PrefixCache:
             c["bytes_read"] += read
             c["load_seconds"] += time.perf_counter() - t0
         return loaded * P
+
+    def _fetch(self, keys: list[str]) -> tuple[list[torch.Tensor], int]:
+        """The pages of `keys` up to the first one missing or unusable, and their bytes. Raises StoreError."""
+        pages, size = [], 0
+        for key, value in zip(keys, self.store.get(keys)):
+            if value is None:
+                break
+            try:
+                pages.append(self.format.decode(value, key))
+            except CorruptEntry as exc:
+                self._corrupt(key, exc)
+                break
+            size += len(value)
+        return pages, size
 
     def _corrupt(self, key: str, exc: CorruptEntry) -> None:
         with self._lock:

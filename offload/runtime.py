@@ -221,16 +221,16 @@ class Runtime:
         return known is not None and len(known) >= held and known[:held] == ids[:held]
 
     @torch.no_grad()
-    def _place_loaded(self, kv: torch.Tensor) -> None:
-        """Pages from the prefix cache ([pages, layers, 2, heads, page, dim] on the host) placed after the
-        sequence's tokens, layer by layer, as a prefill of those tokens would place them."""
-        n, P, H, D = kv.shape[0], self.page_size, self.kv_heads, self.head_dim
+    def _place_loaded(self, pages: list[torch.Tensor]) -> None:
+        """Pages from the prefix cache (each [layers, 2, heads, page, dim] on the host) placed after the sequence's
+        tokens, layer by layer, as a prefill of those tokens would place them."""
+        tokens = len(pages) * self.page_size
         self.ring.drain()
         for layer in range(self.layers):
-            pages = kv[:, layer].to(self.device, self.dtype)  # [n, 2, H, P, D]
-            k = pages[:, 0].permute(1, 0, 2, 3).reshape(H, n * P, D)
-            v = pages[:, 1].permute(1, 0, 2, 3).reshape(H, n * P, D)
-            self._store_prefill(layer, k, v, publish=False)
+            kp, vp = (torch.stack([page[layer, i] for page in pages]).to(self.device, self.dtype) for i in (0, 1))
+            dead = self._dead_pages(layer, self.table.tokens[layer] + tokens)
+            self._release(layer, dead)
+            self._store_pages(layer, kp, vp, tokens, dead)
 
     def note_forward(self, input_ids: torch.Tensor | None) -> None:
         """Called before each forward of the model on this runtime's current sequence, with its input ids (None
@@ -466,12 +466,12 @@ class Runtime:
         if last > first:
             yield from self._pages_partials(layer, torch.arange(first, last), q, scaling, softcap, hide=hide)
 
-    def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, publish: bool = True) -> None:
-        """Appends T new tokens: fills the tail page, then places the new pages by tier. `publish`: hand the pages
-        they finish to the prefix cache."""
+    def _store_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Appends T new tokens: fills the tail page, then places the new pages by tier. With a prefix cache, the
+        pages they finish are captured for publishing."""
         P = self.page_size
         n = self.table.tokens[layer]
-        if publish and self.prefix is not None and self.prefix.wants((n + k.shape[1]) // P):
+        if self.prefix is not None and self.prefix.wants((n + k.shape[1]) // P):
             self._capture_prefill(layer, n, k, v)
         pos = self._fill_tail(layer, k, v, 0) if n % P else 0
         if pos and self.sparse and self.table.tokens[layer] % P == 0:
@@ -483,7 +483,6 @@ class Runtime:
         self._release(layer, dead)
         if rest == 0:
             return
-        first = self.table.tokens[layer] // P
         count = -(-rest // P)
         pad = count * P - rest
         kk, vv = k[:, pos:], v[:, pos:]
@@ -494,6 +493,15 @@ class Runtime:
         # [H, count*P, D] -> [count, H, P, D]: pages as the tiers store them.
         kp = kk.reshape(H, count, P, D).transpose(0, 1).contiguous()
         vp = vv.reshape(H, count, P, D).transpose(0, 1).contiguous()
+        self._store_pages(layer, kp, vp, rest, dead)
+
+    def _store_pages(self, layer: int, kp: torch.Tensor, vp: torch.Tensor, rest: int, dead: int) -> None:
+        """Places new pages kp, vp [count, H, P, D] after the layer's tokens (which end on a page boundary): they
+        hold `rest` tokens (the last page padded when fewer than count * P); pages before `dead` are out of the
+        sliding window already and are not stored."""
+        P = self.page_size
+        first, count = self.table.tokens[layer] // P, kp.shape[0]
+        pad = count * P - rest
         skip = max(0, dead - first)
         if skip >= count:  # only a window of one token can leave nothing to keep
             self.table.tokens[layer] += rest
@@ -503,9 +511,9 @@ class Runtime:
         pages = list(range(first, first + count))
         # The last new page stays on the device (it is the tail); earlier ones while this layer's share lasts.
         dev_idx, low_idx = self.placement.split_new_pages(layer, first, count)
-        self.placement.place_device(layer, [pages[i] for i in dev_idx], kp[dev_idx], vp[dev_idx])
+        self.placement.place_device(layer, [pages[i] for i in dev_idx], _rows(kp, dev_idx), _rows(vp, dev_idx))
         if low_idx:
-            self.placement.place_lower(layer, [pages[i] for i in low_idx], kp[low_idx], vp[low_idx])
+            self.placement.place_lower(layer, [pages[i] for i in low_idx], _rows(kp, low_idx), _rows(vp, low_idx))
         self.table.tokens[layer] += rest
         if self.config.attention == "sparse":
             self.selection.summarize(layer, pages[:count - 1 if pad else count], kp[:count - 1 if pad else count])
@@ -1044,3 +1052,10 @@ def _id_list(input_ids) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError("input_ids: expected token ids (ints)")
     return ids
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index]: a view when the index is a run of consecutive rows (the usual split of new pages), else a copy."""
+    if index and index[-1] - index[0] == len(index) - 1:
+        return t[index[0]:index[-1] + 1]
+    return t[index]

@@ -106,8 +106,13 @@ class ServerStore(PrefixStore):
         self.timeout = timeout
         self._errors = valkey.exceptions
         # No retries (the client's default, made explicit): a retry would double the time to fail.
-        self.client = valkey.Valkey(**settings, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry_on_timeout=False)
+        # Replies are read 1 MiB at a time rather than 64 KiB: entries are megabytes (0.40 -> 0.49 GB/s for 3 MB
+        # entries with the pure-Python parser, 0.56 -> 1.11 GB/s with libvalkey's; benchmarks/prefix_cache.py).
+        ssl = settings.pop("ssl")
+        pool = valkey.ConnectionPool(
+            connection_class=valkey.SSLConnection if ssl else valkey.Connection, **settings,
+            socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False, socket_read_size=1 << 20)
+        self.client = valkey.Valkey(connection_pool=pool)
         self._ready = False
         self._lock = threading.Lock()
         self._warned_full = False
