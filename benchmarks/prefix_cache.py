@@ -46,10 +46,12 @@ QUESTIONS = ("Who are the people named in this passage, and what do they want?",
 PREFILL_CHUNK = 512
 
 
-def document(tokenizer, tokens: int) -> str:
-    """About `tokens` tokens of consecutive prose."""
+def document(tokenizer, tokens: int, lengths: list[int]) -> str:
+    """About `tokens` tokens of consecutive prose, a passage of its own for each of `lengths` (so that no document
+    starts like another and a first process finds nothing stored)."""
     text = (HERE / "data" / "pride_and_prejudice.txt").read_text(encoding="utf-8")
-    ids = tokenizer(text[: tokens * 8])["input_ids"][:tokens]
+    start = sum(lengths[:lengths.index(tokens)])
+    ids = tokenizer(text)["input_ids"][start:start + tokens]
     return tokenizer.decode(ids)
 
 
@@ -146,7 +148,7 @@ def child(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     rows = []
     for length in args.lengths:
-        doc = document(tokenizer, length)
+        doc = document(tokenizer, length, args.lengths)
         ids = prompt_ids(tokenizer, doc, QUESTIONS[1])
         rows.append({"length": length, **ask(model, ids, {"prefix_cache": args.store}, args.new_tokens)})
     print(json.dumps(rows))
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.repeats):  # repeats alternate over every measurement: drifts hit them alike
             for length in args.lengths:
-                ids = prompt_ids(tokenizer, document(tokenizer, length), QUESTIONS[1])
+                ids = prompt_ids(tokenizer, document(tokenizer, length, args.lengths), QUESTIONS[1])
                 runs.setdefault(("none", None, length), []).append(ask(model, ids, {}, args.new_tokens))
                 print(f"L={length}: no cache TTFT {runs['none', None, length][-1]['ttft_s']:.2f} s", file=sys.stderr)
             for store, spec in specs.items():
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open_store(spec) as s:
                     s.clear()
                 for length in args.lengths:
-                    ids = prompt_ids(tokenizer, document(tokenizer, length), QUESTIONS[0])
+                    ids = prompt_ids(tokenizer, document(tokenizer, length, args.lengths), QUESTIONS[0])
                     runs.setdefault(("first", store, length), []).append(
                         ask(model, ids, {"prefix_cache": spec}, args.new_tokens))
                 proc = subprocess.run([sys.executable, __file__, "--child-store", spec, "--lengths",
