@@ -14,7 +14,6 @@ from offload.sizes import parse_size
 
 ATTENTION_MODES = ("exact", "sparse")
 HEAD_SELECTIONS = ("shared", "kv", "query")
-PREFIX_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
 PREFIX_PUBLISH = ("prompt", "all")
 
 
@@ -131,15 +130,19 @@ class OffloadConfig:
         self._check_prefix_cache()
 
     def _check_prefix_cache(self) -> None:
+        # The stores' own checks (tiers/prefix.py), here so that a bad value fails before the model loads; a URL is
+        # parsed, not contacted.
+        from tiers.prefix import SPEC_HELP, check_timeout, is_server_spec
+
         spec = self.prefix_cache
         if spec is not None:
             if not isinstance(spec, (str, os.PathLike)) or str(spec).strip() == "":
-                raise ValueError(f"prefix_cache: expected a directory path or a redis://host:port/db URL, got {spec!r}")
+                raise ValueError(f"prefix_cache: {SPEC_HELP}, got {spec!r}")
             self.prefix_cache = spec = os.fspath(spec)
-            scheme = spec.split("://", 1)[0].lower() if "://" in spec else None
-            if scheme is not None and scheme not in PREFIX_SCHEMES:
-                raise ValueError(f"prefix_cache: a URL must start with {', '.join(s + '://' for s in PREFIX_SCHEMES)}"
-                                 f", got {spec!r}")
+            if is_server_spec(spec):
+                from tiers.prefix_valkey import parse_url
+
+                parse_url(spec)
         if self.prefix_cache_budget is not None:
             self.prefix_cache_budget_bytes = parse_size(self.prefix_cache_budget, "prefix_cache_budget")
             if self.prefix_cache_budget_bytes < 1:
@@ -147,9 +150,7 @@ class OffloadConfig:
         if self.prefix_cache_publish not in PREFIX_PUBLISH:
             raise ValueError(f"prefix_cache_publish: expected one of {', '.join(PREFIX_PUBLISH)}, "
                              f"got {self.prefix_cache_publish!r}")
-        t = self.prefix_cache_timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 600:
-            raise ValueError(f"prefix_cache_timeout: expected seconds in (0, 600], got {t!r}")
+        check_timeout(self.prefix_cache_timeout)
 
     @classmethod
     def option_names(cls) -> list[str]:

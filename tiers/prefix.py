@@ -36,6 +36,7 @@ from typing import Any
 KEY_RE = re.compile(r"[0-9a-f]{1,128}")
 DEFAULT_DIR_BUDGET = 4 << 30
 DEFAULT_TIMEOUT = 2.0
+MAX_TIMEOUT = 600
 SCHEMES = ("redis", "valkey", "rediss", "valkeys")
 SPEC_HELP = "expected a directory path or a redis://host:port/db URL"
 
@@ -122,8 +123,9 @@ def check_budget(budget: int | None) -> int | None:
 
 def check_timeout(timeout: float) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or timeout <= 0:
-        raise ValueError(f"prefix_cache_timeout: expected a number of seconds > 0, got {timeout!r}")
+            or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"prefix_cache_timeout: expected a number of seconds > 0 and at most {MAX_TIMEOUT}, "
+                         f"got {timeout!r}")
     return float(timeout)
 
 

@@ -132,17 +132,19 @@ class DirStore(PrefixStore):
     def _path(self, key: str) -> str:
         return os.path.join(self.entries, key[:2], key + SUFFIX)
 
+    def _files(self, suffix: str) -> Iterator[os.DirEntry]:
+        """The files under entries/<xx>/ whose names end with `suffix`."""
+        for sub in _scandir(self.entries):
+            if sub.is_dir(follow_symlinks=False):
+                yield from (entry for entry in _scandir(sub.path) if entry.name.endswith(suffix))
+
     def _remove_stale_temps(self) -> None:
         cutoff = time.time() - STALE_TEMP_SECONDS
-        for sub in _scandir(self.entries):
-            if not sub.is_dir(follow_symlinks=False):
-                continue
-            for entry in _scandir(sub.path):
-                if entry.name.endswith(TEMP_SUFFIX):
-                    with contextlib.suppress(OSError):
-                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                            os.unlink(entry.path)
-                            logger.info("prefix cache: removed %s left by a killed writer", entry.path)
+        for entry in self._files(TEMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    logger.info("prefix cache: removed %s left by a killed writer", entry.path)
 
     def _unlink(self, key: str) -> bool:
         try:
@@ -266,14 +268,10 @@ class DirStore(PrefixStore):
         with self._transaction() as db:
             keys = {key for (key,) in db.execute("SELECT key FROM entries")}
             db.execute("DELETE FROM entries")
-            for sub in _scandir(self.entries):
-                if not sub.is_dir(follow_symlinks=False):
-                    continue
-                for entry in _scandir(sub.path):
-                    if entry.name.endswith(SUFFIX):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                            keys.add(entry.name[: -len(SUFFIX)])
+            for entry in self._files(SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    keys.add(entry.name[: -len(SUFFIX)])
         return len(keys)
 
     def close(self) -> None:
