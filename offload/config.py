@@ -59,6 +59,9 @@ class OffloadConfig:
     trace: bool = False
     # Threads for disk I/O (and for host copies when the device is the CPU).
     io_threads: int = 4
+    # Seconds one page transfer (a batch of pages read or written) may take before the run stops with an error
+    # instead of hanging (a stuck disk or an I/O thread that died).
+    io_timeout: float = 5.0
     # Compute device; default: the model's.
     device: str | None = None
     # Prefix cache (offload/prefix.py): the KV of full prompt pages kept beyond the process, in a directory or a
@@ -125,6 +128,9 @@ class OffloadConfig:
             raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
+        t = self.io_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600 or t != t:
+            raise ValueError(f"io_timeout: expected a number of seconds in (0, 3600], got {t!r}")
         if self.device is not None:
             check_device(self.device)
         self._check_prefix_cache()

@@ -15,12 +15,24 @@ and writes pages into host tensors with positioned I/O.
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+
+class PageError(OSError):
+    """Pages a tier could not store or return intact (an I/O error, a short read, a checksum mismatch): the tier's
+    name, the slots concerned and the cause. The runtime maps slots to layers and pages, and recovers or fails
+    naming them."""
+
+    def __init__(self, tier: str, slots: Sequence[int], cause: str, err: int = errno.EIO):
+        self.tier, self.slots, self.cause = tier, [int(s) for s in slots], cause
+        shown = ", ".join(map(str, self.slots[:4])) + (", ..." if len(self.slots) > 4 else "")
+        super().__init__(err, f"{tier}: slot{'s' if len(self.slots) != 1 else ''} {shown}: {cause}")
 
 
 @dataclass(frozen=True)

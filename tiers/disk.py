@@ -356,6 +356,13 @@ class DiskTier(Tier):
             self._pool.submit(self._io, write, slots, first, count, k_bytes, v_bytes).add_done_callback(piece_done)
         return result
 
+    # The tier's only system calls on the slot file (tests override them to inject faults).
+    def _preadv(self, iov: list[memoryview], offset: int) -> int:
+        return os.preadv(self._fd, iov, offset)
+
+    def _pwritev(self, iov: list[memoryview], offset: int) -> int:
+        return os.pwritev(self._fd, iov, offset)
+
     def _io(self, write: bool, slots: list[int], first: int, count: int, k: memoryview, v: memoryview) -> None:
         kb, vb, pad = self.shape.k_bytes, self.shape.v_bytes, self.slot_bytes - self.shape.page_bytes
         iov: list[memoryview] = []
@@ -365,7 +372,7 @@ class DiskTier(Tier):
                 iov.append(memoryview(bytearray(pad)))  # skips (or fills) the padding between two pages
         want = sum(len(b) for b in iov)
         offset = slots[first] * self.slot_bytes
-        got = os.pwritev(self._fd, iov, offset) if write else os.preadv(self._fd, iov, offset)
+        got = self._pwritev(iov, offset) if write else self._preadv(iov, offset)
         if got != want:
             raise OSError(
                 errno.EIO,

@@ -58,6 +58,7 @@ OPTION_HELP: dict[str, str] = {
     "trace": "record a timeline of transfers, compute and stalls; generate saves it as Chrome trace JSON (see "
     "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
+    "io_timeout": "seconds one page transfer may take before the run stops with an error",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
     "prefix_cache": "keep the KV of prompt pages in this directory or Valkey/Redis server (redis://host:port/db), "
     "and load the longest stored prefix of later prompts instead of computing it (default: none)",
