@@ -1,0 +1,107 @@
+"""Faults below the device, injected: a disk tier whose system calls fail on request, and damage done to its file.
+
+`FaultyDisk` is a DiskTier whose positioned reads and writes (`_preadv`, `_pwritev`) consult a `Faults` plan
+first. `install(monkeypatch, faults)` makes the runtime build it instead of the real tier. The file itself is
+damaged from outside with `flip`, `truncate` and `delete`, as a failing disk or another program would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+import tiers.disk
+from tiers.disk import DiskTier
+
+
+@dataclass
+class Faults:
+    """What goes wrong, and how often. Counts are the number of calls that fail (-1: every call), taken after
+    `after` calls of that kind succeeded."""
+
+    read_eio: int = 0
+    write_eio: int = 0
+    write_enospc: int = 0
+    short_read: int = 0
+    after_reads: int = 0
+    after_writes: int = 0
+    stall_read: float = 0.0  # seconds each faulty read sleeps before answering (a stuck device)
+    reads: int = 0
+    writes: int = 0
+    injected: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _take(self, kind: str, count_attr: str, after: int, calls: int) -> bool:
+        left = getattr(self, count_attr)
+        if calls < after or left == 0:
+            return False
+        if left > 0:
+            setattr(self, count_attr, left - 1)
+        self.injected.append(kind)
+        return True
+
+
+class FaultyDisk(DiskTier):
+    faults: Faults = Faults()
+
+    def _preadv(self, iov: list[memoryview], offset: int) -> int:
+        f = self.faults
+        with f.lock:
+            calls, f.reads = f.reads, f.reads + 1
+            eio = f._take("read EIO", "read_eio", f.after_reads, calls)
+            short = not eio and f._take("short read", "short_read", f.after_reads, calls)
+        if f.stall_read and (eio or short or f.stall_read < 0):
+            threading.Event().wait(abs(f.stall_read))
+        if eio:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        got = super()._preadv(iov, offset)
+        return got // 2 if short else got
+
+    def _pwritev(self, iov: list[memoryview], offset: int) -> int:
+        f = self.faults
+        with f.lock:
+            calls, f.writes = f.writes, f.writes + 1
+            eio = f._take("write EIO", "write_eio", f.after_writes, calls)
+            full = not eio and f._take("write ENOSPC", "write_enospc", f.after_writes, calls)
+        if eio:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super()._pwritev(iov, offset)
+
+
+def install(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> list[FaultyDisk]:
+    """Makes runtimes build FaultyDisk tiers that follow `faults`; returns the list the tiers built are added to."""
+    built: list[FaultyDisk] = []
+
+    class Tier(FaultyDisk):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    Tier.faults = faults
+    monkeypatch.setattr(tiers.disk, "DiskTier", Tier)
+    return built
+
+
+def flip(path: str | os.PathLike, offset: int, nbytes: int = 16) -> None:
+    """Inverts `nbytes` bytes of the file at `offset`, past any cache (O_DIRECT is not needed: reads see it)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(nbytes))
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate(path: str | os.PathLike, nbytes: int = 0) -> None:
+    os.truncate(path, nbytes)
+
+
+def delete(path: str | os.PathLike) -> None:
+    os.unlink(path)
