@@ -7,11 +7,19 @@ busy in the page table in between, so eviction never touches a page being copied
 On CUDA, host<->device copies run on one stream per direction over the pinned host pool, and completion is a CUDA
 event that the compute stream waits on (the host does not block). On the CPU, and for disk I/O in both cases,
 copies run on a thread pool (torch copies and positioned I/O release the GIL). Loads are submitted before stores.
+
+Deadlines: a wait on a copy that runs on a thread gives up after `timeout` seconds (`io_timeout`) with a
+TimeoutError naming the copy, and at once with an OSError when the pool's threads have died (no one would ever
+run the copy). A failed copy may carry a `recover` callback (the runtime's: it refills the destination from another
+copy of the pages, or recomputes them); the wait then returns as if the copy had succeeded, or raises what the
+callback raises.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,16 +40,39 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+class WorkerDied(OSError):
+    """The threads that would run a copy have died."""
+
+
+def _stranded(pool: ThreadPoolExecutor, future: Future) -> threading.Thread | None:
+    """A dead worker of `pool`, when `future` waits in its queue and no worker is left to run it (the pool spawns
+    no more once it has its maximum): the copy would never run."""
+    if pool._shutdown or future.running() or future.done():
+        return None
+    threads = list(pool._threads)
+    if len(threads) < pool._max_workers or any(t.is_alive() for t in threads):
+        return None
+    return threads[0]
+
+
 class Transfer:
     """One submitted copy. `wait()` returns the seconds the caller was blocked."""
 
+    # How often a wait looks at the pool's threads while the copy runs.
+    POLL_SECONDS = 0.25
+
     def __init__(self, future: Future | None = None, event: torch.cuda.Event | None = None,
-                 gpu_waits: list | None = None, layer: int = -1, stream: torch.cuda.Stream | None = None):
+                 gpu_waits: list | None = None, layer: int = -1, stream: torch.cuda.Stream | None = None,
+                 what: str = "copy", timeout: float | None = None, pool: ThreadPoolExecutor | None = None):
         self.future = future
         self.event = event
         self.gpu_waits = gpu_waits
         self.layer = layer
         self.stream = stream  # the compute stream that waits
+        self.what = what  # for errors: "a disk read of 12 pages of layer 3"
+        self.timeout = timeout
+        self.pool = pool
+        self.recover: Callable[[BaseException], None] | None = None
         self.finished = False
 
     def done(self) -> bool:
@@ -55,7 +86,16 @@ class Transfer:
             return 0.0
         t0 = time.perf_counter()
         if self.future is not None:
-            result = self.future.result()
+            try:
+                result = self._result()
+            except TimeoutError:
+                raise  # the copy may still be running: nothing may touch its destination
+            except Exception as exc:
+                if self.recover is None:
+                    raise
+                self.recover(exc)  # refills the destination, or raises
+                self.finished = True
+                return time.perf_counter() - t0
             if isinstance(result, torch.cuda.Event):
                 self.event = result
         if self.event is not None:
@@ -70,10 +110,29 @@ class Transfer:
         self.finished = True
         return waited
 
+    def _result(self):
+        """The future's result, within the deadline; raises TimeoutError past it, OSError if a worker died."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self.future.result(timeout=self.POLL_SECONDS if left is None else min(self.POLL_SECONDS, left))
+            except TimeoutError:
+                if self.future.done():
+                    raise  # the copy itself raised a TimeoutError
+                if self.pool is not None and (dead := _stranded(self.pool, self.future)) is not None:
+                    raise WorkerDied(errno.EIO, f"io: the I/O thread {dead.name} died; {self.what} can't finish") \
+                        from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"io_timeout: {self.what} did not finish in "
+                                       f"{self.timeout:g} s (a stuck disk?); raise io_timeout if it is just slow") \
+                        from None
+
 
 class TransferEngine:
-    def __init__(self, device: torch.device, threads: int, tracer: Tracer | None):
+    def __init__(self, device: torch.device, threads: int, tracer: Tracer | None, timeout: float | None = None):
         self.device = device
+        self.timeout = timeout
         self.cuda = device.type == "cuda"
         self.tracer = tracer
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload-io")
@@ -120,7 +179,8 @@ class TransferEngine:
             if self.tracer is not None:
                 self.tracer.cuda_span(pair, name, start, done, thread=pair + " stream", **args)
             return Transfer(event=done, gpu_waits=self.gpu_waits, layer=layer, stream=self.compute)
-        return Transfer(future=self.pool.submit(self._timed, pair, name, body, args))
+        return self._on_pool(self.pool.submit(self._timed, pair, name, body, args),
+                             f"a {pair} copy of {len(src_slots)} pages of layer {layer}")
 
     def _mover(self, pair: str, codec, dtype: torch.dtype) -> Callable:
         """copy(src pair, dst pair): as is, or through the codec on the compute device (on the copy's stream)."""
@@ -199,7 +259,11 @@ class TransferEngine:
                 kq, vq = self.scratch(disk.shape, len(slots))
                 disk.read(slots, kq, vq)
                 self._mover("host->device", codec, k_out.dtype)((kq, vq), (k_out, v_out))
-        return Transfer(future=self.pool.submit(self._timed, "disk read", "load", read, args))
+        return self._on_pool(self.pool.submit(self._timed, "disk read", "load", read, args),
+                             f"a disk read of {len(slots)} pages of layer {layer}")
+
+    def _on_pool(self, future: Future, what: str, **kwargs) -> Transfer:
+        return Transfer(future=future, what=what, timeout=self.timeout, pool=self.pool, **kwargs)
 
     @staticmethod
     def scratch(shape, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +277,8 @@ class TransferEngine:
         nbytes = len(slots) * disk.page_bytes
         self.bytes_moved["host->disk"] += nbytes
         args = {"bytes": nbytes, "pages": len(slots), "layer": layer, "src": "host", "dst": "disk"}
-        return Transfer(future=self.pool.submit(self._timed, "disk write", "store",
-                                                lambda: disk.write(slots, k, v), args))
+        return self._on_pool(self.pool.submit(self._timed, "disk write", "store", lambda: disk.write(slots, k, v),
+                                              args), f"a disk write of {len(slots)} pages of layer {layer}")
 
     def disk_to_device(self, disk, slots: list[int], staging: tuple[torch.Tensor, torch.Tensor],
                        dst: tuple[torch.Tensor, torch.Tensor], layer: int = -1, codec=None) -> Transfer:
@@ -245,7 +309,8 @@ class TransferEngine:
 
         # The copy must not overwrite the workspace while the compute stream still reads it.
         self.h2d.wait_stream(self.compute)
-        return Transfer(future=self.pool.submit(body), gpu_waits=self.gpu_waits, layer=layer, stream=self.compute)
+        return self._on_pool(self.pool.submit(body), f"a disk read of {n} pages of layer {layer}",
+                             gpu_waits=self.gpu_waits, layer=layer, stream=self.compute)
 
     def resolve_gpu_waits(self, report: Callable[[int, float], None]) -> None:
         """Reports, per layer, how long the compute stream waited on copies (synchronizes the device)."""
@@ -259,7 +324,10 @@ class TransferEngine:
         self.gpu_waits.clear()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        # A copy stuck past its deadline must not hang the exit: its thread is waited for io_timeout at most.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for t in list(self.pool._threads):
+            t.join(self.timeout)
         if self.cuda:
             self.h2d.synchronize()
             self.d2h.synchronize()

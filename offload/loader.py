@@ -114,15 +114,26 @@ class LoadRing:
         self.inflight = keep
         self.pump()
 
-    def drain(self) -> None:
-        """Waits for every copy in flight and forgets every request."""
+    def drain(self, quiet: bool = False) -> None:
+        """Waits for every copy in flight and forgets every request; `quiet`: a copy that fails does not raise."""
         self.pending.clear()
         while self.inflight:
-            self._retire(self.inflight.popleft())
+            try:
+                self._retire(self.inflight.popleft(), quiet)
+            except TimeoutError:
+                if not quiet:
+                    raise
+                self.inflight.clear()  # a stuck copy: the others are not waited for either
 
-    def _retire(self, job: Job) -> None:
+    def _retire(self, job: Job, quiet: bool = False) -> None:
         """Waits for a job's copies, ends its pages' busy mark and frees its buffer, unread."""
         for t in job.transfers:
-            t.wait()
+            try:
+                t.wait()
+            except TimeoutError:
+                raise
+            except Exception:
+                if not quiet:
+                    raise
         self.unbusy(job.layer, job.pages)
         self.free.append(job.buf)

@@ -9,6 +9,8 @@ hand-made table and no model); its other methods carry them out with the transfe
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +19,13 @@ import torch
 
 from offload.budgets import Plan, disk_reserve_pages
 from offload.config import OffloadConfig
-from offload.engine import Transfer, TransferEngine
+from offload.engine import Transfer, TransferEngine, WorkerDied
 from offload.pagetable import PageTable
 from offload.trace import Tracer
 from policies.base import EvictionPolicy
 from tiers import DeviceTier, HostTier, PageShape
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -209,8 +213,31 @@ class Placement:
         k, v = (t.cpu() for t in self.pack(dk[dev_slot:dev_slot + 1], dv[dev_slot:dev_slot + 1]))
         if self.device.device.type != "cpu":
             self.engine.account("device->host", self.stored.page_bytes, t0, layer, "store")
-        self.stall(layer, self.engine.disk_write(disk, dslots, k, v, layer).wait())
-        self.table.set("disk", layer, page, dslots[0])
+        self.table.set("disk", layer, page, self._to_disk(layer, [page], dslots, k, v)[0])
+
+    def _to_disk(self, layer: int, pages: list[int], slots: list[int], k: torch.Tensor, v: torch.Tensor) -> list[int]:
+        """Writes pages of `layer` to disk `slots` and returns the slots that hold them. A write that fails is tried
+        once more in fresh slots (the failed ones stay out of use: their blocks may be bad); a full disk, or a second
+        failure, stops the run with one line naming disk_dir, the layer and the pages."""
+        disk, retried = self.disk_tier, False
+        while True:
+            try:
+                self.stall(layer, self.engine.disk_write(disk, slots, k, v, layer).wait())
+                return slots
+            except (TimeoutError, WorkerDied):
+                raise  # the copy itself never finished: no other slot would help
+            except OSError as exc:
+                shown = f"page {pages[0]}" if len(pages) == 1 else f"pages {pages[0]}..{pages[-1]}"
+                where = f"writing layer {layer} {shown} to {disk.path}"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ValueError(f"disk_dir: {self.config.disk_dir} is full ({where}); lower disk_budget or "
+                                     "free space") from exc
+                cause = getattr(exc, "cause", None) or exc.strerror or str(exc)
+                fresh = None if retried else disk.allocate(len(slots))
+                if fresh is None:
+                    raise OSError(exc.errno or errno.EIO, f"disk_dir: {where} failed: {cause}") from exc
+                logger.warning("offload: %s failed (%s); writing to other slots", where, cause)
+                retried, slots = True, fresh
 
     def evict_host(self, n: int) -> None:
         t = self.table
@@ -223,8 +250,7 @@ class Placement:
                 dslots = disk.allocate(1)
                 if dslots is None:
                     raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
-                self.stall(l, self.engine.disk_write(disk, dslots, host.k[s:s + 1], host.v[s:s + 1], l).wait())
-                t.set("disk", l, p, dslots[0])
+                t.set("disk", l, p, self._to_disk(l, [p], dslots, host.k[s:s + 1], host.v[s:s + 1])[0])
             t.set("host", l, p, -1)
             host.release([s])
             self.evictions["host"] += 1
@@ -270,9 +296,7 @@ class Placement:
                 t0 = time.perf_counter()
                 src_k, src_v = src_k.cpu(), src_v.cpu()
                 self.engine.account("device->host", rest * self.stored.page_bytes, t0, layer, "store")
-            t = self.engine.disk_write(disk, slots, src_k, src_v, layer)
-            self.stall(layer, t.wait())
-            self.table.set("disk", layer, pages[n_host:], slots)
+            self.table.set("disk", layer, pages[n_host:], self._to_disk(layer, pages[n_host:], slots, src_k, src_v))
 
     def split_new_pages(self, layer: int, first: int, count: int) -> tuple[list[int], list[int]]:
         """Of `count` new pages of `layer` from page `first` (the last one its tail), the indexes that go to the

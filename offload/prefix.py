@@ -275,6 +275,29 @@ class PrefixCache:
             c["load_seconds"] += time.perf_counter() - t0
         return loaded * P
 
+    def pages_of(self, ids: Sequence[int], pages: list[int]) -> dict[int, torch.Tensor]:
+        """The stored pages `pages` of the sequence `ids` that the store holds intact, each [layers, 2, heads, page,
+        dim] on the host (for rebuilding damaged disk pages). A store that fails finds none."""
+        P = self.page_size
+        if not pages or len(ids) < (max(pages) + 1) * P or not self._available():
+            return {}
+        keys = chain_keys(self.root, ids, P, pages=max(pages) + 1)
+        want = [keys[p] for p in pages]
+        try:
+            values = self.store.get(want)
+        except StoreError as exc:
+            self._failed(exc, "rebuilding pages")
+            return {}
+        found = {}
+        for page, key, value in zip(pages, want, values):
+            if value is None:
+                continue
+            try:
+                found[page] = self.format.decode(value, key)
+            except CorruptEntry as exc:
+                self._corrupt(key, exc)
+        return found
+
     def _fetch(self, keys: list[str]) -> tuple[list[torch.Tensor], int]:
         """The pages of `keys` up to the first one missing or unusable, and their bytes. Raises StoreError."""
         pages, size = [], 0
@@ -333,10 +356,29 @@ class PrefixCache:
         self._submit((self.keys[first + skip:first + count], skip, layers))
 
     def _submit(self, job) -> None:
+        if self._thread is not None and not self._thread.is_alive():
+            self._publisher_died()
         if self._thread is None:
             self._thread = threading.Thread(target=self._publisher, name="offload-prefix-publish", daemon=True)
             self._thread.start()
         self._jobs.put(job)
+
+    def _publisher_died(self) -> None:
+        """The publisher thread has exited without being asked: what it had queued is dropped (those pages are
+        simply not published) and the next publish starts a new one."""
+        dropped = 0
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._jobs.task_done()
+            dropped += 1
+        log.warning("offload: the prefix cache publisher thread died; %d batch%s of pages not published", dropped,
+                    "es" if dropped != 1 else "")
+        with self._lock:
+            self.counters["errors"] += 1
+        self._thread = None
 
     def _publisher(self) -> None:
         while True:
@@ -376,15 +418,20 @@ class PrefixCache:
                 self.counters["bytes_written"] += written * len(items[0][1])  # entries are all of one size
 
     def flush(self) -> None:
-        """Waits until every page handed to the publisher is written (or dropped)."""
-        if self._thread is not None:
-            self._jobs.join()
+        """Waits until every page handed to the publisher is written (or dropped, also when the thread died)."""
+        with self._jobs.all_tasks_done:
+            while self._jobs.unfinished_tasks and self._thread is not None and self._thread.is_alive():
+                self._jobs.all_tasks_done.wait(0.1)
+        if self._thread is not None and not self._thread.is_alive():
+            self._publisher_died()
 
     def close(self) -> None:
         try:
             if self._thread is not None:
                 self._jobs.put(None)
                 self._thread.join()
+                if self._jobs.unfinished_tasks:  # it died before taking them
+                    self._publisher_died()
                 self._thread = None
         finally:
             self.store.close()

@@ -15,6 +15,7 @@ sequence. Logit soft-capping, when the model asks for it, is applied to every sc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import time
@@ -32,6 +33,7 @@ from offload.models import check_model, layer_windows
 from offload.pagetable import PageTable, window_start
 from offload.placement import Placement, unpinned_pages
 from offload.prefix import PrefixCache, TokenLog
+from offload.recover import Recovery
 from offload.quant import PageCodec
 from offload.sparse import SparseSelection
 from offload.trace import Tracer, phase
@@ -84,7 +86,8 @@ class Runtime:
         self.tracer = Tracer() if config.trace else None
         if self.tracer is not None:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
-        self.engine = TransferEngine(self.device, config.io_threads, self.tracer)
+        self.engine = TransferEngine(self.device, config.io_threads, self.tracer, float(config.io_timeout))
+        self.recovery = Recovery(self)
         dev_pages, host_storage = self.plan.device_cache_pages, None
         self.decoder: DeviceDecode | None = None
         h = self.plan.half
@@ -269,7 +272,7 @@ class Runtime:
             return
         self.closed = True
         try:
-            self._drain()
+            self._drain(quiet=True)
             if self.prefix is not None:
                 self.prefix.close()  # the pages on their way to the store are written first
         finally:
@@ -280,9 +283,11 @@ class Runtime:
             self.ring_k = self.ring_v = self.pm_k = self.pm_v = self.hm_k = self.hm_v = torch.empty(0)
             self.host_staging = None
 
-    def _drain(self) -> None:
+    def _drain(self, quiet: bool = False) -> None:
+        """Waits for every load in flight. `quiet`: at close, loads no one will read end without raising (a run
+        that stopped on a fault reports that fault, not a later one)."""
         if hasattr(self, "ring"):
-            self.ring.drain()
+            self.ring.drain(quiet)
         self.engine.resolve_gpu_waits(self.stall)
 
     # The tiers, owned by the placement; read here for stats and by tests.
@@ -930,6 +935,10 @@ class Runtime:
                 # The CPU is the device: disk pages are read straight into the workspace (disk->host only).
                 transfers.append(self.engine.disk_read(self.disk_tier, disk_slots, dst_k[n_host:n_host + n_disk],
                                                        dst_v[n_host:n_host + n_disk], layer, self.codec))
+            # A page that comes back damaged is rebuilt into the workspace (offload/recover.py).
+            transfers[-1].recover = functools.partial(
+                self.recovery.disk_load_failed, layer, pages[~on_host].tolist(), disk_slots,
+                dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk])
         return order, transfers
 
     def _staging_for(self, dst_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1031,6 +1040,8 @@ class Runtime:
             "compression": self.shape.page_bytes / self.placement.stored.page_bytes,
             "bit_exact": self.codec is None and not self.sparse,
             "prefix_cache": self._prefix_stats() if self.prefix is not None else None,
+            # Disk pages found damaged, and where their right contents came from (offload/recover.py).
+            "faults": dict(self.recovery.counts),
         }
 
     def _prefix_stats(self) -> dict:

@@ -30,6 +30,7 @@ class Faults:
     after_reads: int = 0
     after_writes: int = 0
     stall_read: float = 0.0  # seconds each faulty read sleeps before answering (a stuck device)
+    bad_slots: set[int] = field(default_factory=set)  # bad blocks: every read or write that touches them fails
     reads: int = 0
     writes: int = 0
     injected: list[str] = field(default_factory=list)
@@ -48,11 +49,15 @@ class Faults:
 class FaultyDisk(DiskTier):
     faults: Faults = Faults()
 
+    def _touches_bad(self, iov: list[memoryview], offset: int) -> bool:
+        first, end = offset // self.slot_bytes, -(-(offset + sum(len(b) for b in iov)) // self.slot_bytes)
+        return any(first <= s < end for s in self.faults.bad_slots)
+
     def _preadv(self, iov: list[memoryview], offset: int) -> int:
         f = self.faults
         with f.lock:
             calls, f.reads = f.reads, f.reads + 1
-            eio = f._take("read EIO", "read_eio", f.after_reads, calls)
+            eio = self._touches_bad(iov, offset) or f._take("read EIO", "read_eio", f.after_reads, calls)
             short = not eio and f._take("short read", "short_read", f.after_reads, calls)
         if f.stall_read and (eio or short or f.stall_read < 0):
             threading.Event().wait(abs(f.stall_read))
@@ -65,7 +70,7 @@ class FaultyDisk(DiskTier):
         f = self.faults
         with f.lock:
             calls, f.writes = f.writes, f.writes + 1
-            eio = f._take("write EIO", "write_eio", f.after_writes, calls)
+            eio = self._touches_bad(iov, offset) or f._take("write EIO", "write_eio", f.after_writes, calls)
             full = not eio and f._take("write ENOSPC", "write_enospc", f.after_writes, calls)
         if eio:
             raise OSError(errno.EIO, os.strerror(errno.EIO))

@@ -179,29 +179,34 @@ def _model_state(model) -> tuple:
 
 
 @torch.no_grad()
-def test_disk_read_failure_mid_decode_surfaces_and_the_context_cleans_up(tiny_llama_model, tmp_path: Path):
+def test_a_disk_that_fails_every_read_mid_decode_is_recovered_and_the_context_cleans_up(tiny_llama_model,
+                                                                                         tmp_path: Path):
+    """Every read fails from step 2 on: each load's pages are rebuilt (re-running the model over the tokens), so
+    the tokens are those of plain generation; the block still cleans up after itself."""
     model = tiny_llama_model
     prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7))
     reference = model.generate(prompt, max_new_tokens=6, do_sample=False)
     before = _model_state(model)
-    steps = []
+    tokens = []
 
     def failing_read(slots, k_out, v_out):
         raise OSError(errno.EIO, "injected disk read failure")
 
-    with pytest.raises(OSError, match="injected disk read failure"):
-        with offload(model, **_three_tier_options(model, tmp_path)) as rt:
-            cache = rt.cache()
-            out = model(prompt, past_key_values=cache, use_cache=True)
-            assert rt.disk_tier is not None and os.listdir(tmp_path) != []
+    with offload(model, **_three_tier_options(model, tmp_path)) as rt:
+        cache = rt.cache()
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        assert rt.disk_tier is not None and os.listdir(tmp_path) != []
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        for step in range(5):
+            if step == 2:
+                rt.disk_tier.read = failing_read  # the disk breaks in the middle of decoding
+            out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            for step in range(6):
-                if step == 2:
-                    rt.disk_tier.read = failing_read  # the disk breaks in the middle of decoding
-                out = model(token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                steps.append(step)
-    assert steps == [0, 1]  # the failure stopped the step it happened in, it was not swallowed
+            tokens.append(token)
+        recovered = rt.stats()["faults"]["recomputed"]
+    assert recovered > 0
+    assert torch.equal(torch.cat(tokens, dim=1), reference[:, prompt.shape[1]:])
     assert os.listdir(tmp_path) == []
     assert _model_state(model) == before
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), reference)
@@ -218,7 +223,7 @@ def test_disk_write_failure_in_prefill_surfaces_from_generate(tiny_llama_model, 
         raise OSError(errno.ENOSPC, "injected disk write failure")
 
     monkeypatch.setattr(DiskTier, "write", failing_write)
-    with pytest.raises(OSError, match="injected disk write failure"):
+    with pytest.raises(ValueError, match=r"^disk_dir: .* is full \(writing layer 0 page"):
         with offload(model, **_three_tier_options(model, tmp_path)):
             model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert os.listdir(tmp_path) == []
