@@ -1,4 +1,5 @@
-"""A directory on disk: one file of page slots, preallocated in steps, read and written with positioned I/O.
+"""A directory on disk: one file of page slots, preallocated in steps, read and written with positioned I/O,
+every page checked against a checksum when it is read back.
 
 Size: the file starts with `reserve` slots (what the runtime expects the sequence to need) and `allocate()`
 grows it, with fallocate, in steps of at least a quarter of its size (and GROW_STEP_BYTES) whenever it hands out
@@ -12,16 +13,32 @@ of the slot is padding. When k_bytes and v_bytes are multiples of 4 KiB both hal
 is no padding, and a run of consecutive slots is one contiguous extent: that is the only layout in which
 O_DIRECT is used (`direct`). Any other page shape gets buffered I/O.
 
-Concurrency: a request is cut into runs of consecutive slots, runs into pieces of at most
-ceil(n / threads) pages, and each piece is one preadv/pwritev on the tier's own thread pool. Positioned
-I/O releases the GIL and pieces touch disjoint bytes, so they need no lock.
+Requests: a request's slots are sorted and cut into runs of consecutive slots, whatever the order of the pages
+in the caller's buffers (an iovec may point anywhere in them); a read also bridges gaps of at most
+BRIDGE_BYTES between runs, reading the gap into a scratch buffer. Runs are cut into pieces of at most
+ceil(n / threads) pages, so that every thread of the tier's pool has work, and each piece is one preadv/pwritev.
+Positioned I/O releases the GIL and pieces touch disjoint bytes, so they need no lock.
+
+Checksums: per slot, an xxh3-64 of the K half and one of the V half, seeded with the slot number, so that a page
+read from the wrong place fails too. A write piece records them, from its source buffers, once its pwritev
+succeeded; a read piece checks each of its pages right after its preadv, before anything is copied out. They live
+in memory only ([capacity, 2] uint64, with a state byte per slot), for the life of the file. Failures are
+`PageError`s (tiers/base.py) that name the slots concerned:
+
+- a checksum mismatch names only the damaged slots, and the half (K, V) that differs;
+- a slot never written since it was handed out, or whose last write failed, can't be read either;
+- a short read (a truncated file), or an OSError from preadv/pwritev, names every slot of the piece;
+- a failed write leaves its slots unreadable until they are written again; ENOSPC and EDQUOT are errno ENOSPC,
+  "the disk is full".
+
+A request whose pieces fail raises one PageError listing the slots of all of them.
 
 NOTE: the async calls fan the pieces out and join them with a done-callback, never with a worker waiting on
 other workers: a worker blocked on pieces queued behind it would deadlock a busy pool. The sync calls are
 the async ones plus `.result()`.
 
 Lifecycle: construct (removes files of dead processes, checks free space, preallocates the reserve) ->
-allocate (grows the file when needed) / read / write ->
+allocate (grows the file when needed) / read / write / release ->
 close(), which removes the file; a weakref.finalize removes it at exit if close() was never called.
 """
 
@@ -38,12 +55,14 @@ import re
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import psutil
 import torch
+import xxhash
 
-from tiers.base import PageShape, Tier
+from tiers.base import PageError, PageShape, Tier
 from tiers.host import aligned_host_tensor
 
 logger = logging.getLogger(__name__)
@@ -52,13 +71,20 @@ logger = logging.getLogger(__name__)
 # covers the devices we meet (512 B and 4 KiB sectors).
 ALIGN = 4096
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-# One call carries at most IOV_MAX iovecs (3 per page) and Linux moves at most ~2 GiB per call.
+# One call carries at most IOV_MAX iovecs (up to 4 per page: K, V, padding, a bridged gap) and Linux moves at
+# most ~2 GiB per call.
 _MAX_IOVECS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _MAX_CALL_BYTES = 1 << 30
 _FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
 # The smallest growth step: fallocate calls stay few even when pages are small.
 GROW_STEP_BYTES = 16 << 20
+# A read reads through gaps of at most this many bytes between two runs of wanted slots, into a scratch buffer:
+# one larger call instead of two.
+BRIDGE_BYTES = 0
 
+# Slot states. A slot is readable only when INTACT (its checksums are checked) or UNHASHED (written while
+# `checksums` was off: never checked).
+_NEVER, _INTACT, _LOST, _UNHASHED = 0, 1, 2, 3
 
 def _format_size(n: float) -> str:
     # Local twin of offload.sizes.format_size: tiers must not import the offload package (import cycle).
@@ -137,6 +163,9 @@ def _cleanup(pool: cf.ThreadPoolExecutor, fd: int, path: str) -> None:
 
 class DiskTier(Tier):
     name = "disk"
+    # A measurement switch, not an option (benchmarks/checksum_cost.py times what checksums cost): False stops
+    # hashing pages written and checking pages read. Pages written while it is False are never checked.
+    checksums: bool = True
 
     def __init__(
         self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None,
@@ -150,7 +179,14 @@ class DiskTier(Tier):
             raise ValueError(f"disk: threads must be >= 1, got {threads}")
         self.slot_bytes = -(-shape.page_bytes // ALIGN) * ALIGN
         self._threads = threads
-        self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // max(self.slot_bytes, 1)))
+        self._bridge_slots = BRIDGE_BYTES // self.slot_bytes
+        self._pages_per_call = max(1, min(_MAX_IOVECS // 4,
+                                          _MAX_CALL_BYTES // (self.slot_bytes * (1 + self._bridge_slots))))
+        # [capacity, 2]: the xxh3 of each slot's K and V halves, and each slot's state (_NEVER, ...).
+        # NOTE: np.zeros maps large arrays lazily (calloc), so a big capacity costs memory only for the slots
+        # handed out, and those are the lowest.
+        self._sums = np.zeros((capacity, 2), dtype=np.uint64)
+        self._state = np.zeros(capacity, dtype=np.uint8)
         directory = os.fspath(directory)
         self._directory = directory
         # At least one slot: the O_DIRECT probe needs a block to read.
@@ -174,6 +210,12 @@ class DiskTier(Tier):
             os.unlink(self._path)
             raise
         self._fd = fd
+        # What fills the bytes between two pages of one call: zeros for a write (the padding of a slot), scratch
+        # for a read (padding and bridged gaps); page-aligned for O_DIRECT.
+        pad = self.slot_bytes - shape.page_bytes
+        self._zeros = _byte_view(aligned_host_tensor(pad, torch.uint8, pin=False).zero_()) if pad else memoryview(b"")
+        gap = pad + self._bridge_slots * self.slot_bytes
+        self._scratch = _byte_view(aligned_host_tensor(gap, torch.uint8, pin=False)) if gap else memoryview(b"")
         self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
         self._finalizer = weakref.finalize(self, _cleanup, self._pool, fd, self._path)
         logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s", self._path, self.reserved, capacity,
@@ -212,8 +254,8 @@ class DiskTier(Tier):
         return self.reserved * self.slot_bytes
 
     def allocate(self, n: int) -> list[int] | None:
-        """Takes `n` free slots (or returns None), growing the file first when one lies past its end; raises
-        ValueError naming disk_dir, and takes no slot, when the disk has no room to grow."""
+        """Takes `n` free slots, in ascending order (or returns None), growing the file first when one lies past
+        its end; raises ValueError naming disk_dir, and takes no slot, when the disk has no room to grow."""
         slots = super().allocate(n)
         if slots and (top := max(slots)) >= self.reserved:
             try:
@@ -221,7 +263,16 @@ class DiskTier(Tier):
             except BaseException:
                 self._free.extend(reversed(slots))  # back on the stack in the order they came off
                 raise
-        return slots
+        # Ascending: pages written in order land in runs of consecutive slots, read back in few calls.
+        return sorted(slots) if slots is not None else None
+
+    def release(self, slots: Sequence[int]) -> None:
+        super().release(slots)
+        self._state[list(slots)] = _NEVER  # a freed slot holds no page: reading it is an error
+
+    def reset(self, reserved: int = 0) -> None:
+        super().reset(reserved)
+        self._state[reserved:] = _NEVER
 
     def _grow(self, slots: int) -> None:
         if self.closed:
@@ -257,13 +308,15 @@ class DiskTier(Tier):
 
     def write_async(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> cf.Future[None]:
         """Starts a write. k and v must stay unchanged until the future is done (unless they needed a bounce
-        copy, which is taken before this returns)."""
+        copy, which is taken before this returns). The future's exception is a PageError naming the slots that
+        were not written; they can't be read until written again."""
         slots = self._check(slots, k, v)
         k_buf, v_buf = (self._bounce(t).copy_(t) if self._needs_bounce(t) else t for t in (k, v))
         return self._submit(True, slots, k_buf, v_buf, None)
 
     def read_async(self, slots: Sequence[int], k_out: torch.Tensor, v_out: torch.Tensor) -> cf.Future[None]:
-        """Starts a read; k_out and v_out hold the pages once the future is done."""
+        """Starts a read; k_out and v_out hold the pages once the future is done. The future's exception is a
+        PageError naming the slots that could not be read intact (k_out and v_out are then undefined)."""
         slots = self._check(slots, k_out, v_out)
         k_buf, v_buf = (self._bounce(t) if self._needs_bounce(t) else t for t in (k_out, v_out))
 
@@ -307,23 +360,26 @@ class DiskTier(Tier):
         # A fresh buffer per request rather than a shared one: requests run concurrently.
         return aligned_host_tensor(like.numel(), like.dtype, pin=False).view(like.shape)
 
-    def _pieces(self, slots: list[int]) -> Iterator[tuple[int, int]]:
-        """(index of the first page in the request, page count): consecutive slots, spread over the threads."""
+    def _pieces(self, slots: list[int], bridge: int) -> list[list[int]]:
+        """The request's page indexes, grouped into calls: ascending slots, each group consecutive but for gaps
+        of at most `bridge` slots, at most ceil(n / threads) pages each (so every thread has work)."""
         per_piece = min(self._pages_per_call, max(1, math.ceil(len(slots) / self._threads)))
-        i = 0
-        while i < len(slots):
-            j = i + 1
-            while j < len(slots) and j - i < per_piece and slots[j] == slots[j - 1] + 1:
-                j += 1
-            yield i, j - i
-            i = j
+        pieces: list[list[int]] = []
+        last = -1
+        for i in sorted(range(len(slots)), key=slots.__getitem__):
+            gap = slots[i] - last - 1
+            if not pieces or not 0 <= gap <= bridge or len(pieces[-1]) == per_piece:
+                pieces.append([])
+            pieces[-1].append(i)
+            last = slots[i]
+        return pieces
 
     def _submit(
         self, write: bool, slots: list[int], k: torch.Tensor, v: torch.Tensor, finish: Callable[[], None] | None
     ) -> cf.Future[None]:
         result: cf.Future[None] = cf.Future()
         result.set_running_or_notify_cancel()  # started I/O can't be called back, so the future can't be either
-        pieces = list(self._pieces(slots))
+        pieces = self._pieces(slots, 0 if write else self._bridge_slots)
         k_bytes, v_bytes = _byte_view(k), _byte_view(v)  # they keep k and v (maybe bounce buffers) alive
         lock = threading.Lock()
         pending = len(pieces)
@@ -332,7 +388,7 @@ class DiskTier(Tier):
         def complete() -> None:
             try:
                 if errors:
-                    raise errors[0]
+                    raise _merged(errors)
                 if finish is not None:
                     finish()
             except BaseException as e:
@@ -352,8 +408,8 @@ class DiskTier(Tier):
 
         if not pieces:
             complete()
-        for first, count in pieces:
-            self._pool.submit(self._io, write, slots, first, count, k_bytes, v_bytes).add_done_callback(piece_done)
+        for piece in pieces:
+            self._pool.submit(self._io, write, slots, piece, k_bytes, v_bytes).add_done_callback(piece_done)
         return result
 
     # The tier's only system calls on the slot file (tests override them to inject faults).
@@ -363,19 +419,98 @@ class DiskTier(Tier):
     def _pwritev(self, iov: list[memoryview], offset: int) -> int:
         return os.pwritev(self._fd, iov, offset)
 
-    def _io(self, write: bool, slots: list[int], first: int, count: int, k: memoryview, v: memoryview) -> None:
-        kb, vb, pad = self.shape.k_bytes, self.shape.v_bytes, self.slot_bytes - self.shape.page_bytes
+    def _io(self, write: bool, slots: list[int], piece: list[int], k: memoryview, v: memoryview) -> None:
+        """One call: the pages `piece` (indexes into the request, ascending slots) to or from k and v."""
+        kb, vb, sb = self.shape.k_bytes, self.shape.v_bytes, self.slot_bytes
+        halves = [(k[i * kb:(i + 1) * kb], v[i * vb:(i + 1) * vb]) for i in piece]
+        at = [slots[i] for i in piece]
+        filler = self._zeros if write else self._scratch  # what fills the bytes between two pages
         iov: list[memoryview] = []
-        for p in range(first, first + count):
-            iov += [k[p * kb : (p + 1) * kb], v[p * vb : (p + 1) * vb]]
-            if pad and p < first + count - 1:
-                iov.append(memoryview(bytearray(pad)))  # skips (or fills) the padding between two pages
+        for j, (kh, vh) in enumerate(halves):
+            if j and (fill := (at[j] - at[j - 1]) * sb - kb - vb):
+                iov.append(filler[:fill])
+            iov += (kh, vh)
         want = sum(len(b) for b in iov)
-        offset = slots[first] * self.slot_bytes
-        got = self._pwritev(iov, offset) if write else self._preadv(iov, offset)
+        offset = at[0] * sb
+        if write:
+            try:
+                got = self._pwritev(iov, offset)
+            except OSError as e:
+                self._state[at] = _LOST
+                raise _write_error(at, e) from e
+            if got != want:
+                self._state[at] = _LOST
+                raise PageError(self.name, at, f"short write: wrote {got} of {want} bytes")
+            if self.checksums:
+                self._sums[at] = np.array([_hash(h, s) for (kh, vh), s in zip(halves, at) for h in (kh, vh)],
+                                          dtype=np.uint64).reshape(-1, 2)
+            self._state[at] = _INTACT if self.checksums else _UNHASHED
+            return
+        try:
+            got = self._preadv(iov, offset)
+        except OSError as e:
+            raise PageError(self.name, at, f"read failed: {e}", e.errno or errno.EIO) from e
         if got != want:
-            raise OSError(
-                errno.EIO,
-                f"disk: short {'write' if write else 'read'} of slots {slots[first]}..{slots[first + count - 1]} "
-                f"in {self._path}: {got} of {want} bytes",
-            )
+            raise PageError(self.name, at, f"short read: got {got} of {want} bytes")
+        if self.checksums:
+            self._verify(at, halves)
+
+    def _verify(self, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> None:
+        """Raises PageError naming the slots of `at` whose pages (just read into `halves`) are not what was
+        written there."""
+        state = self._state[at]
+        checked = state == _INTACT
+        sums = np.array([_hash(h, s) for (kh, vh), s, c in zip(halves, at, checked) if c for h in (kh, vh)],
+                        dtype=np.uint64).reshape(-1, 2)
+        differ = np.zeros((len(at), 2), dtype=bool)
+        differ[checked] = sums != self._sums[np.asarray(at)[checked]]
+        bad = differ.any(axis=1) | ~(checked | (state == _UNHASHED))
+        if not bad.any():
+            return
+        at_arr = np.asarray(at)
+        reasons = []
+        for mask, what in (
+            (differ[:, 0] & ~differ[:, 1], "checksum mismatch in the K half"),
+            (differ[:, 1] & ~differ[:, 0], "checksum mismatch in the V half"),
+            (differ[:, 0] & differ[:, 1], "checksum mismatch in both halves"),
+            (state == _NEVER, "never written"),
+            (state == _LOST, "its last write failed"),
+        ):
+            if mask.any():
+                reasons.append((what, at_arr[mask].tolist()))
+        if len(reasons) == 1:
+            cause = reasons[0][0]
+        else:
+            cause = "; ".join(f"{what}: slot{'s' if len(s) > 1 else ''} {_shown(s)}" for what, s in reasons)
+        raise PageError(self.name, at_arr[bad].tolist(), cause)
+
+
+def _hash(half: memoryview, slot: int) -> int:
+    # NOTE: xxhash releases the GIL only for buffers over 64 KiB (measured: two threads hashing 48 KiB halves
+    # run no faster than one, 128 KiB ones 1.6x faster on two cores). Smaller halves hash at ~40 GB/s with the
+    # GIL held, about 1 us a page.
+    return xxhash.xxh3_64_intdigest(half, slot)
+
+
+def _shown(slots: list[int]) -> str:
+    return ", ".join(map(str, slots[:4])) + (", ..." if len(slots) > 4 else "")
+
+
+def _write_error(slots: list[int], e: OSError) -> PageError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PageError("disk", slots, f"write failed: the disk is full ({e})", errno.ENOSPC)
+    return PageError("disk", slots, f"write failed: {e}", e.errno or errno.EIO)
+
+
+def _merged(errors: list[BaseException]) -> BaseException:
+    """One exception for a request whose pieces failed: a PageError listing every slot that failed, or the first
+    exception that is not a PageError (a bug, not a disk fault)."""
+    if len(errors) == 1 or not all(isinstance(e, PageError) for e in errors):
+        return next((e for e in errors if not isinstance(e, PageError)), errors[0])
+    causes = list(dict.fromkeys(e.cause for e in errors))  # type: ignore[attr-defined]
+    cause = "; ".join(causes[:3]) + (f"; and {len(causes) - 3} more" if len(causes) > 3 else "")
+    full = next((e for e in errors if e.errno == errno.ENOSPC), None)
+    merged = PageError("disk", sorted({s for e in errors for s in e.slots}), cause,  # type: ignore[attr-defined]
+                       (full or errors[0]).errno or errno.EIO)
+    merged.__cause__ = errors[0].__cause__
+    return merged
