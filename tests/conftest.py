@@ -69,3 +69,11 @@ def kv_server(tmp_path_factory: pytest.TempPathFactory):
 def kv_server_url(kv_server) -> str:
     """`redis://127.0.0.1:<port>/0` of a fresh `kv_server`."""
     return kv_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random-weight Llama and its tokenizer saved to disk, for the command line (tests/cli_model.py)."""
+    from cli_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -14,54 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_model import CORPUS, MAX_POSITIONS
 
 from offload.cli import main
 from offload.config import OffloadConfig
-from offload.models import tiny_llama
 from tools import common
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_POSITIONS = 256
 # Three tiers on the tiny model (2 layers, 2 KV heads, head_dim 16, float32): a page of 16 tokens is 4 KiB per
 # layer; the device holds 6 pages (4 of them cache), the host 4, the disk the rest of a ~150-token sequence.
 THREE_TIERS = ["--page-size", "16", "--device-budget", "24KiB", "--host-budget", "16KiB"]
-CORPUS = (
-    "The pump station on the north bank moves water from the river to the reservoir. Each pump has a motor, "
-    "a valve and a meter. When the level in the reservoir falls, the controller starts another pump; when it "
-    "rises, the controller stops one. The operators read the meters every morning and write the numbers in a "
-    "log, so that the engineers can see how much water moved and how much power it took."
-)
-
-
-def _train_tokenizer(directory: Path):
-    """A byte-level BPE tokenizer with a chat template; ids 0-2 are <unk>, <s>, </s> like LlamaConfig's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([CORPUS] * 8, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = (
-        "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}"
-    )
-    fast.save_pretrained(directory)
-    return fast
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _train_tokenizer(directory)
-    tiny_llama(vocab=len(tokenizer), max_positions=MAX_POSITIONS, seed=1).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import faults
 from faults import Faults
 from offload import offload
 from offload.recover import Unrecoverable
-from test_cli import assert_one_line_error, run_cli, tiny_model_dir  # noqa: F401 (a fixture)
+from test_cli import assert_one_line_error, run_cli
 
 NEW = 6
 
