@@ -1,0 +1,31 @@
+"""Bad input at scale: `OffloadConfig` options and their command-line flags over adversarial values.
+
+The rule: an invalid value raises ValueError whose message starts with the option's name (`io_timeout: ...`),
+never another exception; a valid one constructs. The regressions below each carry the bug they pin.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from offload.config import OffloadConfig
+from offload.sizes import MAX_SIZE, parse_size
+
+
+# ---- regressions -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "1" + "0" * 400 + "GiB", str(MAX_SIZE + 1), "8388608TiB",
+                                   10**30, 1e300])
+def test_a_size_too_large_for_any_budget_is_a_value_error(value: object) -> None:
+    """A size string with more digits than a float holds raised OverflowError (via float infinity), and 10**30
+    bytes passed as a budget; sizes now stop at 8 EiB, with a ValueError naming the option."""
+    with pytest.raises(ValueError, match="^host_budget: a size must be at most"):
+        OffloadConfig(host_budget=value)
+
+
+def test_size_strings_are_exact() -> None:
+    """Size strings went through float, which rounded 2**53 + 1 bytes to 2**53."""
+    assert parse_size("9007199254740993", "host_budget") == 2**53 + 1
+    assert parse_size(str(MAX_SIZE), "host_budget") == MAX_SIZE
+    assert parse_size("0.1KB", "host_budget") == 100
