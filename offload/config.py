@@ -124,7 +124,7 @@ class OffloadConfig:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
             raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
-        if self.kv_quant not in KV_QUANT:
+        if not isinstance(self.kv_quant, str) or self.kv_quant not in KV_QUANT:  # a list would be unhashable
             raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")

@@ -29,3 +29,10 @@ def test_size_strings_are_exact() -> None:
     assert parse_size("9007199254740993", "host_budget") == 2**53 + 1
     assert parse_size(str(MAX_SIZE), "host_budget") == MAX_SIZE
     assert parse_size("0.1KB", "host_budget") == 100
+
+
+@pytest.mark.parametrize("value", [[], {}, {"k8v4"}, ["k8v4"]])
+def test_kv_quant_that_is_unhashable(value: object) -> None:
+    """kv_quant is looked up in a dict: a list, dict or set raised TypeError (unhashable type)."""
+    with pytest.raises(ValueError, match="^kv_quant: expected one of"):
+        OffloadConfig(kv_quant=value)
