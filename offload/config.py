@@ -126,6 +126,9 @@ class OffloadConfig:
             raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
         if not isinstance(self.kv_quant, str) or self.kv_quant not in KV_QUANT:  # a list would be unhashable
             raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
+        for name in ("measure_recall", "trace"):
+            if not isinstance(getattr(self, name), bool):  # "no" or None would read as on or off
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         t = self.io_timeout

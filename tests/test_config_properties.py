@@ -36,3 +36,11 @@ def test_kv_quant_that_is_unhashable(value: object) -> None:
     """kv_quant is looked up in a dict: a list, dict or set raised TypeError (unhashable type)."""
     with pytest.raises(ValueError, match="^kv_quant: expected one of"):
         OffloadConfig(kv_quant=value)
+
+
+@pytest.mark.parametrize("name", ["measure_recall", "trace"])
+@pytest.mark.parametrize("value", ["no", "false", "", None, 0, 1, 1.0])
+def test_switches_take_only_bools(name: str, value: object) -> None:
+    """measure_recall and trace took any value by its truth: trace="no" recorded a timeline."""
+    with pytest.raises(ValueError, match=f"^{name}: expected True or False"):
+        OffloadConfig(**{name: value})
