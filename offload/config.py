@@ -89,9 +89,7 @@ class OffloadConfig:
             value = getattr(self, name)
             setattr(self, name + "_bytes", None if value is None else parse_size(value, name))
         if self.disk_dir is not None:
-            if not isinstance(self.disk_dir, (str, os.PathLike)) or str(self.disk_dir) == "":
-                raise ValueError(f"disk_dir: expected a directory path, got {self.disk_dir!r}")
-            self.disk_dir = os.fspath(self.disk_dir)
+            self.disk_dir = _check_path("disk_dir", self.disk_dir, "expected a directory path")
         elif self.disk_budget is not None and self.disk_budget_bytes:
             raise ValueError("disk_budget: given without disk_dir; pass disk_dir to enable the disk tier")
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
@@ -139,19 +137,10 @@ class OffloadConfig:
         self._check_prefix_cache()
 
     def _check_prefix_cache(self) -> None:
-        # The stores' own checks (tiers/prefix.py), here so that a bad value fails before the model loads; a URL is
-        # parsed, not contacted.
-        from tiers.prefix import SPEC_HELP, check_timeout, is_server_spec
+        from tiers.prefix import check_timeout
 
-        spec = self.prefix_cache
-        if spec is not None:
-            if not isinstance(spec, (str, os.PathLike)) or str(spec).strip() == "":
-                raise ValueError(f"prefix_cache: {SPEC_HELP}, got {spec!r}")
-            self.prefix_cache = spec = os.fspath(spec)
-            if is_server_spec(spec):
-                from tiers.prefix_valkey import parse_url
-
-                parse_url(spec)
+        if self.prefix_cache is not None:
+            self.prefix_cache = check_prefix_cache(self.prefix_cache)
         if self.prefix_cache_budget is not None:
             self.prefix_cache_budget_bytes = parse_size(self.prefix_cache_budget, "prefix_cache_budget")
             if self.prefix_cache_budget_bytes < 1:
@@ -177,6 +166,38 @@ class OffloadConfig:
         if isinstance(self.token_budget, float):
             return max(1, int(round(self.token_budget * context)))
         return int(self.token_budget)
+
+
+def _check_path(name: str, value: object, expected: str) -> str:
+    """`value` as a str path. Raises ValueError naming `name` unless it is a str or os.PathLike that a file name
+    can be: not blank, no NUL byte, and encodable in the file system's encoding."""
+    try:
+        path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    except TypeError:  # an __fspath__ that returns neither str nor bytes
+        path = None
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{name}: {expected}, got {value!r}")
+    if "\x00" in path:
+        raise ValueError(f"{name}: a path can't hold a NUL byte, got {value!r}")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: {value!r} can't be a file name in the file system's encoding ({e.reason})") from None
+    return path
+
+
+def check_prefix_cache(spec: object) -> str:
+    """`spec` as a str: a directory path, or a server URL that parses (it is not contacted). Raises
+    ValueError("prefix_cache: ..."). The stores' own checks (tiers/prefix.py), run here so that a bad value fails
+    before the model loads."""
+    from tiers.prefix import SPEC_HELP, is_server_spec
+
+    path = _check_path("prefix_cache", spec, SPEC_HELP)
+    if is_server_spec(path):
+        from tiers.prefix_valkey import parse_url
+
+        parse_url(path)
+    return path
 
 
 def check_device(device: object) -> None:

@@ -44,3 +44,27 @@ def test_switches_take_only_bools(name: str, value: object) -> None:
     """measure_recall and trace took any value by its truth: trace="no" recorded a timeline."""
     with pytest.raises(ValueError, match=f"^{name}: expected True or False"):
         OffloadConfig(**{name: value})
+
+
+class BytesPath:
+    """An os.PathLike that gives bytes."""
+
+    def __fspath__(self) -> bytes:
+        return b"kv"
+
+
+class BrokenPath:
+    """An os.PathLike that gives neither str nor bytes."""
+
+    def __fspath__(self) -> object:
+        return 3
+
+
+@pytest.mark.parametrize("name", ["disk_dir", "prefix_cache"])
+@pytest.mark.parametrize("value", ["a\x00b", "kv\ud800", " ", "\t\n", BytesPath(), BrokenPath(), "redis://h\x00/0"])
+def test_paths_a_file_system_cannot_take(name: str, value: object) -> None:
+    """A path with a NUL byte or a lone surrogate was taken, and failed later (after the model loaded) with
+    "embedded null byte" or UnicodeEncodeError, naming nothing; a PathLike giving bytes was kept as bytes, and for
+    prefix_cache raised TypeError; a blank disk_dir named a directory " "."""
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        OffloadConfig(**{name: value})
