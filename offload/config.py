@@ -205,9 +205,11 @@ def check_device(device: object) -> None:
     import torch
 
     allowed = "expected cpu, cuda or cuda:N"
+    if not isinstance(device, (str, torch.device)):  # torch.device also takes bytes, and an int as a CUDA index
+        raise ValueError(f"device: {allowed}, got {device!r}")
     try:
-        dev = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError, ValueError):
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
         raise ValueError(f"device: {allowed}, got {device!r}") from None
     if dev.type == "cpu":
         return

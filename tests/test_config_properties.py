@@ -68,3 +68,10 @@ def test_paths_a_file_system_cannot_take(name: str, value: object) -> None:
     prefix_cache raised TypeError; a blank disk_dir named a directory " "."""
     with pytest.raises(ValueError, match=f"^{name}: "):
         OffloadConfig(**{name: value})
+
+
+@pytest.mark.parametrize("value", [b"cpu", bytearray(b"cpu"), 0, 1])
+def test_device_is_a_str(value: object) -> None:
+    """torch.device took bytes (b"cpu" was kept as the device) and ints (0 was cuda:0)."""
+    with pytest.raises(ValueError, match="^device: "):
+        OffloadConfig(device=value)
