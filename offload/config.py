@@ -145,6 +145,9 @@ class OffloadConfig:
             self.prefix_cache_budget_bytes = parse_size(self.prefix_cache_budget, "prefix_cache_budget")
             if self.prefix_cache_budget_bytes < 1:
                 raise ValueError(f"prefix_cache_budget: expected a size > 0 bytes, got {self.prefix_cache_budget!r}")
+            if self.prefix_cache is None:
+                raise ValueError("prefix_cache_budget: given without prefix_cache; pass prefix_cache to enable the "
+                                 "prefix cache")
         if self.prefix_cache_publish not in PREFIX_PUBLISH:
             raise ValueError(f"prefix_cache_publish: expected one of {', '.join(PREFIX_PUBLISH)}, "
                              f"got {self.prefix_cache_publish!r}")

@@ -75,3 +75,11 @@ def test_device_is_a_str(value: object) -> None:
     """torch.device took bytes (b"cpu" was kept as the device) and ints (0 was cuda:0)."""
     with pytest.raises(ValueError, match="^device: "):
         OffloadConfig(device=value)
+
+
+def test_prefix_cache_budget_without_prefix_cache() -> None:
+    """prefix_cache_budget without prefix_cache was ignored without a word (disk_budget without disk_dir is an
+    error)."""
+    with pytest.raises(ValueError, match="^prefix_cache_budget: given without prefix_cache"):
+        OffloadConfig(prefix_cache_budget="1GiB")
+    assert OffloadConfig(prefix_cache="kv-prefix", prefix_cache_budget="1GiB").prefix_cache_budget_bytes == 2**30
