@@ -6,8 +6,11 @@ never another exception; a valid one constructs. The regressions below each carr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from offload.cli import main
 from offload.config import OffloadConfig
 from offload.sizes import MAX_SIZE, parse_size
 
@@ -83,3 +86,12 @@ def test_prefix_cache_budget_without_prefix_cache() -> None:
     with pytest.raises(ValueError, match="^prefix_cache_budget: given without prefix_cache"):
         OffloadConfig(prefix_cache_budget="1GiB")
     assert OffloadConfig(prefix_cache="kv-prefix", prefix_cache_budget="1GiB").prefix_cache_budget_bytes == 2**30
+
+
+def test_profile_that_fails_its_checks_creates_no_out_directory(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`offload profile --out DIR` created DIR before checking the runtime flags, so a typo left it behind."""
+    out = tmp_path / "out"
+    assert main(["profile", "--prompt", "hi", "--out", str(out), "--page-size", "0"]) == 2
+    assert "--page-size" in capsys.readouterr().err
+    assert not out.exists()

@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"prefill-chunk: expected an int >= 1, got {args.prefill_chunk}")
     if not args.sample_interval > 0:
         raise ValueError(f"sample-interval: expected seconds > 0, got {args.sample_interval}")
-    out = prepare_out(args.out)
     prompt = read_prompt(args)
     config = dataclasses.replace(config_from_args(args), trace=True)
+    out = prepare_out(args.out)  # after the checks: a run that fails them creates nothing
 
     from offload import offload
     from offload.report import plot_timeline, summarize, summary_markdown
