@@ -95,3 +95,12 @@ def test_profile_that_fails_its_checks_creates_no_out_directory(tmp_path: Path,
     assert main(["profile", "--prompt", "hi", "--out", str(out), "--page-size", "0"]) == 2
     assert "--page-size" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "1e300", "nan", "0"])
+def test_profile_sample_interval_is_finite(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--sample-interval inf (or 1e300) passed the check and reached the sampler's thread, whose wait raised
+    OverflowError (timestamp out of range) there, after the model loaded."""
+    code = main(["profile", "--prompt", "hi", "--out", str(tmp_path / "out"), "--sample-interval", text])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("offload: error: --sample-interval: expected seconds > 0")
