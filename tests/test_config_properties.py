@@ -104,3 +104,12 @@ def test_profile_sample_interval_is_finite(text: str, tmp_path: Path, capsys: py
     code = main(["profile", "--prompt", "hi", "--out", str(tmp_path / "out"), "--sample-interval", text])
     assert code == 2
     assert capsys.readouterr().err.startswith("offload: error: --sample-interval: expected seconds > 0")
+
+
+@pytest.mark.parametrize("flag", ["--prefix-cache-timeout", "--io-timeout", "--history"])
+def test_float_flag_with_many_digits(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A float option's flag was parsed as an int where it could be: 400 nines reached prefix_cache_timeout's check
+    as an int too large for float(), and `offload` died of OverflowError with a traceback."""
+    code = main(["generate", "--prompt", "hi", "--prefix-cache", str(tmp_path / "prefix"), f"{flag}={'9' * 400}"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"offload: error: {flag}: expected")
