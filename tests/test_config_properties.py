@@ -113,3 +113,17 @@ def test_float_flag_with_many_digits(flag: str, tmp_path: Path, capsys: pytest.C
     code = main(["generate", "--prompt", "hi", "--prefix-cache", str(tmp_path / "prefix"), f"{flag}={'9' * 400}"])
     assert code == 2
     assert capsys.readouterr().err.startswith(f"offload: error: {flag}: expected")
+
+
+@pytest.mark.parametrize("action", ["stats", "clear"])
+@pytest.mark.parametrize("flags", [["--prefix-cache="], ["--prefix-cache= "], ["--prefix-cache=a\x00b"],
+                                   ["--prefix-cache=redis://h\x00/0"],
+                                   ["--prefix-cache=no-such-dir", "--prefix-cache-timeout=nan"]])
+def test_cache_command_checks_its_flags_first(action: str, flags: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`offload cache clear` of a path with a NUL byte, or with a bad --prefix-cache-timeout, printed "removed 0
+    entries" and exited 0; `stats` of an empty path said " does not exist"; a host with a NUL byte was tried."""
+    assert main(["cache", action, *flags]) == 2
+    err = capsys.readouterr().err
+    name = flags[-1].split("=")[0]
+    assert err.startswith(f"offload: error: {name}: ") and err.count("\n") == 1, err
