@@ -127,3 +127,11 @@ def test_cache_command_checks_its_flags_first(action: str, flags: list[str],
     err = capsys.readouterr().err
     name = flags[-1].split("=")[0]
     assert err.startswith(f"offload: error: {name}: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("text", [str(2**64), str(10**30), "-1"])
+def test_bench_seed_in_range(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench --seed 2**64 was taken: every row then failed when it seeded its prompt (torch's seeds are 64-bit),
+    and the run ended with exit code 0 and a table of errors."""
+    assert main(["bench", "--model", str(tmp_path / "no-model"), f"--seed={text}"]) == 2
+    assert capsys.readouterr().err.startswith("offload: error: --seed: expected an int from 0 to")
