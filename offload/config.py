@@ -89,9 +89,7 @@ class OffloadConfig:
             value = getattr(self, name)
             setattr(self, name + "_bytes", None if value is None else parse_size(value, name))
         if self.disk_dir is not None:
-            if not isinstance(self.disk_dir, (str, os.PathLike)) or str(self.disk_dir) == "":
-                raise ValueError(f"disk_dir: expected a directory path, got {self.disk_dir!r}")
-            self.disk_dir = os.fspath(self.disk_dir)
+            self.disk_dir = _check_path("disk_dir", self.disk_dir, "expected a directory path")
         elif self.disk_budget is not None and self.disk_budget_bytes:
             raise ValueError("disk_budget: given without disk_dir; pass disk_dir to enable the disk tier")
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
@@ -124,8 +122,11 @@ class OffloadConfig:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
             raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
-        if self.kv_quant not in KV_QUANT:
+        if not isinstance(self.kv_quant, str) or self.kv_quant not in KV_QUANT:  # a list would be unhashable
             raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
+        for name in ("measure_recall", "trace"):
+            if not isinstance(getattr(self, name), bool):  # "no" or None would read as on or off
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         t = self.io_timeout
@@ -136,23 +137,17 @@ class OffloadConfig:
         self._check_prefix_cache()
 
     def _check_prefix_cache(self) -> None:
-        # The stores' own checks (tiers/prefix.py), here so that a bad value fails before the model loads; a URL is
-        # parsed, not contacted.
-        from tiers.prefix import SPEC_HELP, check_timeout, is_server_spec
+        from tiers.prefix import check_timeout
 
-        spec = self.prefix_cache
-        if spec is not None:
-            if not isinstance(spec, (str, os.PathLike)) or str(spec).strip() == "":
-                raise ValueError(f"prefix_cache: {SPEC_HELP}, got {spec!r}")
-            self.prefix_cache = spec = os.fspath(spec)
-            if is_server_spec(spec):
-                from tiers.prefix_valkey import parse_url
-
-                parse_url(spec)
+        if self.prefix_cache is not None:
+            self.prefix_cache = check_prefix_cache(self.prefix_cache)
         if self.prefix_cache_budget is not None:
             self.prefix_cache_budget_bytes = parse_size(self.prefix_cache_budget, "prefix_cache_budget")
             if self.prefix_cache_budget_bytes < 1:
                 raise ValueError(f"prefix_cache_budget: expected a size > 0 bytes, got {self.prefix_cache_budget!r}")
+            if self.prefix_cache is None:
+                raise ValueError("prefix_cache_budget: given without prefix_cache; pass prefix_cache to enable the "
+                                 "prefix cache")
         if self.prefix_cache_publish not in PREFIX_PUBLISH:
             raise ValueError(f"prefix_cache_publish: expected one of {', '.join(PREFIX_PUBLISH)}, "
                              f"got {self.prefix_cache_publish!r}")
@@ -176,14 +171,48 @@ class OffloadConfig:
         return int(self.token_budget)
 
 
+def _check_path(name: str, value: object, expected: str) -> str:
+    """`value` as a str path. Raises ValueError naming `name` unless it is a str or os.PathLike that a file name
+    can be: not blank, no NUL byte, and encodable in the file system's encoding."""
+    try:
+        path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    except TypeError:  # an __fspath__ that returns neither str nor bytes
+        path = None
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{name}: {expected}, got {value!r}")
+    if "\x00" in path:
+        raise ValueError(f"{name}: a path can't hold a NUL byte, got {value!r}")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: {value!r} can't be a file name in the file system's encoding ({e.reason})") from None
+    return path
+
+
+def check_prefix_cache(spec: object) -> str:
+    """`spec` as a str: a directory path, or a server URL that parses (it is not contacted). Raises
+    ValueError("prefix_cache: ..."). The stores' own checks (tiers/prefix.py), run here so that a bad value fails
+    before the model loads."""
+    from tiers.prefix import SPEC_HELP, is_server_spec
+
+    path = _check_path("prefix_cache", spec, SPEC_HELP)
+    if is_server_spec(path):
+        from tiers.prefix_valkey import parse_url
+
+        parse_url(path)
+    return path
+
+
 def check_device(device: object) -> None:
     """Raises ValueError naming `device` unless it is "cpu", or a CUDA device that exists on this machine."""
     import torch
 
     allowed = "expected cpu, cuda or cuda:N"
+    if not isinstance(device, (str, torch.device)):  # torch.device also takes bytes, and an int as a CUDA index
+        raise ValueError(f"device: {allowed}, got {device!r}")
     try:
-        dev = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError, ValueError):
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
         raise ValueError(f"device: {allowed}, got {device!r}") from None
     if dev.type == "cpu":
         return

@@ -69,6 +69,8 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 # Host budget: all of the KV plus this fraction and a little slack, so the host tier never evicts to disk.
 HOST_HEADROOM = 0.25
 HOST_SLACK_BYTES = 64 * 1024**2
+# Each context's prompt is seeded with seed * 1_000_003 + context, which must stay within torch's 64-bit seeds.
+MAX_SEED = 2**32 - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +174,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
         raise ValueError(f"prefill-chunk: expected an int >= 0, got {args.prefill_chunk}")
     if not 0.0 < args.kv_device_fraction <= 1.0:
         raise ValueError(f"kv-device-fraction: expected a fraction in (0, 1], got {args.kv_device_fraction}")
+    if not 0 <= args.seed <= MAX_SEED:  # torch's seeds are 64-bit: a larger one failed every row
+        raise ValueError(f"seed: expected an int from 0 to {MAX_SEED}, got {args.seed}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise ValueError(f"time-limit: expected seconds > 0, got {args.time_limit}")
     if args.model_shape is not None:

@@ -18,8 +18,9 @@ import argparse
 import json
 import os
 
+from offload.config import check_prefix_cache
 from offload.sizes import format_size
-from tiers.prefix import DEFAULT_TIMEOUT, is_server_spec, open_store
+from tiers.prefix import DEFAULT_TIMEOUT, check_timeout, is_server_spec, open_store
 from tiers.prefix_dir import is_store
 
 HELP = "inspect or empty a prefix cache store: a directory, or a Valkey/Redis server shared by many runs"
@@ -64,7 +65,9 @@ def format_stats(stats: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = args.prefix_cache
+    # The checks of `generate --prefix-cache`, before a missing directory makes `clear` a no-op that skips them.
+    spec = check_prefix_cache(args.prefix_cache)
+    check_timeout(args.prefix_cache_timeout)
     missing = _missing_directory(spec)
     if missing is not None:
         if args.action == "stats":

@@ -109,14 +109,12 @@ def parse_token_budget(text: str) -> int | float:
         ) from None
 
 
-def _number(text: str) -> int | float:
+def _float(text: str) -> float:
+    # Not int first: a long string of digits would then reach the checks as an int too large for float().
     try:
-        return int(text)
+        return float(text)
     except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _value_types(annotation: Any) -> set[Any]:
@@ -171,7 +169,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
             elif name == "token_budget":
                 kwargs["type"] = parse_token_budget
             elif float in members:
-                kwargs["type"] = _number
+                kwargs["type"] = _float
             elif int in members:
                 kwargs["type"] = int
             else:

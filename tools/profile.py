@@ -38,6 +38,7 @@ from tools.common import (
 
 HELP = "generate with the timeline recorded and write a trace, a summary and a timeline picture"
 OUTPUTS = ("trace.json", "summary.json", "summary.md", "timeline.png")
+MAX_SAMPLE_INTERVAL = 3600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,11 +102,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk < 1:
         raise ValueError(f"prefill-chunk: expected an int >= 1, got {args.prefill_chunk}")
-    if not args.sample_interval > 0:
-        raise ValueError(f"sample-interval: expected seconds > 0, got {args.sample_interval}")
-    out = prepare_out(args.out)
+    if not 0 < args.sample_interval <= MAX_SAMPLE_INTERVAL:  # the sampler's thread can't wait for inf seconds
+        raise ValueError(f"sample-interval: expected seconds > 0 and at most {MAX_SAMPLE_INTERVAL}, "
+                         f"got {args.sample_interval}")
     prompt = read_prompt(args)
     config = dataclasses.replace(config_from_args(args), trace=True)
+    out = prepare_out(args.out)  # after the checks: a run that fails them creates nothing
 
     from offload import offload
     from offload.report import plot_timeline, summarize, summary_markdown
