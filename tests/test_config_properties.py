@@ -649,27 +649,24 @@ def test_bench_seed_in_range(text: str, tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err.startswith("offload: error: --seed: expected an int from 0 to")
 
 
-# Known: the URL checks of tiers/prefix_valkey.py (parse_url) and the timeout check of tiers/prefix.py
-# (check_timeout), which the config runs, still let these through.
+# The URL checks of tiers/prefix_valkey.py (parse_url) and the timeout check of tiers/prefix.py (check_timeout),
+# which the config runs.
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception), reason="parse_url: int() of a "
-                   "database path of non-ASCII digits raises ValueError without the option's name")
 def test_prefix_cache_database_of_other_digits() -> None:
+    """"²".isdigit() is True, and int("²") raised ValueError without the option's name."""
     with pytest.raises(ValueError) as e:
         OffloadConfig(prefix_cache="redis://h/\u00b2")  # "²".isdigit() is True; int("²") fails
     assert str(e.value).startswith("prefix_cache: ")
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="parse_url: port 0 is taken as no port "
-                   "(`url.port or DEFAULT_PORT`), so redis://h:0 connects to 6379")
 def test_prefix_cache_port_zero() -> None:
+    """Port 0 was taken as no port, so redis://h:0 connected to 6379."""
     with pytest.raises(ValueError, match="^prefix_cache: "):
         OffloadConfig(prefix_cache="redis://h:0")
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="check_timeout: math.isfinite() of an int too large "
-                   "for float raises OverflowError")
 def test_prefix_cache_timeout_too_large_for_float() -> None:
+    """math.isfinite() of an int too large for a float raised OverflowError."""
     with pytest.raises(ValueError, match="^prefix_cache_timeout: "):
         OffloadConfig(prefix_cache_timeout=10**400)

@@ -28,7 +28,6 @@ put that did not happen): a cache that is down must slow requests down, never fa
 from __future__ import annotations
 
 import abc
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -122,8 +121,8 @@ def check_budget(budget: int | None) -> int | None:
 
 
 def check_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or not 0 < timeout <= MAX_TIMEOUT:
+    # A comparison, not math.isfinite: it takes ints too large for a float; nan compares false.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"prefix_cache_timeout: expected a number of seconds > 0 and at most {MAX_TIMEOUT}, "
                          f"got {timeout!r}")
     return float(timeout)

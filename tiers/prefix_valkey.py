@@ -63,9 +63,11 @@ def parse_url(spec: str) -> dict[str, Any]:
     shown = _masked(spec)
     try:
         url = urllib.parse.urlsplit(spec)
-        port = url.port or DEFAULT_PORT
+        port = DEFAULT_PORT if url.port is None else url.port
     except ValueError as e:
         raise ValueError(f"prefix_cache: {shown} is not a valid URL ({e}); {SPEC_HELP}") from None
+    if port == 0:
+        raise ValueError(f"prefix_cache: {shown}: the port must be from 1 to 65535, got 0")
     scheme = url.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(
@@ -75,7 +77,7 @@ def parse_url(spec: str) -> dict[str, Any]:
     if not url.hostname:
         raise ValueError(f"prefix_cache: {shown} names no host; {SPEC_HELP}")
     path = url.path.strip("/")
-    if path and not path.isdigit():
+    if path and not (path.isascii() and path.isdigit()):
         raise ValueError(f"prefix_cache: {shown}: the database must be a number such as /0, got /{path}")
     if url.query or url.fragment:
         raise ValueError(f"prefix_cache: {shown}: options after ? or # are not supported; {SPEC_HELP}")
