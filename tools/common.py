@@ -86,6 +86,7 @@ METAVARS: dict[str, str] = {
     "prefix_cache": "DIR|URL",
     "prefix_cache_budget": "SIZE",
     "prefix_cache_publish": "WHAT",
+    "io_timeout": "SECONDS",
     "prefix_cache_timeout": "SECONDS",
 }
 # Options whose value is a name in one of the policy registries (listed in their help).
