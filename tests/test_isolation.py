@@ -262,6 +262,8 @@ with torch.no_grad():
         mark("decoded")
         wait("decoded")
         report["seen_decoded"] = sorted(os.listdir(disk_dir))
+        mark("listed")
+        wait("listed")  # neither leaves its block before both have looked
         if role == "second":
             wait("closed")  # the other process has left its block and removed its file
             report["seen_after_other"] = sorted(os.listdir(disk_dir))
