@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from cli_model import train_tokenizer
 
 from offload import offload
 from offload.cli import main
@@ -41,22 +42,10 @@ NEW_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama and a byte-level BPE tokenizer (ids 0-2: <unk>, <s>, </s>) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The command-line tests' tokenizer (tests/cli_model.py) and a tiny random Llama that never stops early."""
     directory = tmp_path_factory.mktemp("crash-model")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    fast.save_pretrained(directory)
-    model = tiny_llama(vocab=len(fast), max_positions=512, seed=3)
+    tokenizer = train_tokenizer(directory)
+    model = tiny_llama(vocab=len(tokenizer), max_positions=512, seed=3)
     model.generation_config.eos_token_id = None  # decode all NEW_TOKENS: the kill must land mid-decode
     model.save_pretrained(directory)
     return directory
