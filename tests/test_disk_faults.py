@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiers.disk
 import faults
 from faults import Faults, FaultyDisk
 from tiers.base import PageError, PageShape
@@ -306,23 +305,6 @@ def test_shuffled_consecutive_slots_are_one_call_per_thread(make: MakeTier, shap
     tier.write(slots, k, v)
     assert_pages(tier, slots[::-1], k.flip(0), v.flip(0))
     assert len(counted["write"]) == len(counted["read"]) == calls
-
-
-def test_gaps_are_read_through_when_bridging(make: MakeTier, shape: PageShape,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """With BRIDGE_BYTES of two slots, slots 0, 2, 5 are read in one call (gaps of 1 and 2 slots), 9 in another;
-    the gaps' bytes land in scratch, never in the caller's pages."""
-    tier0 = make(shape, 12, threads=1)
-    monkeypatch.setattr(tiers.disk, "BRIDGE_BYTES", 2 * tier0.slot_bytes)
-    tier = make(shape, 12, threads=1)
-    k, v = pages(shape, 12, seed=11)
-    tier.write(list(range(12)), k, v)
-    counted = count_calls(monkeypatch)
-    assert_pages(tier, [9, 5, 2, 0], k[[9, 5, 2, 0]], v[[9, 5, 2, 0]])
-    assert len(counted["read"]) == 2 and max(counted["read"]) == 5 * tier.slot_bytes + shape.page_bytes
-    faults.flip(tier.path, 1 * tier.slot_bytes + 4)  # damage in a gap: not a page that was asked for
-    assert_pages(tier, [0, 2], k[[0, 2]], v[[0, 2]])
-    assert read_error(tier, [0, 1, 2]).slots == [1]
 
 
 def test_allocate_hands_out_ascending_slots(make: MakeTier, shape: PageShape) -> None:

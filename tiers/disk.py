@@ -14,10 +14,11 @@ is no padding, and a run of consecutive slots is one contiguous extent: that is 
 O_DIRECT is used (`direct`). Any other page shape gets buffered I/O.
 
 Requests: a request's slots are sorted and cut into runs of consecutive slots, whatever the order of the pages
-in the caller's buffers (an iovec may point anywhere in them); a read also bridges gaps of at most
-BRIDGE_BYTES between runs, reading the gap into a scratch buffer. Runs are cut into pieces of at most
-ceil(n / threads) pages, so that every thread of the tier's pool has work, and each piece is one preadv/pwritev.
-Positioned I/O releases the GIL and pieces touch disjoint bytes, so they need no lock.
+in the caller's buffers (an iovec may point anywhere in them). Runs are cut into calls of at most ceil(n / threads)
+pages, one preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so
+that every thread has work. Positioned I/O releases the GIL and calls touch disjoint bytes, so they need no lock.
+NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured and
+dropped: on the devices tried the bytes of the gaps cost more than the calls saved.
 
 Checksums: per slot, an xxh3-64 of the K half and one of the V half, seeded with the slot number, so that a page
 read from the wrong place fails too. A write piece records them, from its source buffers, once its pwritev
@@ -71,16 +72,12 @@ logger = logging.getLogger(__name__)
 # covers the devices we meet (512 B and 4 KiB sectors).
 ALIGN = 4096
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-# One call carries at most IOV_MAX iovecs (up to 4 per page: K, V, padding, a bridged gap) and Linux moves at
-# most ~2 GiB per call.
+# One call carries at most IOV_MAX iovecs (3 per page: K, V, padding) and Linux moves at most ~2 GiB per call.
 _MAX_IOVECS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _MAX_CALL_BYTES = 1 << 30
 _FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
 # The smallest growth step: fallocate calls stay few even when pages are small.
 GROW_STEP_BYTES = 16 << 20
-# A read reads through gaps of at most this many bytes between two runs of wanted slots, into a scratch buffer:
-# one larger call instead of two.
-BRIDGE_BYTES = 0
 
 # Slot states. A slot is readable only when INTACT (its checksums are checked) or UNHASHED (written while
 # `checksums` was off: never checked).
@@ -179,9 +176,7 @@ class DiskTier(Tier):
             raise ValueError(f"disk: threads must be >= 1, got {threads}")
         self.slot_bytes = -(-shape.page_bytes // ALIGN) * ALIGN
         self._threads = threads
-        self._bridge_slots = BRIDGE_BYTES // self.slot_bytes
-        self._pages_per_call = max(1, min(_MAX_IOVECS // 4,
-                                          _MAX_CALL_BYTES // (self.slot_bytes * (1 + self._bridge_slots))))
+        self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // self.slot_bytes))
         # [capacity, 2]: the xxh3 of each slot's K and V halves, and each slot's state (_NEVER, ...).
         # NOTE: np.zeros maps large arrays lazily (calloc), so a big capacity costs memory only for the slots
         # handed out, and those are the lowest.
@@ -210,12 +205,9 @@ class DiskTier(Tier):
             os.unlink(self._path)
             raise
         self._fd = fd
-        # What fills the bytes between two pages of one call: zeros for a write (the padding of a slot), scratch
-        # for a read (padding and bridged gaps); page-aligned for O_DIRECT.
+        # The padding between two pages of one call (buffered I/O only): zeros to write, scratch to read into.
         pad = self.slot_bytes - shape.page_bytes
-        self._zeros = _byte_view(aligned_host_tensor(pad, torch.uint8, pin=False).zero_()) if pad else memoryview(b"")
-        gap = pad + self._bridge_slots * self.slot_bytes
-        self._scratch = _byte_view(aligned_host_tensor(gap, torch.uint8, pin=False)) if gap else memoryview(b"")
+        self._zeros, self._scratch = memoryview(bytes(pad)), memoryview(bytearray(pad))
         self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
         self._finalizer = weakref.finalize(self, _cleanup, self._pool, fd, self._path)
         logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s", self._path, self.reserved, capacity,
@@ -360,29 +352,40 @@ class DiskTier(Tier):
         # A fresh buffer per request rather than a shared one: requests run concurrently.
         return aligned_host_tensor(like.numel(), like.dtype, pin=False).view(like.shape)
 
-    def _pieces(self, slots: list[int], bridge: int) -> list[list[int]]:
-        """The request's page indexes, grouped into calls: ascending slots, each group consecutive but for gaps
-        of at most `bridge` slots, at most ceil(n / threads) pages each (so every thread has work)."""
-        per_piece = min(self._pages_per_call, max(1, math.ceil(len(slots) / self._threads)))
-        pieces: list[list[int]] = []
-        last = -1
+    def _plan(self, slots: list[int]) -> list[list[list[int]]]:
+        """The request as tasks for the pool, each a list of calls, each call a list of page indexes: consecutive
+        ascending slots, at most ceil(n / threads) pages a call; the calls grouped, in slot order, into at most
+        `threads` tasks of about as many pages each."""
+        per_call = min(self._pages_per_call, max(1, math.ceil(len(slots) / self._threads)))
+        calls: list[list[int]] = []
+        last = -2
         for i in sorted(range(len(slots)), key=slots.__getitem__):
-            gap = slots[i] - last - 1
-            if not pieces or not 0 <= gap <= bridge or len(pieces[-1]) == per_piece:
-                pieces.append([])
-            pieces[-1].append(i)
+            if slots[i] != last + 1 or len(calls[-1]) == per_call:
+                calls.append([])
+            calls[-1].append(i)
             last = slots[i]
-        return pieces
+        # NOTE: a task per call would cost a future, a callback and the checks' numpy overhead per call, more than
+        # the call itself when pages are small and scattered; tasks of several calls keep every thread busy
+        # with one submission each.
+        tasks: list[list[list[int]]] = []
+        size = per_call
+        for call in calls:
+            if size >= per_call:
+                tasks.append([])
+                size = 0
+            tasks[-1].append(call)
+            size += len(call)
+        return tasks
 
     def _submit(
         self, write: bool, slots: list[int], k: torch.Tensor, v: torch.Tensor, finish: Callable[[], None] | None
     ) -> cf.Future[None]:
         result: cf.Future[None] = cf.Future()
         result.set_running_or_notify_cancel()  # started I/O can't be called back, so the future can't be either
-        pieces = self._pieces(slots, 0 if write else self._bridge_slots)
+        tasks = self._plan(slots)
         k_bytes, v_bytes = _byte_view(k), _byte_view(v)  # they keep k and v (maybe bounce buffers) alive
         lock = threading.Lock()
-        pending = len(pieces)
+        pending = len(tasks)
         errors: list[BaseException] = []
 
         def complete() -> None:
@@ -396,7 +399,7 @@ class DiskTier(Tier):
             else:
                 result.set_result(None)
 
-        def piece_done(f: cf.Future[None]) -> None:
+        def task_done(f: cf.Future[None]) -> None:
             nonlocal pending
             with lock:
                 pending -= 1
@@ -406,10 +409,10 @@ class DiskTier(Tier):
             if last:
                 complete()
 
-        if not pieces:
+        if not tasks:
             complete()
-        for piece in pieces:
-            self._pool.submit(self._io, write, slots, piece, k_bytes, v_bytes).add_done_callback(piece_done)
+        for calls in tasks:
+            self._pool.submit(self._io, write, slots, calls, k_bytes, v_bytes).add_done_callback(task_done)
         return result
 
     # The tier's only system calls on the slot file (tests override them to inject faults).
@@ -419,55 +422,76 @@ class DiskTier(Tier):
     def _pwritev(self, iov: list[memoryview], offset: int) -> int:
         return os.pwritev(self._fd, iov, offset)
 
-    def _io(self, write: bool, slots: list[int], piece: list[int], k: memoryview, v: memoryview) -> None:
-        """One call: the pages `piece` (indexes into the request, ascending slots) to or from k and v."""
-        kb, vb, sb = self.shape.k_bytes, self.shape.v_bytes, self.slot_bytes
-        halves = [(k[i * kb:(i + 1) * kb], v[i * vb:(i + 1) * vb]) for i in piece]
-        at = [slots[i] for i in piece]
-        filler = self._zeros if write else self._scratch  # what fills the bytes between two pages
+    def _io(self, write: bool, slots: list[int], calls: list[list[int]], k: memoryview, v: memoryview) -> None:
+        """One task: the calls `calls` (page indexes into the request, ascending slots), one after the other,
+        each page to or from k and v. Every call is made; those that fail, and the pages that fail their checks,
+        are one PageError at the end."""
+        kb, vb = self.shape.k_bytes, self.shape.v_bytes
+        errors: list[PageError] = []
+        at: list[int] = []  # the slots, and the K and V bytes, of the calls that went through
+        halves: list[tuple[memoryview, memoryview]] = []
+        for call in calls:
+            call_at = [slots[i] for i in call]
+            call_halves = [(k[i * kb:(i + 1) * kb], v[i * vb:(i + 1) * vb]) for i in call]
+            if (error := self._call(write, call_at, call_halves)) is None:
+                at += call_at
+                halves += call_halves
+            else:
+                errors.append(error)
+        if at and self.checksums:
+            idx = np.array(at)
+            sums = np.fromiter((_hash(h, s) for kv, s in zip(halves, at) for h in kv), dtype=np.uint64,
+                               count=2 * len(at)).reshape(-1, 2)
+            if write:
+                self._sums[idx] = sums
+                self._state[idx] = _INTACT
+            elif (error := self._verify(idx, sums)) is not None:
+                errors.append(error)
+        elif at and write:
+            self._state[at] = _UNHASHED
+        if errors:
+            raise _merged(errors)
+
+    def _call(self, write: bool, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> PageError | None:
+        """One preadv or pwritev of the pages `halves` at the consecutive slots `at`; the error, if it failed."""
+        pad = self._zeros if write else self._scratch
         iov: list[memoryview] = []
-        for j, (kh, vh) in enumerate(halves):
-            if j and (fill := (at[j] - at[j - 1]) * sb - kb - vb):
-                iov.append(filler[:fill])
+        for kh, vh in halves:
+            if pad and iov:
+                iov.append(pad)
             iov += (kh, vh)
         want = sum(len(b) for b in iov)
-        offset = at[0] * sb
+        offset = at[0] * self.slot_bytes
         if write:
             try:
                 got = self._pwritev(iov, offset)
             except OSError as e:
                 self._state[at] = _LOST
-                raise _write_error(at, e) from e
+                return _chained(_write_error(at, e), e)
             if got != want:
                 self._state[at] = _LOST
-                raise PageError(self.name, at, f"short write: wrote {got} of {want} bytes")
-            if self.checksums:
-                self._sums[at] = np.array([_hash(h, s) for (kh, vh), s in zip(halves, at) for h in (kh, vh)],
-                                          dtype=np.uint64).reshape(-1, 2)
-            self._state[at] = _INTACT if self.checksums else _UNHASHED
-            return
+                return PageError(self.name, at, f"short write: wrote {got} of {want} bytes")
+            return None
         try:
             got = self._preadv(iov, offset)
         except OSError as e:
-            raise PageError(self.name, at, f"read failed: {e}", e.errno or errno.EIO) from e
+            return _chained(PageError(self.name, at, f"read failed: {e}", e.errno or errno.EIO), e)
         if got != want:
-            raise PageError(self.name, at, f"short read: got {got} of {want} bytes")
-        if self.checksums:
-            self._verify(at, halves)
+            return PageError(self.name, at, f"short read: got {got} of {want} bytes")
+        return None
 
-    def _verify(self, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> None:
-        """Raises PageError naming the slots of `at` whose pages (just read into `halves`) are not what was
-        written there."""
-        state = self._state[at]
+    def _verify(self, idx: np.ndarray, sums: np.ndarray) -> PageError | None:
+        """A PageError naming the slots `idx` whose pages, just read and hashed to `sums` ([n, 2]), are not what
+        was written there; None when all are (or were written unhashed)."""
+        state = self._state[idx]
+        expected = self._sums[idx]
+        if (state == _INTACT).all() and (sums == expected).all():
+            return None  # the common case, in as few numpy calls as possible
         checked = state == _INTACT
-        sums = np.array([_hash(h, s) for (kh, vh), s, c in zip(halves, at, checked) if c for h in (kh, vh)],
-                        dtype=np.uint64).reshape(-1, 2)
-        differ = np.zeros((len(at), 2), dtype=bool)
-        differ[checked] = sums != self._sums[np.asarray(at)[checked]]
+        differ = (sums != expected) & checked[:, None]
         bad = differ.any(axis=1) | ~(checked | (state == _UNHASHED))
         if not bad.any():
-            return
-        at_arr = np.asarray(at)
+            return None
         reasons = []
         for mask, what in (
             (differ[:, 0] & ~differ[:, 1], "checksum mismatch in the K half"),
@@ -477,12 +501,17 @@ class DiskTier(Tier):
             (state == _LOST, "its last write failed"),
         ):
             if mask.any():
-                reasons.append((what, at_arr[mask].tolist()))
+                reasons.append((what, idx[mask].tolist()))
         if len(reasons) == 1:
             cause = reasons[0][0]
         else:
             cause = "; ".join(f"{what}: slot{'s' if len(s) > 1 else ''} {_shown(s)}" for what, s in reasons)
-        raise PageError(self.name, at_arr[bad].tolist(), cause)
+        return PageError(self.name, sorted(idx[bad].tolist()), cause)
+
+
+def _chained(error: PageError, cause: OSError) -> PageError:
+    error.__cause__ = cause
+    return error
 
 
 def _hash(half: memoryview, slot: int) -> int:
