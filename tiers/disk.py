@@ -177,11 +177,16 @@ class DiskTier(Tier):
         self.slot_bytes = -(-shape.page_bytes // ALIGN) * ALIGN
         self._threads = threads
         self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // self.slot_bytes))
-        # [capacity, 2]: the xxh3 of each slot's K and V halves, and each slot's state (_NEVER, ...).
+        # The xxh3 of each slot's K half (at 2 s) and V half (at 2 s + 1), and each slot's state (_NEVER, ...).
         # NOTE: np.zeros maps large arrays lazily (calloc), so a big capacity costs memory only for the slots
         # handed out, and those are the lowest.
-        self._sums = np.zeros((capacity, 2), dtype=np.uint64)
+        self._sums = np.zeros(2 * capacity, dtype=np.uint64)
         self._state = np.zeros(capacity, dtype=np.uint8)
+        # NOTE: the I/O threads read and write them one slot at a time through memoryviews (Python ints), never
+        # with numpy calls: numpy may let go of the GIL inside a call, and taking it back can wait for the
+        # compute thread for up to the interpreter's switch interval; a few such waits per request, measured
+        # in a decode step, cost more than hashing the pages.
+        self._sums_at, self._state_at = memoryview(self._sums), memoryview(self._state)
         directory = os.fspath(directory)
         self._directory = directory
         # At least one slot: the O_DIRECT probe needs a block to read.
@@ -439,16 +444,15 @@ class DiskTier(Tier):
             else:
                 errors.append(error)
         if at and self.checksums:
-            idx = np.array(at)
-            sums = np.fromiter((_hash(h, s) for kv, s in zip(halves, at) for h in kv), dtype=np.uint64,
-                               count=2 * len(at)).reshape(-1, 2)
             if write:
-                self._sums[idx] = sums
-                self._state[idx] = _INTACT
-            elif (error := self._verify(idx, sums)) is not None:
+                sums, state = self._sums_at, self._state_at
+                for (kh, vh), s in zip(halves, at):
+                    sums[2 * s], sums[2 * s + 1], state[s] = _hash(kh, s), _hash(vh, s), _INTACT
+            elif (error := self._verify(at, halves)) is not None:
                 errors.append(error)
         elif at and write:
-            self._state[at] = _UNHASHED
+            for s in at:
+                self._state_at[s] = _UNHASHED
         if errors:
             raise _merged(errors)
 
@@ -466,10 +470,10 @@ class DiskTier(Tier):
             try:
                 got = self._pwritev(iov, offset)
             except OSError as e:
-                self._state[at] = _LOST
+                self._lost(at)
                 return _chained(_write_error(at, e), e)
             if got != want:
-                self._state[at] = _LOST
+                self._lost(at)
                 return PageError(self.name, at, f"short write: wrote {got} of {want} bytes")
             return None
         try:
@@ -480,33 +484,31 @@ class DiskTier(Tier):
             return PageError(self.name, at, f"short read: got {got} of {want} bytes")
         return None
 
-    def _verify(self, idx: np.ndarray, sums: np.ndarray) -> PageError | None:
-        """A PageError naming the slots `idx` whose pages, just read and hashed to `sums` ([n, 2]), are not what
-        was written there; None when all are (or were written unhashed)."""
-        state = self._state[idx]
-        expected = self._sums[idx]
-        if (state == _INTACT).all() and (sums == expected).all():
-            return None  # the common case, in as few numpy calls as possible
-        checked = state == _INTACT
-        differ = (sums != expected) & checked[:, None]
-        bad = differ.any(axis=1) | ~(checked | (state == _UNHASHED))
-        if not bad.any():
+    def _lost(self, at: list[int]) -> None:
+        """Slots whose write failed: their bytes may be half old, half new, so they can't be read any more."""
+        for s in at:
+            self._state_at[s] = _LOST
+
+    def _verify(self, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> PageError | None:
+        """A PageError naming the slots of `at` whose pages, just read into `halves`, are not what was written
+        there; None when all are (or were written unhashed)."""
+        sums, state = self._sums_at, self._state_at
+        bad: dict[str, list[int]] = {}
+        for (kh, vh), s in zip(halves, at):
+            if (st := state[s]) == _INTACT:
+                k_bad, v_bad = _hash(kh, s) != sums[2 * s], _hash(vh, s) != sums[2 * s + 1]
+                if k_bad or v_bad:
+                    what = "in both halves" if k_bad and v_bad else "in the K half" if k_bad else "in the V half"
+                    bad.setdefault(f"checksum mismatch {what}", []).append(s)
+            elif st != _UNHASHED:
+                bad.setdefault("never written" if st == _NEVER else "its last write failed", []).append(s)
+        if not bad:
             return None
-        reasons = []
-        for mask, what in (
-            (differ[:, 0] & ~differ[:, 1], "checksum mismatch in the K half"),
-            (differ[:, 1] & ~differ[:, 0], "checksum mismatch in the V half"),
-            (differ[:, 0] & differ[:, 1], "checksum mismatch in both halves"),
-            (state == _NEVER, "never written"),
-            (state == _LOST, "its last write failed"),
-        ):
-            if mask.any():
-                reasons.append((what, idx[mask].tolist()))
-        if len(reasons) == 1:
-            cause = reasons[0][0]
+        if len(bad) == 1:
+            cause = next(iter(bad))
         else:
-            cause = "; ".join(f"{what}: slot{'s' if len(s) > 1 else ''} {_shown(s)}" for what, s in reasons)
-        return PageError(self.name, sorted(idx[bad].tolist()), cause)
+            cause = "; ".join(f"{what}: slot{'s' if len(s) > 1 else ''} {_shown(s)}" for what, s in bad.items())
+        return PageError(self.name, sorted(s for slots in bad.values() for s in slots), cause)
 
 
 def _chained(error: PageError, cause: OSError) -> PageError:
