@@ -105,7 +105,7 @@ def test_flipped_bytes_fail_only_their_slot(make: MakeTier, shape: PageShape, ha
     assert_pages(tier, others, k[others], v[others])
 
 
-def test_damage_in_several_pieces_is_one_error_listing_every_slot(make: MakeTier, shape: PageShape) -> None:
+def test_damage_in_several_calls_is_one_error_listing_every_slot(make: MakeTier, shape: PageShape) -> None:
     """A read cut into 4 calls (4 threads) with two damaged pages in different calls: one PageError, both slots."""
     tier, k, v = filled(make, shape, threads=4)
     faults.flip(tier.path, 1 * tier.slot_bytes + 8)
@@ -136,7 +136,7 @@ def test_a_page_copied_over_another_slot_is_caught(make: MakeTier, shape: PageSh
     assert_pages(tier, [2], k[2:3], v[2:3])
 
 
-def test_truncated_file_is_a_short_read_naming_the_piece(make: MakeTier, shape: PageShape) -> None:
+def test_truncated_file_is_a_short_read_naming_the_call(make: MakeTier, shape: PageShape) -> None:
     tier, k, v = filled(make, shape, threads=1)
     faults.truncate(tier.path, 4 * tier.slot_bytes)
     error = read_error(tier, [6, 5, 7])  # one call: slots 5..7, all past the end
@@ -177,10 +177,24 @@ def test_read_eio_names_the_slots_of_the_call(make: MakeTier, shape: PageShape) 
 def test_read_eio_in_every_call_lists_every_slot(make: MakeTier, shape: PageShape) -> None:
     tier, _, _ = filled(make, shape, threads=4)
     tier.faults.read_eio = -1
-    future = tier.read_async([0, 2, 4, 6, 1], *pages(shape, 5, seed=1))  # three calls: [0, 1, 2], [4], [6]
+    future = tier.read_async([0, 2, 4, 6, 1], *pages(shape, 5, seed=1))
     error = future.exception(timeout=10)
     assert isinstance(error, PageError) and error.slots == [0, 1, 2, 4, 6] and error.errno == errno.EIO
     assert tier.faults.reads == 4  # [0, 1], [2] (ceil(5 / 4) = 2 pages a call), [4], [6]
+
+
+def test_a_failed_call_names_its_slots_only(make: MakeTier, shape: PageShape) -> None:
+    """One thread, two calls ([0, 1] and [5]): the first fails; the error names its slots, not slot 5's."""
+    tier, k, v = filled(make, shape, threads=1)
+    tier.faults.read_eio = 1
+    error = read_error(tier, [5, 1, 0])
+    assert error.slots == [0, 1] and tier.faults.reads == 2
+    tier.faults.write_eio = 1
+    with pytest.raises(PageError) as info:
+        tier.write([5, 1, 0], k[[5, 1, 0]], v[[5, 1, 0]])
+    assert info.value.slots == [0, 1]
+    assert read_error(tier, [0, 1, 5]).slots == [0, 1]
+    assert_pages(tier, [5], k[5:6], v[5:6])
 
 
 def test_write_eio_names_the_slots_and_leaves_them_unreadable(make: MakeTier, shape: PageShape) -> None:

@@ -17,25 +17,26 @@ Requests: a request's slots are sorted and cut into runs of consecutive slots, w
 in the caller's buffers (an iovec may point anywhere in them). Runs are cut into calls of at most ceil(n / threads)
 pages, one preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so
 that every thread has work. Positioned I/O releases the GIL and calls touch disjoint bytes, so they need no lock.
-NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured and
-dropped: on the devices tried the bytes of the gaps cost more than the calls saved.
+`allocate()` hands out ascending slots, so the pages of one allocation are one run.
+NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured
+(benchmarks/disk_tier.py's device) and dropped: the bytes of the gaps cost more than the calls saved.
 
 Checksums: per slot, an xxh3-64 of the K half and one of the V half, seeded with the slot number, so that a page
-read from the wrong place fails too. A write piece records them, from its source buffers, once its pwritev
-succeeded; a read piece checks each of its pages right after its preadv, before anything is copied out. They live
-in memory only ([capacity, 2] uint64, with a state byte per slot), for the life of the file. Failures are
-`PageError`s (tiers/base.py) that name the slots concerned:
+read from the wrong place fails too; padding is not hashed. A task records them, from the source buffers, once its
+pwritev calls succeeded; it checks the pages it read right after its preadv calls, before anything is copied out
+(a bounce buffer's copy-back comes after). They live in memory only (2 x capacity uint64, and a state byte per
+slot), for the life of the file. Failures are `PageError`s (tiers/base.py) that name the slots concerned:
 
 - a checksum mismatch names only the damaged slots, and the half (K, V) that differs;
 - a slot never written since it was handed out, or whose last write failed, can't be read either;
-- a short read (a truncated file), or an OSError from preadv/pwritev, names every slot of the piece;
+- a short read (a truncated file), or an OSError from preadv/pwritev, names every slot of the call;
 - a failed write leaves its slots unreadable until they are written again; ENOSPC and EDQUOT are errno ENOSPC,
   "the disk is full".
 
-A request whose pieces fail raises one PageError listing the slots of all of them.
+A request whose calls fail raises one PageError listing the slots of all of them.
 
-NOTE: the async calls fan the pieces out and join them with a done-callback, never with a worker waiting on
-other workers: a worker blocked on pieces queued behind it would deadlock a busy pool. The sync calls are
+NOTE: the async calls fan the tasks out and join them with a done-callback, never with a worker waiting on
+other workers: a worker blocked on tasks queued behind it would deadlock a busy pool. The sync calls are
 the async ones plus `.result()`.
 
 Lifecycle: construct (removes files of dead processes, checks free space, preallocates the reserve) ->
@@ -82,6 +83,7 @@ GROW_STEP_BYTES = 16 << 20
 # Slot states. A slot is readable only when INTACT (its checksums are checked) or UNHASHED (written while
 # `checksums` was off: never checked).
 _NEVER, _INTACT, _LOST, _UNHASHED = 0, 1, 2, 3
+
 
 def _format_size(n: float) -> str:
     # Local twin of offload.sizes.format_size: tiers must not import the offload package (import cycle).
@@ -152,7 +154,7 @@ def _create_file(path: str, nbytes: int) -> int:
 
 
 def _cleanup(pool: cf.ThreadPoolExecutor, fd: int, path: str) -> None:
-    pool.shutdown(wait=True)  # in-flight pieces still use fd
+    pool.shutdown(wait=True)  # tasks in flight still use fd
     os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -517,9 +519,10 @@ def _chained(error: PageError, cause: OSError) -> PageError:
 
 
 def _hash(half: memoryview, slot: int) -> int:
-    # NOTE: xxhash releases the GIL only for buffers over 64 KiB (measured: two threads hashing 48 KiB halves
-    # run no faster than one, 128 KiB ones 1.6x faster on two cores). Smaller halves hash at ~40 GB/s with the
-    # GIL held, about 1 us a page.
+    # NOTE: xxhash lets go of the GIL only for buffers over 64 KiB. Measured here: two threads hashing 48 KiB
+    # halves run no faster than one (0.97x), 128 KiB ones 1.6x faster on two cores. Halves under 64 KiB are hashed
+    # with the GIL held, at 10-15 GB/s from memory (40 from cache): ~5 us for a 96 KiB page, while its read
+    # takes ~100 us.
     return xxhash.xxh3_64_intdigest(half, slot)
 
 
@@ -534,7 +537,7 @@ def _write_error(slots: list[int], e: OSError) -> PageError:
 
 
 def _merged(errors: list[BaseException]) -> BaseException:
-    """One exception for a request whose pieces failed: a PageError listing every slot that failed, or the first
+    """One exception for the calls and checks that failed: a PageError listing every slot concerned, or the first
     exception that is not a PageError (a bug, not a disk fault)."""
     if len(errors) == 1 or not all(isinstance(e, PageError) for e in errors):
         return next((e for e in errors if not isinstance(e, PageError)), errors[0])
