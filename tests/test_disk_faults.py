@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiers.disk
 import faults
 from faults import Faults, FaultyDisk
 from tiers.base import PageError, PageShape
@@ -106,7 +105,7 @@ def test_flipped_bytes_fail_only_their_slot(make: MakeTier, shape: PageShape, ha
     assert_pages(tier, others, k[others], v[others])
 
 
-def test_damage_in_several_pieces_is_one_error_listing_every_slot(make: MakeTier, shape: PageShape) -> None:
+def test_damage_in_several_calls_is_one_error_listing_every_slot(make: MakeTier, shape: PageShape) -> None:
     """A read cut into 4 calls (4 threads) with two damaged pages in different calls: one PageError, both slots."""
     tier, k, v = filled(make, shape, threads=4)
     faults.flip(tier.path, 1 * tier.slot_bytes + 8)
@@ -137,7 +136,7 @@ def test_a_page_copied_over_another_slot_is_caught(make: MakeTier, shape: PageSh
     assert_pages(tier, [2], k[2:3], v[2:3])
 
 
-def test_truncated_file_is_a_short_read_naming_the_piece(make: MakeTier, shape: PageShape) -> None:
+def test_truncated_file_is_a_short_read_naming_the_call(make: MakeTier, shape: PageShape) -> None:
     tier, k, v = filled(make, shape, threads=1)
     faults.truncate(tier.path, 4 * tier.slot_bytes)
     error = read_error(tier, [6, 5, 7])  # one call: slots 5..7, all past the end
@@ -178,10 +177,24 @@ def test_read_eio_names_the_slots_of_the_call(make: MakeTier, shape: PageShape) 
 def test_read_eio_in_every_call_lists_every_slot(make: MakeTier, shape: PageShape) -> None:
     tier, _, _ = filled(make, shape, threads=4)
     tier.faults.read_eio = -1
-    future = tier.read_async([0, 2, 4, 6, 1], *pages(shape, 5, seed=1))  # three calls: [0, 1, 2], [4], [6]
+    future = tier.read_async([0, 2, 4, 6, 1], *pages(shape, 5, seed=1))
     error = future.exception(timeout=10)
     assert isinstance(error, PageError) and error.slots == [0, 1, 2, 4, 6] and error.errno == errno.EIO
     assert tier.faults.reads == 4  # [0, 1], [2] (ceil(5 / 4) = 2 pages a call), [4], [6]
+
+
+def test_a_failed_call_names_its_slots_only(make: MakeTier, shape: PageShape) -> None:
+    """One thread, two calls ([0, 1] and [5]): the first fails; the error names its slots, not slot 5's."""
+    tier, k, v = filled(make, shape, threads=1)
+    tier.faults.read_eio = 1
+    error = read_error(tier, [5, 1, 0])
+    assert error.slots == [0, 1] and tier.faults.reads == 2
+    tier.faults.write_eio = 1
+    with pytest.raises(PageError) as info:
+        tier.write([5, 1, 0], k[[5, 1, 0]], v[[5, 1, 0]])
+    assert info.value.slots == [0, 1]
+    assert read_error(tier, [0, 1, 5]).slots == [0, 1]
+    assert_pages(tier, [5], k[5:6], v[5:6])
 
 
 def test_write_eio_names_the_slots_and_leaves_them_unreadable(make: MakeTier, shape: PageShape) -> None:
@@ -306,23 +319,6 @@ def test_shuffled_consecutive_slots_are_one_call_per_thread(make: MakeTier, shap
     tier.write(slots, k, v)
     assert_pages(tier, slots[::-1], k.flip(0), v.flip(0))
     assert len(counted["write"]) == len(counted["read"]) == calls
-
-
-def test_gaps_are_read_through_when_bridging(make: MakeTier, shape: PageShape,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """With BRIDGE_BYTES of two slots, slots 0, 2, 5 are read in one call (gaps of 1 and 2 slots), 9 in another;
-    the gaps' bytes land in scratch, never in the caller's pages."""
-    tier0 = make(shape, 12, threads=1)
-    monkeypatch.setattr(tiers.disk, "BRIDGE_BYTES", 2 * tier0.slot_bytes)
-    tier = make(shape, 12, threads=1)
-    k, v = pages(shape, 12, seed=11)
-    tier.write(list(range(12)), k, v)
-    counted = count_calls(monkeypatch)
-    assert_pages(tier, [9, 5, 2, 0], k[[9, 5, 2, 0]], v[[9, 5, 2, 0]])
-    assert len(counted["read"]) == 2 and max(counted["read"]) == 5 * tier.slot_bytes + shape.page_bytes
-    faults.flip(tier.path, 1 * tier.slot_bytes + 4)  # damage in a gap: not a page that was asked for
-    assert_pages(tier, [0, 2], k[[0, 2]], v[[0, 2]])
-    assert read_error(tier, [0, 1, 2]).slots == [1]
 
 
 def test_allocate_hands_out_ascending_slots(make: MakeTier, shape: PageShape) -> None:
