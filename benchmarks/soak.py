@@ -17,16 +17,22 @@ The decode loop is the model's own forward with the runtime's cache and an argma
 `--every` steps it records the step, wall time, RSS, open file descriptors, threads (Python's and the OS's),
 pinned host bytes, the disk files' size and the tiers' occupancy, and for finding the cause of a growth the C
 heap (glibc's mallinfo2: bytes in use and bytes held), Python's allocated blocks and gc counts; the loop holds
-nothing that grows (the tokens go into a tensor filled up front). Then it checks that RSS grew by less than `--rss-tolerance` (1%) from the sample
-at `--warmup` to the last, and that open files, threads, pinned bytes and the disk file size did not change after
-it; it prints the checks, writes the samples as JSON (`--out`) and plots them (`--plot`, default: `--out` with
-.png), and exits with 1 when a check failed. `--reference` also decodes the same tokens with transformers'
+nothing that grows (the tokens go into a tensor filled up front; only the samples accumulate, ~2 KB each). Then
+it checks that RSS grew by less than `--rss-tolerance` (1%) from the sample at `--warmup` to the last, and that
+open files, threads, pinned bytes and the disk file size did not change after it; it prints the checks, writes
+the samples as JSON (`--out`) and plots them (`--plot`, default: `--out` with .png), and exits with 1 when a
+check failed. `--reference` also decodes the same tokens with transformers'
 DynamicCache (after the soak, so it doesn't disturb it) and checks that they are equal. `--tracemalloc` traces
 Python allocations from the warm-up sample on and prints the lines that allocated most since (slower).
 
 NOTE: the runtime's two thread pools (copies, disk I/O) start their threads lazily, up to `io_threads` each, when
 work arrives while every thread is busy; with more than one, the count may still rise (within 1 + 2 x io_threads)
 after any fixed warm-up. `--io-threads 1` makes "threads constant" exact from the first spill on.
+
+NOTE: what grows over a run (benchmarks/results/soak-cpu.json): the C heap in use rises by ~10 bytes a token,
+8 of them the runtime's record of the sequence's token ids (offload/prefix.py, TokenLog: one int64 per token,
+kept to continue conversations and key prefix-cache pages), the rest the samples; RSS follows in steps of a few
+hundred KiB as the allocator touches heap it already holds (mallinfo2's bytes held stay flat).
 """
 
 from __future__ import annotations
@@ -404,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['last_step']:,}: {summary['rss_last_bytes'] / 2**20:.2f} MiB, growth "
           f"{100 * summary['rss_growth']:+.3f}% (limit {100 * args.rss_tolerance:g}%)")
     print(f"after warm-up: fds {summary['fds']}, threads {summary['threads_python']} (Python) / "
-          f"{summary['threads_os']} (OS), pinned bytes {summary['pinned_bytes']}, disk file {summary['disk_file_bytes']} B")
+          f"{summary['threads_os']} (OS), pinned bytes {summary['pinned_bytes']}, "
+          f"disk file {summary['disk_file_bytes']} B")
     print(f"{run.seconds:.0f} s, {summary['ms_per_token']:.2f} ms per token; wrote {args.out} and {plot_path}")
     for p in problems:
         print(f"FAILED: {p}")
