@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,11 @@ class Placement:
         self.evictions = {"device": 0, "host": 0}
         self.promoted = 0
         self.table: PageTable | None = None
+        if config.disk_dir is not None and os.path.isdir(config.disk_dir):
+            # A killed run's slot file is removed now, even if this run never spills (its own file comes later).
+            from tiers.disk import remove_stale_files
+
+            remove_stale_files(config.disk_dir)
 
     def new_sequence(self, table: PageTable) -> None:
         """Binds a new sequence's table; every slot is free again (but host staging)."""

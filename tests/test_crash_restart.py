@@ -115,12 +115,9 @@ def test_the_run_after_a_sigkill_removes_its_file_and_is_exact(capsys: pytest.Ca
     assert time.monotonic() - started < 120
 
 
-@pytest.mark.xfail(strict=True, reason="stale slot files are removed only when a run creates its own disk tier, "
-                                       "at its first spill; a run given the same disk_dir that never spills leaves "
-                                       "them (tiers/disk.py, offload/placement.py)")
 def test_a_run_that_never_spills_still_removes_the_files_of_dead_runs(tmp_path: Path, tiny_llama_model) -> None:
-    """Gap: a killed run's slot file (as large as the KV it held) stays in disk_dir until some later run spills to
-    disk there; a run that is given the directory but fits in device and host memory leaves it."""
+    """A killed run's slot file (as large as the KV it held) stayed in disk_dir until some later run spilled to disk
+    there; a run given the directory that fits in device and host memory left it."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert not psutil.pid_exists(proc.pid)

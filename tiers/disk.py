@@ -104,7 +104,7 @@ def _free_bytes(directory: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _remove_stale_files(directory: str) -> None:
+def remove_stale_files(directory: str) -> None:
     """Removes slot files of dead processes, so a killed run neither fills the disk nor blocks the next one."""
     for entry in os.scandir(directory):
         m = _FILE_RE.fullmatch(entry.name)
@@ -197,7 +197,7 @@ class DiskTier(Tier):
         self._path = os.path.join(directory, f"offload-{os.getpid()}-{secrets.token_hex(6)}.kv")
         try:
             os.makedirs(directory, exist_ok=True)
-            _remove_stale_files(directory)
+            remove_stale_files(directory)
             if (free := _free_bytes(directory)) < need:
                 raise ValueError(_space_message(directory, free, need))
             fd = _create_file(self._path, need)
