@@ -56,6 +56,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -77,6 +78,8 @@ _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _MAX_IOVECS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _MAX_CALL_BYTES = 1 << 30
 _FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
+# How long closing the tier waits for calls still running (a failing device may never answer).
+CLOSE_WAIT_SECONDS = 30.0
 # The smallest growth step: fallocate calls stay few even when pages are small.
 GROW_STEP_BYTES = 16 << 20
 
@@ -154,10 +157,20 @@ def _create_file(path: str, nbytes: int) -> int:
 
 
 def _cleanup(pool: cf.ThreadPoolExecutor, fd: int, path: str) -> None:
-    pool.shutdown(wait=True)  # tasks in flight still use fd
-    os.close(fd)
+    # The name goes first: a call stuck on a failing device (which the runtime gave up on after io_timeout) keeps
+    # the close waiting below, and the directory is already clean if the process is killed meanwhile.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    # Tasks in flight still use fd: it is closed once they end. A task stuck for longer than CLOSE_WAIT_SECONDS
+    # keeps it open (the process's exit frees it) rather than hang the exit.
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+    for t in list(pool._threads):
+        t.join(max(0.0, deadline - time.monotonic()))
+    if not any(t.is_alive() for t in pool._threads):
+        os.close(fd)
+    else:
+        logger.warning("disk tier: a call on %s is stuck; its file descriptor stays open", path)
 
 
 class DiskTier(Tier):
