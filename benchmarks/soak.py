@@ -38,12 +38,10 @@ hundred KiB as the allocator touches heap it already holds (mallinfo2's bytes he
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -305,13 +303,9 @@ def plot(samples: list[dict], path: str, warmup: int, title: str) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return (f"{platform.platform()}, {cpu}, {os.cpu_count()} cores, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    from cpu_decode import machine as cpu_machine  # benchmarks/ is on the path: run as a script or by the test
+
+    return f"{cpu_machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
 
 
 def commit() -> str | None:

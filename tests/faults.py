@@ -53,29 +53,33 @@ class FaultyDisk(DiskTier):
         first, end = offset // self.slot_bytes, -(-(offset + sum(len(b) for b in iov)) // self.slot_bytes)
         return any(first <= s < end for s in self.faults.bad_slots)
 
-    def _preadv(self, iov: list[memoryview], offset: int) -> int:
+    def _draw(self, write: bool, iov: list[memoryview], offset: int) -> str | None:
+        """The fault this call gets: "EIO", "short read" (reads), "ENOSPC" (writes) or None."""
         f = self.faults
+        kind = "write" if write else "read"
         with f.lock:
-            calls, f.reads = f.reads, f.reads + 1
-            eio = self._touches_bad(iov, offset) or f._take("read EIO", "read_eio", f.after_reads, calls)
-            short = not eio and f._take("short read", "short_read", f.after_reads, calls)
-        if f.stall_read and (eio or short or f.stall_read < 0):
-            threading.Event().wait(abs(f.stall_read))
-        if eio:
+            calls = f.writes if write else f.reads
+            setattr(f, kind + "s", calls + 1)
+            after = f.after_writes if write else f.after_reads
+            if self._touches_bad(iov, offset) or f._take(f"{kind} EIO", f"{kind}_eio", after, calls):
+                return "EIO"
+            name, count = ("write ENOSPC", "write_enospc") if write else ("short read", "short_read")
+            return ("ENOSPC" if write else name) if f._take(name, count, after, calls) else None
+
+    def _preadv(self, iov: list[memoryview], offset: int) -> int:
+        fault = self._draw(False, iov, offset)
+        if self.faults.stall_read and (fault or self.faults.stall_read < 0):
+            threading.Event().wait(abs(self.faults.stall_read))
+        if fault == "EIO":
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         got = super()._preadv(iov, offset)
-        return got // 2 if short else got
+        return got // 2 if fault else got
 
     def _pwritev(self, iov: list[memoryview], offset: int) -> int:
-        f = self.faults
-        with f.lock:
-            calls, f.writes = f.writes, f.writes + 1
-            eio = self._touches_bad(iov, offset) or f._take("write EIO", "write_eio", f.after_writes, calls)
-            full = not eio and f._take("write ENOSPC", "write_enospc", f.after_writes, calls)
-        if eio:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        if full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fault = self._draw(True, iov, offset)
+        if fault is not None:
+            code = errno.EIO if fault == "EIO" else errno.ENOSPC
+            raise OSError(code, os.strerror(code))
         return super()._pwritev(iov, offset)
 
 
