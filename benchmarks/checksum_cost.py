@@ -22,7 +22,6 @@ step reads, as a share of the step's time with checksums off.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -37,8 +36,8 @@ import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.cpu_decode import decode, machine, prefill  # noqa: E402
-from benchmarks.disk_tier import commit  # noqa: E402
+from benchmarks.cpu_decode import decode, prefill  # noqa: E402
+from benchmarks.disk_tier import provenance  # noqa: E402
 from offload import offload  # noqa: E402
 from offload.opcount import kv_bytes  # noqa: E402
 from tiers.disk import DiskTier  # noqa: E402
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="checksum-cost-", dir=args.dir) as disk_dir:
         result = run(args, disk_dir)
         left = os.listdir(disk_dir)
-    result = {"command": " ".join(["python benchmarks/checksum_cost.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(),
-              "seconds": round(time.perf_counter() - t0, 1), "files_left_in_disk_dir": left, **result}
+    result = {**provenance("checksum_cost.py", argv, t0), "files_left_in_disk_dir": left, **result}
     print(summary(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -14,10 +14,7 @@ Target: stall at most 10% of decode time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.disk_tier import provenance  # noqa: E402
 from offload import offload  # noqa: E402
 
 
@@ -55,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
     args = ap.parse_args(argv)
 
+    t_start = time.perf_counter()
     model, tokenizer, name = load()
     text = (ROOT / "benchmarks/data/alice.txt").read_text(encoding="utf-8")
     if tokenizer is not None:
@@ -84,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_seconds": decode, "seconds_per_step": decode / args.steps,
         "stall_seconds": stall, "stall_share": stall / decode,
         "disk_bytes_per_step": read / args.steps, "disk_read_gbps": read / decode / 1e9,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
-        "command": "python benchmarks/disk_stall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **provenance("disk_stall.py", argv, t_start),
     }
     print(f"{name}, {result['context']} tokens, {result['disk_share']:.0%} of the KV on disk: "
           f"{result['seconds_per_step'] * 1e3:.0f} ms/step, stalled {stall:.2f} of {decode:.2f} s "

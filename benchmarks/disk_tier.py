@@ -218,6 +218,13 @@ def commit() -> str:
         return "unknown"
 
 
+def provenance(script: str, argv: list[str] | None, started: float) -> dict:
+    """What a result records of its run: the command, machine, date, commit and seconds since `started`."""
+    return {"command": " ".join([f"python benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]),
+            "machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def table(result: dict) -> str:
     lines = [f"{'median of ' + str(result['rounds']) + ' rounds':58} {'GB/s':>6} {'/ raw 1 MiB':>11}  path"]
     for row in result["rows"]:
@@ -253,11 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"command": " ".join(["python benchmarks/disk_tier.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(),
-              "directory": os.path.dirname(work), "file_mib": args.mib, "turn_mib": args.turn_mib,
-              "rounds": args.rounds, "inflight": args.inflight, "threads": args.threads,
-              "checksums": DiskTier.checksums, "seconds": round(time.perf_counter() - t0, 1), **result}
+    result = {**provenance("disk_tier.py", argv, t0), "directory": os.path.dirname(work), "file_mib": args.mib,
+              "turn_mib": args.turn_mib, "rounds": args.rounds, "inflight": args.inflight, "threads": args.threads,
+              "checksums": DiskTier.checksums, **result}
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -54,11 +54,13 @@ class Recovery:
         rt = self.rt
         disk = rt.disk_tier
         damaged: dict[tuple[int, int], int] = {}
+        pages = [int(p) for p in pages]  # a tensor on the load's path: read only here, on failure
         for i, (page, slot) in enumerate(zip(pages, slots)):
             got = self._read(disk, slot)
             if got is None:
                 damaged[(layer, page)] = slot
             else:
+                got = rt.placement.unpack(*got)
                 k_out[i].copy_(got[0][0])
                 v_out[i].copy_(got[1][0])
                 self.counts["reread"] += 1
@@ -74,13 +76,13 @@ class Recovery:
 
     # -- finding -----------------------------------------------------------------------------------------------
     def _read(self, disk, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One page from disk, full precision on the compute device; None when it can't be read intact."""
+        """One page as the disk stores it; None when it can't be read intact."""
         kq, vq = self.rt.engine.scratch(disk.shape, 1)
         try:
             disk.read([slot], kq, vq)
         except OSError:
             return None
-        return self.rt.placement.unpack(kq, vq)
+        return kq, vq
 
     def _scrub(self, exclude: set[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """Every page of every layer whose only copy below the device is a disk page that can't be read intact."""
@@ -92,10 +94,7 @@ class Recovery:
             if (layer, page) in exclude:
                 continue
             slot = int(t.slot["disk"][layer, page])
-            kq, vq = rt.engine.scratch(disk.shape, 1)
-            try:
-                disk.read([slot], kq, vq)
-            except OSError:
+            if self._read(disk, slot) is None:
                 found[(layer, page)] = slot
         return found
 
@@ -168,10 +167,7 @@ class Recovery:
                 rt.model(**chunk, logits_to_keep=1)  # no logits over the whole prefix
             except TypeError:
                 rt.model(**chunk)
-        layers = cache.layers if hasattr(cache, "layers") else None
-        if layers is not None:
-            return [lay.keys[0] for lay in layers], [lay.values[0] for lay in layers]
-        return [cache.key_cache[i][0] for i in range(rt.layers)], [cache.value_cache[i][0] for i in range(rt.layers)]
+        return [lay.keys[0] for lay in cache.layers], [lay.values[0] for lay in cache.layers]
 
     def _write_back(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """The rebuilt page into its disk slot, so the next step reads it intact (a slot that can't be written is

@@ -937,7 +937,7 @@ class Runtime:
                                                        dst_v[n_host:n_host + n_disk], layer, self.codec))
             # A page that comes back damaged is rebuilt into the workspace (offload/recover.py).
             transfers[-1].recover = functools.partial(
-                self.recovery.disk_load_failed, layer, pages[~on_host].tolist(), disk_slots,
+                self.recovery.disk_load_failed, layer, pages[~on_host], disk_slots,
                 dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk])
         return order, transfers
 
