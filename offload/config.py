@@ -15,6 +15,7 @@ from offload.sizes import parse_size
 ATTENTION_MODES = ("exact", "sparse")
 HEAD_SELECTIONS = ("shared", "kv", "query")
 PREFIX_PUBLISH = ("prompt", "all")
+HOST_ATTENTION = ("auto", "off", "all")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class OffloadConfig:
     # Seconds one page transfer (a batch of pages read or written) may take before the run stops with an error
     # instead of hanging (a stuck disk or an I/O thread that died).
     io_timeout: float = 5.0
+    # Attention over pages in host RAM (and pages read from disk) computed on the host, whose partial results are
+    # merged with the device's (offload/host_attention.py): "auto" (a cost model from measured rates picks how many
+    # of each layer's host pages the host attends), "all" (every one) or "off" (every page crosses to the device).
+    host_attention: str = "auto"
     # Compute device; default: the model's.
     device: str | None = None
     # Prefix cache (offload/prefix.py): the KV of full prompt pages kept beyond the process, in a directory or a
@@ -132,6 +137,9 @@ class OffloadConfig:
         t = self.io_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600 or t != t:
             raise ValueError(f"io_timeout: expected a number of seconds in (0, 3600], got {t!r}")
+        if not isinstance(self.host_attention, str) or self.host_attention not in HOST_ATTENTION:
+            raise ValueError(f"host_attention: expected one of {', '.join(HOST_ATTENTION)}, "
+                             f"got {self.host_attention!r}")
         if self.device is not None:
             check_device(self.device)
         self._check_prefix_cache()

@@ -67,7 +67,12 @@ class LayerView:
     first: int  # the first page still held (a sliding window released those before it)
     host: int  # pages among first..pages-1 that are read from the host pool
     lower: bool  # some page first..pages-1 lives only on disk: the streaming path serves this layer
-    slots: torch.Tensor  # int32 [pages - first], unified slots of pages first..pages-1 (page order, tail last)
+    slots: torch.Tensor  # int32 [count], unified slots of the pages gathered (page order, tail last)
+    count: int = 0  # pages gathered: first..pages-1 but those the host attends
+    # Exact mode with host attention (offload/host_attention.py): the host slots of the pages the host attends
+    # (int64, CPU), which the gather leaves out; None when it attends none.
+    host_attend: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # bool [pages - first], CPU: the pages gathered, when the host attends some
     # Sparse mode: the unified block id of every block of pages 0..pages-1 per gathered head, int64
     # [pages * R, heads] ((slot * H + kv head) * R + block), and the tail page's blocks [R, choosers].
     blockrow: torch.Tensor | None = None
@@ -102,6 +107,9 @@ class DeviceDecode:
         self.page_size, self.head_dim = self.pool_k.shape[2], self.pool_k.shape[3]
         self.device = device
         self.views: list[LayerView | None] = [None] * layers
+        # Exact mode: (layer, host pages, device pages) -> how many of the host pages the host attends; set by the
+        # runtime when host attention is on (offload/host_attention.py).
+        self.host_split = None
         # The unified slot of every page, one row per sequence and layer (one sequence today).
         self.rows = torch.full((1, layers, max_pages), NONE, dtype=torch.int32, device=device)
         # Sparse mode's blocks: R per page; a choice has one column per chooser, and each gathered head (a KV head,
@@ -143,12 +151,22 @@ class DeviceDecode:
         first = table.first[layer]
         held = row[first:pages]
         self.rows[0, layer].copy_(row)
+        on_host = (dev[first:pages] < 0) & (host[first:pages] >= 0)
         v = LayerView(
-            version=table.version[layer], pages=pages, first=first,
-            host=int(((dev[first:pages] < 0) & (host[first:pages] >= 0)).sum()),
-            lower=bool((held < 0).any()),
-            slots=self.rows[0, layer, first:pages],
+            version=table.version[layer], pages=pages, first=first, host=int(on_host.sum()),
+            lower=bool((held < 0).any()), slots=self.rows[0, layer, first:pages], count=pages - first,
         )
+        if self.host_split is not None and not self.selecting and v.host and not v.lower:
+            take = self.host_split(layer, v.host, v.count - v.host)
+            if take:  # the oldest host pages
+                at = on_host.nonzero().flatten()[:take]
+                v.keep = torch.ones(v.count, dtype=torch.bool)
+                v.keep[at] = False
+                v.host_attend = host[first:pages][at].long()
+                held = held[v.keep]
+                v.slots = held.to(self.device)
+                v.count -= take
+                v.host -= take
         if self.codec is not None:
             on_host = held >= self.split
             pos = on_host.nonzero().flatten()
@@ -161,7 +179,7 @@ class DeviceDecode:
             v.blockrow = (base[:, None, :] * R + self.block_ids[None, :, None]).reshape(pages * R, self.heads)
             v.tail_blocks = ((pages - 1) * R + self.block_ids)[:, None].expand(R, self.choosers)
         self.views[layer] = v
-        self._reserve(pages - first)
+        self._reserve(v.count)
         return v
 
     def serves_exact(self, view: LayerView) -> bool:
@@ -195,11 +213,20 @@ class DeviceDecode:
               softcap: float | None) -> torch.Tensor:
         """Attention of one token over pages first..last, from token `start` of the first page to token `valid`
         of the tail. query [1, Hq, 1, D] -> [1, 1, Hq, D]."""
-        count = view.pages - view.first
         k, v = self.gather(view)
-        tokens = (count - 1) * self.page_size + valid
+        tokens = (view.count - 1) * self.page_size + valid
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
+
+    def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
+                      softcap: float | None) -> am.Partial:
+        """`exact` over the gathered pages of a full-attention layer, as a partial: q [H, M, D] grouped -> (o, lse)
+        float32, for a merge with the host's partial."""
+        from offload.host_attention import pages_partial_host
+
+        k, v = self.gather(view)
+        tokens = (view.count - 1) * self.page_size + valid
+        return pages_partial_host(q, k[0, :, :tokens], v[0, :, :tokens], scaling, softcap)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,
@@ -272,8 +299,8 @@ class DeviceDecode:
         return k, v
 
     def gather(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
-        """The view's pages first..last -> K and V [1, H, count * P, D], in page order."""
-        count = view.pages - view.first
+        """The view's gathered pages -> K and V [1, H, count * P, D], in page order."""
+        count = view.count
         views = self.ws_views.get(count)
         if views is None:
             views = self.ws_views[count] = tuple(
@@ -359,6 +386,8 @@ class KernelDecode(DeviceDecode):
             return v
         v = super().view(layer, table, pages)
         dev, host = table.slot["device"][layer, v.first:pages], table.slot["host"][layer, v.first:pages]
+        if v.keep is not None:  # the pages the host attends are neither gathered nor attended here
+            dev, host = dev[v.keep], host[v.keep]
         on_host = (dev < 0) & (host >= 0)
         # Attention slots: device pages in place, host pages in the workspace rows of the layer's parity.
         attn = dev.clone()
@@ -400,6 +429,12 @@ class KernelDecode(DeviceDecode):
 
     def exact(self, layer: int, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
               softcap: float | None) -> torch.Tensor:
+        q = am.group_queries(query, self.kv_heads)
+        o, _ = self.exact_partial(layer, view, q, valid, scaling, softcap, start)
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+
+    def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
+                      softcap: float | None, start: int = 0) -> am.Partial:
         skip = start // self.page_size  # pages still held before the window's first
         if view.host:
             event, self.ready[layer] = self.ready[layer], None
@@ -407,10 +442,8 @@ class KernelDecode(DeviceDecode):
                 self.compute.wait_event(event)
             else:
                 self._gather_into(view.gather_dst, view.gather_src)
-        q = am.group_queries(query, self.kv_heads)
-        o, _ = self.paged.paged_decode(q, self.pool_k, self.pool_v, view.attn[skip:], valid, scaling, softcap,
-                                       start % self.page_size)
-        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+        return self.paged.paged_decode(q.to(self.pool_k.dtype), self.pool_k, self.pool_v, view.attn[skip:], valid,
+                                       scaling, softcap, start % self.page_size)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,

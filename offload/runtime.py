@@ -27,6 +27,7 @@ from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.decode import DeviceDecode, KernelDecode, attend_token
 from offload.engine import Transfer, TransferEngine
+from offload.host_attention import HostAttention, HostJob, Rates, measure_rates, split
 from offload.cache import Handoff
 from offload.loader import LoadRing
 from offload.models import check_model, layer_windows
@@ -140,6 +141,16 @@ class Runtime:
                                    EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
                                    host_storage, on_host, self.codec)
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Attention over host pages on the host (offload/host_attention.py); the rates of its cost model are
+        # measured when a layer first has pages below the device ("auto"), or set beforehand (tests, benchmarks).
+        self.host_attention: HostAttention | None = None
+        self.host_rates: Rates | None = None
+        self.host_disk_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.host_attention != "off":
+            self.host_attention = HostAttention(self.kv_heads, self.page_size, self.head_dim, self.dtype,
+                                                self.device, self.codec, tracer=self.tracer)
+            if self.decoder is not None:
+                self.decoder.host_split = self._host_split_view
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.sparse = config.attention == "sparse"
         self.selection = None
@@ -277,6 +288,8 @@ class Runtime:
                 self.prefix.close()  # the pages on their way to the store are written first
         finally:
             self.engine.close()
+            if self.host_attention is not None:
+                self.host_attention.close()
             if self.selection is not None:
                 self.selection.close()
             self.placement.close()
@@ -407,7 +420,7 @@ class Runtime:
         if type(self.decoder) is not DeviceDecode:
             return None
         view = self.decoder.view(layer, self.table, self.table.pages(layer))
-        return None if view.lower else view
+        return None if view.lower or view.host_attend is not None else view
 
     def _prefill_over_view(self, layer: int, view, query, key, value, scaling: float) -> torch.Tensor:
         """A prefill chunk of T tokens after n earlier ones: the earlier tokens' pages gathered in one pass, the new
@@ -598,23 +611,34 @@ class Runtime:
             sel.speculate(layer, scaling, self.table.tokens[layer + 1] if layer + 1 < self.layers else 0)
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
+        hide = sel.hide(plan, chosen, first, off) if chosen is not None else self._edge_hide(first, off)
+        # Pages the host attends (offload/host_attention.py): not loaded, their partial merged with the others.
+        on_host = self._host_pages(layer, missing, full.numel() - missing.numel())
+        host_work = None
+        if on_host.numel():
+            on_host = on_host[~torch.isin(on_host, self.ring.covered(layer))]  # on their way already: attended here
+            missing = missing[~torch.isin(missing, on_host)]
+            host_work = self._start_host(layer, on_host, q, scaling, softcap, hide) if on_host.numel() else None
         self._queue_loads(layer, missing)
         if chosen is not None:  # each head sees its own blocks of the pages, and the tail
             parts = [self._tail_partial(layer, last, valid, q, scaling, softcap)]
-            parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
-                                              hide=sel.hide(plan, chosen, first, off)))
+            parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing, hide=hide))
+            if host_work is not None:
+                parts.extend(self._finish_host(layer, on_host, *host_work, q, scaling, softcap, hide))
             out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
             attended = chosen.shape[0] * sel.block + valid
         else:
             # Tokens before `off` on the window's first page are not attended (the tail's when the window lies
             # within it).
             cut = off if off and (first == last or full.numel() > 0) else 0
-            if missing.numel() == 0 and full.numel() < self.plan.half and not self.ring.covered(layer).numel():
+            if (missing.numel() == 0 and host_work is None and full.numel() < self.plan.half
+                    and not self.ring.covered(layer).numel()):
                 out = self._resident_attention(layer, query, dev_slots, last, valid, scaling, softcap, cut)
             else:
                 parts = [self._tail_partial(layer, last, valid, q, scaling, softcap, start=off if first == last else 0)]
-                parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing,
-                                                  hide=self._edge_hide(first, off)))
+                parts.extend(self._pages_partials(layer, full, q, scaling, softcap, missing, hide=hide))
+                if host_work is not None:
+                    parts.extend(self._finish_host(layer, on_host, *host_work, q, scaling, softcap, hide))
                 out = am.ungroup_output(am.merge(parts), self.q_heads, 1).to(query.dtype)
             attended = full.numel() * P + valid - cut
         if sel is not None and self.config.measure_recall:
@@ -701,7 +725,10 @@ class Runtime:
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
             t0 = time.perf_counter()
-            out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
+            if view.host_attend is not None:
+                out = self._exact_with_host(layer, view, query, valid, scaling, softcap)
+            else:
+                out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
             if view.host:  # pages read from the host pool: loads of pages needed now
                 self.counters["loads"]["needed"] += view.host
                 self.engine.account("host->device", view.host * self.placement.stored.page_bytes, t0, layer, "load")
@@ -716,6 +743,9 @@ class Runtime:
             return out
         forced, bias, free = self.selection.fixed(plan)
         R = self.selection.per_page
+        if view.host and self._host_split_view(layer, view.host, view.count - view.host):
+            # The host attends over host pages of this layer: the chosen ones among them are attended there.
+            return self._decode_streaming(layer, query, n, first, off, scaling, softcap)
         if (isinstance(self.decoder, KernelDecode)
                 and forced.shape[0] + max(free, 0) + R > self.decoder.workspace * R):
             # More blocks than the block workspace holds: stream them this step.
@@ -733,6 +763,105 @@ class Runtime:
                                          self.decoder.last_blocks[:chosen], scaling, softcap)
         self._count_decode(layer, min(1.0, (chosen * self.selection.block + valid) / visible))
         return out
+
+    # -- attention on the host ----------------------------------------------------------------------------------
+    def _host_share(self, layer: int, pages: int, resident: int) -> int:
+        """How many of `layer`'s `pages` below the device the host attends (`host_attention.split`). Layers with a
+        sliding window keep few pages and attend on the device alone. On a CPU-only machine "auto" attends none
+        on the host unless given rates: the host's pool would share the cores and the memory of the device's
+        attention (README, "Attention on the host")."""
+        ha = self.host_attention
+        if ha is None or self.windows[layer] is not None or pages <= 0:
+            return 0
+        if self.config.host_attention == "auto" and self.host_rates is None:
+            if self.device.type == "cpu":
+                return 0
+            self.host_rates = measure_rates(ha, self.device)
+        return split(self.config.host_attention, pages, resident, ha.page_bytes, ha.full_page_bytes,
+                     self.host_rates)
+
+    def _host_split_view(self, layer: int, host_pages: int, resident: int) -> int:
+        return self._host_share(layer, host_pages, resident)
+
+    def _exact_with_host(self, layer: int, view, query, valid: int, scaling: float,
+                         softcap: float | None) -> torch.Tensor:
+        """Exact step of a full-attention layer whose view leaves some host pages to the host: the host's partial
+        over them, computed while the device attends over the rest, merged with the device's."""
+        q = am.group_queries(query, self.kv_heads)
+        ha = self.host_attention
+        ha.attach(self.host_tier.k, self.host_tier.v)
+        job = ha.submit(q, view.host_attend, scaling, softcap, layer=layer)
+        part = self.decoder.exact_partial(layer, view, q, valid, scaling, softcap)
+        return am.ungroup_output(am.merge([part, *job.result()]), self.q_heads, 1).to(query.dtype)
+
+    def _host_pages(self, layer: int, missing: torch.Tensor, resident: int) -> torch.Tensor:
+        """Of `missing` (pages of `layer` not on the device, CPU ids in page order), those the host attends: pages
+        only on disk first, then the oldest host pages, as many as `_host_share` gives."""
+        if self.host_attention is None or missing.numel() == 0:
+            return missing[:0]
+        take = self._host_share(layer, missing.numel(), resident)
+        if take == 0:
+            return missing[:0]
+        on_disk = self.table.slot["host"][layer, missing] < 0
+        return torch.cat([missing[on_disk], missing[~on_disk]])[:take].sort().values
+
+    def _start_host(self, layer: int, pages: torch.Tensor, q, scaling: float, softcap: float | None,
+                    hide) -> tuple[list[HostJob], tuple | None]:
+        """Starts the host's work over `pages` of `layer` (marked busy until `_finish_host`): a job over those in
+        the host pool, and a read of those only on disk into host memory. Returns the jobs and the read
+        (its pages, transfer, buffers), attended once it lands."""
+        ha = self.host_attention
+        self.table.busy[layer, pages] += 1
+        host_slot = self.table.slot["host"][layer, pages]
+        in_host = host_slot >= 0
+        query = ha.query_to_host(q)
+        jobs = []
+        if bool(in_host.any()):
+            ha.attach(self.host_tier.k, self.host_tier.v)
+            mine = pages[in_host]
+            jobs.append(ha.submit(q, host_slot[in_host].long(), scaling, softcap, self._host_hidden(hide, mine),
+                                  layer=layer, query=query))
+        read = None
+        on_disk = pages[~in_host]
+        if on_disk.numel():
+            k, v = self._host_disk_buffers(on_disk.numel())
+            slots = self.table.slot["disk"][layer, on_disk].tolist()
+            transfer = self.engine.disk_read(self.disk_tier, slots, k, v, layer, self.codec)
+            transfer.recover = functools.partial(self.recovery.disk_load_failed, layer, on_disk, slots, k, v)
+            read = (on_disk, transfer, k, v, query)
+        return jobs, read
+
+    def _finish_host(self, layer: int, pages: torch.Tensor, jobs: list[HostJob], read, q, scaling: float,
+                     softcap: float | None, hide) -> list:
+        """The host's partials of `_start_host`'s work, on the device; the pages are no longer busy after."""
+        try:
+            if read is not None:
+                on_disk, transfer, k, v, query = read
+                self.stall(layer, transfer.wait(), on="disk")
+                rows = torch.arange(on_disk.numel())
+                jobs.append(self.host_attention.submit(q, rows, scaling, softcap, self._host_hidden(hide, on_disk),
+                                                       source=(k, v), layer=layer, query=query, packed=False))
+            return [p for job in jobs for p in job.result()]
+        finally:
+            self.table.busy[layer, pages] -= 1
+
+    def _host_hidden(self, hide, pages: torch.Tensor) -> torch.Tensor | None:
+        """`hide(pages)` (the keys each query row must not see) on the host, or None."""
+        if hide is None:
+            return None
+        hidden = hide(pages)
+        return None if hidden is None else hidden.cpu()
+
+    def _host_disk_buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host buffers [n, H, P, D] (full precision) for disk pages the host attends."""
+        have = self.host_disk_buffers
+        if have is None or have[0].shape[0] < n:
+            with torch.inference_mode(False):
+                pages = max(n, 2 * have[0].shape[0] if have is not None else 0)
+                self.host_disk_buffers = tuple(
+                    aligned_host_tensor(pages * self.kv_heads * self.page_size * self.head_dim, self.dtype,
+                                        pin=False).view(pages, *self.shape.dims) for _ in range(2))
+        return self.host_disk_buffers[0][:n], self.host_disk_buffers[1][:n]
 
     def _summarize_filled(self, layer: int, page: int) -> None:
         """The summary of a page that just filled, from its keys on the device."""
@@ -864,6 +993,11 @@ class Runtime:
                 return None
             want = want[(want < last) & (want >= first)]
         want = want[(self.table.slot["device"][layer, want] < 0) & (self.table.busy[layer, want] == 0)]
+        if self.host_attention is not None and want.numel():  # the host attends some: they stay where they are
+            missing = torch.arange(first, last)
+            dev = self.table.slot["device"][layer, first:last] >= 0
+            missing = missing[~dev]
+            want = want[~torch.isin(want, self._host_pages(layer, missing, int(dev.sum())))]
         return want[~torch.isin(want, self.ring.covered(layer))]
 
     def _pages_partials(self, layer: int, pages: torch.Tensor, q, scaling: float, softcap: float | None = None,
@@ -1042,7 +1176,19 @@ class Runtime:
             "prefix_cache": self._prefix_stats() if self.prefix is not None else None,
             # Disk pages found damaged, and where their right contents came from (offload/recover.py).
             "faults": dict(self.recovery.counts),
+            "host_attention": self._host_attention_stats(),
         }
+
+    def _host_attention_stats(self) -> dict:
+        """Pages the host attended (once per layer and step) and their bytes as it read them; the cost model's
+        rates, once measured or set."""
+        ha, r = self.host_attention, self.host_rates
+        out = {"mode": self.config.host_attention, "threads": ha.threads if ha else 0,
+               **(ha.counts if ha else {"jobs": 0, "pages": 0, "bytes": 0}), "rates": None}
+        if r is not None:
+            out["rates"] = {"link_gbps": r.link / 1e9, "host_gbps": r.host / 1e9, "device_gbps": r.device / 1e9,
+                            "overhead_us": r.overhead * 1e6, "concurrent": r.concurrent}
+        return out
 
     def _prefix_stats(self) -> dict:
         """The prefix cache's counters, once the pages on their way to the store are written."""

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offload.cli import main
-from offload.config import ATTENTION_MODES, HEAD_SELECTIONS, PREFIX_PUBLISH, OffloadConfig
+from offload.config import ATTENTION_MODES, HEAD_SELECTIONS, HOST_ATTENTION, PREFIX_PUBLISH, OffloadConfig
 from offload.quant import SETTINGS as KV_QUANT
 from offload.sizes import MAX_SIZE, parse_size
 from policies import EVICTION, PREFETCH, SELECTION
@@ -293,6 +293,7 @@ DOMAINS: dict[str, Domain] = {
     "trace": switch(),
     "io_threads": ints(1, 64),
     "io_timeout": floats(0.0, 3600.0, lo_open=True, hi_open=False),
+    "host_attention": choice(list(HOST_ATTENTION)),
     "device": Domain(
         valid=NONE | st.sampled_from(GOOD_DEVICES) | st.just(torch.device("cpu")),
         invalid=st.one_of(st.sampled_from(BAD_DEVICES), DEVICE_TEXT, st.integers(), BOOLS, st.floats(),

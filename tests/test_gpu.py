@@ -149,3 +149,37 @@ def test_packed_host_pages_on_cuda_give_the_tokens_of_the_cpu(tmp_path, disk: bo
                 assert stats["resident_bytes"]["disk" if disk else "host"] > 0
                 assert stats["bit_exact"] is False and stats["compression"] > 3
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("mode,disk", [("all", False), ("auto", False), ("all", True)])
+def test_host_attention_on_cuda_gives_the_tokens_of_dynamic_cache(tmp_path, mode: str, disk: bool) -> None:
+    """The host attends over pinned host pages (and disk pages read into host memory) while the GPU attends over
+    the rest, only partials crossing: the tokens of DynamicCache. "auto" with rates that give the host 4/5 of them."""
+    from transformers import DynamicCache
+
+    from offload.decode import KernelDecode
+    from offload.host_attention import Rates
+
+    model = _model()
+    ids = torch.randint(0, 256, (1, 300), device="cuda")
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=DynamicCache())
+    pb = _page_bytes(model, 16)
+    kv = 3 * 19 * pb + 3 * pb
+    options = dict(page_size=16, device_budget=int(0.3 * kv) + 8 * pb, host_budget=kv, host_attention=mode)
+    if disk:
+        options.update(host_budget=8 * pb, disk_dir=str(tmp_path))
+    with offload(model, **options) as rt:
+        assert isinstance(rt.decoder, KernelDecode) != disk
+        if mode == "auto":
+            rt.host_rates = Rates(link=1e9, host=4e9, device=float("inf"), overhead=1e-7, concurrent=True)
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=24, do_sample=False)
+        stats = rt.stats()
+    assert torch.equal(got, plain)
+    assert stats["host_attention"]["pages"] > 0
+    if mode == "all":
+        assert stats["bytes_moved"]["host->device"] == 0
+    else:
+        assert stats["bytes_moved"]["host->device"] > 0
+    assert not disk or os.listdir(tmp_path) == []

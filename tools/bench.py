@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quant-variants", default=None, metavar="LIST",
                        help="extra rows of each offload method in --methods, one per kv_quant setting, e.g. k8v4,k4v2 "
                        "(side by side with full precision in the same run)")
+    group.add_argument("--host-attention-variants", default=None, metavar="LIST",
+                       help="extra rows of each offload method in --methods, one per host_attention setting, e.g. "
+                       "off,all (side by side with the --host-attention setting, auto by default, in the same run)")
     group.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
                        help="prompt tokens per prefill forward pass; 0: the whole prompt at once (default)")
     group.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompts (default: 0)")
@@ -130,7 +133,8 @@ def parse_contexts(text: str) -> list[int]:
     return list(dict.fromkeys(contexts))
 
 
-def parse_variants(methods_text: str, prefetch_text: str | None, quant_text: str | None = None) -> list[Variant]:
+def parse_variants(methods_text: str, prefetch_text: str | None, quant_text: str | None = None,
+                   host_text: str | None = None) -> list[Variant]:
     methods = list(dict.fromkeys(m.strip() for m in str(methods_text).split(",") if m.strip()))
     if not methods:
         raise ValueError(f"methods: expected a comma-separated list from {', '.join(METHODS)}")
@@ -161,6 +165,17 @@ def parse_variants(methods_text: str, prefetch_text: str | None, quant_text: str
                 if m.startswith("offload-"):
                     variants.append(Variant(f"{m}+kv_quant={name}", m,
                                             {"attention": m.removeprefix("offload-"), "kv_quant": name}))
+    if host_text:
+        from offload.config import HOST_ATTENTION
+
+        for name in dict.fromkeys(h.strip() for h in host_text.split(",") if h.strip()):
+            if name not in HOST_ATTENTION:
+                raise ValueError(f"host-attention-variants: expected settings from {', '.join(HOST_ATTENTION)}, "
+                                 f"got {name!r}")
+            for m in methods:
+                if m.startswith("offload-"):
+                    variants.append(Variant(f"{m}+host_attention={name}", m,
+                                            {"attention": m.removeprefix("offload-"), "host_attention": name}))
     return variants
 
 
@@ -194,7 +209,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
     for flag, path in (("out", args.out), ("plot", args.plot)):
         if path:
             check_output_file(flag, path)
-    return contexts, parse_variants(args.methods, args.prefetch_variants, args.quant_variants)
+    return contexts, parse_variants(args.methods, args.prefetch_variants, args.quant_variants,
+                                    args.host_attention_variants)
 
 
 def check_output_file(flag: str, path: str) -> None:
@@ -469,8 +485,8 @@ def add_comparisons(rows: list[dict], bounds: dict[int, float | None]) -> None:
         for key, method in (("speedup_vs_dynamic", "dynamic"), ("speedup_vs_hf_offloaded", "hf-offloaded")):
             if row["method"] != method and ref.get(method):
                 row[key] = tps / ref[method]
-        if row["method"] == "offload-exact":
-            bound = bounds.get(row["context"])
+        if row["method"] == "offload-exact" or row["method"].startswith("offload-exact+host_attention="):
+            bound = bounds.get(row["context"])  # the same bytes cross at full precision
             row["exact_bound_tokens_per_s"] = bound
             row["pct_of_pcie_bound"] = None if bound is None else 100.0 * tps / bound
 

@@ -59,6 +59,8 @@ OPTION_HELP: dict[str, str] = {
     "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
     "io_timeout": "seconds one page transfer may take before the run stops with an error",
+    "host_attention": "attend over pages in host RAM (and pages read from disk) on the host's cores and merge the "
+    "partial results: auto (a cost model from measured link and host rates decides per layer), all, or off",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
     "prefix_cache": "keep the KV of prompt pages in this directory or Valkey/Redis server (redis://host:port/db), "
     "and load the longest stored prefix of later prompts instead of computing it (default: none)",
@@ -83,6 +85,7 @@ METAVARS: dict[str, str] = {
     "attention": "MODE",
     "kv_quant": "SETTING",
     "device": "DEVICE",
+    "host_attention": "MODE",
     "prefix_cache": "DIR|URL",
     "prefix_cache_budget": "SIZE",
     "prefix_cache_publish": "WHAT",
@@ -144,6 +147,10 @@ def _help(field: dataclasses.Field, members: set[Any]) -> str:
         from offload.quant import SETTINGS
 
         text += f"; one of {', '.join(SETTINGS)}"
+    if field.name == "host_attention":
+        from offload.config import HOST_ATTENTION
+
+        text += f"; one of {', '.join(HOST_ATTENTION)}"
     if field.name in REGISTRY_OPTIONS:
         names = _registered_names(field.name)
         if names:
