@@ -135,7 +135,9 @@ class HostAttention:
         self.device = device
         self.codec = codec
         self.threads = threads or default_threads()
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="offload-host-attention")
+        # One intra-op thread per worker (a per-thread setting): the pool spreads the work over the cores.
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="offload-host-attention",
+                                       initializer=torch.set_num_threads, initargs=(1,))
         self.tracer = tracer
         self.k = self.v = None
         self.local = threading.local()
