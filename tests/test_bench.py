@@ -169,6 +169,22 @@ def test_quant_variants_add_rows_that_move_fewer_bytes(tmp_path: Path):
     assert full / packed == pytest.approx(PageCodec.of("k8v4", 2, 16, 16).ratio(torch.float32), rel=0.05)
 
 
+def test_host_attention_variants_add_rows_that_move_no_page(tmp_path: Path):
+    """One row per host_attention setting beside the default's: "all" moves no page to the device, and every
+    offload-exact row gets its share of the PCIe bound."""
+    out = tmp_path / "r.json"
+    argv = ARGS + ["--methods", "offload-exact", "--host-attention-variants", "all,off", "--context", "256",
+                   "--kv-device-fraction", "0.3", "--out", str(out)]
+    code, _, stderr = _run(argv)
+    assert code == 0, stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["offload-exact", "offload-exact+host_attention=all",
+                                           "offload-exact+host_attention=off"]
+    assert all(r["error"] is None and r["pct_of_pcie_bound"] is not None for r in rows)
+    moved = [r["bytes_moved_per_token"]["host->device"] for r in rows]
+    assert moved[1] == 0 and moved[0] == moved[2] > 0
+
+
 @pytest.mark.parametrize(
     "extra, flag",
     [
@@ -182,6 +198,7 @@ def test_quant_variants_add_rows_that_move_fewer_bytes(tmp_path: Path):
         (["--kv-device-fraction", "1.5"], "--kv-device-fraction"),
         (["--prefetch-variants", "psychic"], "--prefetch-variants"),
         (["--quant-variants", "k3v3"], "--quant-variants"),
+        (["--host-attention-variants", "some"], "--host-attention-variants"),
         (["--context", "4093"], "--context"),  # 4093 + 4 new tokens > the tiny shape's 4096 positions
     ],
 )
