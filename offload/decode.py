@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from offload import attention_math as am
+from offload.host_attention import pages_partial_host
 
 NONE = -1
 
@@ -222,8 +223,6 @@ class DeviceDecode:
                       softcap: float | None) -> am.Partial:
         """`exact` over the gathered pages of a full-attention layer, as a partial: q [H, M, D] grouped -> (o, lse)
         float32, for a merge with the host's partial."""
-        from offload.host_attention import pages_partial_host
-
         k, v = self.gather(view)
         tokens = (view.count - 1) * self.page_size + valid
         return pages_partial_host(q, k[0, :, :tokens], v[0, :, :tokens], scaling, softcap)

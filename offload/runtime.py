@@ -150,7 +150,7 @@ class Runtime:
             self.host_attention = HostAttention(self.kv_heads, self.page_size, self.head_dim, self.dtype,
                                                 self.device, self.codec, tracer=self.tracer)
             if self.decoder is not None:
-                self.decoder.host_split = self._host_split_view
+                self.decoder.host_split = self._host_share
         self.prefetcher = PREFETCH.create(config.prefetch)
         self.sparse = config.attention == "sparse"
         self.selection = None
@@ -743,7 +743,7 @@ class Runtime:
             return out
         forced, bias, free = self.selection.fixed(plan)
         R = self.selection.per_page
-        if view.host and self._host_split_view(layer, view.host, view.count - view.host):
+        if view.host and self._host_share(layer, view.host, view.count - view.host):
             # The host attends over host pages of this layer: the chosen ones among them are attended there.
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)
         if (isinstance(self.decoder, KernelDecode)
@@ -779,9 +779,6 @@ class Runtime:
             self.host_rates = measure_rates(ha, self.device)
         return split(self.config.host_attention, pages, resident, ha.page_bytes, ha.full_page_bytes,
                      self.host_rates)
-
-    def _host_split_view(self, layer: int, host_pages: int, resident: int) -> int:
-        return self._host_share(layer, host_pages, resident)
 
     def _exact_with_host(self, layer: int, view, query, valid: int, scaling: float,
                          softcap: float | None) -> torch.Tensor:
