@@ -22,13 +22,11 @@ step reads, as a share of the step's time with checksums off.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +35,7 @@ import xxhash
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.cpu_decode import decode, prefill  # noqa: E402
-from benchmarks.disk_tier import provenance  # noqa: E402
+from benchmarks.disk_tier import provenance, save  # noqa: E402
 from offload import offload  # noqa: E402
 from offload.opcount import kv_bytes  # noqa: E402
 from tiers.disk import DiskTier  # noqa: E402
@@ -171,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         left = os.listdir(disk_dir)
     result = {**provenance("checksum_cost.py", argv, t0), "files_left_in_disk_dir": left, **result}
     print(summary(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.json)
     return 0
 
 

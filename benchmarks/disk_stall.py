@@ -14,7 +14,6 @@ Target: stall at most 10% of decode time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.disk_tier import provenance  # noqa: E402
+from benchmarks.disk_tier import provenance, save  # noqa: E402
 from offload import offload  # noqa: E402
 
 
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['seconds_per_step'] * 1e3:.0f} ms/step, stalled {stall:.2f} of {decode:.2f} s "
           f"({result['stall_share']:.1%}), disk read {result['disk_read_gbps']:.2f} GB/s "
           f"({read / args.steps / 2**20:.0f} MiB/step)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
     return 0
 
 

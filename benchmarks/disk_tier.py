@@ -225,6 +225,13 @@ def provenance(script: str, argv: list[str] | None, started: float) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def save(result: dict, path: str | None) -> None:
+    """Writes a benchmark's result as JSON to `path` (its folder made if missing); nothing when `path` is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def table(result: dict) -> str:
     lines = [f"{'median of ' + str(result['rounds']) + ' rounds':58} {'GB/s':>6} {'/ raw 1 MiB':>11}  path"]
     for row in result["rows"]:
@@ -264,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
               "turn_mib": args.turn_mib, "rounds": args.rounds, "inflight": args.inflight, "threads": args.threads,
               "checksums": DiskTier.checksums, **result}
     print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.json)
     return 0
 
 

@@ -19,7 +19,6 @@ The end-to-end decode rates (auto against off and against the PCIe bound) come f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.disk_tier import provenance  # noqa: E402
+from benchmarks.disk_tier import provenance, save  # noqa: E402
 from offload.host_attention import HostAttention, default_threads, measure_rates, split, step_seconds  # noqa: E402
 from offload.quant import PageCodec  # noqa: E402
 
@@ -154,9 +153,7 @@ def main() -> None:
                                           a.trace_mode, torch.device(a.device), dtype)}
         print(f"trace: {a.trace_out}; host attention {result['trace']['stats']}")
     result["provenance"] = provenance("host_attention.py", None, t0)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(result, a.out)
 
 
 if __name__ == "__main__":
