@@ -25,6 +25,7 @@ from offload.pagetable import PageTable
 from offload.trace import Tracer
 from policies.base import EvictionPolicy
 from tiers import DeviceTier, HostTier, PageShape
+from tiers.base import PageError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class Placement:
         self.evictions = {"device": 0, "host": 0}
         self.promoted = 0
         self.table: PageTable | None = None
+        # Rebuilds host pages ((layer, page) -> slot) that failed their checksum (offload/recover.py).
+        self.repair_host: Callable[[dict[tuple[int, int], int]], None] | None = None
         if config.disk_dir is not None and os.path.isdir(config.disk_dir):
             # A killed run's slot file is removed now, even if this run never spills (its own file comes later).
             from tiers.disk import remove_stale_files
@@ -208,6 +211,7 @@ class Placement:
             t = self.engine.copy("device->host", (dk, dv), [dev_slot], (host.k, host.v), slots, layer, "store",
                                  self.codec)
             self.stall(layer, t.wait())
+            host.seal(slots, t.event)
             self.table.set("host", layer, page, slots[0])
             return
         disk = self.disk()
@@ -256,12 +260,22 @@ class Placement:
                 dslots = disk.allocate(1)
                 if dslots is None:
                     raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
+                self.verify_host(l, [p], [s])  # a damaged page would reach the disk with a fresh checksum
                 t.set("disk", l, p, self._to_disk(l, [p], dslots, host.k[s:s + 1], host.v[s:s + 1])[0])
             t.set("host", l, p, -1)
             host.release([s])
             self.evictions["host"] += 1
             if self.tracer is not None:
                 self.tracer.instant("policy", "evict", tier="host", layer=l, pages=1)
+
+    def verify_host(self, layer: int, pages, slots: list[int]) -> None:
+        """Before host `slots` (pages `pages` of `layer`) are copied out: rebuilds those that fail their checksum."""
+        bad = self.host_tier.damaged(slots)
+        if bad:
+            page_of = dict(zip(slots, [int(p) for p in pages]))
+            if self.repair_host is None:
+                raise PageError("host", bad, "checksum mismatch")
+            self.repair_host({(layer, page_of[s]): s for s in bad})
 
     # -- new pages -------------------------------------------------------------------------------------------
     def place_device(self, layer: int, pages: list[int], kp: torch.Tensor, vp: torch.Tensor) -> None:
@@ -290,6 +304,7 @@ class Placement:
             slots = host.allocate(n_host)
             t = self.engine.copy("device->host", (kp, vp), list(range(n_host)), (host.k, host.v), slots, layer, "store")
             self.stall(layer, t.wait() if self.device.device.type != "cuda" else _sync(t))
+            host.seal(slots)
             self.table.set("host", layer, pages[:n_host], slots)
         rest = len(pages) - n_host
         if rest:

@@ -1,4 +1,9 @@
-"""Pages that come back from disk damaged: found, rebuilt, and written back, so attention never sees a wrong page.
+"""Pages that come back damaged from disk or the host pool: found, rebuilt, and written back, so attention never
+sees a wrong page.
+
+The host tier checks a page's checksum whenever it is copied out (tiers/host.py); a page that fails is rebuilt in
+its slot (`host_pages_damaged`) from another copy, the prefix cache or the model, as in step 3 below, before the
+copy goes on.
 
 The disk tier checksums every page (tiers/disk.py). When a read fails (a checksum mismatch, a short read, an I/O
 error), the load's `recover` callback (offload/engine.py) lands here, on the thread that waits for the load:
@@ -7,7 +12,8 @@ error), the load's `recover` callback (offload/engine.py) lands here, on the thr
    known exactly.
 2. Scrub: read every other disk page of every layer too. A file that was truncated or overwritten has lost more
    than this load's pages, and one pass finds them all.
-3. Rebuild each damaged page from, in order: a copy in the host tier; the prefix cache's entry for the page (when
+3. Rebuild each damaged page from, in order: a full copy on the device, or an intact one in the host tier (or,
+   for a host page, on disk); the prefix cache's entry for the page (when
    one is configured and holds it); or the model, re-run over the tokens up to the last damaged page with its
    ordinary DynamicCache (the tokens come from the runtime's token log).
 4. Write the rebuilt pages back to their slots (packed, with `kv_quant`) and fill the load's destination.
@@ -42,7 +48,8 @@ class Unrecoverable(OSError):
 class Recovery:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self.counts = {"damaged": 0, "from_host": 0, "from_prefix_cache": 0, "recomputed": 0, "reread": 0}
+        self.counts = {"damaged": 0, "from_device": 0, "from_host": 0, "from_disk": 0, "from_prefix_cache": 0,
+                       "recomputed": 0, "reread": 0}
         self.events = 0  # failed loads that needed a rebuild
 
     def disk_load_failed(self, layer: int, pages: Sequence[int], slots: Sequence[int], k_out: torch.Tensor,
@@ -98,27 +105,30 @@ class Recovery:
                 found[(layer, page)] = slot
         return found
 
+    def host_pages_damaged(self, damaged: dict[tuple[int, int], int]) -> None:
+        """Host pages ((layer, page) -> host slot) that failed their checksum on their way out of the host pool:
+        each rebuilt in its slot and sealed again, or raises."""
+        self._rebuild(damaged, PageError("host", list(damaged.values()), "checksum mismatch"), tier="host")
+
     # -- rebuilding --------------------------------------------------------------------------------------------
-    def _rebuild(self, damaged: dict[tuple[int, int], int], exc: BaseException) -> dict:
-        """The right K and V ([H, P, D] on the compute device) of every damaged (layer, page), each also written
-        back to its disk slot."""
+    def _rebuild(self, damaged: dict[tuple[int, int], int], exc: BaseException, tier: str = "disk") -> dict:
+        """The right K and V ([H, P, D] on the compute device) of every damaged (layer, page) of `tier` (slot
+        values), each also written back to its slot there."""
         rt = self.rt
         self.counts["damaged"] += len(damaged)
         cause = exc.cause if isinstance(exc, PageError) else str(exc)
+        where = rt.disk_tier.path if tier == "disk" else "the host pool"
         self.events += 1
         if self.events & (self.events - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... time: a failing disk doesn't flood
-            log.warning("offload: %d disk page%s of %s unreadable (%s); rebuilding (%d time%s so far)", len(damaged),
-                        "s" if len(damaged) != 1 else "", rt.disk_tier.path, cause, self.events,
+            log.warning("offload: %d %s page%s of %s damaged (%s); rebuilding (%d time%s so far)", len(damaged),
+                        tier, "s" if len(damaged) != 1 else "", where, cause, self.events,
                         "s" if self.events != 1 else "")
         out: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        # 1. A copy in the host tier.
-        host = rt.host_tier
+        # 1. A copy in another tier.
         for (layer, page) in damaged:
-            s = int(rt.table.slot["host"][layer, page])
-            if host is not None and s >= 0:
-                k, v = rt.placement.unpack(host.k[s:s + 1], host.v[s:s + 1])
-                out[(layer, page)] = (k[0], v[0])
-                self.counts["from_host"] += 1
+            got = self._other_copy(tier, layer, page)
+            if got is not None:
+                out[(layer, page)] = got
         left = [key for key in damaged if key not in out]
         # 2. The prefix cache.
         ids = rt.token_log.list()
@@ -139,7 +149,7 @@ class Recovery:
                        else "its tokens are not all known")
                 raise Unrecoverable(
                     exc.errno or 5,
-                    f"disk: layer {layer} page {page} (slot {damaged[(layer, page)]} of {rt.disk_tier.path}) is "
+                    f"{tier}: layer {layer} page {page} (slot {damaged[(layer, page)]} of {where}) is "
                     f"unreadable: {cause}; no other copy, and it can't be recomputed: {why}",
                 ) from exc
             keys, values = self._recompute(ids[:end])
@@ -149,8 +159,28 @@ class Recovery:
                 self.counts["recomputed"] += 1
         for (layer, page), slot in damaged.items():
             k, v = out[(layer, page)]
-            self._write_back(slot, k, v)
+            (self._write_back if tier == "disk" else self._host_write_back)(slot, k, v)
         return out
+
+    def _other_copy(self, tier: str, layer: int, page: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The page from a tier other than `tier` that holds it intact ([H, P, D] each, full precision, on the
+        compute device), or None."""
+        rt, t = self.rt, self.rt.table
+        s = int(t.slot["device"][layer, page])
+        if tier != "device" and s >= 0 and (page + 1) * rt.page_size <= t.tokens[layer]:  # full pages only
+            self.counts["from_device"] += 1
+            return rt.device_tier.k[s].clone(), rt.device_tier.v[s].clone()
+        host, s = rt.host_tier, int(t.slot["host"][layer, page])
+        if tier != "host" and host is not None and s >= 0 and not host.damaged([s]):
+            k, v = rt.placement.unpack(host.k[s:s + 1], host.v[s:s + 1])
+            self.counts["from_host"] += 1
+            return k[0], v[0]
+        s = int(t.slot["disk"][layer, page])
+        if tier != "disk" and s >= 0 and (got := self._read(rt.disk_tier, s)) is not None:
+            k, v = rt.placement.unpack(*got)
+            self.counts["from_disk"] += 1
+            return k[0], v[0]
+        return None
 
     @torch.no_grad()
     def _recompute(self, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -168,6 +198,15 @@ class Recovery:
             except TypeError:
                 rt.model(**chunk)
         return [lay.keys[0] for lay in cache.layers], [lay.values[0] for lay in cache.layers]
+
+    def _host_write_back(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The rebuilt page into its host slot, sealed again."""
+        rt = self.rt
+        kp, vp = rt.placement.pack(k.unsqueeze(0).to(rt.dtype), v.unsqueeze(0).to(rt.dtype))
+        host = rt.host_tier
+        host.k[slot].copy_(kp[0])
+        host.v[slot].copy_(vp[0])
+        host.seal([slot])
 
     def _write_back(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """The rebuilt page into its disk slot, so the next step reads it intact (a slot that can't be written is

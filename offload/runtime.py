@@ -140,6 +140,7 @@ class Runtime:
         self.placement = Placement(self.plan, self.shape, config, device_tier, self.engine,
                                    EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
                                    host_storage, on_host, self.codec)
+        self.placement.repair_host = self.recovery.host_pages_damaged
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         # Attention over host pages on the host (offload/host_attention.py); the rates of its cost model are
         # measured when a layer first has pages below the device ("auto"), or set beforehand (tests, benchmarks).
@@ -693,6 +694,7 @@ class Runtime:
         for layer in layers.unique().tolist():
             mine = pages[layers == layer]
             slots = t.slot["host"][layer, mine].long()
+            self.placement.verify_host(layer, mine.tolist(), slots.tolist())
             self.placement.promote(layer, mine, *self.placement.unpack(host.k[slots], host.v[slots]), self.step)
 
     def _ready_next_step(self) -> None:
@@ -1051,7 +1053,9 @@ class Runtime:
         n_host = int(on_host.sum())
         if n_host:
             host = self.host_tier
-            transfers.append(self.engine.copy("host->device", (host.k, host.v), host_slot[on_host].tolist(),
+            slots = host_slot[on_host].tolist()
+            self.placement.verify_host(layer, pages[on_host].tolist(), slots)
+            transfers.append(self.engine.copy("host->device", (host.k, host.v), slots,
                                               (dst_k, dst_v), list(range(n_host)), layer, codec=self.codec))
         n_disk = order.numel() - n_host
         if n_disk:

@@ -319,3 +319,108 @@ def test_a_dead_prefix_publisher_is_replaced_and_nothing_hangs(tiny_gqa3_model, 
         after = rt.stats()["prefix_cache"]
     assert before["pages_written"] == 4 and died["errors"] == before["errors"] + 1
     assert died["pages_written"] == 4 and after["pages_written"] == 8  # pages 4..7 were lost with the thread
+
+
+# ---- host pages: sealed when written, checked whenever copied out --------------------------------------------------
+
+
+def _host_pages(rt, alone: bool) -> list[tuple[int, int, int]]:
+    """(layer, page, host slot) of the pages in the host pool (`alone`: those with no copy in another tier)."""
+    t = rt.table
+    held = t.slot["host"] >= 0
+    if alone:
+        held &= (t.slot["device"] < 0) & (t.slot["disk"] < 0)
+    return [(l, p, int(t.slot["host"][l, p])) for l, p in held.nonzero().tolist()]
+
+
+def _flip_host(rt, slot: int, half: str = "k", at: int = 5) -> None:
+    pool = rt.host_tier.k if half == "k" else rt.host_tier.v
+    raw = pool[slot].view(-1).view(torch.uint8)
+    raw[at] = raw[at] ^ 0x10
+
+
+def test_a_flipped_host_page_is_rebuilt_before_it_is_loaded(tiny_gqa3_model, tmp_path: Path) -> None:
+    """Host pages loaded by each decode step (layers with disk pages stream theirs): damage is caught at the copy,
+    the page rebuilt in its slot (by the model: no other tier holds it), and every token is DynamicCache's."""
+    model = tiny_gqa3_model
+    ids = _prompt()
+    hit = []
+
+    def damage(rt) -> None:
+        hit.extend(_host_pages(rt, alone=True))
+        assert hit, "no page lives in the host pool alone"
+        for i, (_, _, slot) in enumerate(hit):
+            _flip_host(rt, slot, "kv"[i % 2])
+
+    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), damage)
+    assert torch.equal(tokens, _reference(model, ids))
+    assert stats["faults"]["damaged"] == len(hit) and stats["faults"]["recomputed"] == len(hit)
+    assert_empty(tmp_path / "kv")
+
+
+def test_a_damaged_host_page_never_reaches_the_disk(tiny_gqa3_model, tmp_path: Path) -> None:
+    """Host pages evicted to disk are checked first: the disk gets the right page, under its own checksum."""
+    model = tiny_gqa3_model
+    ids = _prompt()
+    expected = {}
+
+    def damage(rt) -> None:
+        host = rt.host_tier
+        for layer, page, slot in _host_pages(rt, alone=True):
+            expected[(layer, page)] = (host.k[slot].clone(), host.v[slot].clone())
+            _flip_host(rt, slot)
+        rt.placement.evict_host(len(expected))
+        disk = rt.disk_tier
+        for (layer, page), (k, v) in expected.items():
+            slot = int(rt.table.slot["disk"][layer, page])
+            assert slot >= 0 and int(rt.table.slot["host"][layer, page]) < 0
+            kk, vv = torch.empty_like(k)[None], torch.empty_like(v)[None]
+            disk.read([slot], kk, vv)  # passes the disk's checksum, and holds the page as it was
+            assert torch.equal(kk[0], k) and torch.equal(vv[0], v)
+
+    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), damage)
+    assert expected, "no page lives in the host pool alone"
+    assert torch.equal(tokens, _reference(model, ids))
+    assert stats["faults"]["damaged"] == len(expected)
+    assert_empty(tmp_path / "kv")
+
+
+def test_a_host_page_with_a_copy_on_disk_is_rebuilt_from_it(tiny_gqa3_model, tmp_path: Path) -> None:
+    model = tiny_gqa3_model
+    ids = _prompt()
+    hit = []
+
+    def damage(rt) -> None:
+        t = rt.table
+        streamed = ((t.slot["disk"] >= 0) & (t.slot["host"] < 0) & (t.slot["device"] < 0)).any(1)  # loads its pages
+        for layer, page, slot in _host_pages(rt, alone=True):
+            if not streamed[layer]:
+                continue
+            disk_slot = rt.disk_tier.allocate(1)
+            rt.disk_tier.write(disk_slot, rt.host_tier.k[slot:slot + 1], rt.host_tier.v[slot:slot + 1])
+            rt.table.set("disk", layer, page, disk_slot)
+            _flip_host(rt, slot)
+            hit.append(slot)
+
+    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), damage)
+    assert hit
+    assert torch.equal(tokens, _reference(model, ids))
+    # (A page that leaves the host before it is loaded is read from its disk copy: nothing to rebuild.)
+    assert 1 <= stats["faults"]["damaged"] == stats["faults"]["from_disk"] <= len(hit)
+    assert stats["faults"]["recomputed"] == 0
+    assert_empty(tmp_path / "kv")
+
+
+def test_a_damaged_host_page_with_no_source_fails_naming_it(tiny_gqa3_model, tmp_path: Path) -> None:
+    model = tiny_gqa3_model
+    ids = _prompt()
+    with pytest.raises(Unrecoverable, match=r"^\[Errno 5\] host: layer \d+ page \d+ \(slot \d+ of the host pool\) is "
+                                            r"unreadable: checksum mismatch; .*embeddings"):
+        with offload(model, **_options(model, tmp_path / "kv")) as rt, torch.no_grad():
+            cache = rt.cache()
+            model(inputs_embeds=model.get_input_embeddings()(ids), past_key_values=cache, use_cache=True)
+            pages = _host_pages(rt, alone=True)
+            assert pages
+            _flip_host(rt, pages[0][2])
+            model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+    assert_empty(tmp_path / "kv")

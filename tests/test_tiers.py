@@ -516,3 +516,64 @@ def test_disk_growth_without_space_takes_no_slot(tmp_path: Path, monkeypatch: py
     finally:
         tier.close()
     assert kv_files(tmp_path) == []
+
+
+# ---- host checksums --------------------------------------------------------------------------------------------
+
+
+class _Copy:
+    """A stand-in for the CUDA event of a copy still running: done once synchronized."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_host_pages_sealed_then_checked(dtype: torch.dtype) -> None:
+    host = HostTier(PageShape(kv_heads=2, page_size=4, head_dim=8, dtype=dtype), 6, pin=False)
+    slots = host.allocate(4)
+    host.k[slots] = torch.randn(4, 2, 4, 8, dtype=dtype)
+    host.v[slots] = torch.randn(4, 2, 4, 8, dtype=dtype)
+    host.seal(slots[:3])  # slots[3] is never sealed: it passes whatever it holds
+    assert host.damaged(slots) == []
+    for slot, pool in ((slots[1], host.k), (slots[2], host.v), (slots[3], host.k)):
+        raw = pool[slot].view(-1).view(torch.uint8)
+        raw[-1] = raw[-1] ^ 1  # the last byte of the half
+    assert host.damaged(slots) == [slots[1], slots[2]]
+    host.release([slots[1]])  # a released slot is no longer sealed: the next page written there is sealed anew
+    assert host.damaged(slots) == [slots[2]]
+    host.seal([slots[2]])
+    assert host.damaged(slots) == []
+    # A page and its checksums copied to another slot fail there: the slot number seeds the hash, so a page
+    # landing in the wrong slot is caught.
+    moved = host.allocate(1)[0]
+    host.k[moved], host.v[moved] = host.k[slots[0]], host.v[slots[0]]
+    host.seal([moved])
+    host._sums[2 * moved:2 * moved + 2] = host._sums[2 * slots[0]:2 * slots[0] + 2]
+    assert host.damaged([moved]) == [moved]
+
+
+def test_host_pages_of_a_running_copy_are_sealed_once_it_finishes() -> None:
+    host = HostTier(PageShape(kv_heads=1, page_size=4, head_dim=8, dtype=torch.float32), 2, pin=False)
+    slots = host.allocate(2)
+    copy = _Copy()
+    host.seal(slots, copy)  # the bytes may still change: nothing is hashed yet
+    host.k[slots] = torch.randn(2, 1, 4, 8)  # what the copy writes
+    assert host.damaged(slots) == [] and copy.done  # checking waited for the copy, then sealed what it wrote
+    host.k[slots[0], 0, 0, 0] += 1
+    assert host.damaged(slots) == [slots[0]]
+
+
+def test_host_checksums_off_is_a_measurement_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HostTier, "checksums", False)
+    host = HostTier(PageShape(kv_heads=1, page_size=4, head_dim=8, dtype=torch.float32), 2, pin=False)
+    slots = host.allocate(1)
+    host.seal(slots)
+    host.k[slots[0]] += 1
+    assert host.damaged(slots) == []
