@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
     ap.add_argument("--device-budget", default="24MiB")
     ap.add_argument("--host-budget", default="8MiB")
+    ap.add_argument("--io-threads", type=int, default=None, help="the runtime's io_threads (default: its default)")
     ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
     args = ap.parse_args(argv)
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(dir=args.dir) as disk_dir, torch.no_grad():
-        with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir) as rt:
+        io = {} if args.io_threads is None else {"io_threads": args.io_threads}
+        with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir,
+                     **io) as rt:
             cache = rt.cache()
             logits = model(ids, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     kv = sum(res.values())
     result = {
         "benchmark": "disk_stall", "model": name, "context": int(ids.shape[1]), "steps": args.steps,
-        "budgets": {"device": args.device_budget, "host": args.host_budget},
+        "budgets": {"device": args.device_budget, "host": args.host_budget}, "io_threads": rt.config.io_threads,
         "resident_bytes": res, "disk_share": res["disk"] / kv,
         "decode_seconds": decode, "seconds_per_step": decode / args.steps,
         "stall_seconds": stall, "stall_share": stall / decode,

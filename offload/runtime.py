@@ -141,6 +141,9 @@ class Runtime:
                                    EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
                                    host_storage, on_host, self.codec)
         self.placement.repair_host = self.recovery.host_pages_damaged
+        # Exact steps on the CPU read host pages in place and check them first (a hash of those bytes per step,
+        # 2% of a step measured); a GPU's reads over the bus are not checked per step (tiers/host.py).
+        self.check_in_place = self.device.type == "cpu"
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         # Attention over host pages on the host (offload/host_attention.py); the rates of its cost model are
         # measured when a layer first has pages below the device ("auto"), or set beforehand (tests, benchmarks).
@@ -726,6 +729,9 @@ class Runtime:
         if plan is None and not self.decoder.serves_exact(view):
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
+            if view.host and self.check_in_place:
+                # Host pages read in place: checked at every step, as a copy out of the pool would be.
+                self.placement.verify_host(layer, view.host_pages, view.host_slots)
             t0 = time.perf_counter()
             if view.host_attend is not None:
                 out = self._exact_with_host(layer, view, query, valid, scaling, softcap)

@@ -424,3 +424,22 @@ def test_a_damaged_host_page_with_no_source_fails_naming_it(tiny_gqa3_model, tmp
             _flip_host(rt, pages[0][2])
             model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
     assert_empty(tmp_path / "kv")
+
+
+def test_host_pages_read_in_place_are_checked_each_step(tiny_gqa3_model) -> None:
+    """No disk tier: exact steps on the CPU gather host pages straight from the pool, and check them first."""
+    model = tiny_gqa3_model
+    ids = _prompt()
+    pb = _page_bytes(model, 8)
+    options = dict(page_size=8, device_budget=(2 * model.config.num_hidden_layers + 4) * pb, host_budget=64 * pb)
+    hit = []
+
+    def damage(rt) -> None:
+        hit.extend(_host_pages(rt, alone=True))
+        for i, (_, _, slot) in enumerate(hit[:4]):
+            _flip_host(rt, slot, "kv"[i % 2], at=3)
+
+    tokens, stats = _run(model, ids, options, damage)
+    assert len(hit) >= 4
+    assert torch.equal(tokens, _reference(model, ids))
+    assert stats["faults"]["damaged"] == 4 and stats["faults"]["recomputed"] == 4
