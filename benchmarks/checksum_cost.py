@@ -13,6 +13,9 @@ tokens with checksums on and as many with them off, in an order that alternates 
 median milliseconds per token of each, and the median over rounds of the ratio on / off within a round (target
 <= 1.05).
 
+`--check-in-place`: with checksums on, exact steps also check the host pages they read in place (not copied
+out: the CPU decode step's gather from the shared pool), at every step (`Runtime.check_in_place`).
+
 `DiskTier.checksums` and `HostTier.checksums` are measurement switches: off, pages are neither hashed when written
 nor checked when read. The few pages a step writes while they are off are never checked afterwards either, a
 negligible share of the reads.
@@ -42,6 +45,7 @@ from benchmarks.disk_tier import provenance, save  # noqa: E402
 from offload import offload  # noqa: E402
 from offload.opcount import kv_bytes  # noqa: E402
 from tiers.disk import DiskTier  # noqa: E402
+from offload.runtime import Runtime  # noqa: E402
 from tiers.host import HostTier  # noqa: E402
 
 PAGE = 64
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace, disk_dir: str) -> dict:
         for r in range(args.rounds):
             for on in ((True, False) if r % 2 == 0 else (False, True)):
                 DiskTier.checksums = HostTier.checksums = on
+                Runtime.check_in_place = on and args.check_in_place
                 before = dict(rt.stats()["bytes_moved"])
                 seconds, token = decode(model, cache, token, args.new_tokens)
                 after = rt.stats()["bytes_moved"]
@@ -103,11 +108,12 @@ def run(args: argparse.Namespace, disk_dir: str) -> dict:
                     moved[on][key] = moved[on].get(key, 0) + after[key] - before[key]
                 times[on].append(seconds)
             DiskTier.checksums = HostTier.checksums = True
+            Runtime.check_in_place = False
             print(f"round {r + 1}/{args.rounds}: on {times[True][-1] * 1e3:.1f} ms/token, "
                   f"off {times[False][-1] * 1e3:.1f} ms/token", file=sys.stderr)
-        disk = rt.disk_tier
-        half = disk.shape.k_bytes
-        direct = disk.direct
+        disk = rt.disk_tier  # None when everything fit the device and the host
+        half = rt.host_tier.shape.k_bytes if disk is None else disk.shape.k_bytes
+        direct = disk is not None and disk.direct
     steps = args.rounds * args.new_tokens
     on_ms, off_ms = (statistics.median(times[on]) * 1e3 for on in (True, False))
     hash_gbs = hash_throughput(half)
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace, disk_dir: str) -> dict:
     kv_now = sum(resident.values())
     return {
         "model": "tiny" if args.model == "tiny" else "SmolLM2-135M-Instruct (embedded GGUF, float32)",
-        "context": args.context, "new_tokens_per_round": args.new_tokens, "rounds": args.rounds,
+        "check_in_place": args.check_in_place, "context": args.context, "new_tokens_per_round": args.new_tokens, "rounds": args.rounds,
         "page_bytes": page_bytes, "half_bytes": half, "disk_direct": direct, "options": options | {"disk_dir": "tmp"},
         "resident_bytes_after_prefill": resident,
         "disk_share_after_prefill": resident["disk"] / kv_now if kv_now else 0.0,
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-pages", type=int, default=8, help="host budget in pages (8)")
     ap.add_argument("--host-share", type=float, default=0.0,
                     help="host budget as a share of the KV instead of --host-pages (0: use --host-pages)")
+    ap.add_argument("--check-in-place", action="store_true",
+                    help="checksums on also check the host pages exact steps read in place, at every step")
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--dir", help="disk_dir (default: a new directory in the temporary directory)")
     ap.add_argument("--json", help="write the results here")

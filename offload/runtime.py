@@ -141,9 +141,6 @@ class Runtime:
                                    EVICTION.create(config.eviction, None), self.stall, self.tracer, self.windows,
                                    host_storage, on_host, self.codec)
         self.placement.repair_host = self.recovery.host_pages_damaged
-        # Exact steps on the CPU read host pages in place and check them first (a hash of those bytes per step,
-        # 2% of a step measured); a GPU's reads over the bus are not checked per step (tiers/host.py).
-        self.check_in_place = self.device.type == "cpu"
         self.host_staging: tuple[torch.Tensor, torch.Tensor] | None = None
         # Attention over host pages on the host (offload/host_attention.py); the rates of its cost model are
         # measured when a layer first has pages below the device ("auto"), or set beforehand (tests, benchmarks).
@@ -189,6 +186,11 @@ class Runtime:
         if self.prefix is not None:
             self.prefix.new_sequence()
         self.step = 0
+
+    # A measurement switch, not an option (benchmarks/checksum_cost.py --check-in-place): True makes exact steps on
+    # the CPU check the host pages they read in place at every step, not only when pages are copied out of the
+    # host pool. Measured: +15% a step with 90% of SmolLM2's KV on the host (BENCHMARKS.md), so it is off.
+    check_in_place: bool = False
 
     # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
     # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
@@ -729,8 +731,7 @@ class Runtime:
         if plan is None and not self.decoder.serves_exact(view):
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
-            if view.host and self.check_in_place:
-                # Host pages read in place: checked at every step, as a copy out of the pool would be.
+            if view.host and self.check_in_place and self.device.type == "cpu":
                 self.placement.verify_host(layer, view.host_pages, view.host_slots)
             t0 = time.perf_counter()
             if view.host_attend is not None:

@@ -21,6 +21,7 @@ import faults
 from faults import Faults
 from offload import offload
 from offload.recover import Unrecoverable
+from offload.runtime import Runtime
 from test_cli import assert_one_line_error, run_cli
 
 NEW = 6
@@ -426,8 +427,10 @@ def test_a_damaged_host_page_with_no_source_fails_naming_it(tiny_gqa3_model, tmp
     assert_empty(tmp_path / "kv")
 
 
-def test_host_pages_read_in_place_are_checked_each_step(tiny_gqa3_model) -> None:
-    """No disk tier: exact steps on the CPU gather host pages straight from the pool, and check them first."""
+def test_host_pages_read_in_place_are_checked_each_step_when_asked(tiny_gqa3_model, monkeypatch) -> None:
+    """No disk tier: exact steps on the CPU gather host pages straight from the pool; with the measurement switch
+    on, they check them first."""
+    monkeypatch.setattr(Runtime, "check_in_place", True)
     model = tiny_gqa3_model
     ids = _prompt()
     pb = _page_bytes(model, 8)
