@@ -189,7 +189,7 @@ class Runtime:
 
     # A measurement switch, not an option (benchmarks/checksum_cost.py --check-in-place): True makes exact steps on
     # the CPU check the host pages they read in place at every step, not only when pages are copied out of the
-    # host pool. Measured: +15% a step with 90% of SmolLM2's KV on the host (BENCHMARKS.md), so it is off.
+    # host pool. Measured: +12% a step with 90% of SmolLM2's KV on the host (BENCHMARKS.md), so it is off.
     check_in_place: bool = False
 
     # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
