@@ -70,7 +70,8 @@ class LayerView:
     lower: bool  # some page first..pages-1 lives only on disk: the streaming path serves this layer
     slots: torch.Tensor  # int32 [count], unified slots of the pages gathered (page order, tail last)
     count: int = 0  # pages gathered: first..pages-1 but those the host attends
-    # The pages read from the host pool and their host slots (Python ints, for checking their checksums without a table read).
+    # The pages read from the host pool and their host slots (Python ints: their checksums are checked without
+    # a table read).
     host_pages: list[int] = field(default_factory=list)
     host_slots: list[int] = field(default_factory=list)
     # Exact mode with host attention (offload/host_attention.py): the host slots of the pages the host attends

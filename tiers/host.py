@@ -11,8 +11,8 @@ copied out: written back to disk, loaded to the device, promoted, or used to reb
 out of a damaged page would carry the damage on with a fresh checksum of its own, so the runtime rebuilds the page
 first (offload/recover.py). Host pages are full pages, which never change once written, so one seal holds until
 the slot is released. Reads in place (the CPU decode step's gather, the GPU's reads over the bus, attention on the
-host) are not checked every step: that would hash every host page once per step, measured in BENCHMARKS.md
-("Checksum cost").
+host) are not checked every step: that would hash every host page once per step, +12% a step on the CPU as
+measured in BENCHMARKS.md ("Checksum cost"; `Runtime.check_in_place` turns it on for the CPU's exact steps).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class HostTier(MemoryTier):
         super().__init__(shape, capacity)
         # The xxh3 of each slot's K half (at 2 s) and V half (at 2 s + 1), and whether the slot is sealed.
         self._sums = np.zeros(2 * capacity, dtype=np.uint64)
+        self._sums_at = memoryview(self._sums)  # Python ints in and out, exact (numpy scalars may round via float)
         self._sealed = np.zeros(capacity, dtype=np.bool_)
         self._pending: list[tuple[torch.cuda.Event, list[int]]] = []  # copies still running into sealed slots
         if storage is not None:
@@ -98,10 +99,13 @@ class HostTier(MemoryTier):
         self._settle(wait=False)
         if event is not None and not event.query():
             self._pending.append((event, [int(s) for s in slots]))
-            return
-        for s in slots:
-            s = int(s)
-            self._sums[2 * s], self._sums[2 * s + 1] = self._hashes(s)
+        else:
+            self._record(slots)
+
+    def _record(self, slots: Sequence[int]) -> None:
+        sums = self._sums_at
+        for s in map(int, slots):
+            sums[2 * s], sums[2 * s + 1] = self._hashes(s)
             self._sealed[s] = True
 
     def _settle(self, wait: bool = True) -> None:
@@ -109,14 +113,14 @@ class HostTier(MemoryTier):
         while self._pending and (wait or self._pending[0][0].query()):
             event, slots = self._pending.pop(0)
             event.synchronize()
-            self.seal(slots)
+            self._record(slots)
 
     def damaged(self, slots: Sequence[int]) -> list[int]:
         """The slots of `slots` whose pages differ from what was sealed there (unsealed slots pass)."""
         if not self.checksums:
             return []
         self._settle()
-        sums, sealed = self._sums, self._sealed
+        sums, sealed = self._sums_at, self._sealed
         return [s for s in map(int, slots) if sealed[s] and self._hashes(s) != (sums[2 * s], sums[2 * s + 1])]
 
     def release(self, slots: Sequence[int]) -> None:
