@@ -135,7 +135,7 @@ class OffloadConfig:
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
         t = self.io_timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600 or t != t:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:  # nan compares false
             raise ValueError(f"io_timeout: expected a number of seconds in (0, 3600], got {t!r}")
         if not isinstance(self.host_attention, str) or self.host_attention not in HOST_ATTENTION:
             raise ValueError(f"host_attention: expected one of {', '.join(HOST_ATTENTION)}, "

@@ -24,7 +24,7 @@ eviction policy at the next page boundary (`absorb`), so eviction decides from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -70,10 +70,9 @@ class LayerView:
     lower: bool  # some page first..pages-1 lives only on disk: the streaming path serves this layer
     slots: torch.Tensor  # int32 [count], unified slots of the pages gathered (page order, tail last)
     count: int = 0  # pages gathered: first..pages-1 but those the host attends
-    # The pages read from the host pool and their host slots (Python ints: their checksums are checked without
-    # a table read).
-    host_pages: list[int] = field(default_factory=list)
-    host_slots: list[int] = field(default_factory=list)
+    # The pages read from the host pool and their host slots, as Python ints, once the runtime has needed them
+    # (`Runtime.check_in_place`).
+    host_pages: tuple[list[int], list[int]] | None = None
     # Exact mode with host attention (offload/host_attention.py): the host slots of the pages the host attends
     # (int64, CPU), which the gather leaves out; None when it attends none.
     host_attend: torch.Tensor | None = None
@@ -161,9 +160,6 @@ class DeviceDecode:
             version=table.version[layer], pages=pages, first=first, host=int(on_host.sum()),
             lower=bool((held < 0).any()), slots=self.rows[0, layer, first:pages], count=pages - first,
         )
-        if v.host:
-            at = on_host.nonzero().flatten()
-            v.host_pages, v.host_slots = (first + at).tolist(), host[first:pages][at].tolist()
         if self.host_split is not None and not self.selecting and v.host and not v.lower:
             take = self.host_split(layer, v.host, v.count - v.host)
             if take:  # the oldest host pages

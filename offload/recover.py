@@ -159,7 +159,7 @@ class Recovery:
                 self.counts["recomputed"] += 1
         for (layer, page), slot in damaged.items():
             k, v = out[(layer, page)]
-            (self._write_back if tier == "disk" else self._host_write_back)(slot, k, v)
+            self._write_back(tier, slot, k, v)
         return out
 
     def _other_copy(self, tier: str, layer: int, page: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -199,20 +199,15 @@ class Recovery:
                 rt.model(**chunk)
         return [lay.keys[0] for lay in cache.layers], [lay.values[0] for lay in cache.layers]
 
-    def _host_write_back(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The rebuilt page into its host slot, sealed again."""
+    def _write_back(self, tier: str, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The rebuilt page into its slot of `tier`, so the next step reads it intact: a host slot is sealed
+        again; a disk slot that can't be written is left (the page is rebuilt again when next read)."""
         rt = self.rt
         kp, vp = rt.placement.pack(k.unsqueeze(0).to(rt.dtype), v.unsqueeze(0).to(rt.dtype))
-        host = rt.host_tier
-        host.k[slot].copy_(kp[0])
-        host.v[slot].copy_(vp[0])
-        host.seal([slot])
-
-    def _write_back(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The rebuilt page into its disk slot, so the next step reads it intact (a slot that can't be written is
-        left: the page is rebuilt again when next read)."""
-        rt = self.rt
-        kp, vp = rt.placement.pack(k.unsqueeze(0).to(rt.dtype), v.unsqueeze(0).to(rt.dtype))
+        if tier == "host":
+            rt.host_tier.write([slot], kp, vp)
+            rt.host_tier.seal([slot])
+            return
         try:
             rt.disk_tier.write([slot], kp.cpu().contiguous(), vp.cpu().contiguous())
         except OSError as e:

@@ -732,7 +732,12 @@ class Runtime:
             return self._decode_streaming(layer, query, n, first, off, scaling, softcap)  # too many host pages
         if plan is None:  # exact, or a budget that covers the window
             if view.host and self.check_in_place and self.device.type == "cpu":
-                self.placement.verify_host(layer, view.host_pages, view.host_slots)
+                if view.host_pages is None:  # once per view: it is rebuilt when the layer's pages move
+                    t = self.table
+                    a, b = view.first, view.pages
+                    pages = a + ((t.slot["device"][layer, a:b] < 0) & (t.slot["host"][layer, a:b] >= 0)).nonzero()[:, 0]
+                    view.host_pages = (pages.tolist(), t.slot["host"][layer, pages].tolist())
+                self.placement.verify_host(layer, *view.host_pages)
             t0 = time.perf_counter()
             if view.host_attend is not None:
                 out = self._exact_with_host(layer, view, query, valid, scaling, softcap)

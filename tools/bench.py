@@ -158,25 +158,23 @@ def parse_variants(methods_text: str, prefetch_text: str | None, quant_text: str
     if quant_text:
         from offload.quant import SETTINGS
 
-        for name in dict.fromkeys(q.strip() for q in quant_text.split(",") if q.strip()):
-            if name not in SETTINGS:
-                raise ValueError(f"quant-variants: expected settings from {', '.join(SETTINGS)}, got {name!r}")
-            for m in methods:
-                if m.startswith("offload-"):
-                    variants.append(Variant(f"{m}+kv_quant={name}", m,
-                                            {"attention": m.removeprefix("offload-"), "kv_quant": name}))
+        variants += _option_variants(methods, "kv_quant", "quant-variants", quant_text, SETTINGS)
     if host_text:
         from offload.config import HOST_ATTENTION
 
-        for name in dict.fromkeys(h.strip() for h in host_text.split(",") if h.strip()):
-            if name not in HOST_ATTENTION:
-                raise ValueError(f"host-attention-variants: expected settings from {', '.join(HOST_ATTENTION)}, "
-                                 f"got {name!r}")
-            for m in methods:
-                if m.startswith("offload-"):
-                    variants.append(Variant(f"{m}+host_attention={name}", m,
-                                            {"attention": m.removeprefix("offload-"), "host_attention": name}))
+        variants += _option_variants(methods, "host_attention", "host-attention-variants", host_text, HOST_ATTENTION)
     return variants
+
+
+def _option_variants(methods: list[str], option: str, flag: str, text: str, allowed) -> list[Variant]:
+    """One extra row per offload method and per setting of `option` listed in `text` (the value of --`flag`)."""
+    out = []
+    for name in dict.fromkeys(h.strip() for h in text.split(",") if h.strip()):
+        if name not in allowed:
+            raise ValueError(f"{flag}: expected settings from {', '.join(allowed)}, got {name!r}")
+        out += [Variant(f"{m}+{option}={name}", m, {"attention": m.removeprefix("offload-"), option: name})
+                for m in methods if m.startswith("offload-")]
+    return out
 
 
 def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
