@@ -28,6 +28,21 @@ _DEFAULTS: dict[str, Any] = {"max_length": 20, "num_beams": 1, "num_return_seque
 if hasattr(GenerationConfig, "_get_default_generation_params"):
     _DEFAULTS.update(GenerationConfig._get_default_generation_params())
 
+# The keyword that carries the cache into generate and forward: `cache` from transformers 5.25 (where
+# `past_key_values` is its deprecated alias, which generate turns into `cache` before calling forward),
+# `past_key_values` before.
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
+except ImportError:  # older versions
+    _CACHE_NAMES = ["past_key_values"]
+CACHE_KWARG = "cache" if "cache" in _CACHE_NAMES else "past_key_values"
+
+
+def given_cache(kwargs: dict) -> Any:
+    """The cache a generate or forward call was given, under either name."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
 
 @contextmanager
 def offload(model: torch.nn.Module, config: OffloadConfig | None = None, **options) -> Iterator[Runtime]:
@@ -77,7 +92,7 @@ def _watch_forwards(model: torch.nn.Module, runtime: Runtime) -> list:
     """Hooks that tell the runtime the input ids of each forward on its current sequence, and when it ends."""
 
     def ours(kwargs: dict) -> bool:
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         return (isinstance(cache, OffloadedCache) and cache.runtime is runtime
                 and cache.sequence == runtime.sequence_id)
 
@@ -113,7 +128,7 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
 
         if setting("use_cache") is False:
             return original(*args, **kwargs)  # no cache at all: nothing to offload
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         if cache is not None and not isinstance(cache, OffloadedCache):
             return original(*args, **kwargs)  # the caller's own Cache object: transformers' cache, plain attention
         _check_settings(model, setting, given, kwargs, own_cache)
@@ -132,7 +147,7 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
             # With the ids, a turn that extends the sequence goes on with it, and a prefix cache can fill it.
             ids = args[0] if args and args[0] is not None else kwargs.get("inputs", kwargs.get("input_ids"))
             known = isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
-            kwargs["past_key_values"] = runtime.cache(ids if known else None)
+            kwargs[CACHE_KWARG] = runtime.cache(ids if known else None)
         return original(*args, **kwargs)
 
     generate.offload_wrapped = original

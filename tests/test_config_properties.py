@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offload.cli import main
-from offload.config import ATTENTION_MODES, HEAD_SELECTIONS, HOST_ATTENTION, PREFIX_PUBLISH, OffloadConfig
+from offload.config import ATTENTION_MODES, HEAD_SELECTIONS, HOST_ATTENTION, IO_ENGINES, PREFIX_PUBLISH, OffloadConfig
 from offload.quant import SETTINGS as KV_QUANT
 from offload.sizes import MAX_SIZE, parse_size
 from policies import EVICTION, PREFETCH, SELECTION
@@ -175,8 +175,10 @@ def sizes(least: int = 0) -> Domain:
     )
 
 
-# Paths: any non-blank str without a NUL byte, or an os.PathLike of one.
-PATH_TEXT = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=16).filter(str.strip)
+# Paths: any non-blank str without a NUL byte or a lone surrogate (no file name can hold one), or an os.PathLike
+# of one.
+PATH_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), min_size=1,
+                    max_size=16).filter(str.strip)
 SAFE_NAME = st.text(string.ascii_letters + string.digits + "-_. ", min_size=1, max_size=10).filter(
     lambda t: t.strip() and t not in (".", ".."))
 
@@ -293,6 +295,7 @@ DOMAINS: dict[str, Domain] = {
     "trace": switch(),
     "io_threads": ints(1, 64),
     "io_timeout": floats(0.0, 3600.0, lo_open=True, hi_open=False),
+    "io_engine": choice(list(IO_ENGINES)),
     "host_attention": choice(list(HOST_ATTENTION)),
     "device": Domain(
         valid=NONE | st.sampled_from(GOOD_DEVICES) | st.just(torch.device("cpu")),
