@@ -6,7 +6,8 @@ greedy decode steps and the stalls the runtime records during them (compute wait
 `stats()["stall_seconds"]`). Every decode step reads every disk page of every layer: the load ring reads the next
 chunks while the current ones are attended.
 
-    python benchmarks/disk_stall.py [--context 4096] [--steps 32] [--out benchmarks/results/disk_stall-cpu.json]
+    python benchmarks/disk_stall.py [--context 4096] [--steps 32] [--io-engines aio,threads --repeats 3]
+                                    [--out benchmarks/results/disk_stall-cpu.json]
 
 Target: stall at most 10% of decode time.
 """
@@ -42,26 +43,12 @@ def load():
                 "random SmolLM2 shape")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=4096, help="prompt tokens")
-    ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
-    ap.add_argument("--device-budget", default="24MiB")
-    ap.add_argument("--host-budget", default="8MiB")
-    ap.add_argument("--io-threads", type=int, default=None, help="the runtime's io_threads (default: its default)")
-    ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
-    args = ap.parse_args(argv)
-
-    t_start = time.perf_counter()
-    model, tokenizer, name = load()
-    text = (ROOT / "benchmarks/data/alice.txt").read_text(encoding="utf-8")
-    if tokenizer is not None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.context]
-    else:
-        ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str | None) -> dict:
+    """One run: prefill, a warm-up step, then `args.steps` timed steps; what they stalled and read."""
     with tempfile.TemporaryDirectory(dir=args.dir) as disk_dir, torch.no_grad():
         io = {} if args.io_threads is None else {"io_threads": args.io_threads}
+        if engine is not None:
+            io["io_engine"] = engine
         with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir,
                      **io) as rt:
             cache = rt.cache()
@@ -74,23 +61,58 @@ def main(argv: list[str] | None = None) -> int:
                 token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             decode = time.perf_counter() - t0
             after = rt.stats()
+            used = rt.disk_tier.engine
     stall = after["stall_seconds"] - before["stall_seconds"]
     read = after["bytes_moved"]["disk->host"] - before["bytes_moved"]["disk->host"]
     res = after["resident_bytes"]
-    kv = sum(res.values())
+    return {
+        "io_engine": used, "io_threads": rt.config.io_threads, "resident_bytes": res,
+        "disk_share": res["disk"] / sum(res.values()), "decode_seconds": decode,
+        "seconds_per_step": decode / args.steps, "stall_seconds": stall, "stall_share": stall / decode,
+        "disk_bytes_per_step": read / args.steps, "disk_read_gbps": read / decode / 1e9,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096, help="prompt tokens")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--device-budget", default="24MiB")
+    ap.add_argument("--host-budget", default="8MiB")
+    ap.add_argument("--io-threads", type=int, default=None, help="the runtime's io_threads (default: its default)")
+    ap.add_argument("--io-engines", default="auto",
+                    help="io_engine of each run, comma-separated, run in turn --repeats times (auto; aio,threads "
+                         "compares the two side by side)")
+    ap.add_argument("--repeats", type=int, default=1, help="times each engine runs, alternating (1)")
+    ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
+    args = ap.parse_args(argv)
+    engines = args.io_engines.split(",")
+
+    t_start = time.perf_counter()
+    model, tokenizer, name = load()
+    text = (ROOT / "benchmarks/data/alice.txt").read_text(encoding="utf-8")
+    if tokenizer is not None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.context]
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    runs: list[dict] = []
+    for _ in range(args.repeats):
+        for engine in engines:
+            run = measure(model, ids, args, None if engine == "auto" else engine)
+            runs.append(run)
+            print(f"{name}, {ids.shape[1]} tokens, {run['disk_share']:.0%} of the KV on disk, io_engine "
+                  f"{run['io_engine']}: {run['seconds_per_step'] * 1e3:.0f} ms/step, stalled "
+                  f"{run['stall_seconds']:.2f} of {run['decode_seconds']:.2f} s ({run['stall_share']:.1%}), disk "
+                  f"read {run['disk_read_gbps']:.2f} GB/s ({run['disk_bytes_per_step'] / 2**20:.0f} MiB/step)",
+                  flush=True)
     result = {
         "benchmark": "disk_stall", "model": name, "context": int(ids.shape[1]), "steps": args.steps,
-        "budgets": {"device": args.device_budget, "host": args.host_budget}, "io_threads": rt.config.io_threads,
-        "resident_bytes": res, "disk_share": res["disk"] / kv,
-        "decode_seconds": decode, "seconds_per_step": decode / args.steps,
-        "stall_seconds": stall, "stall_share": stall / decode,
-        "disk_bytes_per_step": read / args.steps, "disk_read_gbps": read / decode / 1e9,
+        "budgets": {"device": args.device_budget, "host": args.host_budget}, "runs": runs,
+        # The first run's figures at the top level, as before runs were listed.
+        **{k: v for k, v in runs[0].items()},
         **provenance("disk_stall.py", argv, t_start),
     }
-    print(f"{name}, {result['context']} tokens, {result['disk_share']:.0%} of the KV on disk: "
-          f"{result['seconds_per_step'] * 1e3:.0f} ms/step, stalled {stall:.2f} of {decode:.2f} s "
-          f"({result['stall_share']:.1%}), disk read {result['disk_read_gbps']:.2f} GB/s "
-          f"({read / args.steps / 2**20:.0f} MiB/step)")
     save(result, args.out)
     return 0
 

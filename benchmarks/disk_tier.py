@@ -4,14 +4,15 @@
 
 Raw device: a file of `--mib` MiB read and written with O_DIRECT (page-aligned buffers, so the page cache plays no
 part), sequentially one call at a time in 1 MiB blocks (what `dd bs=1M iflag=direct` measures: the baseline) and
-in blocks of each shape's page size, and at random offsets in page-sized blocks with `--threads` calls in flight
-(what scattered pages cost the device itself). A cache below the guest (a virtual disk's host) can't be turned
+in blocks of each shape's page size, and at random offsets in page-sized blocks with `--threads` and with 32 calls
+in flight (what scattered pages cost the device itself). A cache below the guest (a virtual disk's host) can't be turned
 off from here; the raw file is written after the tiers' files, so that if such a cache keeps recent writes, it
 favours the baseline.
 
-The tier: for each page shape, a DiskTier of `--mib` MiB of slots, checksums on, filled once; then read and
-written in requests of `--batches` pages, `--inflight` requests in flight (the runtime's load ring keeps two),
-each request's slots in random order:
+The tier: for each page shape and each I/O engine of `--engines` (aio: native AIO, a request's calls all in flight;
+threads: `--threads` threads, a call each at a time), a DiskTier of `--mib` MiB of slots, checksums on, filled once;
+then read and written in requests of `--batches` pages, `--inflight` requests in flight (the runtime's load ring
+keeps two), each request's slots in random order:
 
 - "random": slots from anywhere in the file (few neighbours to coalesce: the device's random I/O is the limit);
 - "runs": a range of consecutive slots, shuffled (a layer's pages as a prefill spills them).
@@ -60,6 +61,9 @@ SHAPES = {
     "Llama-3-8B": PageShape(kv_heads=8, page_size=64, head_dim=128, dtype=torch.bfloat16),
 }
 PATTERNS = ("random", "runs")
+# The raw device's random reads and writes are also measured this many calls deep (as deep as the AIO engine's
+# requests go), beside --threads deep.
+AIO_DEPTH_SHOWN = 32
 
 
 class Raw:
@@ -154,9 +158,10 @@ def run(args: argparse.Namespace, work: str) -> dict:
     tiers: dict[str, DiskTier] = {}
     raw = None
     try:
-        for name in args.shapes:
+        for name, engine in ((n, e) for n in args.shapes for e in args.engines):
             shape = SHAPES[name]
-            tier = tiers[name] = DiskTier(shape, nbytes // shape.page_bytes, work, threads=args.threads)
+            tier = tiers[f"{name} {engine}"] = DiskTier(shape, nbytes // shape.page_bytes, work,
+                                                        threads=args.threads, engine=engine)
             k, v = buffers(shape, 256, 1)[0]
             for first in range(0, tier.capacity, 256):  # every slot holds a page (untimed)
                 slots = list(range(first, min(first + 256, tier.capacity)))
@@ -171,7 +176,9 @@ def run(args: argparse.Namespace, work: str) -> dict:
             for name, tier in tiers.items():
                 pb = tier.page_bytes
                 turns[("raw", d, "sequential", pb)] = lambda w=write, b=pb: raw.sequential(b, turn, w)
-                turns[("raw", d, "random", pb)] = lambda w=write, b=pb: raw.scattered(b, turn, w, args.threads)
+                for depth in sorted({args.threads, AIO_DEPTH_SHOWN}):
+                    turns[("raw", d, f"random-{depth}", pb)] = (
+                        lambda w=write, b=pb, q=depth: raw.scattered(b, turn, w, q))
                 for batch in args.batches:
                     bufs = buffers(tier.shape, batch, args.inflight)
                     count = max(args.inflight, turn // (batch * pb))
@@ -200,13 +207,14 @@ def run(args: argparse.Namespace, work: str) -> dict:
                "ratio": statistics.median(values) / statistics.median(base),
                "ratio_same_round": statistics.median(x / b for x, b in zip(values, base)), "samples": values}
         if who == "raw":
-            row |= {"block_bytes": size, "depth": args.threads if pattern == "random" else 1, "direct": True}
+            depth = int(pattern.split("-")[1]) if pattern.startswith("random") else 1
+            row |= {"pattern": pattern.split("-")[0], "block_bytes": size, "depth": depth, "direct": True}
         else:
             tier = tiers[who]
-            row |= {"batch": size, "page_bytes": tier.page_bytes, "direct": tier.direct}
+            row |= {"batch": size, "page_bytes": tier.page_bytes, "direct": tier.direct, "engine": tier.engine}
         rows.append(row)
     rows.sort(key=lambda r: (r["direction"], r["what"] != "raw", r["what"], r["pattern"], r.get("block_bytes", 0),
-                             r.get("batch", 0)))
+                             r.get("depth", 0), r.get("batch", 0)))
     return {"rows": rows}
 
 
@@ -240,7 +248,7 @@ def table(result: dict) -> str:
                     f"depth {row['depth']}")
         else:
             what = f"tier {row['direction']} {row['what']} {row['pattern']}, {row['batch']} pages a request"
-        path = "direct" if row["direct"] else "buffered"
+        path = ("direct" if row["direct"] else "buffered") + (f", {row['engine']}" if "engine" in row else "")
         lines.append(f"{what:58} {row['gb_s']:6.2f} {row['ratio']:11.2f}  {path}")
     return "\n".join(lines)
 
@@ -255,10 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflight", type=int, default=2, help="requests in flight (2)")
     ap.add_argument("--threads", type=int, default=4, help="the tier's I/O threads, the runtime's io_threads (4)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="page shapes: " + ", ".join(SHAPES))
+    ap.add_argument("--engines", default="aio,threads", help="the tier's I/O engines, comma-separated (aio,threads)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.shapes = args.shapes.split(",")
+    args.engines = args.engines.split(",")
+    if bad := [e for e in args.engines if e not in ("aio", "threads")]:
+        ap.error(f"--engines: unknown {bad}; known: aio, threads")
     if unknown := [s for s in args.shapes if s not in SHAPES]:
         ap.error(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
     work = tempfile.mkdtemp(prefix="disk-tier-", dir=args.dir)

@@ -16,6 +16,8 @@ ATTENTION_MODES = ("exact", "sparse")
 HEAD_SELECTIONS = ("shared", "kv", "query")
 PREFIX_PUBLISH = ("prompt", "all")
 HOST_ATTENTION = ("auto", "off", "all")
+# Kept equal to tiers.disk.IO_ENGINES (tiers must not import this package; tests/test_bookkeeping.py checks).
+IO_ENGINES = ("auto", "aio", "threads")
 
 
 @dataclass
@@ -63,6 +65,9 @@ class OffloadConfig:
     # Seconds one page transfer (a batch of pages read or written) may take before the run stops with an error
     # instead of hanging (a stuck disk or an I/O thread that died).
     io_timeout: float = 5.0
+    # How the disk tier moves pages: "aio" (Linux native AIO: a request's calls all in flight at once; needs
+    # O_DIRECT), "threads" (a pool of io_threads threads, a call each at a time), "auto" (aio where it can be used).
+    io_engine: str = "auto"
     # Attention over pages in host RAM (and pages read from disk) computed on the host, whose partial results are
     # merged with the device's (offload/host_attention.py): "auto" (a cost model from measured rates picks how many
     # of each layer's host pages the host attends), "all" (every one) or "off" (every page crosses to the device).
@@ -137,6 +142,8 @@ class OffloadConfig:
         t = self.io_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:  # nan compares false
             raise ValueError(f"io_timeout: expected a number of seconds in (0, 3600], got {t!r}")
+        if not isinstance(self.io_engine, str) or self.io_engine not in IO_ENGINES:
+            raise ValueError(f"io_engine: expected one of {', '.join(IO_ENGINES)}, got {self.io_engine!r}")
         if not isinstance(self.host_attention, str) or self.host_attention not in HOST_ATTENTION:
             raise ValueError(f"host_attention: expected one of {', '.join(HOST_ATTENTION)}, "
                              f"got {self.host_attention!r}")

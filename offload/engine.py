@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from offload.trace import Tracer
+from tiers.base import WorkerDied
 
 
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -38,10 +39,6 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
         else:
             out.append((s, d, 1))
     return out
-
-
-class WorkerDied(OSError):
-    """The threads that would run a copy have died."""
 
 
 def _stranded(pool: ThreadPoolExecutor, future: Future) -> threading.Thread | None:

@@ -145,7 +145,7 @@ class Placement:
             # The file starts at what the expected sequence needs and grows up to the budget (tiers/disk.py).
             reserve = disk_reserve_pages(self.plan, self.expected_tokens, self.shape.page_size, self.windows)
             self.disk_tier = DiskTier(self.stored, self.plan.disk_pages, self.config.disk_dir, self.config.io_threads,
-                                      reserve=reserve)
+                                      reserve=reserve, engine=self.config.io_engine)
             self.host()
         return self.disk_tier
 

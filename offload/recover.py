@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tiers.base import PageError
+from tiers.base import PageError, WorkerDied
 
 if TYPE_CHECKING:
     from offload.runtime import Runtime
@@ -56,8 +56,8 @@ class Recovery:
                          v_out: torch.Tensor, exc: BaseException) -> None:
         """The load of `pages` (disk `slots`) of `layer` into k_out, v_out ([n, H, P, D], full precision, on the
         compute device) failed with `exc`: fills k_out, v_out with the right pages, or raises."""
-        if not isinstance(exc, OSError):
-            raise exc
+        if not isinstance(exc, OSError) or isinstance(exc, WorkerDied):
+            raise exc  # a bug, or no I/O can complete any more: nothing to rebuild from
         rt = self.rt
         disk = rt.disk_tier
         damaged: dict[tuple[int, int], int] = {}

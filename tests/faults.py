@@ -1,7 +1,8 @@
 """Faults below the device, injected: a disk tier whose system calls fail on request, and damage done to its file.
 
-`FaultyDisk` is a DiskTier whose positioned reads and writes (`_preadv`, `_pwritev`) consult a `Faults` plan
-first. `install(monkeypatch, faults)` makes the runtime build it instead of the real tier. The file itself is
+`FaultyDisk` is a DiskTier whose positioned reads and writes consult a `Faults` plan: before the system call on
+the thread pool's path (`_preadv`, `_pwritev`), on completion on the AIO path (`_completed`, which turns the
+kernel's result into the fault's). `install(monkeypatch, faults)` makes the runtime build it instead of the real tier. The file itself is
 damaged from outside with `flip`, `truncate` and `delete`, as a failing disk or another program would.
 """
 
@@ -81,6 +82,14 @@ class FaultyDisk(DiskTier):
             code = errno.EIO if fault == "EIO" else errno.ENOSPC
             raise OSError(code, os.strerror(code))
         return super()._pwritev(iov, offset)
+
+    def _completed(self, write: bool, iov: list[memoryview], offset: int, res: int) -> int:
+        fault = self._draw(write, iov, offset)
+        if not write and self.faults.stall_read and (fault or self.faults.stall_read < 0):
+            threading.Event().wait(abs(self.faults.stall_read))
+        if fault in ("EIO", "ENOSPC"):
+            return -(errno.EIO if fault == "EIO" else errno.ENOSPC)
+        return res // 2 if fault else res
 
 
 def install(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> list[FaultyDisk]:

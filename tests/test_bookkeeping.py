@@ -103,12 +103,22 @@ def test_config_defaults_are_valid_and_budgets_are_parsed():
         ({"history": -0.1}, "history"),
         ({"io_threads": 65}, "io_threads"),
         ({"io_threads": True}, "io_threads"),
+        ({"io_engine": "uring"}, "io_engine"),
+        ({"io_engine": None}, "io_engine"),
     ],
 )
 def test_config_rejects_each_bad_option_naming_it(options, name):
     with pytest.raises(ValueError) as e:
         OffloadConfig(**options)
     assert str(e.value).startswith(name + ":"), str(e.value)
+
+
+def test_io_engines_are_the_disk_tiers():
+    """The config lists the disk tier's engines itself (tiers must not import offload): the two lists agree."""
+    import offload.config
+    import tiers.disk
+
+    assert offload.config.IO_ENGINES == tiers.disk.IO_ENGINES
 
 
 @pytest.mark.parametrize(

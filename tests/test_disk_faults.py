@@ -3,8 +3,9 @@ over another, truncation, deletion) and failing system calls (EIO, ENOSPC, short
 PageError naming exactly the slots concerned, the rest of the file must stay readable, and close() must leave the
 directory empty.
 
-Every test runs over a page shape that takes O_DIRECT (halves a multiple of 4 KiB: no padding) and an odd one
-(buffered, padded slots), so both I/O paths and both file layouts are covered.
+Every test runs over a page shape that takes O_DIRECT (halves a multiple of 4 KiB: no padding), with each I/O
+engine (native AIO, the thread pool), and an odd one (buffered, padded slots: the thread pool), so every I/O path
+and both file layouts are covered.
 """
 
 from __future__ import annotations
@@ -19,28 +20,38 @@ import torch
 
 import faults
 from faults import Faults, FaultyDisk
+import tiers.disk
 from tiers.base import PageError, PageShape
 from tiers.disk import DiskTier
 
 ALIGNED = PageShape(kv_heads=2, page_size=16, head_dim=64, dtype=torch.float32)  # 8 KiB halves
 ODD = PageShape(kv_heads=3, page_size=5, head_dim=7, dtype=torch.float32)  # 420 B halves, padded slots
-SHAPES = {"aligned": ALIGNED, "odd": ODD}
+# The cases: a page shape and the I/O engine its tiers use.
+CASES = {"aligned-aio": (ALIGNED, "aio"), "aligned-threads": (ALIGNED, "threads"), "odd": (ODD, "threads")}
 
 MakeTier = Callable[..., FaultyDisk]
 
 
-@pytest.fixture(params=list(SHAPES))
-def shape(request: pytest.FixtureRequest) -> PageShape:
-    return SHAPES[request.param]
+@pytest.fixture(params=list(CASES))
+def case(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[MakeTier]:
-    """Builds FaultyDisk tiers (no fault planned unless `faults` is given) in tmp_path; closes them at the end and
-    checks that nothing is left in the directory."""
+def shape(case: str) -> PageShape:
+    return CASES[case][0]
+
+
+@pytest.fixture
+def make(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakeTier]:
+    """Builds FaultyDisk tiers (no fault planned unless `faults` is given) in tmp_path, with the case's I/O engine
+    (the thread pool in tests without cases); closes them at the end and checks that nothing is left in the
+    directory."""
     made: list[FaultyDisk] = []
+    engine = CASES[request.getfixturevalue("case")][1] if "case" in request.fixturenames else "threads"
 
     def build(shape: PageShape, capacity: int = 8, plan: Faults | None = None, **kwargs: object) -> FaultyDisk:
+        kwargs.setdefault("engine", engine)
         tier = FaultyDisk(shape, capacity, str(tmp_path), **kwargs)  # type: ignore[arg-type]
         tier.faults = plan or Faults()
         made.append(tier)
@@ -180,7 +191,8 @@ def test_read_eio_in_every_call_lists_every_slot(make: MakeTier, shape: PageShap
     future = tier.read_async([0, 2, 4, 6, 1], *pages(shape, 5, seed=1))
     error = future.exception(timeout=10)
     assert isinstance(error, PageError) and error.slots == [0, 1, 2, 4, 6] and error.errno == errno.EIO
-    assert tier.faults.reads == 4  # [0, 1], [2] (ceil(5 / 4) = 2 pages a call), [4], [6]
+    # Threads: [0, 1], [2] (ceil(5 / 4) = 2 pages a call), [4], [6]; AIO: [0, 1, 2], [4], [6].
+    assert tier.faults.reads == (3 if tier.engine == "aio" else 4)
 
 
 def test_a_failed_call_names_its_slots_only(make: MakeTier, shape: PageShape) -> None:
@@ -220,17 +232,17 @@ def test_write_eio_names_the_slots_and_leaves_them_unreadable(make: MakeTier, sh
 def test_a_full_disk_is_enospc(make: MakeTier, shape: PageShape, monkeypatch: pytest.MonkeyPatch,
                                code: int) -> None:
     tier = make(shape, 4, threads=1)
-    real = DiskTier._pwritev
 
     def full(self: DiskTier, iov: list[memoryview], offset: int) -> int:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(DiskTier, "_pwritev", full)
-    future = tier.write_async([1, 2], *pages(shape, 2, seed=6))
-    error = future.exception(timeout=10)
+    with monkeypatch.context() as m:
+        m.setattr(DiskTier, "_pwritev", full)
+        m.setattr(FaultyDisk, "_completed", lambda self, write, iov, offset, res: -code if write else res)
+        future = tier.write_async([1, 2], *pages(shape, 2, seed=6))
+        error = future.exception(timeout=10)
     assert isinstance(error, PageError) and error.errno == errno.ENOSPC and error.slots == [1, 2]
     assert error.cause.startswith("write failed: the disk is full")
-    monkeypatch.setattr(DiskTier, "_pwritev", real)
     assert read_error(tier, [1]).cause == "its last write failed"
 
 
@@ -239,11 +251,11 @@ def test_enospc_from_the_fault_plan_in_one_of_several_calls(make: MakeTier, shap
     tier = make(shape, 8, Faults(write_enospc=1, after_writes=1), threads=2)
     k, v = pages(shape, 4, seed=7)
     with pytest.raises(PageError) as info:
-        tier.write([0, 1, 2, 3], k, v)  # calls [0, 1] then [2, 3], on two threads: either may be second
-    assert info.value.errno == errno.ENOSPC and info.value.slots in ([0, 1], [2, 3])
+        tier.write([0, 1, 4, 5], k, v)  # calls [0, 1] and [4, 5], in flight together: either may be second
+    assert info.value.errno == errno.ENOSPC and info.value.slots in ([0, 1], [4, 5])
     assert "the disk is full" in info.value.cause
-    good = [0, 1] if info.value.slots == [2, 3] else [2, 3]
-    assert_pages(tier, good, k[good], v[good])
+    good = [0, 1] if info.value.slots == [4, 5] else [2, 3]
+    assert_pages(tier, [s for s in (0, 1, 4, 5) if s not in info.value.slots], k[good], v[good])
 
 
 def test_short_read_from_the_fault_plan(make: MakeTier, shape: PageShape) -> None:
@@ -291,9 +303,13 @@ def test_checksums_off_is_a_measurement_switch(make: MakeTier, shape: PageShape,
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
-    """Records the bytes of every preadv and pwritev the tier makes."""
+    """Records the bytes of every preadv and pwritev the tier makes (AIO calls: as they complete)."""
     calls: dict[str, list[int]] = {"read": [], "write": []}
-    real_read, real_write = DiskTier._preadv, DiskTier._pwritev
+    real_read, real_write, real_completed = DiskTier._preadv, DiskTier._pwritev, FaultyDisk._completed
+
+    def counted_completed(self: DiskTier, write: bool, iov: list[memoryview], offset: int, res: int) -> int:
+        calls["write" if write else "read"].append(sum(len(b) for b in iov))
+        return real_completed(self, write, iov, offset, res)
 
     def counted_read(self: DiskTier, iov: list[memoryview], offset: int) -> int:
         calls["read"].append(sum(len(b) for b in iov))
@@ -305,6 +321,7 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 
     monkeypatch.setattr(DiskTier, "_preadv", counted_read)
     monkeypatch.setattr(DiskTier, "_pwritev", counted_write)
+    monkeypatch.setattr(FaultyDisk, "_completed", counted_completed)
     return calls
 
 
@@ -312,13 +329,29 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 def test_shuffled_consecutive_slots_are_one_call_per_thread(make: MakeTier, shape: PageShape,
                                                              monkeypatch: pytest.MonkeyPatch, threads: int,
                                                              calls: int) -> None:
+    """The thread pool cuts a run into a call per thread; AIO into calls of at most AIO_CALL_BYTES."""
     tier = make(shape, 16, threads=threads)
     counted = count_calls(monkeypatch)
     slots = [9, 3, 14, 0, 7, 12, 5, 1, 10, 15, 2, 8, 6, 13, 4, 11]
     k, v = pages(shape, 16, seed=10)
     tier.write(slots, k, v)
     assert_pages(tier, slots[::-1], k.flip(0), v.flip(0))
+    if tier.engine == "aio":
+        calls = -(-16 * tier.slot_bytes // tiers.disk.AIO_CALL_BYTES)
     assert len(counted["write"]) == len(counted["read"]) == calls
+
+
+def test_aio_cuts_long_runs_into_calls_in_flight_together(make: MakeTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run longer than AIO_CALL_BYTES is several calls, each at most that long, all in the kernel at once."""
+    monkeypatch.setattr(tiers.disk, "AIO_CALL_BYTES", 4 * ALIGNED.page_bytes)
+    tier = make(ALIGNED, 16, engine="aio")
+    counted = count_calls(monkeypatch)
+    k, v = pages(ALIGNED, 14, seed=11)
+    tier.write(list(range(14)), k, v)
+    assert counted["write"] == [4 * ALIGNED.page_bytes] * 3 + [2 * ALIGNED.page_bytes] or \
+        sorted(counted["write"]) == [2 * ALIGNED.page_bytes] + [4 * ALIGNED.page_bytes] * 3
+    assert_pages(tier, list(range(14)), k, v)
+    assert sorted(counted["read"]) == sorted(counted["write"])
 
 
 def test_allocate_hands_out_ascending_slots(make: MakeTier, shape: PageShape) -> None:

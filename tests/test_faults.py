@@ -44,6 +44,22 @@ def _prompt(n: int = 160, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+# The disk tier's two I/O paths: buffered I/O on the thread pool (8-token pages: 1.5 KiB halves), and native AIO
+# with O_DIRECT (64-token pages: 12 KiB halves); with the prompt length each uses (most of it on disk).
+IO = {"threads": (8, 160), "aio": (64, 448)}
+
+
+@pytest.fixture(params=list(IO))
+def io(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _io_case(model, disk_dir: Path, io: str, **more) -> tuple[torch.Tensor, dict]:
+    """The prompt and the options of the I/O path `io` (io_engine given: the run fails where it can't be used)."""
+    page_size, n = IO[io]
+    return _prompt(n), _options(model, disk_dir, page_size, io_engine=io, **more)
+
+
 def _greedy(model, ids: torch.Tensor, cache, new: int = NEW, between=None) -> torch.Tensor:
     """Greedy decoding driven by hand: a prefill, then `between()` (which damages the disk), then `new` steps."""
     with torch.no_grad():
@@ -90,10 +106,9 @@ def assert_empty(path: Path) -> None:
 # ---- recovered: the tokens of DynamicCache ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("page_size", [8, 32])  # buffered I/O; 4 KiB halves, O_DIRECT where the file system can
-def test_flipped_bytes_are_caught_and_the_pages_recomputed(tiny_gqa3_model, tmp_path: Path, page_size: int) -> None:
+def test_flipped_bytes_are_caught_and_the_pages_recomputed(tiny_gqa3_model, tmp_path: Path, io: str) -> None:
     model = tiny_gqa3_model
-    ids = _prompt(320 if page_size == 32 else 160)
+    ids, options = _io_case(model, tmp_path / "kv", io)
     hit = []
 
     def damage(rt) -> None:
@@ -103,32 +118,32 @@ def test_flipped_bytes_are_caught_and_the_pages_recomputed(tiny_gqa3_model, tmp_
             faults.flip(_kv_file(rt), slot * disk.slot_bytes + 100)
             hit.append(slot)
 
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv", page_size), damage)
+    tokens, stats = _run(model, ids, options, damage)
     assert torch.equal(tokens, _reference(model, ids))
     assert stats["faults"]["damaged"] == len(hit) and stats["faults"]["recomputed"] == len(hit)
     assert_empty(tmp_path / "kv")
 
 
-def test_a_truncated_file_is_rebuilt_in_one_pass(tiny_gqa3_model, tmp_path: Path) -> None:
+def test_a_truncated_file_is_rebuilt_in_one_pass(tiny_gqa3_model, tmp_path: Path, io: str) -> None:
     """Every disk page is lost at once: the first failed load finds them all (a scrub) and the model re-runs once."""
     model = tiny_gqa3_model
-    ids = _prompt()
+    ids, options = _io_case(model, tmp_path / "kv", io)
     lost = []
 
     def damage(rt) -> None:
         lost.append(rt.disk_tier.num_used)
         faults.truncate(_kv_file(rt))
 
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), damage)
+    tokens, stats = _run(model, ids, options, damage)
     assert torch.equal(tokens, _reference(model, ids))
     assert stats["faults"]["recomputed"] == lost[0] == stats["faults"]["damaged"]
     assert_empty(tmp_path / "kv")
 
 
-def test_a_file_deleted_while_open_keeps_working(tiny_gqa3_model, tmp_path: Path) -> None:
+def test_a_file_deleted_while_open_keeps_working(tiny_gqa3_model, tmp_path: Path, io: str) -> None:
     model = tiny_gqa3_model
-    ids = _prompt()
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), lambda rt: faults.delete(_kv_file(rt)))
+    ids, options = _io_case(model, tmp_path / "kv", io)
+    tokens, stats = _run(model, ids, options, lambda rt: faults.delete(_kv_file(rt)))
     assert torch.equal(tokens, _reference(model, ids))
     assert stats["bytes_moved"]["disk->host"] > 0 and stats["faults"]["damaged"] == 0
     assert_empty(tmp_path / "kv")
@@ -136,37 +151,37 @@ def test_a_file_deleted_while_open_keeps_working(tiny_gqa3_model, tmp_path: Path
 
 @pytest.mark.parametrize("fault", ["read_eio", "short_read"])
 def test_a_transient_read_error_passes_on_a_second_read(tiny_gqa3_model, tmp_path: Path, monkeypatch,
-                                                         fault: str) -> None:
+                                                         fault: str, io: str) -> None:
     model = tiny_gqa3_model
-    ids = _prompt()
+    ids, options = _io_case(model, tmp_path / "kv", io)
     plan = Faults(**{fault: 1})
     faults.install(monkeypatch, plan)
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"))
+    tokens, stats = _run(model, ids, options)
     assert plan.injected == [fault.replace("_", " ").replace("read eio", "read EIO")]
     assert torch.equal(tokens, _reference(model, ids))
     assert stats["faults"]["reread"] > 0 and stats["faults"]["damaged"] == 0
     assert_empty(tmp_path / "kv")
 
 
-def test_a_bad_block_is_recomputed_every_time_it_is_read(tiny_gqa3_model, tmp_path: Path, monkeypatch) -> None:
+def test_a_bad_block_is_recomputed_every_time_it_is_read(tiny_gqa3_model, tmp_path: Path, monkeypatch, io: str) -> None:
     """Reads and writes of slot 3 always fail (a bad block): its page can't be written back, and is rebuilt from
     the model each step that reads it."""
     model = tiny_gqa3_model
-    ids = _prompt()
+    ids, options = _io_case(model, tmp_path / "kv", io)
     plan = Faults()
     faults.install(monkeypatch, plan)
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"), lambda rt: plan.bad_slots.add(3))
+    tokens, stats = _run(model, ids, options, lambda rt: plan.bad_slots.add(3))
     assert torch.equal(tokens, _reference(model, ids))
     assert stats["faults"]["recomputed"] >= NEW - 1
     assert_empty(tmp_path / "kv")
 
 
-def test_a_failed_write_goes_to_other_slots(tiny_gqa3_model, tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_write_goes_to_other_slots(tiny_gqa3_model, tmp_path: Path, monkeypatch, io: str) -> None:
     model = tiny_gqa3_model
-    ids = _prompt()
+    ids, options = _io_case(model, tmp_path / "kv", io)
     plan = Faults(write_eio=1, after_writes=2)
     faults.install(monkeypatch, plan)
-    tokens, stats = _run(model, ids, _options(model, tmp_path / "kv"))
+    tokens, stats = _run(model, ids, options)
     assert plan.injected == ["write EIO"]
     assert torch.equal(tokens, _reference(model, ids))
     assert_empty(tmp_path / "kv")
@@ -209,19 +224,19 @@ def test_damage_without_tokens_to_recompute_is_one_error_naming_the_page(tiny_gq
 
 
 def test_a_write_that_fails_twice_stops_the_run_naming_disk_dir(tiny_gqa3_model, tmp_path: Path,
-                                                                  monkeypatch) -> None:
+                                                                  monkeypatch, io: str) -> None:
     model = tiny_gqa3_model
     faults.install(monkeypatch, Faults(write_eio=-1))
     with pytest.raises(OSError, match=r"^\[Errno 5\] disk_dir: writing layer \d+ pages? \d+.* failed: "):
-        _run(model, _prompt(), _options(model, tmp_path / "kv"))
+        _run(model, *_io_case(model, tmp_path / "kv", io))
     assert_empty(tmp_path / "kv")
 
 
-def test_a_full_disk_mid_run_is_a_value_error_naming_disk_dir(tiny_gqa3_model, tmp_path: Path, monkeypatch) -> None:
+def test_a_full_disk_mid_run_is_a_value_error_naming_disk_dir(tiny_gqa3_model, tmp_path: Path, monkeypatch, io: str) -> None:
     model = tiny_gqa3_model
     faults.install(monkeypatch, Faults(write_enospc=-1, after_writes=1))
     with pytest.raises(ValueError, match=r"^disk_dir: .* is full \(writing layer"):
-        _run(model, _prompt(), _options(model, tmp_path / "kv"))
+        _run(model, *_io_case(model, tmp_path / "kv", io))
     assert_empty(tmp_path / "kv")
 
 
@@ -239,7 +254,7 @@ def test_a_full_disk_at_preallocation_is_one_error_naming_disk_dir(tiny_gqa3_mod
     assert_empty(tmp_path / "kv")
 
 
-def test_a_stuck_read_hits_io_timeout(tiny_gqa3_model, tmp_path: Path, monkeypatch) -> None:
+def test_a_stuck_read_hits_io_timeout(tiny_gqa3_model, tmp_path: Path, monkeypatch, io: str) -> None:
     model = tiny_gqa3_model
     plan = Faults()
     faults.install(monkeypatch, plan)
@@ -249,7 +264,7 @@ def test_a_stuck_read_hits_io_timeout(tiny_gqa3_model, tmp_path: Path, monkeypat
 
     with pytest.raises(TimeoutError, match=r"io_timeout: a disk read of \d+ pages of layer \d+ did not finish in "
                                            r"0\.3 s"):
-        _run(model, _prompt(), _options(model, tmp_path / "kv", io_timeout=0.3), stick)
+        _run(model, *_io_case(model, tmp_path / "kv", io, io_timeout=0.3), stick)
     assert_empty(tmp_path / "kv")
 
 
@@ -282,6 +297,28 @@ def test_a_dead_io_thread_is_detected(tiny_gqa3_model, tmp_path: Path) -> None:
 
     with pytest.raises(OSError, match=r"^\[Errno 5\] io: the I/O thread offload-io\S* died; a disk (read|write) of"):
         _run(model, _prompt(), _options(model, tmp_path / "kv", io_timeout=60), kill_io)
+    assert_empty(tmp_path / "kv")
+
+
+def test_a_dead_aio_thread_is_detected(tiny_gqa3_model, tmp_path: Path) -> None:
+    """The disk tier's AIO ring loses the thread that reaps its completions: the next disk read or write fails at
+    once with the thread's name (no io_timeout wait), and is not taken for a damaged page."""
+    model = tiny_gqa3_model
+
+    def kill_reaper(rt) -> None:
+        ring = rt.disk_tier._ring
+        thread = ring._thread
+        for _ in range(200):
+            if not thread.is_alive():
+                break
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
+            with ring._lock:
+                ring._lock.notify_all()  # wakes it if it waits for work
+            thread.join(0.02)
+        assert not ring.alive()
+
+    with pytest.raises(OSError, match=r"^\[Errno 5\] io: the I/O thread offload-disk-aio died; a disk (read|write) of"):
+        _run(model, *_io_case(model, tmp_path / "kv", "aio", io_timeout=60), kill_reaper)
     assert_empty(tmp_path / "kv")
 
 

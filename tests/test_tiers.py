@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tiers.aio
 from tiers.base import PageShape, Tier
 from tiers.device import DeviceTier
 from tiers.disk import ALIGN, DiskTier
@@ -63,12 +64,15 @@ def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeTi
         tier.close()
 
 
-@pytest.fixture(params=[None, False], ids=["disk-auto", "disk-buffered"])
+@pytest.fixture(params=[(None, "auto"), (None, "threads"), (False, "auto")],
+                ids=["disk-auto", "disk-threads", "disk-buffered"])
 def make_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., DiskTier]]:
+    """Disk tiers with O_DIRECT where it can be used, and AIO ("auto") or the thread pool; or buffered I/O."""
     made: list[DiskTier] = []
 
     def make(shape: PageShape = SMALL, capacity: int = 8, **kwargs: object) -> DiskTier:
-        kwargs.setdefault("direct", request.param)
+        kwargs.setdefault("direct", request.param[0])
+        kwargs.setdefault("engine", request.param[1])
         made.append(DiskTier(shape, capacity, str(tmp_path), **kwargs))  # type: ignore[arg-type]
         return made[-1]
 
@@ -286,6 +290,8 @@ def test_disk_io_mode(tmp_path: Path) -> None:
     odd = DiskTier(SHAPES[3], 2, str(tmp_path))
     try:
         assert forced.direct is False and odd.direct is False
+        assert forced.engine == odd.engine == "threads"  # buffered AIO would run inside io_submit
+        assert aligned.engine == ("aio" if aligned.direct and tiers.aio.unavailable() is None else "threads")
         fdinfo = Path(f"/proc/self/fdinfo/{aligned._fd}")
         if fdinfo.exists():
             flags = int(re.search(r"flags:\s*([0-7]+)", fdinfo.read_text()).group(1), 8)  # type: ignore[union-attr]
@@ -295,6 +301,10 @@ def test_disk_io_mode(tmp_path: Path) -> None:
             tier.close()
     with pytest.raises(ValueError, match=r"^disk_dir: .*O_DIRECT.*not a multiple of 4096"):
         DiskTier(SHAPES[3], 2, str(tmp_path), direct=True)
+    with pytest.raises(ValueError, match=r"^io_engine: aio can't be used for .*: it needs O_DIRECT"):
+        DiskTier(SMALL, 2, str(tmp_path), direct=False, engine="aio")
+    with pytest.raises(ValueError, match=r"^io_engine: expected one of auto, aio, threads, got 'uring'$"):
+        DiskTier(SMALL, 2, str(tmp_path), engine="uring")
     assert kv_files(tmp_path) == []
 
 
@@ -415,6 +425,7 @@ def test_disk_short_read_is_an_error(make_disk: Callable[..., DiskTier], monkeyp
     tier = make_disk(SMALL, 4, threads=1)  # one thread: slots 0 and 1 are one call
     tier.write([0, 1], *random_pages(SMALL, 2, seed=9))
     monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 100)
+    monkeypatch.setattr(DiskTier, "_completed", lambda self, write, iov, offset, res: res if write else 100)
     k, v = random_pages(SMALL, 2, seed=9)
     with pytest.raises(OSError, match=r"disk: slots 0, 1: short read: got 100 of"):
         tier.read([0, 1], k, v)
@@ -431,6 +442,7 @@ def test_disk_write_error_reaches_the_future(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "pwritev", broken)
+    monkeypatch.setattr(DiskTier, "_completed", lambda self, write, iov, offset, res: -errno.EIO if write else res)
     future = tier.write_async([0, 2], *random_pages(SMALL, 2, seed=10))
     error = future.exception(timeout=10)
     assert isinstance(error, OSError) and error.errno == errno.EIO

@@ -35,6 +35,10 @@ class PageError(OSError):
         super().__init__(err, f"{tier}: slot{'s' if len(self.slots) != 1 else ''} {shown}: {cause}")
 
 
+class WorkerDied(OSError):
+    """The threads that would run or complete a copy have died: it never will (not a damaged page)."""
+
+
 @dataclass(frozen=True)
 class PageShape:
     kv_heads: int

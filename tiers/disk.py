@@ -14,10 +14,17 @@ is no padding, and a run of consecutive slots is one contiguous extent: that is 
 O_DIRECT is used (`direct`). Any other page shape gets buffered I/O.
 
 Requests: a request's slots are sorted and cut into runs of consecutive slots, whatever the order of the pages
-in the caller's buffers (an iovec may point anywhere in them). Runs are cut into calls of at most ceil(n / threads)
-pages, one preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so
-that every thread has work. Positioned I/O releases the GIL and calls touch disjoint bytes, so they need no lock.
-`allocate()` hands out ascending slots, so the pages of one allocation are one run.
+in the caller's buffers (an iovec may point anywhere in them). `allocate()` hands out ascending slots, so the pages
+of one allocation are one run. Calls touch disjoint bytes, so they need no lock. Two engines (`engine`,
+the runtime's `io_engine`):
+
+- "aio" (O_DIRECT only; the default where it can be used): runs are cut into calls of at most AIO_CALL_BYTES, and
+  one io_submit puts all of a request's calls in the kernel at once (tiers/aio.py); the ring's thread checks each
+  call's pages as it completes. Scattered 48 KiB pages need many calls in flight to reach the device's bandwidth,
+  which a pool of a few threads, one blocking call each, can't give.
+- "threads" (buffered I/O, or asked for): runs are cut into calls of at most ceil(n / threads) pages, one
+  preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so that every
+  thread has work. Positioned I/O releases the GIL.
 NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured
 (benchmarks/disk_tier.py's device) and dropped: the bytes of the gaps cost more than the calls saved.
 
@@ -65,7 +72,8 @@ import psutil
 import torch
 import xxhash
 
-from tiers.base import PageError, PageShape, Tier
+from tiers import aio
+from tiers.base import PageError, PageShape, Tier, WorkerDied
 from tiers.host import aligned_host_tensor
 
 logger = logging.getLogger(__name__)
@@ -82,6 +90,14 @@ _FILE_RE = re.compile(r"offload-(\d+)-[0-9a-f]+\.kv")
 CLOSE_WAIT_SECONDS = 30.0
 # The smallest growth step: fallocate calls stay few even when pages are small.
 GROW_STEP_BYTES = 16 << 20
+
+# The I/O engines (`io_engine`): "aio" (Linux native AIO, tiers/aio.py; O_DIRECT only), "threads" (a pool of
+# threads, one preadv/pwritev each at a time) and "auto" (aio where it can be used, else threads).
+IO_ENGINES = ("auto", "aio", "threads")
+# aio: the most bytes one call moves (runs of consecutive slots are cut there, so that a long run is several
+# calls the device serves side by side), and the most calls in the kernel at once per tier.
+AIO_CALL_BYTES = 256 << 10
+AIO_DEPTH = 256
 
 # Slot states. A slot is readable only when INTACT (its checksums are checked) or UNHASHED (written while
 # `checksums` was off: never checked).
@@ -156,18 +172,22 @@ def _create_file(path: str, nbytes: int) -> int:
     return fd
 
 
-def _cleanup(pool: cf.ThreadPoolExecutor, fd: int, path: str) -> None:
+def _cleanup(pool: cf.ThreadPoolExecutor | None, ring: aio.Ring | None, fd: int, path: str) -> None:
     # The name goes first: a call stuck on a failing device (which the runtime gave up on after io_timeout) keeps
     # the close waiting below, and the directory is already clean if the process is killed meanwhile.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    # Tasks in flight still use fd: it is closed once they end. A task stuck for longer than CLOSE_WAIT_SECONDS
+    # Calls in flight still use fd: it is closed once they end. A call stuck for longer than CLOSE_WAIT_SECONDS
     # keeps it open (the process's exit frees it) rather than hang the exit.
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + CLOSE_WAIT_SECONDS
-    for t in list(pool._threads):
-        t.join(max(0.0, deadline - time.monotonic()))
-    if not any(t.is_alive() for t in pool._threads):
+    if ring is not None:
+        finished = ring.close(CLOSE_WAIT_SECONDS)
+    else:
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        for t in list(pool._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(t.is_alive() for t in pool._threads)
+    if finished:
         os.close(fd)
     else:
         logger.warning("disk tier: a call on %s is stuck; its file descriptor stays open", path)
@@ -181,14 +201,17 @@ class DiskTier(Tier):
 
     def __init__(
         self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None,
-        reserve: int | None = None,
+        reserve: int | None = None, engine: str = "auto",
     ):
         """`direct`: None uses O_DIRECT where the file system and the page shape allow it, False never, True
         raises ValueError where it can't. `reserve`: slots preallocated now (None: all `capacity`); the file
-        grows from there as slots are allocated."""
+        grows from there as slots are allocated. `engine`: one of IO_ENGINES; "aio" raises ValueError where it
+        can't be used. `threads`: the pool's threads (engine "threads")."""
         super().__init__(shape, capacity)
         if threads < 1:
             raise ValueError(f"disk: threads must be >= 1, got {threads}")
+        if engine not in IO_ENGINES:
+            raise ValueError(f"io_engine: expected one of {', '.join(IO_ENGINES)}, got {engine!r}")
         self.slot_bytes = -(-shape.page_bytes // ALIGN) * ALIGN
         self._threads = threads
         self._pages_per_call = max(1, min(_MAX_IOVECS // 3, _MAX_CALL_BYTES // self.slot_bytes))
@@ -220,18 +243,20 @@ class DiskTier(Tier):
             raise ValueError(f"disk_dir: {directory} is not writable ({e.strerror or e})") from e
         try:
             self.direct = self._enable_direct(fd, directory, direct)
+            self._ring = self._start_ring(engine)
         except BaseException:
             os.close(fd)
             os.unlink(self._path)
             raise
+        self.engine = "aio" if self._ring is not None else "threads"
         self._fd = fd
         # The padding between two pages of one call (buffered I/O only): zeros to write, scratch to read into.
         pad = self.slot_bytes - shape.page_bytes
         self._zeros, self._scratch = memoryview(bytes(pad)), memoryview(bytearray(pad))
-        self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
-        self._finalizer = weakref.finalize(self, _cleanup, self._pool, fd, self._path)
-        logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s", self._path, self.reserved, capacity,
-                     self.slot_bytes, self.direct)
+        self._pool = None if self._ring else cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
+        self._finalizer = weakref.finalize(self, _cleanup, self._pool, self._ring, fd, self._path)
+        logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s, engine %s", self._path, self.reserved,
+                     capacity, self.slot_bytes, self.direct, self.engine)
 
     def _enable_direct(self, fd: int, directory: str, want: bool | None) -> bool:
         if want is False:
@@ -255,6 +280,25 @@ class DiskTier(Tier):
             raise ValueError(f"disk_dir: {directory} can't use O_DIRECT: {reason}")
         logger.info("disk tier: buffered I/O in %s, no O_DIRECT: %s", directory, reason)
         return False
+
+    def _start_ring(self, engine: str) -> aio.Ring | None:
+        """The AIO ring for engine "aio" or "auto", or None for the thread pool."""
+        if engine == "threads":
+            return None
+        why = None if self.direct else "it needs O_DIRECT, which this tier can't use (see the log)"
+        if why is None and (why := aio.unavailable()) is None:
+            try:
+                return aio.Ring(AIO_DEPTH, name="offload-disk-aio")
+            except OSError as e:
+                why = f"the kernel refuses it ({e.strerror or e})"
+        if engine == "aio":
+            raise ValueError(f"io_engine: aio can't be used for {self._directory}: {why}")
+        logger.info("disk tier: thread pool I/O, no native AIO: %s", why)
+        return None
+
+    def alive(self) -> bool:
+        """Whether the tier's I/O can still complete: False once the AIO ring's reaping thread has died."""
+        return self._ring is None or self._ring.alive()
 
     @property
     def path(self) -> str:
@@ -397,13 +441,26 @@ class DiskTier(Tier):
             size += len(call)
         return tasks
 
+    def _aio_calls(self, slots: list[int]) -> list[list[int]]:
+        """The request as AIO calls, each a list of page indexes: consecutive ascending slots, at most
+        AIO_CALL_BYTES (and IOV_MAX iovecs) a call."""
+        per_call = max(1, min(self._pages_per_call, AIO_CALL_BYTES // self.slot_bytes))
+        calls: list[list[int]] = []
+        last = -2
+        for i in sorted(range(len(slots)), key=slots.__getitem__):
+            if slots[i] != last + 1 or len(calls[-1]) == per_call:
+                calls.append([])
+            calls[-1].append(i)
+            last = slots[i]
+        return calls
+
     def _submit(
         self, write: bool, slots: list[int], k: torch.Tensor, v: torch.Tensor, finish: Callable[[], None] | None
     ) -> cf.Future[None]:
         result: cf.Future[None] = cf.Future()
         result.set_running_or_notify_cancel()  # started I/O can't be called back, so the future can't be either
-        tasks = self._plan(slots)
         k_bytes, v_bytes = _byte_view(k), _byte_view(v)  # they keep k and v (maybe bounce buffers) alive
+        tasks = self._aio_calls(slots) if self._ring is not None else self._plan(slots)
         lock = threading.Lock()
         pending = len(tasks)
         errors: list[BaseException] = []
@@ -419,11 +476,11 @@ class DiskTier(Tier):
             else:
                 result.set_result(None)
 
-        def task_done(f: cf.Future[None]) -> None:
+        def part_done(e: BaseException | None) -> None:
             nonlocal pending
             with lock:
                 pending -= 1
-                if (e := f.exception()) is not None:
+                if e is not None:
                     errors.append(e)
                 last = pending == 0
             if last:
@@ -431,11 +488,51 @@ class DiskTier(Tier):
 
         if not tasks:
             complete()
-        for calls in tasks:
-            self._pool.submit(self._io, write, slots, calls, k_bytes, v_bytes).add_done_callback(task_done)
+        elif self._ring is not None:
+            self._ring.submit([self._aio_op(write, [slots[i] for i in call], call, k, v, k_bytes, v_bytes, part_done)
+                               for call in tasks])
+        else:
+            for calls in tasks:
+                self._pool.submit(self._io, write, slots, calls, k_bytes, v_bytes).add_done_callback(
+                    lambda f: part_done(f.exception()))
         return result
 
-    # The tier's only system calls on the slot file (tests override them to inject faults).
+    def _aio_op(
+        self, write: bool, at: list[int], call: list[int], k: torch.Tensor, v: torch.Tensor, k_bytes: memoryview,
+        v_bytes: memoryview, part_done: Callable[[BaseException | None], None],
+    ) -> aio.Op:
+        """One AIO call: the pages `call` (indexes into k and v) at the consecutive slots `at`; on completion its
+        outcome and checks go to `part_done` (on the ring's thread)."""
+        kb, vb = self.shape.k_bytes, self.shape.v_bytes
+        halves = [(k_bytes[i * kb:(i + 1) * kb], v_bytes[i * vb:(i + 1) * vb]) for i in call]
+        k_at, v_at = k.data_ptr(), v.data_ptr()
+        buffers = [b for i in call for b in ((k_at + i * kb, kb), (v_at + i * vb, vb))]
+        offset = at[0] * self.slot_bytes
+
+        def done(res: int) -> None:
+            if res == -errno.ESHUTDOWN and not self._ring.alive():
+                # Not a disk fault (nothing to recover from another copy): the tier can't do I/O any more.
+                part_done(WorkerDied(errno.EIO, f"io: the I/O thread {self._ring.name} died; a disk "
+                                             f"{'write' if write else 'read'} of {len(call)} pages can't finish"))
+                return
+            try:
+                res = self._completed(write, [h for pair in halves for h in pair], offset, res)
+                got: int | OSError = res if res >= 0 else OSError(-res, os.strerror(-res))
+                error = self._outcome(write, at, len(call) * (kb + vb), got)
+                if error is None:
+                    error = self._settle(write, at, halves)
+            except BaseException as e:  # a bug, not a disk fault: fail the request rather than lose it
+                error = e
+            part_done(error)
+
+        return aio.Op(write, self._fd, offset, buffers, done)
+
+    # The tier's only system calls on the slot file, and the AIO engine's completions (tests override them to
+    # inject faults).
+    def _completed(self, write: bool, iov: list[memoryview], offset: int, res: int) -> int:
+        """An AIO call on the bytes `iov` at `offset` finished with `res` (bytes moved, or -errno)."""
+        return res
+
     def _preadv(self, iov: list[memoryview], offset: int) -> int:
         return os.preadv(self._fd, iov, offset)
 
@@ -458,18 +555,25 @@ class DiskTier(Tier):
                 halves += call_halves
             else:
                 errors.append(error)
-        if at and self.checksums:
-            if write:
-                sums, state = self._sums_at, self._state_at
-                for (kh, vh), s in zip(halves, at):
-                    sums[2 * s], sums[2 * s + 1], state[s] = _hash(kh, s), _hash(vh, s), _INTACT
-            elif (error := self._verify(at, halves)) is not None:
-                errors.append(error)
-        elif at and write:
-            for s in at:
-                self._state_at[s] = _UNHASHED
+        if at and (error := self._settle(write, at, halves)) is not None:
+            errors.append(error)
         if errors:
             raise _merged(errors)
+
+    def _settle(self, write: bool, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> PageError | None:
+        """After calls that went through: records the checksums of the pages written at the slots `at`, or checks
+        those read; the PageError of pages that fail."""
+        if not self.checksums:
+            if write:
+                for s in at:
+                    self._state_at[s] = _UNHASHED
+            return None
+        if not write:
+            return self._verify(at, halves)
+        sums, state = self._sums_at, self._state_at
+        for (kh, vh), s in zip(halves, at):
+            sums[2 * s], sums[2 * s + 1], state[s] = _hash(kh, s), _hash(vh, s), _INTACT
+        return None
 
     def _call(self, write: bool, at: list[int], halves: list[tuple[memoryview, memoryview]]) -> PageError | None:
         """One preadv or pwritev of the pages `halves` at the consecutive slots `at`; the error, if it failed."""
@@ -479,22 +583,26 @@ class DiskTier(Tier):
             if pad and iov:
                 iov.append(pad)
             iov += (kh, vh)
-        want = sum(len(b) for b in iov)
         offset = at[0] * self.slot_bytes
+        try:
+            got: int | OSError = (self._pwritev if write else self._preadv)(iov, offset)
+        except OSError as e:
+            got = e
+        return self._outcome(write, at, sum(len(b) for b in iov), got)
+
+    def _outcome(self, write: bool, at: list[int], want: int, got: int | OSError) -> PageError | None:
+        """The error of a call at the slots `at` that was to move `want` bytes and moved `got` (or failed with
+        it); a failed write leaves its slots unreadable."""
         if write:
-            try:
-                got = self._pwritev(iov, offset)
-            except OSError as e:
+            if isinstance(got, OSError):
                 self._lost(at)
-                return _chained(_write_error(at, e), e)
+                return _chained(_write_error(at, got), got)
             if got != want:
                 self._lost(at)
                 return PageError(self.name, at, f"short write: wrote {got} of {want} bytes")
             return None
-        try:
-            got = self._preadv(iov, offset)
-        except OSError as e:
-            return _chained(PageError(self.name, at, f"read failed: {e}", e.errno or errno.EIO), e)
+        if isinstance(got, OSError):
+            return _chained(PageError(self.name, at, f"read failed: {got}", got.errno or errno.EIO), got)
         if got != want:
             return PageError(self.name, at, f"short read: got {got} of {want} bytes")
         return None
