@@ -43,12 +43,11 @@ def load():
                 "random SmolLM2 shape")
 
 
-def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str | None) -> dict:
+def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str) -> dict:
     """One run: prefill, a warm-up step, then `args.steps` timed steps; what they stalled and read."""
     with tempfile.TemporaryDirectory(dir=args.dir) as disk_dir, torch.no_grad():
         io = {} if args.io_threads is None else {"io_threads": args.io_threads}
-        if engine is not None:
-            io["io_engine"] = engine
+        io["io_engine"] = engine
         with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir,
                      **io) as rt:
             cache = rt.cache()
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-budget", default="24MiB")
     ap.add_argument("--host-budget", default="8MiB")
     ap.add_argument("--io-threads", type=int, default=None, help="the runtime's io_threads (default: its default)")
-    ap.add_argument("--io-engines", default="auto",
-                    help="io_engine of each run, comma-separated, run in turn --repeats times (auto; aio,threads "
+    ap.add_argument("--io-engines", default="threads",
+                    help="io_engine of each run, comma-separated, run in turn --repeats times (threads; aio,threads "
                          "compares the two side by side)")
     ap.add_argument("--repeats", type=int, default=1, help="times each engine runs, alternating (1)")
     ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     for _ in range(args.repeats):
         for engine in engines:
-            run = measure(model, ids, args, None if engine == "auto" else engine)
+            run = measure(model, ids, args, engine)
             runs.append(run)
             print(f"{name}, {ids.shape[1]} tokens, {run['disk_share']:.0%} of the KV on disk, io_engine "
                   f"{run['io_engine']}: {run['seconds_per_step'] * 1e3:.0f} ms/step, stalled "

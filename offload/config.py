@@ -17,7 +17,7 @@ HEAD_SELECTIONS = ("shared", "kv", "query")
 PREFIX_PUBLISH = ("prompt", "all")
 HOST_ATTENTION = ("auto", "off", "all")
 # Kept equal to tiers.disk.IO_ENGINES (tiers must not import this package; tests/test_bookkeeping.py checks).
-IO_ENGINES = ("auto", "aio", "threads")
+IO_ENGINES = ("threads", "aio")
 
 
 @dataclass
@@ -65,9 +65,9 @@ class OffloadConfig:
     # Seconds one page transfer (a batch of pages read or written) may take before the run stops with an error
     # instead of hanging (a stuck disk or an I/O thread that died).
     io_timeout: float = 5.0
-    # How the disk tier moves pages: "aio" (Linux native AIO: a request's calls all in flight at once; needs
-    # O_DIRECT), "threads" (a pool of io_threads threads, a call each at a time), "auto" (aio where it can be used).
-    io_engine: str = "auto"
+    # How the disk tier moves pages: "threads" (a pool of io_threads threads, a call each at a time) or "aio" (Linux
+    # native AIO: a request's calls all in flight at once; needs O_DIRECT). See tiers/disk.py for the measurements.
+    io_engine: str = "threads"
     # Attention over pages in host RAM (and pages read from disk) computed on the host, whose partial results are
     # merged with the device's (offload/host_attention.py): "auto" (a cost model from measured rates picks how many
     # of each layer's host pages the host attends), "all" (every one) or "off" (every page crosses to the device).

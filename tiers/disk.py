@@ -18,11 +18,11 @@ in the caller's buffers (an iovec may point anywhere in them). `allocate()` hand
 of one allocation are one run. Calls touch disjoint bytes, so they need no lock. Two engines (`engine`,
 the runtime's `io_engine`):
 
-- "aio" (O_DIRECT only; the default where it can be used): runs are cut into calls of at most AIO_CALL_BYTES, and
+- "aio" (O_DIRECT only): runs are cut into calls of at most AIO_CALL_BYTES, and
   one io_submit puts all of a request's calls in the kernel at once (tiers/aio.py); the ring's thread checks each
   call's pages as it completes. Scattered 48 KiB pages need many calls in flight to reach the device's bandwidth,
   which a pool of a few threads, one blocking call each, can't give.
-- "threads" (buffered I/O, or asked for): runs are cut into calls of at most ceil(n / threads) pages, one
+- "threads" (the default; see the NOTE at IO_ENGINES): runs are cut into calls of at most ceil(n / threads) pages, one
   preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so that every
   thread has work. Positioned I/O releases the GIL.
 NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured
@@ -91,9 +91,14 @@ CLOSE_WAIT_SECONDS = 30.0
 # The smallest growth step: fallocate calls stay few even when pages are small.
 GROW_STEP_BYTES = 16 << 20
 
-# The I/O engines (`io_engine`): "aio" (Linux native AIO, tiers/aio.py; O_DIRECT only), "threads" (a pool of
-# threads, one preadv/pwritev each at a time) and "auto" (aio where it can be used, else threads).
-IO_ENGINES = ("auto", "aio", "threads")
+# The I/O engines (`io_engine`): "threads" (a pool of threads, one preadv/pwritev each at a time; the default)
+# and "aio" (Linux native AIO, tiers/aio.py; O_DIRECT only).
+# NOTE: aio reads scattered small pages faster (benchmarks/disk_tier.py: 16-page random requests of 48 KiB pages at
+# 0.85 of the raw 1 MiB read rate, against 0.49 with 4 threads), but exact decode on the 2-core CPU machine, with
+# 83% of the KV on disk, stalled more with it (benchmarks/disk_stall.py, side by side: 22-25% of decode time against
+# 15-16%, steps 334-385 ms against 286-315): the calls of the next request enter the device queue beside those of
+# the one attention waits for, where the pool serves requests in order. Hence threads by default.
+IO_ENGINES = ("threads", "aio")
 # aio: the most bytes one call moves (runs of consecutive slots are cut there, so that a long run is several
 # calls the device serves side by side), and the most calls in the kernel at once per tier.
 AIO_CALL_BYTES = 256 << 10
@@ -201,7 +206,7 @@ class DiskTier(Tier):
 
     def __init__(
         self, shape: PageShape, capacity: int, directory: str, threads: int = 4, direct: bool | None = None,
-        reserve: int | None = None, engine: str = "auto",
+        reserve: int | None = None, engine: str = "threads",
     ):
         """`direct`: None uses O_DIRECT where the file system and the page shape allow it, False never, True
         raises ValueError where it can't. `reserve`: slots preallocated now (None: all `capacity`); the file
@@ -282,7 +287,8 @@ class DiskTier(Tier):
         return False
 
     def _start_ring(self, engine: str) -> aio.Ring | None:
-        """The AIO ring for engine "aio" or "auto", or None for the thread pool."""
+        """The AIO ring for engine "aio" (or ValueError naming io_engine where it can't be used), None for the
+        thread pool."""
         if engine == "threads":
             return None
         why = None if self.direct else "it needs O_DIRECT, which this tier can't use (see the log)"
@@ -291,10 +297,7 @@ class DiskTier(Tier):
                 return aio.Ring(AIO_DEPTH, name="offload-disk-aio")
             except OSError as e:
                 why = f"the kernel refuses it ({e.strerror or e})"
-        if engine == "aio":
-            raise ValueError(f"io_engine: aio can't be used for {self._directory}: {why}")
-        logger.info("disk tier: thread pool I/O, no native AIO: %s", why)
-        return None
+        raise ValueError(f"io_engine: aio can't be used for {self._directory}: {why}")
 
     def alive(self) -> bool:
         """Whether the tier's I/O can still complete: False once the AIO ring's reaping thread has died."""

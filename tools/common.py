@@ -59,8 +59,8 @@ OPTION_HELP: dict[str, str] = {
     "--trace-file)",
     "io_threads": "threads for disk I/O (and for host copies when the device is the CPU)",
     "io_timeout": "seconds one page transfer may take before the run stops with an error",
-    "io_engine": "how the disk tier moves pages: aio (Linux native AIO, a request's reads all in flight at once; "
-    "needs O_DIRECT), threads (a pool of --io-threads threads), or auto (aio where it can be used)",
+    "io_engine": "how the disk tier moves pages: threads (a pool of --io-threads threads; the default) or aio "
+    "(Linux native AIO, a request's calls all in flight at once; needs O_DIRECT)",
     "host_attention": "attend over pages in host RAM (and pages read from disk) on the host's cores and merge the "
     "partial results: auto (a cost model from measured link and host rates decides per layer), all, or off",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
