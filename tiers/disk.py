@@ -94,10 +94,11 @@ GROW_STEP_BYTES = 16 << 20
 # The I/O engines (`io_engine`): "threads" (a pool of threads, one preadv/pwritev each at a time; the default)
 # and "aio" (Linux native AIO, tiers/aio.py; O_DIRECT only).
 # NOTE: aio reads scattered small pages faster (benchmarks/disk_tier.py: 16-page random requests of 48 KiB pages at
-# 0.85 of the raw 1 MiB read rate, against 0.49 with 4 threads), but exact decode on the 2-core CPU machine, with
+# 0.69 of the raw 1 MiB read rate, against 0.47 with 4 threads), but exact decode on the 2-core CPU machine, with
 # 83% of the KV on disk, stalled more with it (benchmarks/disk_stall.py, side by side: 22-25% of decode time against
-# 15-16%, steps 334-385 ms against 286-315): the calls of the next request enter the device queue beside those of
-# the one attention waits for, where the pool serves requests in order. Hence threads by default.
+# 14-17%, steps 334-385 ms against 286-315): the calls of the next request enter the device queue beside those of
+# the one attention waits for, where the pool serves requests in order (BENCHMARKS.md, "Two I/O engines").
+# Hence threads by default.
 IO_ENGINES = ("threads", "aio")
 # aio: the most bytes one call moves (runs of consecutive slots are cut there, so that a long run is several
 # calls the device serves side by side), and the most calls in the kernel at once per tier.
@@ -424,13 +425,7 @@ class DiskTier(Tier):
         ascending slots, at most ceil(n / threads) pages a call; the calls grouped, in slot order, into at most
         `threads` tasks of about as many pages each."""
         per_call = min(self._pages_per_call, max(1, math.ceil(len(slots) / self._threads)))
-        calls: list[list[int]] = []
-        last = -2
-        for i in sorted(range(len(slots)), key=slots.__getitem__):
-            if slots[i] != last + 1 or len(calls[-1]) == per_call:
-                calls.append([])
-            calls[-1].append(i)
-            last = slots[i]
+        calls = _calls(slots, per_call)
         # NOTE: a task per call would cost a future, a callback and the checks' numpy overhead per call, more than
         # the call itself when pages are small and scattered; tasks of several calls keep every thread busy
         # with one submission each.
@@ -447,15 +442,7 @@ class DiskTier(Tier):
     def _aio_calls(self, slots: list[int]) -> list[list[int]]:
         """The request as AIO calls, each a list of page indexes: consecutive ascending slots, at most
         AIO_CALL_BYTES (and IOV_MAX iovecs) a call."""
-        per_call = max(1, min(self._pages_per_call, AIO_CALL_BYTES // self.slot_bytes))
-        calls: list[list[int]] = []
-        last = -2
-        for i in sorted(range(len(slots)), key=slots.__getitem__):
-            if slots[i] != last + 1 or len(calls[-1]) == per_call:
-                calls.append([])
-            calls[-1].append(i)
-            last = slots[i]
-        return calls
+        return _calls(slots, max(1, min(self._pages_per_call, AIO_CALL_BYTES // self.slot_bytes)))
 
     def _submit(
         self, write: bool, slots: list[int], k: torch.Tensor, v: torch.Tensor, finish: Callable[[], None] | None
@@ -635,6 +622,18 @@ class DiskTier(Tier):
         else:
             cause = "; ".join(f"{what}: slot{'s' if len(s) > 1 else ''} {_shown(s)}" for what, s in bad.items())
         return PageError(self.name, sorted(s for slots in bad.values() for s in slots), cause)
+
+
+def _calls(slots: list[int], per_call: int) -> list[list[int]]:
+    """The indexes of `slots` as calls: runs of consecutive ascending slots, at most `per_call` pages each."""
+    calls: list[list[int]] = []
+    last = -2
+    for i in sorted(range(len(slots)), key=slots.__getitem__):
+        if slots[i] != last + 1 or len(calls[-1]) == per_call:
+            calls.append([])
+        calls[-1].append(i)
+        last = slots[i]
+    return calls
 
 
 def _chained(error: PageError, cause: OSError) -> PageError:
