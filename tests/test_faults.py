@@ -338,6 +338,19 @@ def test_the_cli_reports_a_failed_run_in_one_line_and_exits_2(capsys, tmp_path: 
     assert_empty(kv)
 
 
+def test_the_cli_refuses_aio_where_pages_cant_take_o_direct(capsys, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """--io-engine aio with 1 KiB page halves: one line naming --io-engine and why, when the disk tier starts."""
+    kv = tmp_path / "kv"
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hello " * 40,
+                           "--page-size", "8", "--device-budget", "16KiB", "--host-budget", "4KiB",
+                           "--disk-dir", str(kv), "--max-new-tokens", "4", "--io-engine", "aio")
+    assert code == 2
+    line = assert_one_line_error(err, "--io-engine")
+    assert line.endswith("it needs O_DIRECT, which this tier can't use: the half-page size 1024 B is not a multiple "
+                         "of 4096")
+    assert_empty(kv)
+
+
 def test_a_dead_prefix_publisher_is_replaced_and_nothing_hangs(tiny_gqa3_model, tmp_path: Path) -> None:
     """The thread that writes pages to the prefix cache dies: waiting for it returns, its queued pages are counted
     as an error, and the next publish starts a new thread."""

@@ -307,8 +307,12 @@ def test_disk_io_mode(tmp_path: Path) -> None:
             tier.close()
     with pytest.raises(ValueError, match=r"^disk_dir: .*O_DIRECT.*not a multiple of 4096"):
         DiskTier(SHAPES[3], 2, str(tmp_path), direct=True)
-    with pytest.raises(ValueError, match=r"^io_engine: aio can't be used for .*: it needs O_DIRECT"):
+    with pytest.raises(ValueError, match=r"^io_engine: aio can't be used for .*: it needs O_DIRECT, which this tier "
+                                         r"can't use: direct=False$"):
         DiskTier(SMALL, 2, str(tmp_path), direct=False, engine="aio")
+    with pytest.raises(ValueError, match=r"^io_engine: aio can't be used for .*: it needs O_DIRECT, which this tier "
+                                         r"can't use: the half-page size 420 B is not a multiple of 4096$"):
+        DiskTier(SHAPES[3], 2, str(tmp_path), engine="aio")
     with pytest.raises(ValueError, match=r"^io_engine: expected one of threads, aio, got 'uring'$"):
         DiskTier(SMALL, 2, str(tmp_path), engine="uring")
     assert kv_files(tmp_path) == []

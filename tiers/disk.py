@@ -18,13 +18,13 @@ in the caller's buffers (an iovec may point anywhere in them). `allocate()` hand
 of one allocation are one run. Calls touch disjoint bytes, so they need no lock. Two engines (`engine`,
 the runtime's `io_engine`):
 
-- "aio" (O_DIRECT only): runs are cut into calls of at most AIO_CALL_BYTES, and
-  one io_submit puts all of a request's calls in the kernel at once (tiers/aio.py); the ring's thread checks each
-  call's pages as it completes. Scattered 48 KiB pages need many calls in flight to reach the device's bandwidth,
-  which a pool of a few threads, one blocking call each, can't give.
-- "threads" (the default; see the NOTE at IO_ENGINES): runs are cut into calls of at most ceil(n / threads) pages, one
-  preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so that every
-  thread has work. Positioned I/O releases the GIL.
+- "threads" (the default; see the NOTE at IO_ENGINES): runs are cut into calls of at most ceil(n / threads)
+  pages, one preadv/pwritev each, and the calls are grouped into at most `threads` tasks for the tier's pool, so
+  that every thread has work. Positioned I/O releases the GIL.
+- "aio" (O_DIRECT only): runs are cut into calls of at most AIO_CALL_BYTES, and one io_submit puts all of a
+  request's calls in the kernel at once (tiers/aio.py); the ring's thread checks each call's pages as it
+  completes. Scattered 48 KiB pages need many calls in flight to reach the device's bandwidth, which a pool of a
+  few threads, one blocking call each, can't give.
 NOTE: reading through small gaps between runs (into scratch) to make fewer, longer calls was measured
 (benchmarks/disk_tier.py's device) and dropped: the bytes of the gaps cost more than the calls saved.
 
@@ -266,6 +266,7 @@ class DiskTier(Tier):
 
     def _enable_direct(self, fd: int, directory: str, want: bool | None) -> bool:
         if want is False:
+            self._no_direct = "direct=False"
             return False
         if (odd := next((b for b in (self.shape.k_bytes, self.shape.v_bytes) if b % ALIGN), None)) is not None:
             reason = f"the half-page size {odd} B is not a multiple of {ALIGN}"
@@ -285,6 +286,7 @@ class DiskTier(Tier):
         if want:
             raise ValueError(f"disk_dir: {directory} can't use O_DIRECT: {reason}")
         logger.info("disk tier: buffered I/O in %s, no O_DIRECT: %s", directory, reason)
+        self._no_direct = reason
         return False
 
     def _start_ring(self, engine: str) -> aio.Ring | None:
@@ -292,17 +294,13 @@ class DiskTier(Tier):
         thread pool."""
         if engine == "threads":
             return None
-        why = None if self.direct else "it needs O_DIRECT, which this tier can't use (see the log)"
+        why = None if self.direct else f"it needs O_DIRECT, which this tier can't use: {self._no_direct}"
         if why is None and (why := aio.unavailable()) is None:
             try:
                 return aio.Ring(AIO_DEPTH, name="offload-disk-aio")
             except OSError as e:
                 why = f"the kernel refuses it ({e.strerror or e})"
         raise ValueError(f"io_engine: aio can't be used for {self._directory}: {why}")
-
-    def alive(self) -> bool:
-        """Whether the tier's I/O can still complete: False once the AIO ring's reaping thread has died."""
-        return self._ring is None or self._ring.alive()
 
     @property
     def path(self) -> str:
