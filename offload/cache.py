@@ -17,6 +17,21 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+# The keyword that carries the cache into generate and forward: `cache` from transformers 5.25 (where
+# `past_key_values` is its deprecated alias, which generate turns into `cache` before calling forward),
+# `past_key_values` before.
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
+except ImportError:  # older versions
+    _CACHE_NAMES = ["past_key_values"]
+CACHE_KWARG = "cache" if "cache" in _CACHE_NAMES else "past_key_values"
+
+
+def given_cache(kwargs: dict) -> object:
+    """The cache a generate or forward call was given, under either name."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
 if TYPE_CHECKING:
     from offload.runtime import Runtime
 

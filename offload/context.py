@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from offload import attention
-from offload.cache import OffloadedCache
+from offload.cache import CACHE_KWARG, OffloadedCache, given_cache
 from offload.config import OffloadConfig
 from offload.runtime import Runtime
 
@@ -27,21 +27,6 @@ from offload.runtime import Runtime
 _DEFAULTS: dict[str, Any] = {"max_length": 20, "num_beams": 1, "num_return_sequences": 1, "use_cache": True}
 if hasattr(GenerationConfig, "_get_default_generation_params"):
     _DEFAULTS.update(GenerationConfig._get_default_generation_params())
-
-# The keyword that carries the cache into generate and forward: `cache` from transformers 5.25 (where
-# `past_key_values` is its deprecated alias, which generate turns into `cache` before calling forward),
-# `past_key_values` before.
-try:
-    from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
-except ImportError:  # older versions
-    _CACHE_NAMES = ["past_key_values"]
-CACHE_KWARG = "cache" if "cache" in _CACHE_NAMES else "past_key_values"
-
-
-def given_cache(kwargs: dict) -> Any:
-    """The cache a generate or forward call was given, under either name."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 @contextmanager

@@ -23,6 +23,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from offload.cache import CACHE_KWARG
+
 # Names of the torch functions and Tensor methods that read a value on the host; `to` counts when its target is
 # the CPU and its tensor is not (`_to_cpu`).
 READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "cpu"}
@@ -64,7 +66,7 @@ def count_step(model, cache, token: torch.Tensor) -> tuple[int, int]:
     """(aten ops, host reads) of one decode forward of `token` [1, 1] over `cache`."""
     ops, reads = OpCounter(), ReadCounter()
     with torch.no_grad(), reads, ops:
-        model(input_ids=token, past_key_values=cache, use_cache=True)
+        model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
     return ops.ops, reads.reads
 
 
@@ -113,7 +115,7 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True)
         base = [count_step(model, cache, token) for _ in range(steps)]
     kv = kv_bytes(model, context)
     if mode == "sparse":
@@ -122,7 +124,7 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
                  attention=mode, **options) as rt, torch.no_grad():
         cache = rt.cache()
         for chunk in ids.split(prefill_chunk, dim=1):
-            model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True)
         counted = []
         placed = None
         for _ in range(steps):

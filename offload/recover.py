@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from offload.cache import CACHE_KWARG
 from tiers.base import PageError, WorkerDied
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ class Recovery:
         cache = DynamicCache()
         tokens = torch.tensor([ids], dtype=torch.long, device=rt.device)
         for a in range(0, tokens.shape[1], RECOMPUTE_CHUNK):
-            chunk = {"input_ids": tokens[:, a:a + RECOMPUTE_CHUNK], "past_key_values": cache, "use_cache": True}
+            chunk = {"input_ids": tokens[:, a:a + RECOMPUTE_CHUNK], CACHE_KWARG: cache, "use_cache": True}
             try:
                 rt.model(**chunk, logits_to_keep=1)  # no logits over the whole prefix
             except TypeError:

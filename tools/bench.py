@@ -264,6 +264,8 @@ def prefill_and_decode(model: Any, cache: Any, prompt: torch.Tensor, new_tokens:
                        after_prefill: Callable[[], None] | None = None) -> tuple[float, float]:
     """Prefills `prompt` [1, n] into `cache`, then decodes `new_tokens` greedy steps; returns (prefill seconds,
     decode seconds). `after_prefill` runs between the two clocks (for stats snapshots)."""
+    from offload.cache import CACHE_KWARG  # transformers: imported when there is a model to run
+
     device = prompt.device
     n = prompt.shape[1]
     step = chunk or n
@@ -271,7 +273,7 @@ def prefill_and_decode(model: Any, cache: Any, prompt: torch.Tensor, new_tokens:
     t0 = time.perf_counter()
     for start in range(0, n, step):
         # logits_to_keep=1: only the last position's logits are needed, not [n, vocab].
-        out = model(input_ids=prompt[:, start:start + step], past_key_values=cache, use_cache=True,
+        out = model(input_ids=prompt[:, start:start + step], **{CACHE_KWARG: cache}, use_cache=True,
                     logits_to_keep=1)
     next_id = out.logits[:, -1:].argmax(-1)  # [1, 1]
     _sync(device)
@@ -281,7 +283,7 @@ def prefill_and_decode(model: Any, cache: Any, prompt: torch.Tensor, new_tokens:
     _sync(device)
     t2 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=next_id, past_key_values=cache, use_cache=True)
+        out = model(input_ids=next_id, **{CACHE_KWARG: cache}, use_cache=True)
         next_id = out.logits[:, -1:].argmax(-1)
     _sync(device)
     return t1 - t0, time.perf_counter() - t2

@@ -414,6 +414,8 @@ def generate_stream(
     holds of them already (a prefix cache's pages), in chunks of `prefill_chunk` tokens (a tqdm bar on stderr),
     then decodes one token per step, calling `on_text(piece)` with each new piece
     of text, until `max_new_tokens` tokens or an EOS token. Returns the generated ids (without the EOS)."""
+    from offload.cache import CACHE_KWARG  # transformers: imported when there is a model to run
+
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
@@ -442,7 +444,7 @@ def generate_stream(
         for start in range(held, n, prefill_chunk):
             chunk = ids[:, start : start + prefill_chunk]
             # logits_to_keep=1: only the last position's logits are needed, not [chunk, vocab].
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
             bar.update(chunk.shape[1])
     assert logits is not None
@@ -457,7 +459,7 @@ def generate_stream(
         if len(generated) >= max_new_tokens:
             break
         step = torch.tensor([[next_id]], dtype=torch.long, device=device)
-        out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        out = model(input_ids=step, **{CACHE_KWARG: cache}, use_cache=True)
         next_id = int(out.logits[0, -1].argmax())
     stream.push(generated, final=True)
     return generated
