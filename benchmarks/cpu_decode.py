@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload import offload  # noqa: E402
+from offload.cache import CACHE_KWARG  # noqa: E402
 from offload.opcount import kv_bytes  # noqa: E402
 from offload.report import markdown_table  # noqa: E402
 
@@ -81,10 +82,10 @@ def placed_as_meant(method: str, resident: dict) -> bool:
 def prefill(model, cache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
     """Prefills `prompt` into `cache` and decodes one warm-up token; returns the next token id [1, 1]."""
     for start in range(0, prompt.shape[1], chunk):
-        out = model(input_ids=prompt[:, start:start + chunk], past_key_values=cache, use_cache=True,
+        out = model(input_ids=prompt[:, start:start + chunk], **{CACHE_KWARG: cache}, use_cache=True,
                     logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -92,7 +93,7 @@ def decode(model, cache, token: torch.Tensor, n: int) -> tuple[float, torch.Tens
     """Seconds per token over `n` greedy decode steps, and the next token."""
     t0 = time.perf_counter()
     for _ in range(n):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t0) / n, token
 

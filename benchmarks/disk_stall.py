@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.disk_tier import provenance, save  # noqa: E402
 from offload import offload  # noqa: E402
+from offload.cache import CACHE_KWARG  # noqa: E402
 
 
 def load():
@@ -51,13 +52,13 @@ def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str) -> 
         with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir,
                      **io) as rt:
             cache = rt.cache()
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = model(ids, **{CACHE_KWARG: cache}, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
+            token = model(token, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
             before = rt.stats()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model(token, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             decode = time.perf_counter() - t0
             after = rt.stats()
             used = rt.disk_tier.engine

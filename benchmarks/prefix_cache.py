@@ -65,6 +65,7 @@ def prompt_ids(tokenizer, doc: str, question: str) -> torch.Tensor:
 def ask(model, ids: torch.Tensor, options: dict, new_tokens: int) -> dict:
     """TTFT and `new_tokens` greedy tokens of `ids` in a fresh runtime; the prefix cache's counters."""
     from offload import offload
+    from offload.cache import CACHE_KWARG
 
     with offload(model, **options) as rt:
         rt.expect_tokens(ids.shape[1] + new_tokens)
@@ -72,13 +73,13 @@ def ask(model, ids: torch.Tensor, options: dict, new_tokens: int) -> dict:
         cache = rt.cache(ids)
         held = cache.get_seq_length()
         for a in range(held, ids.shape[1], PREFILL_CHUNK):
-            out = model(input_ids=ids[:, a:a + PREFILL_CHUNK], past_key_values=cache, use_cache=True,
+            out = model(input_ids=ids[:, a:a + PREFILL_CHUNK], **{CACHE_KWARG: cache}, use_cache=True,
                         logits_to_keep=1)
         token = int(out.logits[0, -1].argmax())
         ttft = time.perf_counter() - t0
         tokens = [token]
         for _ in range(new_tokens - 1):
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]]), **{CACHE_KWARG: cache}, use_cache=True)
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
         t1 = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload import offload  # noqa: E402
+from offload.cache import CACHE_KWARG  # noqa: E402
 from offload.shapes import build_model  # noqa: E402
 
 
@@ -39,13 +40,13 @@ def main() -> None:
     with offload(model, attention=a.attention, device_budget=int(a.fraction * kv), host_budget=2 * kv,
                  page_size=a.page_size) as rt, torch.no_grad():
         cache = rt.cache()
-        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        out = model(input_ids=ids, **{CACHE_KWARG: cache}, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
 
         def steps(n: int) -> None:
             nonlocal nxt
             for _ in range(n):
-                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                nxt = model(input_ids=nxt, **{CACHE_KWARG: cache}).logits[:, -1:].argmax(-1)
             nxt.cpu()
 
         steps(2)

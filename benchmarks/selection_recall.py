@@ -78,6 +78,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from offload.cache import CACHE_KWARG  # noqa: E402
 from offload.models import load_model  # noqa: E402
 from offload.report import markdown_table  # noqa: E402
 from policies import SELECTION  # noqa: E402
@@ -112,9 +113,9 @@ def capture(model, ids: torch.Tensor, steps: int, warm: int):
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            nxt = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            nxt = model(input_ids=ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
             for _ in range(steps):
-                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                nxt = model(input_ids=nxt, **{CACHE_KWARG: cache}).logits[:, -1:].argmax(-1)
     finally:
         model.set_attn_implementation(before)
     layers = len(decode)

@@ -58,6 +58,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from offload import offload  # noqa: E402
+from offload.cache import CACHE_KWARG  # noqa: E402
 from tiers.host import pinned_bytes  # noqa: E402
 
 POSITIONS = 131072
@@ -185,13 +186,13 @@ def soak(model, steps: int, every: int, disk_dir: str, warmup: int | None = None
     with offload(model, **options(disk_dir, io_threads)) as rt:
         rt.expect_tokens(ids.shape[1] + steps)  # as generate does: sizes the disk file
         cache = rt.cache()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         del out
         t0 = time.perf_counter()
         result.samples.append(sample(rt, 0, t0, disk_dir, proc))
         for step in range(1, steps + 1):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             result.tokens[step - 1] = token[0, 0]
             del out
@@ -219,11 +220,11 @@ def reference_tokens(model, steps: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids(), past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt_ids(), **{CACHE_KWARG: cache}, use_cache=True)
     tokens = torch.full((steps,), -1, dtype=torch.int32)
     token = out.logits[:, -1:].argmax(-1)
     for step in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         tokens[step] = token[0, 0]
     return tokens

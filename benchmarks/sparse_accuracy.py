@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from passkey import passkey_ids  # noqa: E402
 
 from offload import offload  # noqa: E402
+from offload.cache import CACHE_KWARG  # noqa: E402
 from offload.models import load_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,10 +57,10 @@ def budgets(model, tokens: int, device_fraction: float) -> dict:
 @torch.no_grad()
 def teacher_forced(model, ids: torch.Tensor, cont: torch.Tensor, cache) -> torch.Tensor:
     """Log-probabilities [len(cont), vocab] for each continuation token given everything before it."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     logps = [torch.log_softmax(out.logits[0, -1].float(), -1)]
     for t in cont[:-1]:
-        out = model(input_ids=t.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=t.view(1, 1), **{CACHE_KWARG: cache}, use_cache=True)
         logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
     return torch.stack(logps)
 
