@@ -14,8 +14,10 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 import tiers.disk
+from tiers.base import PageShape
 from tiers.disk import DiskTier
 
 
@@ -123,3 +125,13 @@ def truncate(path: str | os.PathLike, nbytes: int = 0) -> None:
 
 def delete(path: str | os.PathLike) -> None:
     os.unlink(path)
+
+
+def skip_without_aio(directory: str | os.PathLike) -> None:
+    """Skips the test where the disk tier can't use native AIO in `directory` (a file system without O_DIRECT, such
+    as tmpfs, or a kernel without AIO): the aio cases can't run there."""
+    try:
+        DiskTier(PageShape(kv_heads=1, page_size=64, head_dim=16, dtype=torch.float32), 1, str(directory),
+                 engine="aio").close()
+    except ValueError as e:
+        pytest.skip(str(e))

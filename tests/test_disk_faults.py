@@ -49,6 +49,8 @@ def make(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakeTier]:
     directory."""
     made: list[FaultyDisk] = []
     engine = CASES[request.getfixturevalue("case")][1] if "case" in request.fixturenames else "threads"
+    if engine == "aio":
+        faults.skip_without_aio(tmp_path)
 
     def build(shape: PageShape, capacity: int = 8, plan: Faults | None = None, **kwargs: object) -> FaultyDisk:
         kwargs.setdefault("engine", engine)
@@ -341,8 +343,10 @@ def test_shuffled_consecutive_slots_are_one_call_per_thread(make: MakeTier, shap
     assert len(counted["write"]) == len(counted["read"]) == calls
 
 
-def test_aio_cuts_long_runs_into_calls_in_flight_together(make: MakeTier, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aio_cuts_long_runs_into_calls_in_flight_together(make: MakeTier, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
     """A run longer than AIO_CALL_BYTES is several calls, each at most that long, all in the kernel at once."""
+    faults.skip_without_aio(tmp_path)
     monkeypatch.setattr(tiers.disk, "AIO_CALL_BYTES", 4 * ALIGNED.page_bytes)
     tier = make(ALIGNED, 16, engine="aio")
     counted = count_calls(monkeypatch)

@@ -50,7 +50,9 @@ IO = {"threads": (8, 160), "aio": (64, 448)}
 
 
 @pytest.fixture(params=list(IO))
-def io(request: pytest.FixtureRequest) -> str:
+def io(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "aio":
+        faults.skip_without_aio(tmp_path)
     return request.param
 
 
@@ -317,6 +319,7 @@ def test_a_dead_aio_thread_is_detected(tiny_gqa3_model, tmp_path: Path) -> None:
             thread.join(0.02)
         assert not ring.alive()
 
+    faults.skip_without_aio(tmp_path)
     with pytest.raises(OSError, match=r"^\[Errno 5\] io: the I/O thread offload-disk-aio died; a disk (read|write) of"):
         _run(model, *_io_case(model, tmp_path / "kv", "aio", io_timeout=60), kill_reaper)
     assert_empty(tmp_path / "kv")

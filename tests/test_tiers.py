@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import faults
 import tiers.aio
 from tiers.base import PageShape, Tier
 from tiers.device import DeviceTier
@@ -76,6 +77,8 @@ def make_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callab
         # AIO where the shape allows O_DIRECT (halves a multiple of 4 KiB); the pool for the others.
         odd = shape.k_bytes % ALIGN or shape.v_bytes % ALIGN
         kwargs.setdefault("engine", "threads" if odd else request.param[1])
+        if kwargs["engine"] == "aio":
+            faults.skip_without_aio(tmp_path)
         made.append(DiskTier(shape, capacity, str(tmp_path), **kwargs))  # type: ignore[arg-type]
         return made[-1]
 
