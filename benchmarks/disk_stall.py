@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "disk_stall", "model": name, "context": int(ids.shape[1]), "steps": args.steps,
         "budgets": {"device": args.device_budget, "host": args.host_budget}, "runs": runs,
         # The first run's figures at the top level, as before runs were listed.
-        **{k: v for k, v in runs[0].items()},
+        **runs[0],
         **provenance("disk_stall.py", argv, t_start),
     }
     save(result, args.out)

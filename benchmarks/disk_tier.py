@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.cpu_decode import machine  # noqa: E402
 from tiers.base import PageShape  # noqa: E402
-from tiers.disk import DiskTier  # noqa: E402
+from tiers.disk import IO_ENGINES, DiskTier  # noqa: E402
 from tiers.host import aligned_host_tensor  # noqa: E402
 
 MIB = 1 << 20
@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.shapes = args.shapes.split(",")
     args.engines = args.engines.split(",")
-    if bad := [e for e in args.engines if e not in ("aio", "threads")]:
-        ap.error(f"--engines: unknown {bad}; known: aio, threads")
+    if bad := [e for e in args.engines if e not in IO_ENGINES]:
+        ap.error(f"--engines: unknown {bad}; known: {', '.join(IO_ENGINES)}")
     if unknown := [s for s in args.shapes if s not in SHAPES]:
         ap.error(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
     work = tempfile.mkdtemp(prefix="disk-tier-", dir=args.dir)

@@ -2,8 +2,8 @@
 
 `FaultyDisk` is a DiskTier whose positioned reads and writes consult a `Faults` plan: before the system call on
 the thread pool's path (`_preadv`, `_pwritev`), on completion on the AIO path (`_completed`, which turns the
-kernel's result into the fault's). `install(monkeypatch, faults)` makes the runtime build it instead of the real tier. The file itself is
-damaged from outside with `flip`, `truncate` and `delete`, as a failing disk or another program would.
+kernel's result into the fault's). `install(monkeypatch, faults)` makes the runtime build it instead of the real
+tier. The file itself is damaged from outside with `flip`, `truncate` and `delete`, as a failing disk or another program would.
 """
 
 from __future__ import annotations
@@ -69,29 +69,29 @@ class FaultyDisk(DiskTier):
             name, count = ("write ENOSPC", "write_enospc") if write else ("short read", "short_read")
             return ("ENOSPC" if write else name) if f._take(name, count, after, calls) else None
 
-    def _preadv(self, iov: list[memoryview], offset: int) -> int:
-        fault = self._draw(False, iov, offset)
-        if self.faults.stall_read and (fault or self.faults.stall_read < 0):
-            threading.Event().wait(abs(self.faults.stall_read))
-        if fault == "EIO":
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        got = super()._preadv(iov, offset)
-        return got // 2 if fault else got
-
-    def _pwritev(self, iov: list[memoryview], offset: int) -> int:
-        fault = self._draw(True, iov, offset)
-        if fault is not None:
-            code = errno.EIO if fault == "EIO" else errno.ENOSPC
-            raise OSError(code, os.strerror(code))
-        return super()._pwritev(iov, offset)
-
-    def _completed(self, write: bool, iov: list[memoryview], offset: int, res: int) -> int:
+    def _injected(self, write: bool, iov: list[memoryview], offset: int) -> int | None:
+        """The fault this call gets, after the stall a read takes: an errno (EIO, ENOSPC), 0 for a short read, or
+        None."""
         fault = self._draw(write, iov, offset)
         if not write and self.faults.stall_read and (fault or self.faults.stall_read < 0):
             threading.Event().wait(abs(self.faults.stall_read))
-        if fault in ("EIO", "ENOSPC"):
-            return -(errno.EIO if fault == "EIO" else errno.ENOSPC)
-        return res // 2 if fault else res
+        return {None: None, "EIO": errno.EIO, "ENOSPC": errno.ENOSPC}.get(fault, 0)
+
+    def _preadv(self, iov: list[memoryview], offset: int) -> int:
+        fault = self._injected(False, iov, offset)
+        if fault:
+            raise OSError(fault, os.strerror(fault))
+        got = super()._preadv(iov, offset)
+        return got // 2 if fault == 0 else got
+
+    def _pwritev(self, iov: list[memoryview], offset: int) -> int:
+        if fault := self._injected(True, iov, offset):
+            raise OSError(fault, os.strerror(fault))
+        return super()._pwritev(iov, offset)
+
+    def _completed(self, write: bool, iov: list[memoryview], offset: int, res: int) -> int:
+        fault = self._injected(write, iov, offset)
+        return -fault if fault else res // 2 if fault == 0 else res
 
 
 def install(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> list[FaultyDisk]:

@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pytest
 
+import faults
 from tiers import aio
-
-pytestmark = pytest.mark.skipif(aio.unavailable() is not None, reason=f"native AIO: {aio.unavailable()}")
 
 BLOCK = 4096
 
 
 @pytest.fixture
 def direct_file(tmp_path: Path) -> Iterator[int]:
+    """A file opened with O_DIRECT; the test is skipped where the disk tier itself couldn't use AIO here."""
+    faults.skip_without_aio(tmp_path)
     path = tmp_path / "f.bin"
     path.write_bytes(bytes(64 * BLOCK))
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    except OSError as e:
-        pytest.skip(f"this file system refuses O_DIRECT ({e})")
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     yield fd
     os.close(fd)
 

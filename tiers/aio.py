@@ -3,9 +3,9 @@ and writes in flight from one submitting call, completions reaped by one thread.
 
 Why: scattered pages are small (48 KiB for SmolLM2), and a device reaches its bandwidth on small requests only
 with many in flight. A pool of threads each blocked in one preadv keeps as many in flight as it has threads; one
-io_submit puts a whole request's calls in the device queue at once. Measured on this project's CPU machine
-(virtio disk, 2026-12-06): random 48 KiB O_DIRECT reads at 0.74 GB/s with 4 in flight, 1.0-1.1 with 16 and
-1.3-1.7 with 64, where `dd bs=1M iflag=direct` read 1.3-1.4 GB/s.
+io_submit puts a whole request's calls in the device queue at once. On the project's CPU machine the raw device
+read random 48 KiB blocks at 1.02 GB/s with 4 calls in flight and 1.28 with 32, and the tier's 16-page requests of
+scattered 48 KiB pages went from 0.81 GB/s (4 threads) to 1.20 with AIO (BENCHMARKS.md, "Two I/O engines").
 
 Why not a package: the four system calls and two fixed structs below are the whole interface; the PyPI bindings
 either need a C library (libaio) the machines may lack or, for io_uring (liburing), crashed on this machine's CPU.

@@ -254,7 +254,7 @@ class DiskTier(Tier):
             os.close(fd)
             os.unlink(self._path)
             raise
-        self.engine = "aio" if self._ring is not None else "threads"
+        self.engine = engine
         self._fd = fd
         # The padding between two pages of one call (buffered I/O only): zeros to write, scratch to read into.
         pad = self.slot_bytes - shape.page_bytes
