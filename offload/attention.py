@@ -5,10 +5,11 @@ name, so transformers' attention modules call `paged_attention` with the new que
 
 Masks go through the mask function registered under the same name (AttentionMaskInterface). transformers calls it
 once per forward and mask kind (causal, sliding window) before the layers run, right after asking the cache for the
-mask sizes. When the offloaded cache was asked, the forward runs on the offloaded path: there the runtime attends to
-the whole sequence of its one sequence (batch size 1, causal), so the mask function only checks that the 2-D
-padding mask is all ones, refuses it otherwise, and builds no mask. That check is the one read of the mask that
-transformers' SDPA mask builder would do anyway, and a forward without a mask reads nothing. Any other forward (no
+mask sizes. When the offloaded cache was asked, the forward runs on the offloaded path: there the runtime attends
+causally over each sequence's own tokens, so the mask function builds no mask. With one sequence it only checks
+that the 2-D padding mask is all ones and refuses it otherwise; with a batch it learns each sequence's left padding
+(offload/batch.py). That check is the one read of the mask that transformers' SDPA mask builder would do anyway, and
+a forward without a mask reads nothing. Any other forward (no
 cache, or another Cache object) gets SDPA's mask, padding included, and falls back to SDPA.
 """
 
@@ -45,8 +46,13 @@ def register(name: str, runtime: Runtime) -> None:
             return sdpa_mask(*args, **kwargs)
         rt.mask_for_cache = False
         padding = kwargs.get("attention_mask")
-        if padding is not None:
-            check_unpadded(padding, kwargs.get("kv_offset", 0) + kwargs["kv_length"])
+        positions = kwargs.get("kv_offset", 0) + kwargs["kv_length"]
+        batch = padding.shape[0] if padding is not None else kwargs.get("batch_size", args[0] if args else 1)
+        rt.take_batch(batch)
+        if batch > 1:
+            rt.note_padding(padding, positions)  # left padding: each sequence's real tokens only take pages
+        elif padding is not None:
+            check_unpadded(padding, positions)
         return None
 
     AttentionInterface.register(name, attention)
@@ -93,5 +99,5 @@ def paged_attention(name: str, module: torch.nn.Module, query: torch.Tensor, key
                          "offloaded cache; pass a 2-D mask of ones, or no mask")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return runtime.attend(layer, query, key, value, scaling, window=kwargs.get("sliding_window"),
-                          softcap=kwargs.get("softcap")), None
+    return runtime.attend_layer(layer, query, key, value, scaling, window=kwargs.get("sliding_window"),
+                                softcap=kwargs.get("softcap")), None

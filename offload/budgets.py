@@ -135,11 +135,19 @@ def layer_pages(tokens: int, page_size: int, window: int | None) -> int:
 
 
 def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, page_size: int,
-                   windows: list[int | None] | None = None) -> None:
+                   windows: list[int | None] | None = None, batch: list[int] | None = None) -> None:
     """Raises ValueError, before anything runs, when `tokens` of KV can't fit all the budgets together.
-    `windows`: each layer's sliding window (None: full attention, the default for every layer)."""
+    `windows`: each layer's sliding window (None: full attention, the default for every layer). `batch`: the
+    tokens of each sequence of a batch, whose KV must fit together (`tokens` is then their sum)."""
     windows = windows if windows is not None else [None] * layers
-    need = sum(layer_pages(tokens, page_size, w) for w in windows)
+    lengths = batch if batch is not None else [tokens]
+    if len(lengths) > 1 and plan.device_cache_pages < layers * len(lengths) + 1:
+        least = layers * len(lengths) + 1 + plan.workspace_pages
+        raise ValueError(
+            f"device_budget: a batch of {len(lengths)} sequences needs an open page per layer and sequence on the "
+            f"device, {least} pages with the workspace ({format_size(least * plan.page_bytes)}); it holds "
+            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})")
+    need = sum(layer_pages(n, page_size, w) for n in lengths for w in windows)
     have = plan.capacity_pages()
     if need <= have:
         return
@@ -155,4 +163,5 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
     else:
         sizes = f"needs {need} pages but device, host and disk budgets hold {have} (kv_quant packs host and disk " \
                 f"pages into {format_size(plan.lower_bytes)})"
-    raise ValueError(f"budgets: the KV of {tokens} tokens{held} {sizes}; {advice}")
+    what = f"{tokens} tokens" if batch is None else f"{len(lengths)} sequences of {sum(lengths)} tokens in all"
+    raise ValueError(f"budgets: the KV of {what}{held} {sizes}; {advice}")

@@ -4,7 +4,8 @@
 then asks the runtime to attend over the pages and to store the new tokens. So the cache never materializes a
 layer's whole KV, and transformers code that only calls `update`, `get_seq_length` and `get_mask_sizes` works as is.
 
-A runtime holds one sequence at a time, so a cache is bound to the runtime and to the sequence it was taken for.
+A runtime holds one sequence (or one batch of them) at a time, so a cache is bound to the runtime and to the
+sequence it was taken for.
 Every entry checks, with a few integer and string comparisons, that the sequence is still the runtime's current
 one, that the `offload()` block is still open and that the model still runs this runtime's attention; otherwise the
 cache would read another sequence's pages, or pages already freed, without any error.
@@ -74,7 +75,7 @@ def unusable(runtime: Runtime, sequence: int) -> str | None:
 def check_whole(runtime: Runtime) -> None:
     """Between forwards every layer holds the same tokens; a forward that stopped part-way through the layers (an
     error or an interrupt) leaves the first layers one step ahead, and the sequence can't go on."""
-    tokens = runtime.table.tokens
+    tokens = runtime.table.tokens if runtime.batch == 1 else runtime.length
     if tokens.count(tokens[0]) != len(tokens):
         raise ValueError(f"cache: an earlier forward stopped part-way through the layers (they hold {min(tokens)} to "
                          f"{max(tokens)} tokens), so this sequence can't go on; take a new cache with rt.cache()")
@@ -107,12 +108,9 @@ class OffloadedLayer(CacheLayerMixin):
         self.check()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != 1:
-            raise ValueError(
-                f"batch: offloaded generation runs one sequence at a time; got batch size {key_states.shape[0]}"
-            )
         handoff = self.runtime.handoff
         if self.layer == 0:
+            self.runtime.take_batch(key_states.shape[0])
             check_whole(self.runtime)
             # The masks of this forward are built; what is left is from a forward that raised half-way.
             self.runtime.mask_for_cache = False
@@ -127,7 +125,7 @@ class OffloadedLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         self.check()
-        return self.runtime.table.tokens[self.layer]
+        return self.runtime.held(self.layer)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # transformers asks only while building a forward's attention mask: the mask function it calls next then
@@ -146,15 +144,16 @@ class OffloadedLayer(CacheLayerMixin):
         raise ValueError("cache: an offloaded cache can't be cropped (pages already left for lower tiers)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise ValueError("num_beams: offloaded generation runs one sequence at a time; use num_beams=1")
+        raise ValueError("num_beams: beam search is not available with the offloaded cache; use num_beams=1")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
-            raise ValueError("batch: offloaded generation runs one sequence at a time (num_return_sequences=1)")
+            raise ValueError("batch: an offloaded cache's sequences can't be repeated in place; pass the repeated "
+                             "prompts instead")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if indices.numel() != 1:
-            raise ValueError("batch: offloaded generation runs one sequence at a time")
+        if indices.numel() != 1 or self.runtime.batch != 1:
+            raise ValueError("batch: sequences can't be taken out of an offloaded cache in place")
 
 
 class OffloadedCache(Cache):

@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from offload import attention
+from offload.batch import left_padding
 from offload.cache import CACHE_KWARG, OffloadedCache, given_cache
 from offload.config import OffloadConfig
 from offload.runtime import Runtime
@@ -126,14 +127,21 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
                 kwargs["generation_config"] = given
             else:
                 args = (args[0], given, *args[2:])
-        tokens, name = _planned_tokens(model, runtime, setting, given, args, kwargs, cache)
-        runtime.expect_tokens(tokens, name)
+        tokens, name, lengths = _planned_tokens(model, runtime, setting, given, args, kwargs, cache)
+        runtime.expect_tokens(tokens, name, lengths)
         if cache is None:
             # With the ids, a turn that extends the sequence goes on with it, and a prefix cache can fill it.
             ids = args[0] if args and args[0] is not None else kwargs.get("inputs", kwargs.get("input_ids"))
             known = isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
             kwargs[CACHE_KWARG] = runtime.cache(ids if known else None)
-        return original(*args, **kwargs)
+        # In a batch, a sequence fed an end-of-sequence token has finished, and its pages are released.
+        eos = setting("eos_token_id")
+        runtime.stop_ids = (torch.tensor(eos if isinstance(eos, list) else [eos], dtype=torch.long)
+                            if eos is not None else None)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            runtime.stop_ids = None
 
     generate.offload_wrapped = original
     return generate
@@ -152,11 +160,8 @@ def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | N
         raise ValueError(f"cache_implementation: inside offload() generate uses the offloaded cache; leave "
                          f"cache_implementation unset (got {explicit!r})")
     if (setting("num_beams") or 1) != 1:
-        raise ValueError(f"num_beams: offloaded generation runs one sequence at a time; use num_beams=1 "
+        raise ValueError(f"num_beams: beam search is not available with the offloaded cache; use num_beams=1 "
                          f"(got {setting('num_beams')})")
-    if (setting("num_return_sequences") or 1) != 1:
-        raise ValueError(f"num_return_sequences: offloaded generation runs one sequence at a time (batch size 1); "
-                         f"use num_return_sequences=1 (got {setting('num_return_sequences')})")
     if setting("output_attentions"):
         raise ValueError(attention.OUTPUT_ATTENTIONS)
     # Assisted and prompt-lookup decoding roll back the tokens the model rejects, which pages can't undo.
@@ -167,21 +172,26 @@ def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | N
 
 
 def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: GenerationConfig | None, args: tuple,
-                    kwargs: dict, cache: OffloadedCache | None) -> tuple[int, str]:
-    """The length the sequence will reach, as transformers' generate computes it, and the parameter that set it.
-    Also checks the batch size, the padding mask and, for a cache from earlier turns, that the ids hold the whole
+                    kwargs: dict, cache: OffloadedCache | None) -> tuple[int, str, list[int] | None]:
+    """The length the sequence will reach, as transformers' generate computes it, the parameter that set it, and
+    for a batch the tokens each sequence will hold (padding left out, each prompt repeated num_return_sequences
+    times). Also checks the padding mask and, for a cache from earlier turns, that the ids hold the whole
     conversation."""
     ids = args[0] if args and args[0] is not None else kwargs.get("inputs")
     if ids is None:
         ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
-    for tensor in (ids, embeds):
-        if tensor is not None and tensor.dim() >= 2 and tensor.shape[0] != 1:
-            raise ValueError(f"batch: offloaded generation runs one sequence at a time; got {tensor.shape[0]}")
     ids_len = ids.shape[-1] if ids is not None else 0
     prompt = embeds.shape[1] if embeds is not None else ids_len
+    rows = next((t.shape[0] for t in (ids, embeds) if t is not None and t.dim() >= 2), 1)
     mask = kwargs.get("attention_mask")
-    if mask is not None:
+    pads = [0] * rows
+    if rows > 1:
+        if mask is not None:
+            pads = left_padding(mask, prompt)
+        if cache is not None and cache.get_seq_length():
+            raise ValueError("cache: a batch can't continue an earlier cache; pass no cache, or a new one")
+    elif mask is not None:
         attention.check_unpadded(mask, prompt)
     if cache is not None:
         if cache.runtime is not runtime:
@@ -193,6 +203,15 @@ def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: Ge
             what = "inputs_embeds" if embeds is not None else "input_ids"
             raise ValueError(f"{what}: the cache already holds {past} tokens; pass the whole conversation (those "
                              f"{past} tokens and the new ones), as with a DynamicCache")
+    total, name = _total_tokens(model, setting, given, kwargs, ids_len, prompt, embeds)
+    repeat = setting("num_return_sequences") or 1
+    lengths = [total - p for p in pads for _ in range(repeat)] if rows * repeat > 1 else None
+    return total, name, lengths
+
+
+def _total_tokens(model: torch.nn.Module, setting, given: GenerationConfig | None, kwargs: dict, ids_len: int,
+                  prompt: int, embeds: torch.Tensor | None) -> tuple[int, str]:
+    """The length generate takes the sequence to (padding included), and the parameter that set it."""
     new = setting("max_new_tokens")
     if new is not None:
         return prompt + new, "prompt"

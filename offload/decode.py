@@ -110,12 +110,9 @@ class DeviceDecode:
         self.q_heads, self.kv_heads = q_heads, kv_heads
         self.page_size, self.head_dim = self.pool_k.shape[2], self.pool_k.shape[3]
         self.device = device
-        self.views: list[LayerView | None] = [None] * layers
         # Exact mode: (layer, host pages, device pages) -> how many of the host pages the host attends; set by the
         # runtime when host attention is on (offload/host_attention.py).
         self.host_split = None
-        # The unified slot of every page, one row per sequence and layer (one sequence today).
-        self.rows = torch.full((1, layers, max_pages), NONE, dtype=torch.int32, device=device)
         # Sparse mode's blocks: R per page; a choice has one column per chooser, and each gathered head (a KV head,
         # or a query head when each chooses alone) reads its chooser's blocks.
         self.selecting = block is not None
@@ -126,13 +123,8 @@ class DeviceDecode:
         self.head_of = torch.arange(self.heads, device=device) // (self.heads // kv_heads)
         self.block_ids = torch.arange(self.per_page, device=device)
         self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
-        # Uses since the last boundary: the step a block was last attended (-1: not since), and the predicted
-        # attention mass of each block per chooser (kept for the score eviction policy alone).
-        self.use_step = torch.full((layers, max_pages * self.per_page), NONE, dtype=torch.int64, device=device)
-        self.mass = torch.zeros((layers, max_pages * self.per_page, self.choosers), dtype=torch.float32,
-                                device=device)
         self.keep_mass = False
-        self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
+        self.resize(layers)
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
         # the host, from the view), and the blocks the last sparse step gathered [count, choosers].
         self.host_reads = torch.zeros((), dtype=torch.int64, device=device)
@@ -143,6 +135,19 @@ class DeviceDecode:
         self.bk = self.bv = torch.empty(0, device=device)
         self.bk_views: dict[int, tuple] = {}
         self.flat = tuple(p.view(-1, self.block, self.head_dim) for p in pools)  # the pools as [blocks, B, D]
+
+    def resize(self, layers: int) -> None:
+        """Per-layer state for a page table of `layers` rows (one per layer and sequence of a batch)."""
+        self.layers, device = layers, self.device
+        self.views: list[LayerView | None] = [None] * layers
+        # The unified slot of every page, one row per layer and sequence.
+        self.rows = torch.full((1, layers, self.max_pages), NONE, dtype=torch.int32, device=device)
+        # Uses since the last boundary: the step a block was last attended (-1: not since), and the predicted
+        # attention mass of each block per chooser (kept for the score eviction policy alone).
+        blocks = self.max_pages * self.per_page
+        self.use_step = torch.full((layers, blocks), NONE, dtype=torch.int64, device=device)
+        self.mass = torch.zeros((layers, blocks, self.choosers), dtype=torch.float32, device=device)
+        self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
 
     # -- views ---------------------------------------------------------------------------------------------
     def view(self, layer: int, table, pages: int) -> LayerView:
@@ -374,6 +379,10 @@ class KernelDecode(DeviceDecode):
             self.side = torch.cuda.Stream(device)
             self.compute = torch.cuda.current_stream(device)
         self.ready: list[object | None] = [None] * layers  # per layer: the event of its gather ahead, if any
+
+    def resize(self, layers: int) -> None:
+        super().resize(layers)
+        self.ready = [None] * layers
 
     def serves_exact(self, view: LayerView) -> bool:
         """Whether an exact step of the layer fits: its host pages fit the workspace rows of its parity."""

@@ -4,7 +4,8 @@ Page p of layer l holds tokens [p*P, (p+1)*P). A page lives in one or more tiers
 so a copy of a full page in a lower tier stays valid, and dropping the device copy of such a page costs nothing.
 The last page of a layer (the "tail") is still being filled and always lives on the device only.
 On a layer with a sliding window, the pages before `first[layer]` fell out of the window for good: they were
-released from every tier and live nowhere.
+released from every tier and live nowhere. So did every page of a finished sequence of a batch (first = pages).
+A batch has a row per layer and sequence (offload/batch.py); "layer" below means a row.
 
 All fields are CPU tensors of shape [layers, max_pages] so that policies work with tensor ops, not Python loops.
 """
@@ -89,5 +90,5 @@ class PageTable:
                 raise AssertionError(f"layer {layer}: pages {held} left the sliding window but still hold slots")
             if bool(anywhere[n:].any()):
                 raise AssertionError(f"layer {layer}: pages beyond the last token still hold slots")
-            if self.tokens[layer] % self.page_size and int(self.slot["device"][layer, n - 1]) < 0:
+            if self.tokens[layer] % self.page_size and first < n and int(self.slot["device"][layer, n - 1]) < 0:
                 raise AssertionError(f"layer {layer}: the tail page {n - 1} is not on the device")

@@ -23,6 +23,7 @@ import time
 import torch
 
 from offload import attention_math as am
+from offload.batch import left_padding
 from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.decode import DeviceDecode, KernelDecode, attend_token
@@ -61,10 +62,16 @@ class Runtime:
         self.model = model
         self.config = config
         mc = model.config
-        self.layers: int = mc.num_hidden_layers
+        # The model's layers. The page table has a row per layer and sequence (`layers` rows: the model's layers
+        # times the batch), in the order the model attends them: row l * batch + b is layer l of sequence b.
+        self.model_layers: int = mc.num_hidden_layers
+        self.layers: int = self.model_layers
+        self.batch = 1
         self.model_type: str = mc.model_type
-        # Per layer: the sliding window (a query sees the last `window` tokens), None for full attention.
-        self.windows: list[int | None] = layer_windows(model)
+        # Per layer of the model: the sliding window (a query sees the last `window` tokens), None for full
+        # attention; `windows` has one per row.
+        self.model_windows: list[int | None] = layer_windows(model)
+        self.windows: list[int | None] = list(self.model_windows)
         self.q_heads: int = mc.num_attention_heads
         self.kv_heads: int = getattr(mc, "num_key_value_heads", None) or self.q_heads
         self.head_dim: int = getattr(mc, "head_dim", None) or mc.hidden_size // self.q_heads
@@ -164,7 +171,26 @@ class Runtime:
         self._new_sequence()
 
     # -- sequence lifecycle ----------------------------------------------------------------------------------
-    def _new_sequence(self) -> None:
+    def _set_batch(self, batch: int) -> None:
+        """Shapes the per-row state for `batch` sequences: one page table row per layer and sequence."""
+        if batch == self.batch:
+            return
+        self.batch, self.layers = batch, self.model_layers * batch
+        self.windows = [w for w in self.model_windows for _ in range(batch)]
+        self.placement.windows = self.windows
+        if self.decoder is not None:
+            self.decoder.resize(self.layers)
+        if self.selection is not None:
+            self.selection.resize(self.windows, batch)
+
+    def _new_sequence(self, batch: int = 1) -> None:
+        # Counts sequences: a cache remembers the one it was made for and refuses to run on another.
+        self.sequence_id = getattr(self, "sequence_id", -1) + 1
+        self._fresh_table(batch)
+
+    def _fresh_table(self, batch: int) -> None:
+        """An empty page table (and what hangs on it) for `batch` sequences."""
+        self._set_batch(batch)
         self.table = PageTable(self.layers, self.max_pages)
         self.table.page_size = self.page_size
         self.placement.new_sequence(self.table)
@@ -174,8 +200,6 @@ class Runtime:
         # Per layer: (page, table version, device slot) of the open tail page, so that appending a token reads
         # no table entry.
         self.tail_slot: list[tuple] = [(-1, -1, -1, None, None)] * self.layers
-        # Counts sequences: a cache remembers the one it was made for and refuses to run on another.
-        self.sequence_id = getattr(self, "sequence_id", -1) + 1
         self.ring = LoadRing(self.ring_k, self.ring_v, self.table, self._load, self._unbusy, self.stall,
                              self.count_load, self.tracer is not None)
         if self.selection is not None:
@@ -186,6 +210,12 @@ class Runtime:
         if self.prefix is not None:
             self.prefix.new_sequence()
         self.step = 0
+        # A batch (offload/batch.py's rules): per sequence, the padding its prompt starts with and whether it has
+        # finished (its pages released); per layer of the model, the positions held, padding included.
+        self.pads = [0] * batch
+        self.finished = [False] * batch
+        self.length = [0] * self.model_layers
+        self.opened = False  # a row opened a page in this step: the last row readies the next step
 
     # A measurement switch, not an option (benchmarks/checksum_cost.py --check-in-place): True makes exact steps on
     # the CPU check the host pages they read in place at every step, not only when pages are copied out of the
@@ -196,14 +226,22 @@ class Runtime:
     # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
     mask_for_cache: bool = False
 
+    # The end-of-sequence ids of the generate call running (a tensor), set by offload()'s generate: in a batch, a
+    # sequence fed one has finished, and its pages are released (`finish`).
+    stop_ids: torch.Tensor | None = None
+
     @property
     def attention_name(self) -> str:
         """The name of this runtime's attention function in transformers' AttentionInterface."""
         return f"offload-{id(self):x}"
 
     def cache(self, input_ids: torch.Tensor | list[int] | None = None):
-        """A transformers Cache bound to this runtime and to a new sequence. The runtime holds one sequence: the
-        pages of the previous one are released and a cache taken for it refuses further use.
+        """A transformers Cache bound to this runtime and to a new sequence. The runtime holds one sequence (or one
+        batch): the pages of the previous one are released and a cache taken for it refuses further use.
+
+        The cache takes the batch size of its first forward: a batch of B sequences, left-padded as transformers
+        pads them, with their 2-D attention mask (offload/batch.py). Ids [B, n] with B > 1 start a batch; it
+        neither continues an earlier sequence nor uses the prefix cache.
 
         With `input_ids` (the whole prompt, [1, n] or [n]), what is known already is reused, and
         `get_seq_length()` of the cache returned says how many of those tokens are held, so that only the rest is
@@ -217,6 +255,9 @@ class Runtime:
         if self.closed:
             raise ValueError("cache: this runtime's offload() block has ended; take caches inside the with block")
         self._drain()
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > 1:
+            self._new_sequence(input_ids.shape[0])
+            return OffloadedCache(self)
         ids = None if input_ids is None else _id_list(input_ids)
         if ids is not None and self._extends(ids):
             self.counters["tokens"]["reused"] += self.table.tokens[0]
@@ -257,6 +298,13 @@ class Runtime:
         when it runs on embeddings)."""
         self.token_log.feed(input_ids, self.table.tokens[0])
         self._forward_start = (time.perf_counter(), self.table.tokens[0])
+        stop = self.stop_ids
+        if (stop is not None and self.batch > 1 and input_ids is not None and input_ids.dim() == 2
+                and input_ids.shape[1] == 1 and self.length[0]):
+            # A sequence fed an end-of-sequence token has finished: generate only pads it from now on.
+            for b, done in enumerate(torch.isin(input_ids[:, 0], stop.to(input_ids.device)).tolist()):
+                if done:
+                    self.finish(b)
 
     def forward_done(self) -> None:
         """Called after each such forward: the time of prefills (more than one token), for the prefix cache's
@@ -267,16 +315,18 @@ class Runtime:
             self.prefill_time[0] += time.perf_counter() - start[0]
             self.prefill_time[1] += tokens
 
-    def expect_tokens(self, tokens: int, name: str = "prompt") -> None:
+    def expect_tokens(self, tokens: int, name: str = "prompt", batch: list[int] | None = None) -> None:
         """Checks, before anything runs, that a sequence of `tokens` fits the positions and the budgets. `name`: the
-        parameter that set the length, which the position error starts with."""
+        parameter that set the length, which the position error starts with. `batch`: the tokens each sequence of
+        a batch will hold (padding left out), which must fit the budgets together."""
         if tokens > self.max_positions:
             detail = "prompt plus new tokens" if name == "prompt" else f"the length {name} asks for"
             raise ValueError(
                 f"{name}: {tokens} tokens ({detail}) exceed the model's maximum of {self.max_positions} positions"
             )
-        check_capacity(self.plan, self.config, tokens, self.layers, self.page_size, self.windows)
-        self.placement.expected_tokens = tokens  # sizes the disk file at the first spill
+        check_capacity(self.plan, self.config, sum(batch) if batch else tokens, self.model_layers, self.page_size,
+                       self.model_windows, batch if batch and len(batch) > 1 else None)
+        self.placement.expected_tokens = max(batch) if batch else tokens  # sizes the disk file at the first spill
 
     def save_trace(self, path: str) -> None:
         """Writes the timeline as Chrome trace-event JSON (Perfetto, chrome://tracing). Needs trace=True."""
@@ -347,9 +397,9 @@ class Runtime:
             with phase("offload.prefill", self.tracer is not None):
                 self.ring.drain()
                 out = self._prefill(layer, query, key, value, scaling, softcap)
-            if layer == 0:
+            if layer < self.batch:  # layer 0 of each sequence
                 self.counters["tokens"]["prefill"] += tokens
-        if layer == self.layers - 1 and self.prefix is not None and self.prefix.captured:
+        if layer == self.layers - 1 and self.batch == 1 and self.prefix is not None and self.prefix.captured:
             self.prefix.forward_done(self.token_log.list())
         self._resident()
         if self.tracer is not None:
@@ -358,6 +408,77 @@ class Runtime:
             if layer == self.layers - 1:
                 self.tracer.counter("occupancy", time.perf_counter(), self._resident())
         return out
+
+    # -- batches (offload/batch.py) --------------------------------------------------------------------------
+    def attend_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scaling: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """Layer `layer` of the model for every sequence of the batch: query [B, Hq, T, D], key/value [B, H, T, D]
+        -> [B, T, Hq, D]. Each sequence attends through its own row (`attend`) over its real tokens; padded
+        positions and finished sequences get zeros."""
+        self.take_batch(query.shape[0])
+        if self.batch == 1:
+            return self.attend(layer, query, key, value, scaling, window, softcap)
+        B, T = self.batch, query.shape[2]
+        start = self.length[layer]
+        outs, last = [], False
+        for b in range(B):
+            skip = min(T, max(0, self.pads[b] - start))  # padded positions among the new ones
+            if self.finished[b] or skip == T:
+                outs.append(query.new_zeros((1, T, query.shape[1], query.shape[3])))
+                continue
+            r = layer * B + b
+            out = self.attend(r, query[b:b + 1, :, skip:], key[b:b + 1, :, skip:], value[b:b + 1, :, skip:],
+                              scaling, window, softcap)
+            if skip:
+                out = torch.cat([out.new_zeros((1, skip, *out.shape[2:])), out], dim=1)
+            outs.append(out)
+            last = r == self.layers - 1
+        self.length[layer] = start + T
+        if layer == self.model_layers - 1 and not last:
+            # The last row did not run: what it does at the end of a step happens here.
+            if T == 1:
+                self.step += 1
+            if T > 1 or self.opened:
+                self._ready_next_step()
+        return torch.cat(outs)
+
+    def take_batch(self, batch: int) -> None:
+        """Shapes an empty sequence for a forward of `batch` sequences; refuses another batch size once it holds
+        tokens."""
+        if batch == self.batch:
+            return
+        if any(self.length) or any(self.table.tokens):
+            raise ValueError(f"batch: this cache holds a batch of {self.batch} sequences; a forward of {batch} can't "
+                             "go on with it (take a new cache with rt.cache())")
+        self._fresh_table(batch)
+
+    def held(self, layer: int) -> int:
+        """The positions layer `layer` of the model holds, as transformers counts them (padding included)."""
+        return self.table.tokens[layer] if self.batch == 1 else self.length[layer]
+
+    def note_padding(self, mask: torch.Tensor | None, positions: int) -> None:
+        """The 2-D attention mask (or None) of a forward of the batch over `positions` positions (those held and
+        the new ones): learns each sequence's left padding at its first forward, and checks that later ones
+        agree."""
+        pads = left_padding(mask, positions) if mask is not None else [0] * self.batch
+        held = self.length[0]
+        # A sequence all padding so far (a chunked prefill's first chunks) may learn more of it.
+        if all(p == q or (q == held and p >= held) for p, q in zip(pads, self.pads)):
+            self.pads = pads
+        else:
+            raise ValueError(f"attention_mask: the batch's padding changed between forwards (was {self.pads} "
+                             f"positions per sequence, now {pads}); pass the mask of the whole conversation")
+
+    def finish(self, sequence: int) -> None:
+        """Releases every page of `sequence` of the batch: it has finished (generate feeds it padding from now
+        on, and its attention is zeros)."""
+        if self.finished[sequence]:
+            return
+        self.ring.drain()  # NOTE: a load in flight must land before its slot goes to another page
+        for layer in range(sequence, self.layers, self.batch):
+            self.placement.release(layer, self.table.pages(layer))
+        self.finished[sequence] = True
+        self._resident()
 
     # -- sliding windows -----------------------------------------------------------------------------------
     def _window_first(self, layer: int, n: int) -> tuple[int, int]:
@@ -495,7 +616,7 @@ class Runtime:
         pages they finish are captured for publishing."""
         P = self.page_size
         n = self.table.tokens[layer]
-        if self.prefix is not None and self.prefix.wants((n + k.shape[1]) // P):
+        if self.prefix is not None and self.batch == 1 and self.prefix.wants((n + k.shape[1]) // P):
             self._capture_prefill(layer, n, k, v)
         pos = self._fill_tail(layer, k, v, 0) if n % P else 0
         if pos and self.sparse and self.table.tokens[layer] % P == 0:
@@ -569,7 +690,8 @@ class Runtime:
             if self.sparse and layer == 0:
                 self._promote_used(used)
         self._append_token(layer, k, v)  # into the tail page, on the device
-        if opened and layer == self.layers - 1:
+        self.opened |= opened
+        if self.opened and layer == self.layers - 1:
             self._ready_next_step()
         n = self.table.tokens[layer]
         first, off = self._window_first(layer, n)  # the window starts at token `off` of page `first`
@@ -614,7 +736,8 @@ class Runtime:
         mass = sel.mass[full.to(sel.mass.device)] if sel is not None and sel.mass is not None else None
         self.placement.policy.on_use(layer, full, self.step, mass)
         if sel is not None and sel.hooks:
-            sel.speculate(layer, scaling, self.table.tokens[layer + 1] if layer + 1 < self.layers else 0)
+            nxt = layer + self.batch  # the same sequence's next layer
+            sel.speculate(layer, scaling, self.table.tokens[nxt] if nxt < self.layers else 0)
         dev_slots = self.table.slot["device"][layer, full]
         missing = full[dev_slots < 0]
         hide = sel.hide(plan, chosen, first, off) if chosen is not None else self._edge_hide(first, off)
@@ -706,13 +829,14 @@ class Runtime:
         """After a step that moved pages (a prefill, a step that opened pages): rebuilds the views, tail slots and
         sparse selection's fixed part that the next step will use, so that it reads nothing on the host. Pages a
         later layer's new tail evicted from an earlier layer are seen here, not in the next step."""
+        self.opened = False
         if self.decoder is None:
             return
         P = self.page_size
         for l in range(self.layers):
             n = self.table.tokens[l] + 1  # after the next step's token
-            if n % P == 1 and P > 1:
-                continue  # that step opens a page: it rebuilds at its boundary anyway
+            if (n % P == 1 and P > 1) or self.table.first[l] * P >= n:
+                continue  # that step opens a page: it rebuilds at its boundary anyway (or a finished sequence)
             last = -(-n // P) - 1
             self.decoder.view(l, self.table, last + 1)
             self._tail(l)
@@ -899,7 +1023,7 @@ class Runtime:
     def _count_decode(self, layer: int, attended: float) -> None:
         self.counters["attended"] += attended
         self.counters["attended_n"] += 1
-        if layer == 0:
+        if layer < self.batch:  # layer 0 of each sequence
             self.counters["tokens"]["decode"] += 1
         if layer == self.layers - 1:
             self.step += 1
@@ -945,7 +1069,7 @@ class Runtime:
         pk.select(1, off).copy_(k.view(self.kv_heads, self.head_dim))
         pv.select(1, off).copy_(v.view(self.kv_heads, self.head_dim))
         self.table.tokens[layer] = n + 1
-        if off == self.page_size - 1 and self.prefix is not None and self.prefix.publish_all:
+        if off == self.page_size - 1 and self.prefix is not None and self.prefix.publish_all and self.batch == 1:
             # The page is full: a copy on the device, read to the host by the publisher's thread.
             self.prefix.capture(layer, n // self.page_size, pk.clone(), pv.clone())
 
@@ -1115,7 +1239,7 @@ class Runtime:
             # read from the host pool.
             "blocks": {"attended": 0, "from_host": 0},
         }
-        self.stall_per_layer = [0.0] * self.layers
+        self.stall_per_layer = [0.0] * self.model_layers  # per layer of the model, over the sequences of a batch
         self.prefill_time = [0.0, 0]  # seconds and tokens of prefill forwards
         self.peak = {"device": 0, "host": 0, "disk": 0}
 
@@ -1141,7 +1265,7 @@ class Runtime:
             self.counters["loads"]["needed"] += pages
 
     def stall(self, layer: int, seconds: float, on: str = "transfer") -> None:
-        self.stall_per_layer[layer] += seconds
+        self.stall_per_layer[layer // self.batch] += seconds
         if seconds > 0 and self.tracer is not None:
             now = time.perf_counter()
             self.tracer.span("stall", "wait", now - seconds, now, layer=layer, on=on)

@@ -50,8 +50,7 @@ class SparseSelection:
     def __init__(self, model: torch.nn.Module, config: OffloadConfig, windows: list[int | None], page_size: int,
                  max_pages: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, speculate: bool):
-        self.model, self.config, self.windows, self.page_size = model, config, windows, page_size
-        self.layers = len(windows)
+        self.model, self.config, self.page_size = model, config, page_size
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.block = config.block_size()
         self.per_page = page_size // self.block  # R: blocks per page
@@ -59,16 +58,9 @@ class SparseSelection:
         # Columns of a choice: one per KV head ("kv"), per query head ("query"), or one for all ("shared").
         self.choosers = {"shared": 1, "kv": kv_heads, "query": q_heads}[self.mode]
         self.selector = SELECTION.create(config.selection)
-        max_blocks = max_pages * self.per_page
-        # Key summaries of every block, kept on the device: [layers, max_blocks, S, H, D]. Not KV bytes.
-        self.summaries = torch.zeros((self.layers, max_blocks, self.selector.summary_size(), kv_heads, head_dim),
-                                     dtype=dtype, device=device)
-        self.summary_rows = list(self.summaries)  # per-layer views, made once
-        self.history = None
-        if config.history > 0:
-            self.history = torch.zeros((self.layers, max_blocks, self.choosers), dtype=torch.float32, device=device)
-            self.history_rows = list(self.history)
+        self.max_blocks, self.dtype = max_pages * self.per_page, dtype
         self.device = device
+        self.resize(windows, 1)
         self.hooks: list = []
         self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
         # Sparse selection's fixed part per (fb, last, sinks, recent start): see `fixed`.
@@ -76,6 +68,20 @@ class SparseSelection:
         if speculate:
             self._install_speculation()
         self.new_sequence()
+
+    def resize(self, windows: list[int | None], batch: int) -> None:
+        """Per-layer state for a page table of one row per layer and sequence of a batch of `batch` (row
+        l * batch + b: layer l of sequence b), `windows` giving each row's sliding window."""
+        self.windows, self.batch, self.layers = windows, batch, len(windows)
+        # Key summaries of every block, kept on the device: [rows, max_blocks, S, H, D]. Not KV bytes.
+        self.summaries = torch.zeros((self.layers, self.max_blocks, self.selector.summary_size(), self.kv_heads,
+                                      self.head_dim), dtype=self.dtype, device=self.device)
+        self.summary_rows = list(self.summaries)  # per-row views, made once
+        self.history = None
+        if self.config.history > 0:
+            self.history = torch.zeros((self.layers, self.max_blocks, self.choosers), dtype=torch.float32,
+                                       device=self.device)
+            self.history_rows = list(self.history)
 
     def new_sequence(self) -> None:
         self.context = PrefetchContext()
@@ -120,7 +126,7 @@ class SparseSelection:
     def budget(self, layer: int, n: int) -> BlockPlan | None:
         """The sparse step of `layer` with n tokens stored (the tail page holding the last ones); None when it is
         exact: a dense layer, or a budget that covers every token the query sees."""
-        if layer < self.config.dense_layers:
+        if layer // self.batch < self.config.dense_layers:
             return None
         P, B = self.page_size, self.block
         first, off = window_start(self.windows[layer], n, P)
@@ -265,7 +271,7 @@ class SparseSelection:
         local and global layers with different frequencies: there the rotary embedding's output is captured per
         layer type, since layer L+1's may differ from layer L's."""
         model = self.model
-        self.attn_modules = [layer.self_attn for layer in decoder_layers(model)[: self.layers]]
+        self.attn_modules = [layer.self_attn for layer in decoder_layers(model)]
         self.model_type = model.config.model_type
         self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rope_types: list[str] | None = None
@@ -288,13 +294,18 @@ class SparseSelection:
             self.hooks.append(rotary.register_forward_hook(capture_rope, with_kwargs=True))
 
     def speculate(self, layer: int, scaling: float, tokens_next: int) -> None:
-        """Predicts the pages of layer+1 (holding `tokens_next` tokens) from layer's input and layer+1's own query
-        projection, q-norm and rotary (see `models.query_before_rotary` for each architecture)."""
-        nxt = layer + 1
-        captured = self.hidden.pop(layer, None)
+        """Predicts the pages of the same sequence's next layer (row layer + batch, holding `tokens_next` tokens)
+        from this layer's input and the next layer's own query projection, q-norm and rotary (see
+        `models.query_before_rotary` for each architecture)."""
+        B = self.batch
+        nxt = layer + B
+        model_layer, b = divmod(layer, B)
+        captured = self.hidden.get(model_layer)
+        if b == B - 1:
+            self.hidden.pop(model_layer, None)
         if nxt >= self.layers or captured is None or tokens_next == 0:
             return
-        q = self.speculated_query(nxt, *captured)
+        q = self.speculated_query(model_layer + 1, *captured, b)
         if q is None:
             return  # no rotary to apply: no prediction (the layer then loads what it misses on demand)
         plan = self.budget(nxt, tokens_next + 1)
@@ -308,14 +319,17 @@ class SparseSelection:
             predicted = torch.unique(chosen.flatten() // self.per_page).cpu()
         self.context.predicted_pages[nxt] = predicted
 
-    def speculated_query(self, nxt: int, hidden: torch.Tensor,
-                         rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
-        """Layer `nxt`'s query [1, Hq, 1, D] for the attention input `hidden` [1, 1, hidden], rotated by `rope`
-        (the position embeddings the previous layer got; Gemma 3: those of `nxt`'s layer type)."""
+    def speculated_query(self, nxt: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                         b: int = 0) -> torch.Tensor | None:
+        """Model layer `nxt`'s query [1, Hq, 1, D] for sequence b of the attention input `hidden` [batch, 1, hidden],
+        rotated by `rope` (the position embeddings the previous layer got; Gemma 3: those of `nxt`'s layer type)."""
         if self.rope_types is not None:
             rope = self.rope.get(self.rope_types[nxt])
         if rope is None:
             return None
+        if hidden.shape[0] > 1:
+            hidden = hidden[b:b + 1]
+            rope = tuple(r[b:b + 1] if r.shape[0] > 1 else r for r in rope)
         module = self.attn_modules[nxt]
         return apply_rotary(module, query_before_rotary(self.model_type, module, hidden, self.head_dim), *rope)
 

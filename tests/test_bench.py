@@ -276,3 +276,32 @@ def test_plot_labels_every_context_and_several_speeds(speeds: tuple[float, ...])
     y = _labelled(ax.yaxis)
     assert len(y) >= 3, y
     assert all(float(label) == pytest.approx(loc, rel=0.01) for loc, label in y.items())  # labels say the value
+
+
+def test_batches_are_rows_of_their_own(tmp_path: Path):
+    """--batch: a row per batch size, tokens/s over every sequence, the KV and budgets of the whole batch, and the
+    throughput against the same method at batch 1."""
+    out = tmp_path / "batch.json"
+    argv = ["bench", "--model-shape", "tiny", "--device", "cpu", "--context", "256", "--new-tokens", "3",
+            "--kv-device-fraction", "0.6",
+            "--repeats", "1", "--page-size", "16", "--methods", "dynamic,offload-exact", "--batch", "1,3",
+            "--out", str(out)]
+    code, stdout, stderr = _run(argv)
+    assert code == 0, stderr
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert set(by) == {(m, b) for m in ("dynamic", "offload-exact") for b in (1, 3)}
+    for method in ("dynamic", "offload-exact"):
+        one, three = by[(method, 1)], by[(method, 3)]
+        assert three["kv_bytes"] == 3 * one["kv_bytes"]
+        assert one["speedup_vs_batch_1"] is None
+        assert math.isclose(three["speedup_vs_batch_1"], three["decode_tokens_per_s"] / one["decode_tokens_per_s"])
+    assert by[("offload-exact", 3)]["device_budget_bytes"] > by[("offload-exact", 1)]["device_budget_bytes"]
+    assert "batch" in stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("text", ["0", "1,1", "two", ""])
+def test_bad_batch_flag_is_one_line(text):
+    code, _, stderr = _run(ARGS + ["--batch", text])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("offload: error: --batch:"), stderr

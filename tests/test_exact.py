@@ -325,18 +325,6 @@ def test_nested_offload_restores_the_outer_one(tiny_llama_model):
     assert model_state(model) == before
 
 
-def test_batch_of_two_is_refused(tiny_llama_model):
-    model = tiny_llama_model
-    ids = torch.cat([prompt_ids(seed=1), prompt_ids(seed=2)])
-    with offload(model) as rt:
-        with pytest.raises(ValueError, match="batch"):
-            greedy(model, ids, 4)
-        cache = rt.cache()
-        with pytest.raises(ValueError, match="batch"), torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-        assert rt.stats()["tokens"] == {"prefill": 0, "decode": 0, "reused": 0, "loaded": 0}
-
-
 def test_beams_and_padding_are_refused(tiny_llama_model):
     model = tiny_llama_model
     ids = prompt_ids(seed=1)
@@ -347,8 +335,6 @@ def test_beams_and_padding_are_refused(tiny_llama_model):
             model.generate(ids, max_new_tokens=3, num_beams=2)
         with pytest.raises(ValueError, match="^attention_mask:"):
             model.generate(ids, attention_mask=padded, max_new_tokens=3)
-        with pytest.raises(ValueError, match="batch"):
-            model.generate(ids, max_new_tokens=3, do_sample=True, num_return_sequences=2)
         assert rt.stats()["tokens"]["decode"] == 0
 
 

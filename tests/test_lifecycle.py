@@ -349,10 +349,6 @@ def test_a_later_turn_needs_the_whole_conversation(tiny_llama_model):
 REFUSED = {
     "num_beams config": ("num_beams", {"generation_config": GenerationConfig(num_beams=2, max_new_tokens=3)}),
     "num_beams": ("num_beams", {"num_beams": 2, "max_new_tokens": 3}),
-    "num_return_sequences": ("num_return_sequences", {"num_return_sequences": 2, "do_sample": True,
-                                                      "max_new_tokens": 3}),
-    "num_return_sequences config": ("num_return_sequences", {
-        "generation_config": GenerationConfig(num_return_sequences=2, do_sample=True, max_new_tokens=3)}),
     "output_attentions": ("output_attentions", {"output_attentions": True, "return_dict_in_generate": True,
                                                 "max_new_tokens": 3}),
     "output_attentions config": ("output_attentions", {
@@ -368,8 +364,7 @@ REFUSED = {
 @pytest.mark.parametrize("with_cache", [False, True], ids=["fresh", "passed-cache"])
 @pytest.mark.parametrize("case", [*REFUSED, "num_beams model config", "cache_implementation model config"])
 def test_generate_settings_the_cache_cant_honour_are_refused_first(tiny_llama_model, case, with_cache):
-    """Bug: num_beams from a GenerationConfig (or the model's) failed with the batch message, after work; and
-    num_return_sequences > 1 with the batch message. Bug: output_attentions=True returned empty tuples silently.
+    """Bug: num_beams from a GenerationConfig (or the model's) failed with the batch message, after work. Bug: output_attentions=True returned empty tuples silently.
     Bug: cache_implementation="static" got transformers' complaint about a past_key_values the caller never
     passed."""
     model = tiny_llama_model

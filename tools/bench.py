@@ -3,8 +3,10 @@
     offload bench --model-shape llama3-8b --context 8192,32768 --new-tokens 32 --repeats 3 \
         --out bench.json --plot bench.png
 
-For each context: a seeded random prompt of that many token ids, a prefill, then `--new-tokens` greedy decode
-steps (one token each), timed. Methods:
+For each context and batch size (`--batch 1,4,16`): a seeded random prompt of that many token ids per sequence, a
+prefill, then `--new-tokens` greedy decode steps (one token per sequence each), timed; tokens/s count every
+sequence's tokens, budgets scale with the batch's KV, and `speedup_vs_batch_1` compares a method's throughput with
+its own at batch 1. Methods:
 - `dynamic`: transformers' `DynamicCache`, all KV on the device: the speed baseline (an out-of-memory on the GPU
   is a result: the row gets "error": "out of memory");
 - `hf-offloaded`: `DynamicCache(offloading=True)`, transformers' layer-wise CPU offload (CUDA only);
@@ -80,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=int, default=None, metavar="N", help="with --model-shape: decoder layers")
     group.add_argument("--context", default="4096,16384", metavar="N[,N...]",
                        help="prompt lengths in tokens, comma-separated (default: 4096,16384)")
+    group.add_argument("--batch", default="1", metavar="N[,N...]",
+                       help="sequences decoded together, each of --context tokens (default: 1); throughput is summed "
+                            "over the batch and budgets scale with it")
     group.add_argument("--new-tokens", type=int, default=64, metavar="N", help="decode steps timed (default: 64)")
     group.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per method and context (default: 3)")
     group.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
@@ -177,8 +182,20 @@ def _option_variants(methods: list[str], option: str, flag: str, text: str, allo
     return out
 
 
+def parse_batches(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]: batch sizes >= 1, no repeats."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"batch: expected distinct ints >= 1 separated by commas (e.g. 1,4,16), got {text!r}")
+    return sizes
+
+
 def _check_args(args: argparse.Namespace) -> tuple[list[int], list[Variant]]:
     contexts = parse_contexts(args.context)
+    parse_batches(args.batch)
     if args.new_tokens < 1:
         raise ValueError(f"new-tokens: expected an int >= 1, got {args.new_tokens}")
     if args.repeats < 1:
@@ -262,7 +279,7 @@ def _free(device: torch.device) -> None:
 @torch.no_grad()
 def prefill_and_decode(model: Any, cache: Any, prompt: torch.Tensor, new_tokens: int, chunk: int,
                        after_prefill: Callable[[], None] | None = None) -> tuple[float, float]:
-    """Prefills `prompt` [1, n] into `cache`, then decodes `new_tokens` greedy steps; returns (prefill seconds,
+    """Prefills `prompt` [B, n] into `cache`, then decodes `new_tokens` greedy steps; returns (prefill seconds,
     decode seconds). `after_prefill` runs between the two clocks (for stats snapshots)."""
     from offload.cache import CACHE_KWARG  # transformers: imported when there is a model to run
 
@@ -275,7 +292,7 @@ def prefill_and_decode(model: Any, cache: Any, prompt: torch.Tensor, new_tokens:
         # logits_to_keep=1: only the last position's logits are needed, not [n, vocab].
         out = model(input_ids=prompt[:, start:start + step], **{CACHE_KWARG: cache}, use_cache=True,
                     logits_to_keep=1)
-    next_id = out.logits[:, -1:].argmax(-1)  # [1, 1]
+    next_id = out.logits[:, -1:].argmax(-1)  # [B, 1]
     _sync(device)
     t1 = time.perf_counter()
     if after_prefill is not None:
@@ -312,9 +329,11 @@ class Bench:
         # The runtime flags the user gave; per-variant options override them.
         self.given = {n: getattr(args, n) for n in OffloadConfig.option_names() if getattr(args, n, None) is not None}
         self.given.pop("device", None)
+        self.batch = 1  # sequences per run, set by the caller
 
     def kv_bytes(self, context: int) -> int:
-        return (context + self.args.new_tokens) * self.per_token
+        """The KV of the batch at the end of a run."""
+        return self.batch * (context + self.args.new_tokens) * self.per_token
 
     def device_budget(self, context: int) -> int:
         if "device_budget" in self.given:
@@ -333,7 +352,7 @@ class Bench:
 
     def prompt(self, context: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + context)
-        ids = torch.randint(0, self.model.config.vocab_size, (1, context), generator=generator)
+        ids = torch.randint(0, self.model.config.vocab_size, (self.batch, context), generator=generator)
         return ids.to(self.device)
 
     def measure(self, variant: Variant, context: int) -> Sample:
@@ -393,7 +412,7 @@ class Bench:
             setup_s = time.perf_counter() - t0
             cache = rt.cache()
             if hasattr(rt, "expect_tokens"):  # fails fast, before the prefill, when the budgets can't hold the KV
-                rt.expect_tokens(context + n)
+                rt.expect_tokens(context + n, batch=[context + n] * self.batch)
             prefill_s, decode_s = prefill_and_decode(self.model, cache, prompt, n, self.args.prefill_chunk,
                                                      after_prefill=lambda: snapshots.append(rt.stats()))
             after = rt.stats()
@@ -439,14 +458,15 @@ def _max(values: Sequence[int | None]) -> int | None:
 def make_row(variant: Variant, context: int, bench: Bench, samples: list[Sample], note: dict[str, str]) -> dict:
     n = bench.args.new_tokens
     row: dict[str, Any] = {
-        "method": variant.label, "base_method": variant.method, "context": context, "new_tokens": n,
+        "method": variant.label, "base_method": variant.method, "context": context, "batch": bench.batch,
+        "new_tokens": n,
         "device": str(bench.device), "repeats": len(samples),
         "prefill_seconds": None, "decode_seconds": None, "decode_tokens_per_s": None, "decode_tokens_per_s_all": [],
         "peak_device_kv_bytes": None, "peak_device_alloc_bytes": None, "peak_host_bytes": None,
         "bytes_moved_per_token": None, "stall_fraction": None, "attended_fraction": None, "setup_seconds": None,
         "kv_bytes": bench.kv_bytes(context), "device_budget_bytes": None, "host_budget_bytes": None,
         "exact_bound_tokens_per_s": None, "pct_of_pcie_bound": None,
-        "speedup_vs_dynamic": None, "speedup_vs_hf_offloaded": None,
+        "speedup_vs_dynamic": None, "speedup_vs_hf_offloaded": None, "speedup_vs_batch_1": None,
         "error": note.get("error"), "skipped": note.get("skipped"),
     }
     if variant.method.startswith("offload-"):
@@ -458,7 +478,7 @@ def make_row(variant: Variant, context: int, bench: Bench, samples: list[Sample]
             row.update(token_budget=config.token_budget_for(context), selection=config.selection)
     if not samples:
         return row
-    tps = [n / s.decode_seconds for s in samples]
+    tps = [bench.batch * n / s.decode_seconds for s in samples]  # tokens of every sequence
     row.update(
         prefill_seconds=_median([s.prefill_seconds for s in samples]),
         decode_seconds=_median([s.decode_seconds for s in samples]),
@@ -475,18 +495,24 @@ def make_row(variant: Variant, context: int, bench: Bench, samples: list[Sample]
     return row
 
 
-def add_comparisons(rows: list[dict], bounds: dict[int, float | None]) -> None:
-    """Fills speedup_vs_dynamic, speedup_vs_hf_offloaded and the offload-exact bound fields, per context."""
+def add_comparisons(rows: list[dict], bounds: dict[tuple[int, int], float | None]) -> None:
+    """Fills speedup_vs_dynamic, speedup_vs_hf_offloaded and the offload-exact bound fields, per context and batch,
+    and speedup_vs_batch_1: against the same method at the same context with one sequence."""
     for row in rows:
-        ref = {r["method"]: r["decode_tokens_per_s"] for r in rows if r["context"] == row["context"]}
+        key = (row["context"], row.get("batch", 1))
+        ref = {r["method"]: r["decode_tokens_per_s"] for r in rows if (r["context"], r.get("batch", 1)) == key}
         tps = row["decode_tokens_per_s"]
         if tps is None:
             continue
-        for key, method in (("speedup_vs_dynamic", "dynamic"), ("speedup_vs_hf_offloaded", "hf-offloaded")):
+        single = [r["decode_tokens_per_s"] for r in rows if r["method"] == row["method"]
+                  and r["context"] == row["context"] and r.get("batch", 1) == 1]
+        if key[1] != 1 and single and single[0]:
+            row["speedup_vs_batch_1"] = tps / single[0]
+        for field, method in (("speedup_vs_dynamic", "dynamic"), ("speedup_vs_hf_offloaded", "hf-offloaded")):
             if row["method"] != method and ref.get(method):
-                row[key] = tps / ref[method]
+                row[field] = tps / ref[method]
         if row["method"] == "offload-exact" or row["method"].startswith("offload-exact+host_attention="):
-            bound = bounds.get(row["context"])  # the same bytes cross at full precision
+            bound = bounds.get(key)  # the same bytes cross at full precision
             row["exact_bound_tokens_per_s"] = bound
             row["pct_of_pcie_bound"] = None if bound is None else 100.0 * tps / bound
 
@@ -564,12 +590,13 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 TABLE_COLUMNS = (
-    ("method", "method", "str"), ("context", "context", "str"), ("prefill s", "prefill_seconds", "s"),
+    ("method", "method", "str"), ("context", "context", "str"), ("batch", "batch", "str"),
+    ("prefill s", "prefill_seconds", "s"),
     ("decode tok/s", "decode_tokens_per_s", "tps"), ("peak dev KV", "peak_device_kv_bytes", "bytes"),
     ("peak host", "peak_host_bytes", "bytes"), ("H2D/tok", ("bytes_moved_per_token", "host->device"), "bytes"),
     ("D2H/tok", ("bytes_moved_per_token", "device->host"), "bytes"), ("stall", "stall_fraction", "pct"),
     ("% bound", "pct_of_pcie_bound", "pct100"), ("vs dynamic", "speedup_vs_dynamic", "x"),
-    ("vs hf-off", "speedup_vs_hf_offloaded", "x"),
+    ("vs hf-off", "speedup_vs_hf_offloaded", "x"), ("vs batch 1", "speedup_vs_batch_1", "x"),
 )
 
 
@@ -593,7 +620,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    """Writes a PNG of decode tokens/s per context, one line per method."""
+    """Writes a PNG of decode tokens/s per context, one line per method (and batch size, when several)."""
     fig = plot_figure(rows, title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -611,9 +638,11 @@ def plot_figure(rows: list[dict], title: str) -> Any:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     values: list[float] = []
-    for label in dict.fromkeys(r["method"] for r in rows):
+    several = len({r.get("batch", 1) for r in rows}) > 1
+    for line in dict.fromkeys((r["method"], r.get("batch", 1)) for r in rows):
         points = sorted((r["context"], r["decode_tokens_per_s"]) for r in rows
-                        if r["method"] == label and r["decode_tokens_per_s"] is not None)
+                        if (r["method"], r.get("batch", 1)) == line and r["decode_tokens_per_s"] is not None)
+        label = f"{line[0]}, batch {line[1]}" if several else line[0]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
             values += [p[1] for p in points]
@@ -675,8 +704,13 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(model, args)
     device = bench.device
     bandwidth = measure_h2d_bandwidth(device)
-    bounds = {c: exact_offload_bound(max(0, bench.kv_bytes(c) - bench.device_budget(c)), bandwidth)
-              for c in contexts}
+    batches = parse_batches(args.batch)
+    bounds = {}
+    for c in contexts:
+        for b in batches:
+            bench.batch = b  # a step moves the batch's KV beyond the device budget, for b tokens
+            bound = exact_offload_bound(max(0, bench.kv_bytes(c) - bench.device_budget(c)), bandwidth)
+            bounds[(c, b)] = None if bound is None else b * bound
     result: dict[str, Any] = {
         "command": shlex.join(["offload"] + sys.argv[1:]) if _invoked_as_cli() else shlex.join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -688,11 +722,14 @@ def run(args: argparse.Namespace) -> int:
         "runtime_options": {k: v for k, v in bench.given.items()},
         "kv_device_fraction": None if "device_budget" in bench.given else args.kv_device_fraction,
         "h2d_bandwidth_bytes_per_s": bandwidth,
-        "exact_bound_tokens_per_s": {str(c): b for c, b in bounds.items()},
+        "batches": batches,
+        # Keyed by context ("4096"), or by context and batch ("4096x4") for batches above 1.
+        "exact_bound_tokens_per_s": {str(c) if b == 1 else f"{c}x{b}": v for (c, b), v in bounds.items()},
         "rows": [],
     }
     _warm_up(bench)
-    for context in contexts:
+    for context, batch in ((c, b) for c in contexts for b in batches):
+        bench.batch = batch
         samples: dict[str, list[Sample]] = {v.label: [] for v in variants}
         notes: dict[str, dict[str, str]] = {v.label: {} for v in variants}
         for v in variants:
@@ -709,21 +746,20 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     sample = bench.measure(v, context)
                     samples[v.label].append(sample)
-                    _progress(f"{v.label}, context {context}, repeat {r + 1}/{args.repeats}: prefill "
-                              f"{sample.prefill_seconds:.2f} s, decode {args.new_tokens / sample.decode_seconds:.3g} "
-                              f"tok/s")
+                    tps = batch * args.new_tokens / sample.decode_seconds
+                    _progress(f"{v.label}, context {context}, batch {batch}, repeat {r + 1}/{args.repeats}: prefill "
+                              f"{sample.prefill_seconds:.2f} s, decode {tps:.3g} tok/s")
                 except Exception as exc:  # a failed row is a result; the others still run
                     # Budget errors and out-of-memory are outcomes (one line); anything else may be a bug.
                     expected = isinstance(exc, (ValueError, *OOM_ERRORS))
-                    log.warning("bench: %s at context %d failed: %s", v.label, context, _note_for(exc),
-                                exc_info=not expected)
+                    log.warning("bench: %s at context %d, batch %d failed: %s", v.label, context, batch,
+                                _note_for(exc), exc_info=not expected)
                     notes[v.label]["error"] = _note_for(exc)
                     samples[v.label].clear()
                 finally:
                     _free(device)
-        rows = [make_row(v, context, bench, samples[v.label], notes[v.label]) for v in variants]
-        add_comparisons(rows, bounds)
-        result["rows"].extend(rows)
+        result["rows"].extend(make_row(v, context, bench, samples[v.label], notes[v.label]) for v in variants)
+        add_comparisons(result["rows"], bounds)
         if args.out:
             write_json(args.out, result)
     result["total_seconds"] = time.perf_counter() - started

@@ -1,0 +1,212 @@
+"""Batches: several left-padded prompts of different lengths in one offload() runtime (offload/batch.py).
+
+Each claim is checked against the same model with its ordinary DynamicCache on the same batch: greedy tokens row by
+row, over three tiers, with sliding windows and soft-capping, sparse attention whose budget covers the context,
+sequences that finish early, sampled num_return_sequences, and a cache driven by hand. Padding takes no pages, a
+finished sequence's pages are released, and a batch that can't fit the budgets fails before its prefill.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from offload import offload
+from offload.batch import left_padding
+from test_architectures import PAGE, min_device, page_bytes, tiny
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+LENGTHS = [37, 70, 12, 55]  # ragged prompts of two to nine pages of 8 tokens
+NEW = 20
+
+
+def padded_batch(lengths: list[int] = LENGTHS, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts (ids >= 3) and their attention mask, as a tokenizer pads a batch."""
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    g = torch.Generator().manual_seed(seed)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(3, 128, (n,), generator=g)
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                          **{"eos_token_id": None, **kwargs})
+
+
+def three_tiers(model, tmp_path: Path, batch: int = len(LENGTHS)) -> dict:
+    """A device budget of a few pages beyond one tail page per layer and sequence, a host tier of 6 pages and a
+    disk tier for the rest."""
+    extra = (model.config.num_hidden_layers * (batch - 1) + 2) * page_bytes(model)
+    return {"page_size": PAGE, "device_budget": min_device(model) + extra, "host_budget": 6 * page_bytes(model),
+            "disk_dir": str(tmp_path / "kv")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_batch_tokens_equal_dynamic_cache_over_three_tiers(arch, tmp_path: Path):
+    """Mistral slides a window over every layer, Gemma 2 alternates windowed and global layers with soft-capping."""
+    model = tiny(arch)
+    ids, mask = padded_batch()
+    expected = generate(model, ids, mask)
+    with offload(model, **three_tiers(model, tmp_path)) as rt:
+        got = generate(model, ids, mask)
+        peak = rt.stats()["peak_resident_bytes"]
+        rt.table.check_invariants()
+        held = list(rt.table.tokens)
+    for b in range(len(LENGTHS)):
+        assert torch.equal(got[b], expected[b]), f"sequence {b}"
+    assert peak["host"] > 0 and peak["disk"] > 0
+    # Padding takes no pages: each row holds its sequence's real tokens (those a window keeps, on windowed layers).
+    layers = model.config.num_hidden_layers
+    assert held == [n + NEW - 1 for _ in range(layers) for n in LENGTHS]
+    assert not list((tmp_path / "kv").iterdir())
+
+
+def test_padded_positions_take_no_pages(tiny_llama_model):
+    model = tiny_llama_model
+    ids, mask = padded_batch([5, 40])
+    with offload(model, page_size=PAGE) as rt, torch.no_grad():
+        generate(model, ids, mask, new=1)
+        # Prefill only: sequence 0 holds one page, sequence 1 five; the 35 padded positions take none.
+        assert rt.device_tier.num_used == model.config.num_hidden_layers * (1 + 5)
+
+
+@pytest.mark.parametrize("prefetch", ["temporal", "speculative"])
+def test_sparse_batch_with_a_budget_over_the_context_is_exact(prefetch):
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    expected = generate(model, ids, mask)
+    with offload(model, attention="sparse", token_budget=1.0, page_size=PAGE, select_block=4,
+                 prefetch=prefetch) as rt:
+        got = generate(model, ids, mask)
+        assert rt.stats()["attended_fraction"] == 1.0
+    assert torch.equal(got, expected)
+
+
+def test_sparse_batch_selects_per_sequence():
+    """At a budget below the context each sequence's rows choose from their own pages: a sequence alone in the
+    runtime attends to the same blocks, so it gives the same tokens alone and in the batch."""
+    model = tiny("llama")
+    ids, mask = padded_batch([70, 64], seed=3)
+    opts = dict(attention="sparse", token_budget=0.3, page_size=PAGE, select_block=4, dense_layers=0)
+    with offload(model, **opts) as rt:
+        together = generate(model, ids, mask)
+        assert rt.stats()["attended_fraction"] < 0.9
+    for b in range(2):
+        alone_ids = ids[b:b + 1, mask[b].argmax():]
+        with offload(model, **opts):
+            alone = generate(model, alone_ids, torch.ones_like(alone_ids))
+        assert torch.equal(together[b, -NEW:], alone[0, -NEW:]), f"sequence {b}"
+
+
+def test_finished_sequences_release_their_pages(tmp_path: Path):
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    width = ids.shape[1]
+    free_run = generate(model, ids, mask)
+    eos = int(free_run[2, width + 3])  # the fourth token of sequence 2 ends it
+    expected = generate(model, ids, mask, eos_token_id=eos)
+    with offload(model, **three_tiers(model, tmp_path)) as rt:
+        got = generate(model, ids, mask, eos_token_id=eos)
+        t = rt.table
+        t.check_invariants()
+        done = [b for b in range(len(LENGTHS)) if rt.finished[b]]
+        assert 2 in done
+        for b in done:
+            for layer in range(b, t.layers, rt.batch):
+                assert all(int((t.slot[tier][layer] >= 0).sum()) == 0 for tier in ("device", "host", "disk"))
+        assert rt.finished != [True] * len(LENGTHS)
+    assert torch.equal(got, expected)
+
+
+def test_sampled_return_sequences_equal_dynamic_cache():
+    model = tiny("llama")
+    ids, mask = padded_batch([20, 33])
+    kwargs = dict(max_new_tokens=8, do_sample=True, num_return_sequences=3, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model.generate(ids, attention_mask=mask, **kwargs)
+        with offload(model, page_size=PAGE) as rt:
+            torch.manual_seed(5)
+            got = model.generate(ids, attention_mask=mask, **kwargs)
+            assert rt.batch == 6
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def _by_hand(model, ids, mask, cache, steps: int = 6) -> torch.Tensor:
+    """Prefill in two chunks, then greedy steps with the mask grown by one column each; the logits of each."""
+    out, logits = ids, []
+    half = ids.shape[1] // 2
+    for a, b in ((0, half), (half, ids.shape[1])):
+        logits.append(model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True).logits[:, -1])
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        out = torch.cat([out, token], 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        logits.append(model(token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_rt_cache_serves_a_batch_driven_by_hand(tmp_path: Path):
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    expected = _by_hand(model, ids, mask, DynamicCache())
+    with offload(model, **three_tiers(model, tmp_path)) as rt:
+        got = _by_hand(model, ids, mask, rt.cache())
+        got_ids = _by_hand(model, ids, mask, rt.cache(ids))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_ids, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_that_cant_fit_fails_before_prefill(tiny_llama_model, tmp_path: Path):
+    model = tiny_llama_model
+    ids, mask = padded_batch()
+    pb = page_bytes(model)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with offload(model, page_size=PAGE, device_budget=min_device(model) + 16 * pb, host_budget=4 * pb) as rt:
+            with pytest.raises(ValueError, match=r"^budgets: the KV of 4 sequences of \d+ tokens in all") as e:
+                generate(model, ids, mask)
+            assert "host_budget" in str(e.value) and "\n" not in str(e.value)
+        with offload(model, page_size=PAGE, device_budget=min_device(model), host_budget="1MiB") as rt:
+            with pytest.raises(ValueError, match=r"^device_budget: a batch of 4 sequences needs an open page"):
+                generate(model, ids, mask)
+            assert rt.stats()["tokens"]["prefill"] == 0
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_bad_batches_are_refused(tiny_llama_model):
+    model = tiny_llama_model
+    ids, mask = padded_batch([10, 20])
+    right = mask.flip(1)  # right padding
+    with offload(model, page_size=PAGE) as rt, torch.no_grad():
+        with pytest.raises(ValueError, match="^attention_mask: a batch must be left-padded"):
+            generate(model, ids, right)
+        cache = rt.cache()
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="^batch: this cache holds a batch of 2 sequences"):
+            model(ids[:1, -1:], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="^num_beams: beam search"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, num_beams=2)
+
+
+def test_left_padding_reads_each_rows_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    assert left_padding(mask, 4) == [2, 0, 1]
+    assert left_padding(torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], 1), 6) == [2, 0, 1]
+    assert left_padding(torch.tensor([[0, 0, 0], [0, 1, 1]]), 3) == [3, 1]  # a first chunk all padding
+    for bad in ([[1, 0, 1, 1]], [[0, 1, 0, 1]], [[1, 1, 1, 0]]):
+        with pytest.raises(ValueError, match="^attention_mask:"):
+            left_padding(torch.tensor(bad), 4)
