@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.disk_stall import load  # noqa: E402
 from benchmarks.disk_tier import provenance, save  # noqa: E402
-from offload import offload  # noqa: E402
+from offload import OffloadConfig, offload  # noqa: E402
 from offload.cache import CACHE_KWARG  # noqa: E402
 from offload.shapes import kv_bytes_per_token  # noqa: E402
 
@@ -65,8 +65,8 @@ def left_padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def budgets(model, tokens: int, args: argparse.Namespace) -> dict:
     """One sequence's budgets for `tokens` of KV: a share on the device and on the host, the rest on disk."""
     per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
-    page = per_token * 16 // model.config.num_hidden_layers  # one layer's page of 16 tokens
-    least = (model.config.num_hidden_layers + 4) * page
+    page = per_token * OffloadConfig().page_size // model.config.num_hidden_layers  # one layer's page
+    least = (model.config.num_hidden_layers + 4) * page  # an open page per layer, and the workspace's share
     return {"device": max(least, int(args.device_fraction * tokens * per_token)),
             "host": int(args.host_fraction * tokens * per_token)}
 

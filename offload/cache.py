@@ -144,7 +144,8 @@ class OffloadedLayer(CacheLayerMixin):
         raise ValueError("cache: an offloaded cache can't be cropped (pages already left for lower tiers)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise ValueError("num_beams: beam search is not available with the offloaded cache; use num_beams=1")
+        # Beam search reorders the whole cache at once (`OffloadedCache.reorder_cache`), not layer by layer.
+        raise ValueError("cache: reorder the offloaded cache as a whole (cache.reorder_cache), not one layer")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
@@ -165,6 +166,12 @@ class OffloadedCache(Cache):
         super().__init__(layers=[OffloadedLayer(runtime, i, sequence, name) for i in range(runtime.layers)])
         self.runtime = runtime
         self.sequence = sequence
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sequence b goes on from sequence beam_idx[b], sharing its pages (`Runtime.reorder`). One
+        host read of the indices per step."""
+        self.check()
+        self.runtime.reorder([int(i) for i in beam_idx.tolist()])
 
     def check(self) -> None:
         """Raises a one-line ValueError unless the cache can be used now (see `unusable`, `check_whole`); between

@@ -159,9 +159,6 @@ def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | N
     if explicit is not None:
         raise ValueError(f"cache_implementation: inside offload() generate uses the offloaded cache; leave "
                          f"cache_implementation unset (got {explicit!r})")
-    if (setting("num_beams") or 1) != 1:
-        raise ValueError(f"num_beams: beam search is not available with the offloaded cache; use num_beams=1 "
-                         f"(got {setting('num_beams')})")
     if setting("output_attentions"):
         raise ValueError(attention.OUTPUT_ATTENTIONS)
     # Assisted and prompt-lookup decoding roll back the tokens the model rejects, which pages can't undo.
@@ -204,7 +201,8 @@ def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: Ge
             raise ValueError(f"{what}: the cache already holds {past} tokens; pass the whole conversation (those "
                              f"{past} tokens and the new ones), as with a DynamicCache")
     total, name = _total_tokens(model, setting, given, kwargs, ids_len, prompt, embeds)
-    repeat = setting("num_return_sequences") or 1
+    beams = setting("num_beams") or 1  # generate repeats each prompt once per beam, or per returned sequence
+    repeat = beams if beams > 1 else setting("num_return_sequences") or 1
     lengths = [total - p for p in pads for _ in range(repeat)] if rows * repeat > 1 else None
     return total, name, lengths
 

@@ -155,20 +155,51 @@ class Placement:
     # -- device slots and eviction ---------------------------------------------------------------------------
     def device_slots(self, n: int) -> list[int]:
         slots = self.device.allocate(n)
-        if slots is not None:
-            return slots
-        self.evict_device(n - self.device.num_free)
-        slots = self.device.allocate(n)
-        if slots is None:
-            raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
-        return slots
+        # Evictions of pages that beams share with pages evicted before them free no more slot: try again.
+        for _ in range(4):
+            if slots is not None:
+                return slots
+            self.evict_device(n - self.device.num_free)
+            slots = self.device.allocate(n)
+        raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
+
+    def sharers(self, tier: str, slot: int, layer: int, page: int) -> list[tuple[int, int]]:
+        """The pages besides page `page` of `layer` that hold `slot` of `tier` (beams sharing their common pages);
+        a table scan only for a slot held more than once."""
+        if not dict(self.tiers())[tier].refs.get(slot):
+            return []
+        return [(l, p) for l, p in (self.table.slot[tier] == slot).nonzero().tolist() if (l, p) != (layer, page)]
+
+    def shared(self, tier: str) -> torch.Tensor:
+        """Bool [layers, max_pages]: the page's slot of `tier` is held by other pages too."""
+        refs = dict(self.tiers())[tier].refs
+        if not refs:
+            return torch.zeros(self.table.slot[tier].shape, dtype=torch.bool)
+        return torch.isin(self.table.slot[tier], torch.tensor(list(refs), dtype=torch.int32))
+
+    def _give_copies(self, layer: int, page: int, others: list[tuple[int, int]], tiers: tuple[str, ...]) -> None:
+        """The copies in `tiers` of page `page` of `layer` become those of the pages sharing its slots."""
+        t = self.table
+        for name in tiers:
+            s = int(t.slot[name][layer, page])
+            for l, p in others:
+                if s >= 0 and int(t.slot[name][l, p]) < 0:
+                    t.set(name, l, p, s)
+                    dict(self.tiers())[name].share([s])
 
     def evict_device(self, n: int) -> None:
-        for e in plan_device_evictions(self.table, self.policy, self.config, n):
+        t = self.table
+        for e in plan_device_evictions(t, self.policy, self.config, n):
+            if int(t.slot["device"][e.layer, e.page]) != e.slot:
+                continue  # it left with a page sharing its slot
+            # Pages that share the slot (beams) leave with it: only then is the slot free.
+            others = self.sharers("device", e.slot, e.layer, e.page)
             if e.write_back:
                 self._write_back(e.layer, e.page, e.slot)
-            self.table.set("device", e.layer, e.page, -1)
-            self.device.release([e.slot])
+            self._give_copies(e.layer, e.page, others, ("host", "disk"))
+            for l, p in [(e.layer, e.page), *others]:
+                t.set("device", l, p, -1)
+                self.device.release([e.slot])
             self.evictions["device"] += 1
             if self.tracer is not None:
                 self.tracer.instant("policy", "evict", tier="device", layer=e.layer, pages=1)
@@ -185,7 +216,8 @@ class Placement:
         slots = self.device.allocate(min(n, free)) or []
         if len(slots) < n:
             clean = (t.slot["host"] >= 0) | (t.slot["disk"] >= 0)
-            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < step)
+            # A slot that beams share is not taken over here: the other pages holding it would read the new page.
+            eligible = (t.slot["device"] >= 0) & clean & (t.busy == 0) & (t.last_use < step) & ~self.shared("device")
             for l, p in self.policy.victims(eligible & unpinned_pages(t, self.config), n - len(slots)):
                 slots.append(int(t.slot["device"][l, p]))
                 t.set("device", l, p, -1)
@@ -256,14 +288,21 @@ class Placement:
         host = self.host_tier
         for l, p in self.policy.victims(eligible, n):
             s = int(t.slot["host"][l, p])
+            if s < 0:
+                continue  # it left with a page sharing its slot
+            others = self.sharers("host", s, l, p)
+            if any(int(t.busy[a, b]) for a, b in others):
+                continue  # a page sharing the slot is being read from it
             if int(t.slot["disk"][l, p]) < 0:
                 dslots = disk.allocate(1)
                 if dslots is None:
                     raise ValueError("disk_budget: the KV no longer fits the disk budget; raise it")
                 self.verify_host(l, [p], [s])  # a damaged page would reach the disk with a fresh checksum
                 t.set("disk", l, p, self._to_disk(l, [p], dslots, host.k[s:s + 1], host.v[s:s + 1])[0])
-            t.set("host", l, p, -1)
-            host.release([s])
+            self._give_copies(l, p, others, ("disk",))
+            for a, b in [(l, p), *others]:
+                t.set("host", a, b, -1)
+                host.release([s])
             self.evictions["host"] += 1
             if self.tracer is not None:
                 self.tracer.instant("policy", "evict", tier="host", layer=l, pages=1)

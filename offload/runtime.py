@@ -480,6 +480,63 @@ class Runtime:
         self.finished[sequence] = True
         self._resident()
 
+    @torch.no_grad()
+    def reorder(self, source: list[int]) -> None:
+        """Beam search: sequence b of the batch goes on from sequence source[b]. Each row takes its source row's
+        pages by reference (the tiers count references, and a slot is freed by its last holder); an open tail page
+        that several rows now continue is copied for all but the first of them, since each writes its own next
+        token into it (copy on write). Host work only: integers and slot maps."""
+        B = self.batch
+        if len(source) != B or not all(0 <= q < B for q in source):
+            raise ValueError(f"beam_idx: expected {B} indices of sequences 0..{B - 1}, got {source}")
+        if source == list(range(B)) or not any(self.table.tokens):
+            return
+        self.ring.drain()  # NOTE: loads in flight target the rows being rewritten
+        t, P = self.table, self.page_size
+        pairs = [(layer * B + b, layer * B + q) for layer in range(self.model_layers) for b, q in enumerate(source)]
+        # Open tail pages continued by more than one row: the first keeps the slot, the others get copies.
+        taken: set[int] = set()
+        copies: list[tuple[int, int]] = []  # (row, source row) getting a copy of the source's tail
+        for row, src in pairs:
+            if t.tokens[src] % P and not t.first[src] * P >= t.tokens[src]:
+                if src in taken:
+                    copies.append((row, src))
+                taken.add(src)
+        rows = torch.tensor([r for r, _ in pairs])
+        srcs = torch.tensor([q for _, q in pairs])
+        new = {name: t.slot[name][srcs].clone() for name in t.slot}
+        tails = [(pairs.index((row, src)), t.tokens[src] // P, int(t.slot["device"][src, t.tokens[src] // P]))
+                 for row, src in copies]
+        for i, page, _ in tails:
+            new["device"][i, page] = -1  # its own copy comes below
+        # The new references first, then the old ones dropped: a slot both keep is never freed in between.
+        for name, tier in self.placement.tiers():
+            if tier is not None:
+                gained, dropped = new[name], t.slot[name][rows]
+                tier.share(gained[gained >= 0].tolist())
+                tier.release(dropped[dropped >= 0].tolist())
+                t.slot[name][rows] = new[name]
+        t.last_use[rows] = t.last_use[srcs].clone()
+        t.score[rows] = t.score[srcs].clone()
+        tokens, first = list(t.tokens), list(t.first)
+        for row, src in pairs:
+            t.tokens[row], t.first[row] = tokens[src], first[src]
+            t.version[row] += 1
+        # Copies of the open tails, in slots the old rows' pages left (or that eviction frees; open tails stay).
+        fresh = self.placement.device_slots(len(tails)) if tails else []
+        for (i, page, s), slot in zip(tails, fresh):
+            self.device_tier.k[slot].copy_(self.device_tier.k[s])
+            self.device_tier.v[slot].copy_(self.device_tier.v[s])
+            t.set("device", int(rows[i]), page, slot)
+        if self.decoder is not None:
+            at, of = rows.to(self.device), srcs.to(self.device)
+            self.decoder.use_step[at] = self.decoder.use_step[of].clone()
+            self.decoder.mass[at] = self.decoder.mass[of].clone()
+        if self.selection is not None:
+            self.selection.reorder(rows, srcs)
+        self.pads = [self.pads[q] for q in source]
+        self.finished = [self.finished[q] for q in source]
+
     # -- sliding windows -----------------------------------------------------------------------------------
     def _window_first(self, layer: int, n: int) -> tuple[int, int]:
         """(page, offset) of the first token that the query at position n-1 sees, with n tokens stored."""

@@ -83,6 +83,19 @@ class SparseSelection:
                                        device=self.device)
             self.history_rows = list(self.history)
 
+    def reorder(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Beam search: row rows[i] goes on from row sources[i] (`Runtime.reorder`): their summaries, attention
+        history and the selector's state; what the prefetch context remembers of those rows is dropped."""
+        dev_rows, dev_srcs = rows.to(self.device), sources.to(self.device)
+        self.summaries[dev_rows] = self.summaries[dev_srcs].clone()
+        if self.history is not None:
+            self.history[dev_rows] = self.history[dev_srcs].clone()
+        self.selector.reorder(dict(zip(rows.tolist(), sources.tolist())))
+        for row in rows.tolist():
+            self.context.last_selected.pop(row, None)
+            self.context.predicted_pages.pop(row, None)
+            self.last_count.pop(row, None)
+
     def new_sequence(self) -> None:
         self.context = PrefetchContext()
         self.context.history = self.history_pages

@@ -89,6 +89,9 @@ class SelectionPolicy(ABC):
         state per layer (a probe built from recent queries). Same shape as q."""
         return q
 
+    def reorder(self, sources: dict[int, int]) -> None:
+        """Beam search: row r goes on from row sources[r]; per-row state follows. Stateless selectors: nothing."""
+
     def reset(self) -> None:
         """A new sequence: forget state kept across steps."""
 

@@ -120,5 +120,13 @@ class ProbeSelection(MinMaxSelection):
             avg.mul_(self.decay).add_(q, alpha=1 - self.decay)
         return torch.lerp(avg, q, self.weight)
 
+    def reorder(self, sources: dict[int, int]) -> None:
+        before = dict(self.history)
+        for row, src in sources.items():
+            if src in before:
+                self.history[row] = before[src].clone()
+            else:
+                self.history.pop(row, None)
+
     def reset(self) -> None:
         self.history.clear()

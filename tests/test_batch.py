@@ -2,8 +2,9 @@
 
 Each claim is checked against the same model with its ordinary DynamicCache on the same batch: greedy tokens row by
 row, over three tiers, with sliding windows and soft-capping, sparse attention whose budget covers the context,
-sequences that finish early, sampled num_return_sequences, and a cache driven by hand. Padding takes no pages, a
-finished sequence's pages are released, and a batch that can't fit the budgets fails before its prefill.
+sequences that finish early, sampled num_return_sequences, beam search, and a cache driven (and reordered) by hand.
+Padding takes no pages, a finished sequence's pages are released, beams share their full pages and copy only open
+tails, and a batch that can't fit the budgets fails before its prefill.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from offload import offload
+from offload import OffloadConfig, offload
 from offload.batch import left_padding
+from offload.budgets import plan_budgets
 from test_architectures import PAGE, min_device, page_bytes, tiny
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -42,11 +44,22 @@ def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
                           **{"eos_token_id": None, **kwargs})
 
 
+def least_device(model, batch: int) -> int:
+    """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
+    pages more."""
+    layers, pb = model.config.num_hidden_layers, page_bytes(model)
+    max_pages = -(-model.config.max_position_embeddings // PAGE)
+    for pages in range(layers * batch, 4 * layers * batch + 32):
+        config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0)
+        if plan_budgets(config, pb, layers, max_pages, torch.device("cpu")).device_cache_pages >= layers * batch + 2:
+            return pages * pb
+    raise AssertionError("no device budget found")
+
+
 def three_tiers(model, tmp_path: Path, batch: int = len(LENGTHS)) -> dict:
-    """A device budget of a few pages beyond one tail page per layer and sequence, a host tier of 6 pages and a
-    disk tier for the rest."""
-    extra = (model.config.num_hidden_layers * (batch - 1) + 2) * page_bytes(model)
-    return {"page_size": PAGE, "device_budget": min_device(model) + extra, "host_budget": 6 * page_bytes(model),
+    """A device budget of two pages beyond one open page per layer and sequence, a host tier of 6 pages and a disk
+    tier for the rest."""
+    return {"page_size": PAGE, "device_budget": least_device(model, batch), "host_budget": 6 * page_bytes(model),
             "disk_dir": str(tmp_path / "kv")}
 
 
@@ -167,6 +180,69 @@ def test_rt_cache_serves_a_batch_driven_by_hand(tmp_path: Path):
     torch.testing.assert_close(got_ids, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_beam_search_equals_dynamic_cache_over_three_tiers(arch, tmp_path: Path):
+    model = tiny(arch)
+    ids, mask = padded_batch([37, 70])
+    kwargs = dict(num_beams=3, num_return_sequences=2, eos_token_id=None)
+    expected = generate(model, ids, mask, **kwargs)
+    with offload(model, **three_tiers(model, tmp_path, batch=6)) as rt:
+        got = generate(model, ids, mask, **kwargs)
+        rt.table.check_invariants()
+        # Beams share their common pages: the tiers hold fewer slots than the rows hold pages.
+        held = sum(int((rt.table.slot[name] >= 0).sum()) for name in ("device", "host", "disk"))
+        used = sum(tier.num_used for _, tier in rt.placement.tiers() if tier is not None)
+        assert used < held
+    assert torch.equal(got, expected)
+    assert not list((tmp_path / "kv").iterdir())
+
+
+def test_sparse_beam_search_with_a_budget_over_the_context_is_exact():
+    model = tiny("llama")
+    ids, mask = padded_batch([37, 70])
+    expected = generate(model, ids, mask, num_beams=2)
+    with offload(model, attention="sparse", token_budget=1.0, page_size=PAGE, select_block=4,
+                 prefetch="speculative"):
+        got = generate(model, ids, mask, num_beams=2)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def _reordered(model, ids, cache, orders: list[list[int]]) -> torch.Tensor:
+    """Prefill, then a greedy step after each reorder in `orders`; the logits of every forward."""
+    logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for order in orders:
+        cache.reorder_cache(torch.tensor(order))
+        token = logits[-1].argmax(-1, keepdim=True)[torch.tensor(order)]
+        logits.append(model(token, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_reordered_rows_share_full_pages_and_copy_only_open_tails(tmp_path: Path):
+    """Three copies of a 20-token prompt (two full pages of 8 and an open tail of 4), all reordered to continue the
+    first: each layer then holds that row's two full pages once, its tail, and two copies of the tail. Later
+    reorders and steps give DynamicCache's logits, with pages spilled to host and disk."""
+    model = tiny("llama")
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(7)).repeat(3, 1)
+    with offload(model, page_size=PAGE) as rt, torch.no_grad():
+        cache = rt.cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        assert rt.device_tier.num_used == 3 * 3 * layers
+        cache.reorder_cache(torch.tensor([0, 0, 0]))
+        assert rt.device_tier.num_used == (2 + 1 + 2) * layers
+        assert sorted(rt.device_tier.refs.values()) == [2] * (2 * layers)  # each full page: three holders
+        rt.table.check_invariants()
+    orders = [[0, 0, 1], [2, 1, 1], [1, 1, 0], [0, 2, 2], [2, 2, 2], [0, 1, 2], [1, 0, 0]]
+    ids = torch.randint(3, 128, (3, 30), generator=torch.Generator().manual_seed(8))
+    expected = _reordered(model, ids, DynamicCache(), orders)
+    with offload(model, **three_tiers(model, tmp_path, batch=3)) as rt:
+        got = _reordered(model, ids, rt.cache(), orders)
+        rt.table.check_invariants()
+        assert rt.stats()["peak_resident_bytes"]["disk"] > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_that_cant_fit_fails_before_prefill(tiny_llama_model, tmp_path: Path):
     model = tiny_llama_model
     ids, mask = padded_batch()
@@ -198,8 +274,8 @@ def test_bad_batches_are_refused(tiny_llama_model):
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="^batch: this cache holds a batch of 2 sequences"):
             model(ids[:1, -1:], past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="^num_beams: beam search"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, num_beams=2)
+        with pytest.raises(ValueError, match="^beam_idx: expected 2 indices"):
+            cache.reorder_cache(torch.tensor([0, 2]))
 
 
 def test_left_padding_reads_each_rows_padding():

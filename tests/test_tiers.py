@@ -164,6 +164,25 @@ def test_double_release_is_caught_while_other_slots_are_in_use(make_tier: MakeTi
         tier.release([0])
 
 
+def test_a_shared_slot_is_freed_by_its_last_holder(make_tier: MakeTier) -> None:
+    """Beams share pages: a slot held three times stays in use, and readable, until its third release."""
+    tier = make_tier(SMALL, 2)
+    slots = tier.allocate(2)
+    k = torch.randn((2, *SMALL.dims), generator=torch.Generator().manual_seed(0)).to(SMALL.dtype)
+    tier.write(slots, k, k)
+    tier.share([0, 0])
+    assert tier.release([0, 1]) == [1]  # slot 0 has two holders left
+    assert tier.num_free == 1 and tier.allocate(2) is None
+    out = torch.empty_like(k[:1])
+    tier.read([0], out, out.clone())
+    assert torch.equal(out, k[:1])  # still the page it held
+    assert tier.release([0]) == []
+    assert tier.release([0]) == [0]
+    assert tier.num_free == 2 and not tier.refs
+    with pytest.raises(RuntimeError, match="released twice"):
+        tier.release([0])
+
+
 def test_empty_tier(make_tier: MakeTier) -> None:
     """Regression: a host tier of capacity 0 once failed in torch.frombuffer(count=0)."""
     tier = make_tier(SMALL, 0)

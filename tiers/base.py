@@ -97,6 +97,9 @@ class Tier(ABC):
         self.capacity = capacity
         # Free slots as a stack; the lowest slot numbers are handed out first.
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        # References beyond the first, of slots that several pages hold (beams sharing their common pages): such a
+        # slot is freed by its last release.
+        self.refs: dict[int, int] = {}
         self.closed = False
 
     @property
@@ -124,16 +127,30 @@ class Tier(ABC):
     def reset(self, reserved: int = 0) -> None:
         """Frees every slot but the first `reserved` (held for good, e.g. staging), for a new sequence."""
         self._free = list(range(self.capacity - 1, reserved - 1, -1))
+        self.refs.clear()
 
-    def release(self, slots: Sequence[int]) -> None:
-        free = set(self._free)
+    def share(self, slots: Sequence[int]) -> None:
+        """One more page holds each of `slots` (held already): each needs one more release to be freed."""
+        for s in slots:
+            self.refs[s] = self.refs.get(s, 0) + 1
+
+    def release(self, slots: Sequence[int]) -> list[int]:
+        """Drops one reference to each slot; returns those freed (no page holds them any more)."""
+        free, freed = set(self._free), []
         for s in slots:
             if not 0 <= s < self.capacity:
                 raise ValueError(f"{self.name}: slot {s} out of range 0..{self.capacity - 1}")
             if s in free:
                 raise RuntimeError(f"{self.name}: slot {s} was released twice")
+            if self.refs.get(s):
+                self.refs[s] -= 1
+                if not self.refs[s]:
+                    del self.refs[s]
+                continue
             free.add(s)
-        self._free.extend(slots)
+            freed.append(s)
+        self._free.extend(freed)
+        return freed
 
     @abstractmethod
     def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:

@@ -324,9 +324,10 @@ class DiskTier(Tier):
         # Ascending: pages written in order land in runs of consecutive slots, read back in few calls.
         return sorted(slots) if slots is not None else None
 
-    def release(self, slots: Sequence[int]) -> None:
-        super().release(slots)
-        self._state[list(slots)] = _NEVER  # a freed slot holds no page: reading it is an error
+    def release(self, slots: Sequence[int]) -> list[int]:
+        freed = super().release(slots)
+        self._state[freed] = _NEVER  # a freed slot holds no page: reading it is an error
+        return freed
 
     def reset(self, reserved: int = 0) -> None:
         super().reset(reserved)

@@ -123,10 +123,11 @@ class HostTier(MemoryTier):
         sums, sealed = self._sums_at, self._sealed
         return [s for s in map(int, slots) if sealed[s] and self._hashes(s) != (sums[2 * s], sums[2 * s + 1])]
 
-    def release(self, slots: Sequence[int]) -> None:
+    def release(self, slots: Sequence[int]) -> list[int]:
         self._settle()
-        super().release(slots)
-        self._sealed[list(slots)] = False
+        freed = super().release(slots)
+        self._sealed[freed] = False
+        return freed
 
     def reset(self, reserved: int = 0) -> None:
         self._settle()
