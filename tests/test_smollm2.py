@@ -151,3 +151,28 @@ def test_three_turn_chat_continues_the_sequence_and_loads_the_document(smollm2, 
                                    do_sample=False)
     assert torch.equal(out, plain_out)
     assert stats["prefix_cache"]["pages_loaded"] >= 700 // PAGE
+
+
+def test_a_batch_of_ragged_prompts_over_three_tiers_is_exact(smollm2, long_prompt, tmp_path: Path):
+    """Three left-padded prompts of 700, 300 and 1000 tokens of the text, generated together over device, host and
+    disk: each sequence gets the tokens of the same batch with DynamicCache."""
+    model, _ = smollm2
+    starts, lengths = (0, 500, 900), (700, 300, 1000)
+    width = max(lengths)
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (a, n) in enumerate(zip(starts, lengths)):
+        ids[b, width - n:] = long_prompt[0, a:a + n]
+        mask[b, width - n:] = 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    per_token = 2 * 30 * 3 * 64 * 4  # K and V of 30 layers, 3 KV heads of 64, float32
+    kv = sum(lengths) * per_token
+    with offload(model, device_budget=max(int(0.1 * kv), 2 * 3 * 30 * PAGE * per_token // 30),
+                 host_budget=int(0.2 * kv), disk_dir=str(tmp_path / "kv")) as rt, torch.no_grad():
+        got = model.generate(ids, **kwargs)
+        peak = rt.stats()["peak_resident_bytes"]
+    assert peak["host"] > 0 and peak["disk"] > 0
+    for b in range(3):
+        assert torch.equal(got[b], expected[b]), f"sequence {b}"
