@@ -148,7 +148,6 @@ class DeviceDecode:
         self.use_step = torch.full((layers, blocks), NONE, dtype=torch.int64, device=device)
         self.mass = torch.zeros((layers, blocks, self.choosers), dtype=torch.float32, device=device)
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
-        self.batch_index: dict[int, tuple] = {}  # per layer of the model: `exact_batch`'s gather index
 
     # -- views ---------------------------------------------------------------------------------------------
     def view(self, layer: int, table, pages: int) -> LayerView:
@@ -203,7 +202,6 @@ class DeviceDecode:
     def forget(self) -> None:
         """A new sequence: every view is stale."""
         self.views = [None] * self.layers
-        self.batch_index.clear()
         self.use_step.fill_(NONE)
         self.mass.zero_()
 
@@ -228,31 +226,6 @@ class DeviceDecode:
         tokens = (view.count - 1) * self.page_size + valid
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
-
-    def exact_batch(self, layer: int, views: list[LayerView], query: torch.Tensor, tokens: list[int],
-                    scaling: float) -> torch.Tensor:
-        """One layer of every sequence of a batch in one gather and one attention call: sequence b attends over
-        the first tokens[b] tokens of its view's pages (no sliding window, no soft-cap, no packed pages). The
-        pages are gathered head-major, each sequence padded to the longest with its first page, and a mask hides
-        the padding. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
-        B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
-        # A row's slots change only with its table version (or its page count): rebuilt at page boundaries.
-        key = tuple((v.version, v.first, v.count) for v in views)
-        have = self.batch_index.get(layer)
-        if have is None or have[0] != key:
-            most = max(v.count for v in views)
-            slots = torch.stack([torch.cat([v.slots, v.slots[:1].expand(most - v.count)]) for v in views])
-            # Row (b, h, c) of the pools seen as [slots * H, P, D]: page c of sequence b, head h.
-            index = (slots.long()[:, None, :] * H + torch.arange(H, device=self.device)[None, :, None]).flatten()
-            have = self.batch_index[layer] = (key, index, most)
-        _, index, most = have
-        k = self.pool_k.view(-1, P, D).index_select(0, index).view(B, H, most * P, D)
-        v = self.pool_v.view(-1, P, D).index_select(0, index).view(B, H, most * P, D)
-        lengths = torch.tensor(tokens, device=self.device)
-        mask = (torch.arange(most * P, device=self.device)[None, :] < lengths[:, None]).view(B, 1, 1, most * P)
-        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling,
-                                                               enable_gqa=query.shape[1] != H)
-        return out.transpose(1, 2)
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None) -> am.Partial:

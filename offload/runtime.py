@@ -222,10 +222,6 @@ class Runtime:
     # host pool. Measured: +12% a step with 90% of SmolLM2's KV on the host (BENCHMARKS.md), so it is off.
     check_in_place: bool = False
 
-    # A measurement switch, not an option (benchmarks/batch.py --row-steps): False runs every decode step of a batch
-    # row by row, as the steps `_decode_batch` can't take.
-    batch_step: bool = True
-
     # Set by an offloaded cache when transformers asks it for the mask sizes of a forward, taken by the mask
     # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
     mask_for_cache: bool = False
@@ -424,9 +420,6 @@ class Runtime:
             return self.attend(layer, query, key, value, scaling, window, softcap)
         B, T = self.batch, query.shape[2]
         start = self.length[layer]
-        if T == 1 and (out := self._decode_batch(layer, query, key, value, scaling, window, softcap)) is not None:
-            self.length[layer] = start + 1
-            return out
         outs, last = [], False
         for b in range(B):
             skip = min(T, max(0, self.pads[b] - start))  # padded positions among the new ones
@@ -448,46 +441,6 @@ class Runtime:
             if T > 1 or self.opened:
                 self._ready_next_step()
         return torch.cat(outs)
-
-    def _decode_batch(self, layer: int, query, key, value, scaling: float, window: int | None,
-                      softcap: float | None) -> torch.Tensor | None:
-        """A decode step of layer `layer` for the whole batch with one append, one gather and one attention call
-        (`DeviceDecode.exact_batch`), where every sequence's step is the plain one: exact attention over the
-        unified pool (the CPU), no page opened in this step, no sliding window, soft-cap, packed pages, pages the
-        host attends or finished sequence, and every page in a pool. None otherwise: each row then runs alone."""
-        dec, B, P = self.decoder, self.batch, self.page_size
-        if (not self.batch_step or self.sparse or type(dec) is not DeviceDecode or dec.codec is not None or window is not None
-                or softcap is not None or self.tracer is not None
-                or self.check_in_place or self.config.measure_recall or any(self.finished)
-                or self.ring.pending or self.ring.inflight):
-            return None
-        t, rows = self.table, range(layer * B, layer * B + B)
-        if any(t.tokens[r] % P == 0 for r in rows):
-            return None  # a page opens: the boundary's work runs row by row
-        views, tails = [], []
-        for r in rows:
-            view = dec.view(r, t, t.pages(r))
-            if view.lower or view.host_attend is not None:
-                return None
-            views.append(view)
-            tails.append(self._tail(r)[0])
-        # The new tokens, one per sequence, into their tail pages: slot s, row tokens % P, every head.
-        slots = torch.tensor(tails, device=self.device)
-        offs = torch.tensor([t.tokens[r] % P for r in rows], device=self.device)
-        self.device_tier.k[slots, :, offs] = key[:, :, 0]
-        self.device_tier.v[slots, :, offs] = value[:, :, 0]
-        tokens = []
-        for r, view in zip(rows, views):
-            t.tokens[r] += 1
-            tokens.append(t.tokens[r] - view.first * P)
-            if view.host:  # pages read from the host pool: loads of pages needed now
-                self.counters["loads"]["needed"] += view.host
-                self.engine.account("host->device", view.host * self.placement.stored.page_bytes,
-                                    time.perf_counter(), r, "load")
-            self._count_decode(r, 1.0)
-        out = dec.exact_batch(layer, views, query, tokens, scaling)
-        self._resident()
-        return out
 
     def take_batch(self, batch: int) -> None:
         """Shapes an empty sequence for a forward of `batch` sequences; refuses another batch size once it holds
