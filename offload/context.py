@@ -135,7 +135,7 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
             known = isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
             kwargs[CACHE_KWARG] = runtime.cache(ids if known else None)
         # In a batch, a sequence fed an end-of-sequence token has finished, and its pages are released.
-        eos = setting("eos_token_id")
+        eos = setting("eos_token_id") if (setting("num_beams") or 1) == 1 else None  # beams end in generate's lists
         runtime.stop_ids = (torch.tensor(eos if isinstance(eos, list) else [eos], dtype=torch.long)
                             if eos is not None else None)
         try:

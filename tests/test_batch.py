@@ -144,6 +144,19 @@ def test_finished_sequences_release_their_pages(tmp_path: Path):
     assert torch.equal(got, expected)
 
 
+def test_a_batch_with_a_prefix_cache_neither_loads_nor_publishes(tmp_path: Path):
+    model = tiny("llama")
+    ids, mask = padded_batch([20, 33])
+    expected = generate(model, ids, mask)
+    store = tmp_path / "prefix"
+    with offload(model, page_size=PAGE, prefix_cache=str(store)) as rt:
+        got = generate(model, ids, mask)
+        stats = rt.stats()["prefix_cache"]
+    assert torch.equal(got, expected)
+    assert stats["pages_written"] == 0 and stats["lookups"] == 0 and stats["pages_loaded"] == 0, stats
+    assert not any((store / "entries").rglob("*"))  # the store holds its index alone
+
+
 def test_sampled_return_sequences_equal_dynamic_cache():
     model = tiny("llama")
     ids, mask = padded_batch([20, 33])
