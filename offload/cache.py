@@ -64,7 +64,8 @@ def unusable(runtime: Runtime, sequence: int) -> str | None:
                 "take a new one with rt.cache() inside a new block")
     if sequence != runtime.sequence_id:
         return ("cache: this cache's sequence was replaced by a later rt.cache() or generate() on the same runtime "
-                "(it holds one sequence at a time); take a new cache with rt.cache(), or pass this one to every turn")
+                "(it holds one sequence or batch at a time); take a new cache with rt.cache(), or pass this one to "
+                "every turn")
     impl = runtime.model.config._attn_implementation
     if impl != runtime.attention_name:
         return (f"cache: the model runs attention {impl!r}, not this cache's runtime; use the cache inside its own "

@@ -125,6 +125,7 @@ class DeviceDecode:
         self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
         self.keep_mass = False
         self.resize(layers)
+        self.batch_k = self.batch_v = torch.empty(0, device=device)  # `exact_batch`'s gather target, grown as needed
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
         # the host, from the view), and the blocks the last sparse step gathered [count, choosers].
         self.host_reads = torch.zeros((), dtype=torch.int64, device=device)
@@ -148,6 +149,7 @@ class DeviceDecode:
         self.use_step = torch.full((layers, blocks), NONE, dtype=torch.int64, device=device)
         self.mass = torch.zeros((layers, blocks, self.choosers), dtype=torch.float32, device=device)
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
+        self.batch_index: dict[int, tuple] = {}  # `exact_batch`'s gather index per layer of the model
 
     # -- views ---------------------------------------------------------------------------------------------
     def view(self, layer: int, table, pages: int) -> LayerView:
@@ -202,6 +204,7 @@ class DeviceDecode:
     def forget(self) -> None:
         """A new sequence: every view is stale."""
         self.views = [None] * self.layers
+        self.batch_index.clear()
         self.use_step.fill_(NONE)
         self.mass.zero_()
 
@@ -226,6 +229,37 @@ class DeviceDecode:
         tokens = (view.count - 1) * self.page_size + valid
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
+
+    def exact_batch(self, layer: int, views: list[LayerView], query: torch.Tensor, tokens: int,
+                    scaling: float) -> torch.Tensor:
+        """One layer of every sequence of a batch in one gather and one attention call, each sequence attending
+        over the first `tokens` tokens of its view's pages (all of equal count; no window, soft-cap or packed
+        pages). query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
+        count = views[0].count
+        # A row's slots change only with its table version (or its page count): rebuilt at page boundaries.
+        key = tuple((v.version, v.count) for v in views)
+        have = self.batch_index.get(layer)
+        if have is None or have[0] != key:
+            slots = torch.stack([v.slots for v in views]).long()  # [B, count]
+            # Row (b, h, c) of the pools seen as [slots * H, P, D]: page c of sequence b, head h; gathered so, the
+            # pages are head-major [B, H, count * P, D] with no other copy.
+            index = (slots[:, None, :] * H + torch.arange(H, device=self.device)[None, :, None]).flatten()
+            have = self.batch_index[layer] = (key, index)
+        index = have[1]
+        if self.batch_k.shape[0] < index.numel():
+            with torch.inference_mode(False):
+                self.batch_k = torch.empty((index.numel(), P, D), dtype=self.pool_k.dtype, device=self.device)
+                self.batch_v = torch.empty_like(self.batch_k)
+        k, v = self.batch_k[:index.numel()], self.batch_v[:index.numel()]
+        torch.index_select(self.pool_k.view(-1, P, D), 0, index, out=k)
+        torch.index_select(self.pool_v.view(-1, P, D), 0, index, out=v)
+        k = k.view(B, H, count * P, D).narrow(2, 0, tokens)
+        v = v.view(B, H, count * P, D).narrow(2, 0, tokens)
+        # One query token: the G query heads of a KV head attend as G query rows of that head (no repeat of K, V).
+        q = query.reshape(B, H, query.shape[1] // H, D)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
+        return out.reshape(B, 1, query.shape[1], D)
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None) -> am.Partial:

@@ -226,6 +226,10 @@ class Runtime:
     # function that transformers calls right after: that forward runs on the offloaded path (offload/attention.py).
     mask_for_cache: bool = False
 
+    # A measurement switch, not an option (benchmarks/batch.py): False runs every decode step of a batch row by row,
+    # as the steps `_decode_batch` can't take run.
+    batch_step: bool = True
+
     # The end-of-sequence ids of the generate call running (a tensor), set by offload()'s generate: in a batch, a
     # sequence fed one has finished, and its pages are released (`finish`).
     stop_ids: torch.Tensor | None = None
@@ -382,7 +386,8 @@ class Runtime:
         for full attention. `softcap`: attention logit soft-capping (`softcap * tanh(scores / softcap)`), None
         for none."""
         if query.shape[0] != 1:
-            raise ValueError(f"batch: offloaded generation runs one sequence at a time; got batch size {query.shape[0]}")
+            raise ValueError(f"batch: a row attends for one sequence; got a query of {query.shape[0]} "
+                             "(attend_layer takes a batch)")
         if window != self.windows[layer]:
             # The windows also decide which pages are released and what the budgets must hold, so they must be
             # the ones transformers masks with.
@@ -420,6 +425,9 @@ class Runtime:
             return self.attend(layer, query, key, value, scaling, window, softcap)
         B, T = self.batch, query.shape[2]
         start = self.length[layer]
+        if T == 1 and (out := self._decode_batch(layer, query, key, value, scaling, window, softcap)) is not None:
+            self.length[layer] = start + 1
+            return out
         outs, last = [], False
         for b in range(B):
             skip = min(T, max(0, self.pads[b] - start))  # padded positions among the new ones
@@ -441,6 +449,45 @@ class Runtime:
             if T > 1 or self.opened:
                 self._ready_next_step()
         return torch.cat(outs)
+
+    def _decode_batch(self, layer: int, query, key, value, scaling: float, window: int | None,
+                      softcap: float | None) -> torch.Tensor | None:
+        """A decode step of layer `layer` for the whole batch in one append, one gather and one attention call
+        (`DeviceDecode.exact_batch`), when every sequence holds the same number of tokens (equal prompts, returned
+        sequences, beams) and takes the plain step: exact attention over the unified pool (the CPU), no page
+        opened in this step, no sliding window, soft-cap, packed pages, pages the host attends or finished
+        sequence, every page in a pool. None otherwise: each row then runs alone. Ragged sequences run alone too:
+        padded to the longest and masked, one call was slower on the CPU than the rows one by one (BENCHMARKS.md,
+        Batches)."""
+        dec, B, P, t = self.decoder, self.batch, self.page_size, self.table
+        rows = range(layer * B, layer * B + B)
+        n = t.tokens[layer * B]
+        if (not self.batch_step or self.sparse or type(dec) is not DeviceDecode or dec.codec is not None
+                or window is not None or softcap is not None or self.tracer is not None or self.check_in_place
+                or self.config.measure_recall or any(self.finished) or self.ring.pending or self.ring.inflight
+                or n % P == 0 or any(t.tokens[r] != n for r in rows)):
+            return None  # (n % P == 0: a page opens, and the boundary's work runs row by row)
+        views, tails = [], []
+        for r in rows:
+            view = dec.view(r, t, t.pages(r))
+            if view.lower or view.host_attend is not None or view.first:
+                return None
+            views.append(view)
+            tails.append(self._tail(r)[0])
+        # The new tokens, one per sequence, into row n % P of their tail pages, every head.
+        slots = torch.tensor(tails, device=self.device)
+        self.device_tier.k[slots, :, n % P] = key[:, :, 0]
+        self.device_tier.v[slots, :, n % P] = value[:, :, 0]
+        for r, view in zip(rows, views):
+            t.tokens[r] = n + 1
+            if view.host:  # pages read from the host pool: loads of pages needed now
+                self.counters["loads"]["needed"] += view.host
+                self.engine.account("host->device", view.host * self.placement.stored.page_bytes,
+                                    time.perf_counter(), r, "load")
+            self._count_decode(r, 1.0)
+        out = dec.exact_batch(layer, views, query, n + 1, scaling)
+        self._resident()
+        return out
 
     def take_batch(self, batch: int) -> None:
         """Shapes an empty sequence for a forward of `batch` sequences; refuses another batch size once it holds

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from offload import OffloadConfig, offload
 from offload.batch import left_padding
 from offload.budgets import plan_budgets
+from offload.opcount import count_step
 from test_architectures import PAGE, min_device, page_bytes, tiny
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -177,7 +178,8 @@ def _by_hand(model, ids, mask, cache, steps: int = 6) -> torch.Tensor:
     out, logits = ids, []
     half = ids.shape[1] // 2
     for a, b in ((0, half), (half, ids.shape[1])):
-        logits.append(model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True).logits[:, -1])
+        out = model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
     for _ in range(steps):
         token = logits[-1].argmax(-1, keepdim=True)
         out = torch.cat([out, token], 1)
@@ -304,3 +306,36 @@ def test_left_padding_reads_each_rows_padding():
         with pytest.raises(ValueError, match="^attention_mask:"):
             left_padding(torch.tensor(bad), 4)
 
+
+
+def _step_counts(model, batch: int, opts: dict) -> tuple[int, int, int]:
+    """(aten ops of the offloaded step, of DynamicCache's, host reads of the offloaded step) of one decode step of
+    `batch` prompts of 60 tokens (pages of 8: the step appends token 60, which opens no page)."""
+    ids = torch.randint(3, 128, (batch, 60), generator=torch.Generator().manual_seed(9))
+    token = torch.ones((batch, 1), dtype=torch.long)
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(ids, past_key_values=cache, use_cache=True)
+        base, _ = count_step(model, cache, token)
+        with offload(model, **opts) as rt:
+            cache = rt.cache()
+            model(ids, past_key_values=cache, use_cache=True)
+            ops, reads = count_step(model, cache, token)
+            assert rt.stats()["resident_bytes"]["host"] > 0
+    return ops, base, reads
+
+
+def test_a_decode_step_of_equal_sequences_is_one_gather_and_one_attention_per_layer():
+    """Sequences of equal length (equal prompts, returned sequences, beams) on the unified pool (the CPU): a decode
+    step appends, gathers and attends for the whole batch at once; the ops it adds to DynamicCache's per layer do
+    not grow with the batch, and it reads nothing on the host."""
+    model = tiny("llama")
+    layers = model.config.num_hidden_layers
+    extra = {}
+    for batch in (2, 4, 8):
+        opts = {"page_size": PAGE, "device_budget": least_device(model, batch) + 16 * page_bytes(model),
+                "host_budget": "1MiB"}
+        ops, base, reads = _step_counts(model, batch, opts)
+        extra[batch] = (ops - base) / layers
+        assert reads == 0, batch
+    assert extra[2] == extra[4] == extra[8] and extra[2] <= 40, extra
