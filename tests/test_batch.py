@@ -178,8 +178,8 @@ def _by_hand(model, ids, mask, cache, steps: int = 6) -> torch.Tensor:
     out, logits = ids, []
     half = ids.shape[1] // 2
     for a, b in ((0, half), (half, ids.shape[1])):
-        out = model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
+        step = model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+        logits.append(step.logits[:, -1])
     for _ in range(steps):
         token = logits[-1].argmax(-1, keepdim=True)
         out = torch.cat([out, token], 1)
