@@ -339,3 +339,29 @@ def test_a_decode_step_of_equal_sequences_is_one_gather_and_one_attention_per_la
         extra[batch] = (ops - base) / layers
         assert reads == 0, batch
     assert extra[2] == extra[4] == extra[8] and extra[2] <= 40, extra
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
+                         ids=["greedy", "beams", "sampled"])
+def test_equal_sequences_through_the_batched_step_equal_dynamic_cache(kwargs, monkeypatch):
+    """Equal prompts (and their beams and returned copies) take the one-call step at every step that opens no
+    page, and give DynamicCache's tokens."""
+    from offload.decode import DeviceDecode
+
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (2, 45), generator=torch.Generator().manual_seed(3))
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0, "eos_token_id": None, **kwargs}
+    torch.manual_seed(1)
+    expected = model.generate(ids, **kwargs)
+    calls = []
+    batched = DeviceDecode.exact_batch
+    monkeypatch.setattr(DeviceDecode, "exact_batch", lambda self, *a: calls.append(1) or batched(self, *a))
+    with offload(model, page_size=PAGE, device_budget=least_device(model, 6) + 8 * page_bytes(model),
+                 host_budget="1MiB") as rt, torch.no_grad():
+        torch.manual_seed(1)
+        got = model.generate(ids, **kwargs)
+        assert rt.stats()["resident_bytes"]["host"] > 0
+    assert torch.equal(got, expected)
+    # The decode steps append tokens 45..63; those appending tokens 48 and 56 open a page and run row by row.
+    opening = sum(1 for n in range(45, 64) if n % PAGE == 0)
+    assert len(calls) == (19 - opening) * model.config.num_hidden_layers
