@@ -146,11 +146,12 @@ class Recovery:
             end = (max(page for _, page in left) + 1) * rt.page_size
             if ids is None or len(ids) < end:
                 layer, page = left[0]
-                why = ("the sequence was fed as embeddings, so its tokens are unknown" if ids is None
+                why = ("a batch keeps no token ids per sequence" if rt.batch > 1
+                       else "the sequence was fed as embeddings, so its tokens are unknown" if ids is None
                        else "its tokens are not all known")
                 raise Unrecoverable(
                     exc.errno or 5,
-                    f"{tier}: layer {layer} page {page} (slot {damaged[(layer, page)]} of {where}) is "
+                    f"{tier}: {rt.row_name(layer)} page {page} (slot {damaged[(layer, page)]} of {where}) is "
                     f"unreadable: {cause}; no other copy, and it can't be recomputed: {why}",
                 ) from exc
             keys, values = self._recompute(ids[:end])

@@ -499,6 +499,11 @@ class Runtime:
                              "go on with it (take a new cache with rt.cache())")
         self._fresh_table(batch)
 
+    def row_name(self, row: int) -> str:
+        """A page table row in messages: "layer 3", or "layer 3 of sequence 1" in a batch."""
+        layer, sequence = divmod(row, self.batch)
+        return f"layer {layer}" if self.batch == 1 else f"layer {layer} of sequence {sequence}"
+
     def held(self, layer: int) -> int:
         """The positions layer `layer` of the model holds, as transformers counts them (padding included)."""
         return self.table.tokens[layer] if self.batch == 1 else self.length[layer]

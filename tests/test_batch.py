@@ -365,3 +365,25 @@ def test_equal_sequences_through_the_batched_step_equal_dynamic_cache(kwargs, mo
     # The decode steps append tokens 45..63; those appending tokens 48 and 56 open a page and run row by row.
     opening = sum(1 for n in range(45, 64) if n % PAGE == 0)
     assert len(calls) == (19 - opening) * model.config.num_hidden_layers
+
+
+def test_a_damaged_disk_page_of_a_batch_fails_clearly(tmp_path: Path):
+    """A batch keeps no token ids per sequence, so a disk page with no intact copy elsewhere can't be recomputed:
+    the next forward fails with one error naming the page, and no token comes from it."""
+    import faults
+    from offload.recover import Unrecoverable
+
+    model = tiny("llama")
+    ids, mask = padded_batch([37, 70])
+    with pytest.raises(Unrecoverable, match=r"^\[Errno \d+\] disk: layer \d+ of sequence 1 page \d+ .*a batch keeps no "):
+        with offload(model, **three_tiers(model, tmp_path, batch=2)) as rt, torch.no_grad():
+            cache = rt.cache()
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            t = rt.table
+            row = 1  # layer 0 of sequence 1 (row layer * batch + sequence)
+            alone = (t.slot["disk"][row] >= 0) & (t.slot["host"][row] < 0) & (t.slot["device"][row] < 0)
+            slot = int(t.slot["disk"][row, int(alone.nonzero()[0, 0])])
+            faults.flip(rt.disk_tier.path, slot * rt.disk_tier.slot_bytes + 8)
+            mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1)
+            model(torch.tensor([[5], [6]]), attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert not list((tmp_path / "kv").iterdir())
