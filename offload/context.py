@@ -132,7 +132,9 @@ def _wrap_generate(model: torch.nn.Module, runtime: Runtime, own_cache: str | No
         if cache is None:
             # With the ids, a turn that extends the sequence goes on with it, and a prefix cache can fill it.
             ids = args[0] if args and args[0] is not None else kwargs.get("inputs", kwargs.get("input_ids"))
-            known = isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
+            # A batch (or one prompt repeated into one) starts a new sequence, its size taken at the first forward.
+            known = (isinstance(ids, torch.Tensor) and ids.dim() == 2 and kwargs.get("inputs_embeds") is None
+                     and lengths is None)
             kwargs[CACHE_KWARG] = runtime.cache(ids if known else None)
         # In a batch, a sequence fed an end-of-sequence token has finished, and its pages are released.
         eos = setting("eos_token_id") if (setting("num_beams") or 1) == 1 else None  # beams end in generate's lists
@@ -171,8 +173,8 @@ def _check_settings(model: torch.nn.Module, setting, given: GenerationConfig | N
 def _planned_tokens(model: torch.nn.Module, runtime: Runtime, setting, given: GenerationConfig | None, args: tuple,
                     kwargs: dict, cache: OffloadedCache | None) -> tuple[int, str, list[int] | None]:
     """The length the sequence will reach, as transformers' generate computes it, the parameter that set it, and
-    for a batch the tokens each sequence will hold (padding left out, each prompt repeated num_return_sequences
-    times). Also checks the padding mask and, for a cache from earlier turns, that the ids hold the whole
+    for a batch the tokens each sequence will hold (padding left out, each prompt repeated once per beam, or once per
+    returned sequence). Also checks the padding mask and, for a cache from earlier turns, that the ids hold the whole
     conversation."""
     ids = args[0] if args and args[0] is not None else kwargs.get("inputs")
     if ids is None:

@@ -387,3 +387,21 @@ def test_a_damaged_disk_page_of_a_batch_fails_clearly(tmp_path: Path):
             mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1)
             model(torch.tensor([[5], [6]]), attention_mask=mask, past_key_values=cache, use_cache=True)
     assert not list((tmp_path / "kv").iterdir())
+
+
+def test_returned_sequences_after_a_turn_start_a_new_sequence():
+    """A second generate whose ids extend the first's, with num_return_sequences=2: a new batch of two, not the
+    first turn's sequence continued (which holds one)."""
+    model = tiny("llama")
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=6, do_sample=True, num_return_sequences=2, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        first = generate(model, ids, torch.ones_like(ids), new=5)
+        torch.manual_seed(2)
+        expected = model.generate(first, attention_mask=torch.ones_like(first), **kwargs)
+        with offload(model, page_size=PAGE) as rt:
+            assert torch.equal(generate(model, ids, torch.ones_like(ids), new=5), first)
+            torch.manual_seed(2)
+            got = model.generate(first, attention_mask=torch.ones_like(first), **kwargs)
+            assert rt.batch == 2
+    assert torch.equal(got, expected)
