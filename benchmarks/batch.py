@@ -73,45 +73,41 @@ def budgets(model, tokens: int, args: argparse.Namespace) -> dict:
             "host": int(args.host_fraction * tokens * per_token)}
 
 
-@torch.no_grad()
-def decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, opts: dict,
-           batch_step: bool = True) -> tuple[float, torch.Tensor]:
-    """Prefill, one untimed step, then `steps` timed greedy steps; (seconds, the tokens of every step).
-    `batch_step` False: every step of the batch row by row (`Runtime.batch_step`), as ragged batches run."""
-    with offload(model, **opts) as rt:
-        rt.batch_step = batch_step
-        cache = rt.cache(ids)
-        rt.expect_tokens(ids.shape[1] + steps + 1, batch=[int(n) + steps + 1 for n in mask.sum(1)])
-        out = model(ids, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        out = model(token, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
-        tokens = [token]
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out = model(token, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
-        return time.perf_counter() - t0, torch.cat(tokens, 1)
-
-
-@torch.no_grad()
-def dynamic_decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
-    """The same as `decode` with the model's DynamicCache (all KV in memory): seconds of the timed steps."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+def timed_steps(model, cache, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    """Prefill into `cache`, one untimed step, then `steps` timed greedy steps; (seconds, the tokens of every
+    step)."""
     out = model(ids, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([mask, torch.ones_like(token)], 1)
     out = model(token, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
+    tokens = [token]
     t0 = time.perf_counter()
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
         mask = torch.cat([mask, torch.ones_like(token)], 1)
         out = model(token, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, torch.cat(tokens, 1)
+
+
+@torch.no_grad()
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, opts: dict,
+           batch_step: bool = True) -> tuple[float, torch.Tensor]:
+    """`timed_steps` inside offload(): `batch_step` False runs every step of the batch row by row
+    (`Runtime.batch_step`), as ragged batches run."""
+    with offload(model, **opts) as rt:
+        rt.batch_step = batch_step
+        cache = rt.cache(ids)
+        rt.expect_tokens(ids.shape[1] + steps + 1, batch=[int(n) + steps + 1 for n in mask.sum(1)])
+        return timed_steps(model, cache, ids, mask, steps)
+
+
+@torch.no_grad()
+def dynamic_decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """`timed_steps` with the model's DynamicCache (all KV in memory): seconds of the timed steps."""
+    from transformers import DynamicCache
+
+    return timed_steps(model, DynamicCache(), ids, mask, steps)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

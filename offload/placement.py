@@ -152,27 +152,32 @@ class Placement:
     def tiers(self) -> tuple[tuple[str, object], ...]:
         return (("device", self.device), ("host", self.host_tier), ("disk", self.disk_tier))
 
+    def tier(self, name: str):
+        """The tier called `name` ("device", "host" or "disk"), or None where there is none."""
+        return {"device": self.device, "host": self.host_tier, "disk": self.disk_tier}[name]
+
     # -- device slots and eviction ---------------------------------------------------------------------------
     def device_slots(self, n: int) -> list[int]:
         slots = self.device.allocate(n)
-        # Evictions of pages that beams share with pages evicted before them free no more slot: try again.
-        for _ in range(4):
-            if slots is not None:
-                return slots
-            self.evict_device(n - self.device.num_free)
+        # A victim that left with a page sharing its slot (beams) frees nothing more: evict again while that helps.
+        while slots is None:
+            free = self.device.num_free
+            self.evict_device(n - free)
+            if self.device.num_free == free:
+                raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
             slots = self.device.allocate(n)
-        raise ValueError("device_budget: too small for the pages that must stay on the device; raise it")
+        return slots
 
     def sharers(self, tier: str, slot: int, layer: int, page: int) -> list[tuple[int, int]]:
         """The pages besides page `page` of `layer` that hold `slot` of `tier` (beams sharing their common pages);
         a table scan only for a slot held more than once."""
-        if not dict(self.tiers())[tier].refs.get(slot):
+        if not self.tier(tier).refs.get(slot):
             return []
         return [(l, p) for l, p in (self.table.slot[tier] == slot).nonzero().tolist() if (l, p) != (layer, page)]
 
     def shared(self, tier: str) -> torch.Tensor:
         """Bool [layers, max_pages]: the page's slot of `tier` is held by other pages too."""
-        refs = dict(self.tiers())[tier].refs
+        refs = self.tier(tier).refs
         if not refs:
             return torch.zeros(self.table.slot[tier].shape, dtype=torch.bool)
         return torch.isin(self.table.slot[tier], torch.tensor(list(refs), dtype=torch.int32))
@@ -185,7 +190,7 @@ class Placement:
             for l, p in others:
                 if s >= 0 and int(t.slot[name][l, p]) < 0:
                     t.set(name, l, p, s)
-                    dict(self.tiers())[name].share([s])
+                    self.tier(name).share([s])
 
     def evict_device(self, n: int) -> None:
         t = self.table

@@ -420,7 +420,7 @@ class Runtime:
         """Layer `layer` of the model for every sequence of the batch: query [B, Hq, T, D], key/value [B, H, T, D]
         -> [B, T, Hq, D]. Each sequence attends through its own row (`attend`) over its real tokens; padded
         positions and finished sequences get zeros."""
-        self.take_batch(query.shape[0])
+        # The batch size is taken, or checked, by the cache's update of layer 0 (`OffloadedLayer.update`).
         if self.batch == 1:
             return self.attend(layer, query, key, value, scaling, window, softcap)
         B, T = self.batch, query.shape[2]
@@ -548,17 +548,16 @@ class Runtime:
         pairs = [(layer * B + b, layer * B + q) for layer in range(self.model_layers) for b, q in enumerate(source)]
         # Open tail pages continued by more than one row: the first keeps the slot, the others get copies.
         taken: set[int] = set()
-        copies: list[tuple[int, int]] = []  # (row, source row) getting a copy of the source's tail
-        for row, src in pairs:
+        tails: list[tuple[int, int, int]] = []  # (index in pairs, tail page, the source's slot) to copy
+        for i, (row, src) in enumerate(pairs):
             if t.tokens[src] % P and not t.first[src] * P >= t.tokens[src]:
                 if src in taken:
-                    copies.append((row, src))
+                    page = t.tokens[src] // P
+                    tails.append((i, page, int(t.slot["device"][src, page])))
                 taken.add(src)
         rows = torch.tensor([r for r, _ in pairs])
         srcs = torch.tensor([q for _, q in pairs])
         new = {name: t.slot[name][srcs].clone() for name in t.slot}
-        tails = [(pairs.index((row, src)), t.tokens[src] // P, int(t.slot["device"][src, t.tokens[src] // P]))
-                 for row, src in copies]
         for i, page, _ in tails:
             new["device"][i, page] = -1  # its own copy comes below
         # The new references first, then the old ones dropped: a slot both keep is never freed in between.
