@@ -461,7 +461,7 @@ def main() -> None:
     ap.add_argument("--context", default="2048,4096", help="comma-separated prompt lengths in tokens")
     ap.add_argument("--steps", type=int, default=8, help="decode steps evaluated per context and text")
     ap.add_argument("--warm", type=int, default=32, help="prompt queries a probe starts from")
-    ap.add_argument("--variants", default="minmax,channels,landmark,probe", help="comma-separated variant specs")
+    ap.add_argument("--variants", default="minmax,channels,landmark,probe,sketch", help="comma-separated variant specs")
     ap.add_argument("--blocks", default="16,32,64")
     ap.add_argument("--budgets", default="0.05,0.1,0.2")
     ap.add_argument("--texts", default=",".join(TEXTS),

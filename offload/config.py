@@ -37,7 +37,7 @@ class OffloadConfig:
     # Names in the policy registries (policies/).
     prefetch: str = "speculative"
     eviction: str = "lru"
-    selection: str = "minmax"
+    selection: str = "sketch"
     # Sparse mode: tokens always attended at the start (attention sinks) and at the end (recent window).
     sink_tokens: int = 16
     recent_tokens: int = 32

@@ -55,7 +55,8 @@ def top_blocks(forced: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor, f
     fb..fb+nb-1), then the blocks in `after` (the tail's). One top-k and one concatenation, on the device."""
     if free <= 0:
         return torch.cat([forced, *after]) if after else forced
-    return torch.cat([forced, torch.topk(scores + bias, free, dim=0).indices.add_(fb), *after])
+    top = torch.topk(scores + bias, free, dim=0).indices
+    return torch.cat([forced, top.add_(fb) if fb else top, *after])
 
 
 @dataclass
@@ -317,8 +318,8 @@ class DeviceDecode:
                     self.bv = torch.empty_like(self.bk)
                 self.bk_views = {}
             shape = (1, self.heads, count * self.block, self.head_dim)
-            views = self.bk_views[count] = (self.bk[:n], self.bv[:n], self.bk[:n].view(shape),
-                                            self.bv[:n].view(shape))
+            out_k, out_v = self.bk[:n], self.bv[:n]
+            views = self.bk_views[count] = (out_k, out_v, out_k.view(shape), out_v.view(shape))
         out_k, out_v, k, v = views
         order = ids.t().reshape(-1)  # head-major
         if self.codec is None:

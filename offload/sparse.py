@@ -74,8 +74,9 @@ class SparseSelection:
         l * batch + b: layer l of sequence b), `windows` giving each row's sliding window."""
         self.windows, self.batch, self.layers = windows, batch, len(windows)
         # Key summaries of every block, kept on the device: [rows, max_blocks, S, H, D]. Not KV bytes.
-        self.summaries = torch.zeros((self.layers, self.max_blocks, self.selector.summary_size(), self.kv_heads,
-                                      self.head_dim), dtype=self.dtype, device=self.device)
+        size = self.selector.summary_size(self.block, self.dtype)
+        self.summaries = torch.zeros((self.layers, self.max_blocks, size, self.kv_heads, self.head_dim),
+                                     dtype=self.dtype, device=self.device)
         self.summary_rows = list(self.summaries)  # per-row views, made once
         self.history = None
         if self.config.history > 0:

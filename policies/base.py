@@ -60,15 +60,16 @@ class PrefetchContext:
 
 class SelectionPolicy(ABC):
     """Scores blocks of keys (`select_block` tokens of a page, the unit of selection) from compact summaries kept on
-    the device. `bound` gives, per block, KV head and query row, an estimate of the largest scaled score q.k of
-    the block's keys; the runtime turns it into a share of attention per block and head (a softmax over blocks)
+    the device. `bound` gives, per block, KV head and query row, a log-weight of the block: the largest scaled score
+    q.k of its keys, or an estimate of the log of its summed attention weights; the runtime turns it into a share
+    of attention per block and head (a softmax over blocks)
     and picks the top blocks of each head. Every method runs on the device and reads nothing back on the host."""
 
     name: str
 
     @abstractmethod
-    def summary_size(self) -> int:
-        """Vectors of length head_dim kept per block and KV head."""
+    def summary_size(self, block: int, dtype: torch.dtype) -> int:
+        """Vectors of length head_dim (in `dtype`, the keys') kept per block of `block` tokens and KV head."""
 
     @abstractmethod
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ class SelectionPolicy(ABC):
     @abstractmethod
     def bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
         """Queries [H, M, D] (float32; row g*T + t of KV head h is query head h*G + g at token t) and summaries
-        [n, S, H, D] -> float32 [n, H, M], the estimated largest score q.k * scaling in each block; higher is
-        attended more."""
+        [n, S, H, D] -> float32 [n, H, M], the block's log-weight (the largest score q.k * scaling of its keys, or
+        an estimate of the log of its summed weights exp(q.k * scaling)); higher is attended more."""
 
     def keep(self, summaries: torch.Tensor) -> torch.Tensor | None:
         """Bool [n, H]: blocks always chosen whatever the query (outliers), or None for none."""

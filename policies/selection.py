@@ -6,6 +6,11 @@
   channels, as InfiniGen does): fewer terms, and the channels that carry little of q.k add no slack.
 - `landmark` keeps each block's mean key (its landmark, as ShadowKV does) and scores q.landmark. Blocks whose keys
   stray far from their landmark (outliers) are always chosen: the mean says little about them.
+- `sketch` keeps minmax's summaries and, for every key, a code of `bits` bits per channel: which of 2**bits equal
+  steps between the block's minimum and maximum of that channel the key falls in (KIVI's per-channel key
+  quantization, at one or two bits). Each key is rebuilt at its step's middle, and the block's weight is the
+  logsumexp of its keys' scaled scores: an estimate of the block's attention mass, where the other policies bound
+  or guess its largest score.
 - `probe` scores the min/max bound of a probe, a blend of the step's query and a decayed average of the layer's
   recent queries (as ActQKV's activation-aware probe does): attention tends to return where recent queries went.
 
@@ -32,7 +37,7 @@ def minmax_bound(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
 
 @SELECTION.register("minmax")
 class MinMaxSelection(SelectionPolicy):
-    def summary_size(self) -> int:
+    def summary_size(self, block: int, dtype: torch.dtype) -> int:
         return 2
 
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,7 @@ class LandmarkSelection(SelectionPolicy):
 
     outlier_cosine = 0.3
 
-    def summary_size(self) -> int:
+    def summary_size(self, block: int, dtype: torch.dtype) -> int:
         return 2
 
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
@@ -130,3 +135,83 @@ class ProbeSelection(MinMaxSelection):
 
     def reset(self) -> None:
         self.history.clear()
+
+
+# Per (bits, dtype, device): the rebuilt position of each code in a byte, [256, 8 // bits]: code c of 2**bits steps
+# sits at (c + 1/2) / 2**bits of the way from the block's minimum to its maximum.
+_SKETCH_WEIGHTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def sketch_weights(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (bits, dtype, torch.device(device))
+    table = _SKETCH_WEIGHTS.get(key)
+    if table is None:
+        codes = (torch.arange(256)[:, None] >> torch.arange(0, 8, bits)) & ((1 << bits) - 1)
+        table = _SKETCH_WEIGHTS[key] = ((codes.double() + 0.5) / (1 << bits)).to(dtype=dtype, device=device)
+    return table
+
+
+@SELECTION.register("sketch")
+class SketchSelection(SelectionPolicy):
+    """Summaries [n, 2 + c, H, D]: the block's per-channel minimum and maximum (minmax's), then the codes of its keys
+    packed into the c vectors' bytes, token-major: for token t, head h and channel d, byte (t * H + h) * D / k + d // k
+    at bit (d % k) * bits, k = 8 // bits codes per byte. c = ceil(block * bits / (8 * itemsize)) vectors; tokens
+    past the block (when the bytes hold more) are never scored. With 16-token blocks and 2-byte keys, two bits take
+    two vectors: twice minmax's summaries, a quarter of the keys' bytes (an eighth of the KV's).
+
+    The block's weight (`block_weight`) is the largest score of its rebuilt keys ("max"), or their logsumexp (an
+    estimate of the block's attention mass, "logsumexp", which costs seven more ops per decode step and layer).
+
+    `bits`: on SmolLM2 at a 10% budget (benchmarks/selection_recall.py, prose at 2K and 4K, 16-token blocks, kv mode),
+    two bits cover 0.831 / 0.871 of the attention mass against the oracle's 0.840 / 0.880, one bit 0.803 / 0.845
+    (minmax 0.804 / 0.844); one bit also loses a 4K needle at 5% and 10% that two bits find (benchmarks/ruler.py).
+    The block size is learned from `summary_size` or `summarize`."""
+
+    bits = 2
+    block_weight = "max"
+
+    def __init__(self) -> None:
+        self.block = 0
+
+    def summary_size(self, block: int, dtype: torch.dtype) -> int:
+        self.block = block
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 + -(-block * self.bits // (8 * itemsize))
+
+    def _tokens(self, summaries: torch.Tensor) -> int:
+        """Tokens the code vectors of `summaries` hold room for (the block's, then padding)."""
+        return (summaries.shape[1] - 2) * summaries.element_size() * 8 // self.bits
+
+    def summarize(self, k: torch.Tensor) -> torch.Tensor:
+        n, h, block, d = k.shape
+        per = 8 // self.bits
+        if d % per:
+            raise ValueError(f"selection: sketch packs {per} channels per byte; head_dim {d} is not a multiple")
+        self.block = block
+        sketch_weights(self.bits, k.dtype, k.device)  # made here, with the prefill, rather than in a decode step
+        lo, hi = k.amin(dim=2), k.amax(dim=2)  # [n, H, D], in the keys' dtype: the codes step from these values
+        levels = 1 << self.bits
+        step = (hi.float() - lo.float()).div_(levels)
+        codes = (k.float() - lo.float()[:, :, None]).div_(step.clamp_min(1e-30)[:, :, None]).floor_()
+        codes = codes.clamp_(0, levels - 1).to(torch.uint8).transpose(1, 2)  # [n, B, H, D]
+        c = self.summary_size(block, k.dtype) - 2
+        tokens = c * k.element_size() * per
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, 0, 0, tokens - block))  # [n, T, H, D]
+        shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=k.device)
+        packed = (codes.reshape(n, tokens, h, d // per, per) << shifts).sum(dim=-1, dtype=torch.uint8)
+        space = packed.view(n, c, h, d * k.element_size()).view(k.dtype)  # the bytes as c vectors of each head
+        return torch.cat([lo[:, None], hi[:, None], space], dim=1)
+
+    def bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        n, s, h, d = summaries.shape
+        tokens = self._tokens(summaries)
+        table = sketch_weights(self.bits, summaries.dtype, summaries.device)
+        lo, hi, codes = summaries.split([1, 1, s - 2], dim=1)  # [n, 1, H, D] twice, [n, c, H, D]
+        weights = table[codes.view(torch.uint8).long()].view(n, tokens, h, d)
+        keys = torch.lerp(lo, hi, weights).unsqueeze(3)  # [n, T, H, 1, D]
+        scores = (keys * q).sum(-1)  # [n, T, H, M]
+        if tokens > self.block:
+            scores = scores[:, :self.block]
+        if self.block_weight == "logsumexp":
+            return scores.mul_(scaling).logsumexp(1)
+        return scores.amax(1).mul_(scaling)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from offload.opcount import OpCounter, ReadCounter
 from policies import SELECTION
-from policies.selection import ChannelsSelection, LandmarkSelection, ProbeSelection, minmax_bound
+from policies.selection import ChannelsSelection, LandmarkSelection, ProbeSelection, SketchSelection, minmax_bound
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -132,6 +132,65 @@ def test_probe_follows_recent_queries_per_layer_and_reset_forgets(heads, rows, s
     assert torch.allclose(policy.query(0, b), b)
 
 
+# -- sketch ---------------------------------------------------------------------------------------------------
+def _sketch(bits: int) -> SketchSelection:
+    policy = SketchSelection()
+    policy.bits = bits
+    return policy
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.integers(1, 4), st.integers(1, 20), st.sampled_from(
+    [torch.float32, torch.bfloat16, torch.float16]), seeds)
+def test_sketch_scores_each_key_rebuilt_at_the_middle_of_its_step(bits, heads, rows, block, dtype, seed) -> None:
+    """The block's weight is the largest q.k' * scaling over its keys k', each channel rebuilt as the middle of the
+    one of 2**bits equal steps between the block's minimum and maximum (in the keys' dtype) the key falls in; the
+    packed codes take the summary's size in every dtype, whatever the block."""
+    g = _gen(seed)
+    k = (torch.randn(5, heads, block, 8, generator=g) * 3).to(dtype)
+    q = torch.randn(heads, rows, 8, generator=g)
+    policy = _sketch(bits)
+    summaries = policy.summarize(k)
+    assert summaries.shape == (5, policy.summary_size(block, dtype), heads, 8) and summaries.dtype == dtype
+    lo, hi = (x.float()[:, :, None] for x in (k.amin(2), k.amax(2)))
+    step = (hi - lo) / 2 ** bits
+    codes = ((k.float() - lo) / step.clamp_min(1e-30)).floor().clamp(0, 2 ** bits - 1)
+    weight = ((codes + 0.5) / 2 ** bits).to(dtype)  # of the way from the minimum to the maximum, in the keys' dtype
+    rebuilt = torch.lerp(lo.to(dtype), hi.to(dtype), weight).float()
+    expected = (torch.einsum("hmd,nhbd->nhmb", q, rebuilt) * 0.3).amax(-1)
+    assert torch.allclose(policy.bound(q, summaries, 0.3), expected, atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([1, 2]), st.integers(1, 3), st.integers(1, 4), st.integers(1, 24), st.sampled_from(
+    [0.125, 1.0, 2.5]), seeds)
+def test_sketch_misses_the_block_s_largest_score_by_at_most_half_a_step_per_channel(bits, heads, rows, block,
+                                                                                    scaling, seed) -> None:
+    """Each rebuilt key is within half a step of the true key in every channel, so the block's estimated largest
+    score is within scaling * sum_d |q_d| * step_d / 2 of the true largest score q.k * scaling."""
+    g = _gen(seed)
+    k = torch.randn(6, heads, block, 8, generator=g) * torch.rand(1, generator=g) * 10
+    q = torch.randn(heads, rows, 8, generator=g) * 3
+    policy = _sketch(bits)
+    estimate = policy.bound(q, policy.summarize(k), scaling)
+    true = (torch.einsum("hmd,nhbd->nhmb", q, k) * scaling).amax(-1)
+    step = (k.amax(2) - k.amin(2)) / 2 ** bits  # [n, H, D]
+    slack = scaling * torch.einsum("hmd,nhd->nhm", q.abs(), step) / 2
+    assert bool(((estimate - true).abs() <= slack + 1e-4 * (1 + true.abs())).all())
+
+
+def test_sketch_at_one_bit_rebuilds_keys_of_plus_and_minus_one_as_halves() -> None:
+    """At one bit, a channel whose keys are -1 or 1 (both present in the block) has two steps of 1 and its keys are
+    rebuilt at their middles, -1/2 and 1/2."""
+    g = _gen(7)
+    signs = torch.randint(0, 2, (4, 2, 16, 8), generator=g).float() * 2 - 1
+    signs[:, :, 0], signs[:, :, 1] = 1.0, -1.0  # both levels in every channel of every block
+    q = torch.randn(2, 3, 8, generator=g)
+    policy = _sketch(1)
+    expected = (torch.einsum("hmd,nhbd->nhmb", q, signs / 2)).amax(-1)
+    assert torch.allclose(policy.bound(q, policy.summarize(signs), 1.0), expected, atol=1e-5)
+
+
 # -- every registered policy ----------------------------------------------------------------------------------
 def _state(policy) -> list[tuple[int, ...]]:
     """Shapes of the tensors a policy holds (in attributes, lists and dicts)."""
@@ -152,7 +211,7 @@ def test_selection_policy_contract(name: str, dtype: torch.dtype) -> None:
     for n in (1, 9):
         k = (torch.randn(n, heads, 8, d, generator=g) * 4).to(dtype)
         summaries = policy.summarize(k)
-        assert summaries.shape == (n, policy.summary_size(), heads, d) and summaries.dtype == dtype
+        assert summaries.shape == (n, policy.summary_size(8, dtype), heads, d) and summaries.dtype == dtype
         q = policy.query(0, torch.randn(heads, rows, d, generator=g))
         assert q.shape == (heads, rows, d)
         bound = policy.bound(q, summaries, d ** -0.5)

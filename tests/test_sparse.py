@@ -56,9 +56,10 @@ def test_selection_keeps_sinks_and_recent_window_within_the_budget(tiny_gqa3_mod
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("selection", ["minmax", "sketch"])
 @pytest.mark.parametrize("mode", ["kv", "query", "shared"])
 @pytest.mark.parametrize("disk", [False, True])
-def test_per_head_selection_of_every_block_gives_the_tokens_of_exact_attention(tiny_gqa3_model, mode, disk,
+def test_per_head_selection_of_every_block_gives_the_tokens_of_exact_attention(tiny_gqa3_model, mode, disk, selection,
                                                                               tmp_path, monkeypatch) -> None:
     """A budget that covers the context, taken through the selection: every block is chosen by score (none is
     fixed), each head gathers its own blocks in its own order, on the device step and (with pages on disk) on the
@@ -81,7 +82,7 @@ def test_per_head_selection_of_every_block_gives_the_tokens_of_exact_attention(t
         ref = tiny_gqa3_model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False,
                                        past_key_values=DynamicCache())
         with offload(tiny_gqa3_model, attention="sparse", page_size=8, select_block=4, head_selection=mode,
-                     sink_tokens=0, recent_tokens=0, dense_layers=0, **kw) as rt:
+                     selection=selection, sink_tokens=0, recent_tokens=0, dense_layers=0, **kw) as rt:
             out = tiny_gqa3_model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
             s = rt.stats()
     assert torch.equal(out, ref)
@@ -198,7 +199,7 @@ def test_selection_contract(name: str) -> None:
     policy = SELECTION.create(name)
     k = torch.randn(7, 2, 4, 8)
     summaries = policy.summarize(k)
-    assert summaries.shape == (7, policy.summary_size(), 2, 8)
+    assert summaries.shape == (7, policy.summary_size(4, k.dtype), 2, 8)
     q = torch.randn(2, 3, 8)
     scores = policy.score(q, summaries, 8 ** -0.5)
     assert scores.shape == (7,) and torch.isfinite(scores).all()
