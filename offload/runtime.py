@@ -1411,6 +1411,7 @@ class Runtime:
             "stall_seconds_per_layer": list(self.stall_per_layer),
             "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,
             "recall": self.selection.recall() if self.selection is not None else None,
+            "summary_bytes": self.selection.summary_bytes() if self.selection is not None else 0,
             "page_size": self.page_size,
             "page_bytes": self.shape.page_bytes,
             # kv_quant: pages below the device are packed, `compression` times smaller than at full precision, and

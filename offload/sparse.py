@@ -119,6 +119,10 @@ class SparseSelection:
         self.hooks.clear()
 
     # -- summaries -------------------------------------------------------------------------------------------
+    def summary_bytes(self) -> int:
+        """Bytes the block summaries take on the device (allocated for the longest sequence the pages allow)."""
+        return self.summaries.numel() * self.summaries.element_size()
+
     def _blocks(self, k: torch.Tensor) -> torch.Tensor:
         """Keys of pages [n, H, P, D] -> keys of their blocks [n * R, H, B, D] (block order)."""
         n, h, _, d = k.shape

@@ -131,6 +131,22 @@ def test_sparse_attends_the_budget_and_reports_recall(tiny_gqa3_model) -> None:
     assert s["attended_fraction"] * 0.5 < s["recall"]["mean"] <= 1.0
 
 
+def test_summary_bytes_report_the_summaries_on_the_device(tiny_gqa3_model) -> None:
+    """float32 keys, 4-token blocks: minmax keeps 2 vectors per block and KV head, the sketch 3 (its 4 tokens' two-bit
+    codes of a channel take one byte, within one float32 vector); exact mode keeps none."""
+    got = {}
+    for selection in ("minmax", "sketch"):
+        with offload(tiny_gqa3_model, attention="sparse", page_size=8, select_block=4, selection=selection) as rt:
+            got[selection] = rt.stats()["summary_bytes"]
+            cfg = tiny_gqa3_model.config
+            blocks = rt.selection.max_blocks
+            per_block = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+            assert got[selection] == cfg.num_hidden_layers * blocks * per_block * {"minmax": 2, "sketch": 3}[selection]
+    assert got["sketch"] * 2 == got["minmax"] * 3
+    with offload(tiny_gqa3_model, page_size=8) as rt:
+        assert rt.stats()["summary_bytes"] == 0
+
+
 @pytest.mark.parametrize("eviction", EVICTION.names())
 def test_sparse_over_host_pages_promotes_them_and_attends_as_if_all_were_resident(tiny_gqa3_model, eviction) -> None:
     """Selection depends on the query and the summaries, never on where pages live: with most pages in host RAM
