@@ -7,10 +7,9 @@
 - `landmark` keeps each block's mean key (its landmark, as ShadowKV does) and scores q.landmark. Blocks whose keys
   stray far from their landmark (outliers) are always chosen: the mean says little about them.
 - `sketch` keeps minmax's summaries and, for every key, a code of `bits` bits per channel: which of 2**bits equal
-  steps between the block's minimum and maximum of that channel the key falls in (KIVI's per-channel key
-  quantization, at one or two bits). Each key is rebuilt at its step's middle, and the block's weight is the
-  logsumexp of its keys' scaled scores: an estimate of the block's attention mass, where the other policies bound
-  or guess its largest score.
+  steps between the block's minimum and maximum of that channel the key falls in (per-channel key quantization, as
+  KIVI does, at two bits). Each key is rebuilt at its step's middle and the block scores its keys' largest q.k: an
+  estimate from every key, where the other policies bound or guess it from a block-wide summary.
 - `probe` scores the min/max bound of a probe, a blend of the step's query and a decayed average of the layer's
   recent queries (as ActQKV's activation-aware probe does): attention tends to return where recent queries went.
 
