@@ -45,7 +45,7 @@ class OffloadConfig:
     # README ("Choosing the selection").
     dense_layers: int = 2
     # Sparse mode: tokens per selection block, a divisor of page_size. Pages stay the unit of transfer and
-    # placement; blocks are the unit of choice. None: 16 where it divides page_size, else page_size.
+    # placement; blocks are the unit of choice. None: 8 where it divides page_size, else page_size.
     select_block: int | None = None
     # Sparse mode: who chooses the blocks. "kv": each KV head, from its query heads' combined scores; "query": each
     # query head; "shared": one set for every head.
@@ -177,7 +177,7 @@ class OffloadConfig:
         """Tokens per selection block (`select_block`, or its default)."""
         if self.select_block is not None:
             return self.select_block
-        return 16 if self.page_size % 16 == 0 else self.page_size
+        return 8 if self.page_size % 8 == 0 else self.page_size
 
     def token_budget_for(self, context: int) -> int:
         """The sparse token budget for a context of `context` tokens."""

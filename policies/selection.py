@@ -154,17 +154,18 @@ def sketch_weights(bits: int, dtype: torch.dtype, device: torch.device) -> torch
 class SketchSelection(SelectionPolicy):
     """Summaries [n, 2 + c, H, D]: the block's per-channel minimum and maximum (minmax's), then the codes of its keys
     packed into the c vectors' bytes, token-major: for token t, head h and channel d, byte (t * H + h) * D / k + d // k
-    at bit (d % k) * bits, k = 8 // bits codes per byte. c = ceil(block * bits / (8 * itemsize)) vectors; tokens
-    past the block (when the bytes hold more) are never scored. With 16-token blocks and 2-byte keys, two bits take
-    two vectors: twice minmax's summaries, a quarter of the keys' bytes (an eighth of the KV's).
+    at bit (d % k) * bits, k = 8 // bits codes per byte. c = ceil(block * bits / (8 * itemsize)) vectors; where they
+    hold room for more tokens than the block's, the block's codes repeat (token t holds token t % block's). At two
+    bits and 2-byte keys, 8-token blocks take 3 vectors (3/8 of the keys' bytes) and 16-token blocks 4 (1/4).
 
     The block's weight (`block_weight`) is the largest score of its rebuilt keys ("max"), or their logsumexp (an
     estimate of the block's attention mass, "logsumexp", which costs seven more ops per decode step and layer).
 
-    `bits`: on SmolLM2 at a 10% budget (benchmarks/selection_recall.py, prose at 2K and 4K, 16-token blocks, kv mode),
-    two bits cover 0.831 / 0.871 of the attention mass against the oracle's 0.840 / 0.880, one bit 0.803 / 0.845
-    (minmax 0.804 / 0.844); one bit also loses a 4K needle at 5% and 10% that two bits find (benchmarks/ruler.py).
-    The block size is learned from `summary_size` or `summarize`."""
+    On SmolLM2 at a 10% budget (benchmarks/selection_recall.py, prose, kv mode, 2K / 4K,
+    benchmarks/results/selectors-sketch-cpu.json), 16-token blocks: two bits cover 0.832 / 0.873 of the attention
+    mass with "max" and 0.831 / 0.871 with "logsumexp", one bit 0.811 / 0.854, minmax 0.804 / 0.844, and an oracle
+    that picks blocks by their true mass 0.840 / 0.880. `bits` is 2; the block size is learned from `summary_size`
+    or `summarize`."""
 
     bits = 2
     block_weight = "max"
@@ -195,7 +196,8 @@ class SketchSelection(SelectionPolicy):
         codes = codes.clamp_(0, levels - 1).to(torch.uint8).transpose(1, 2)  # [n, B, H, D]
         c = self.summary_size(block, k.dtype) - 2
         tokens = c * k.element_size() * per
-        codes = torch.nn.functional.pad(codes, (0, 0, 0, 0, 0, tokens - block))  # [n, T, H, D]
+        if tokens > block:  # room left: repeat the block's own codes, which leaves its largest score as it is
+            codes = codes[:, torch.arange(tokens, device=k.device) % block]  # [n, T, H, D]
         shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=k.device)
         packed = (codes.reshape(n, tokens, h, d // per, per) << shifts).sum(dim=-1, dtype=torch.uint8)
         space = packed.view(n, c, h, d * k.element_size()).view(k.dtype)  # the bytes as c vectors of each head
@@ -209,8 +211,6 @@ class SketchSelection(SelectionPolicy):
         weights = table[codes.view(torch.uint8).long()].view(n, tokens, h, d)
         keys = torch.lerp(lo, hi, weights).unsqueeze(3)  # [n, T, H, 1, D]
         scores = (keys * q).sum(-1)  # [n, T, H, M]
-        if tokens > self.block:
-            scores = scores[:, :self.block]
         if self.block_weight == "logsumexp":
-            return scores.mul_(scaling).logsumexp(1)
-        return scores.amax(1).mul_(scaling)
+            return scores[:, :self.block].mul_(scaling).logsumexp(1)
+        return scores.amax(1).mul_(scaling)  # past the block, repeated keys: the largest score is the block's

@@ -143,9 +143,9 @@ def _sketch(bits: int) -> SketchSelection:
 @given(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.integers(1, 4), st.integers(1, 20), st.sampled_from(
     [torch.float32, torch.bfloat16, torch.float16]), seeds)
 def test_sketch_scores_each_key_rebuilt_at_the_middle_of_its_step(bits, heads, rows, block, dtype, seed) -> None:
-    """The block's weight is the largest q.k' * scaling over its keys k', each channel rebuilt as the middle of the
-    one of 2**bits equal steps between the block's minimum and maximum (in the keys' dtype) the key falls in; the
-    packed codes take the summary's size in every dtype, whatever the block."""
+    """The block's weight is the largest q.k' * scaling over its keys k' (or their logsumexp), each channel rebuilt
+    as the middle of the one of 2**bits equal steps between the block's minimum and maximum (in the keys' dtype) the
+    key falls in; the packed codes take the summary's size in every dtype, whatever the block."""
     g = _gen(seed)
     k = (torch.randn(5, heads, block, 8, generator=g) * 3).to(dtype)
     q = torch.randn(heads, rows, 8, generator=g)
@@ -159,6 +159,9 @@ def test_sketch_scores_each_key_rebuilt_at_the_middle_of_its_step(bits, heads, r
     rebuilt = torch.lerp(lo.to(dtype), hi.to(dtype), weight).float()
     expected = (torch.einsum("hmd,nhbd->nhmb", q, rebuilt) * 0.3).amax(-1)
     assert torch.allclose(policy.bound(q, summaries, 0.3), expected, atol=1e-4, rtol=1e-5)
+    policy.block_weight = "logsumexp"  # over the block's keys only, whatever room the codes' bytes leave
+    mass = (torch.einsum("hmd,nhbd->nhmb", q, rebuilt) * 0.3).logsumexp(-1)
+    assert torch.allclose(policy.bound(q, summaries, 0.3), mass, atol=1e-4, rtol=1e-5)
 
 
 @settings(max_examples=80, deadline=None)
