@@ -159,7 +159,7 @@ class SketchSelection(SelectionPolicy):
     bits and 2-byte keys, 8-token blocks take 3 vectors (3/8 of the keys' bytes) and 16-token blocks 4 (1/4).
 
     The block's weight (`block_weight`) is the largest score of its rebuilt keys ("max"), or their logsumexp (an
-    estimate of the block's attention mass, "logsumexp", which costs seven more ops per decode step and layer).
+    estimate of the block's attention mass, "logsumexp", which covers slightly less of it on the measurements below).
 
     On SmolLM2 at a 10% budget (benchmarks/selection_recall.py, prose, kv mode, 2K / 4K,
     benchmarks/results/selectors-sketch-cpu.json), 16-token blocks: two bits cover 0.832 / 0.873 of the attention

@@ -42,11 +42,11 @@ OPTION_HELP: dict[str, str] = {
     "a fraction of the context (0.1)",
     "prefetch": "prefetch policy",
     "eviction": "eviction policy",
-    "selection": "sparse mode: page selection policy",
+    "selection": "sparse mode: how blocks are scored for selection",
     "sink_tokens": "sparse mode: tokens at the start that are always attended (attention sinks)",
     "recent_tokens": "sparse mode: most recent tokens that are always attended",
     "dense_layers": "sparse mode: the first layers attend to every page",
-    "select_block": "sparse mode: tokens per selection block, a divisor of --page-size (default: 16 where it "
+    "select_block": "sparse mode: tokens per selection block, a divisor of --page-size (default: 8 where it "
     "divides the page size, else the page size)",
     "head_selection": "sparse mode: who chooses the blocks: kv (each KV head), query (each query head) or shared "
     "(one set for all heads)",
