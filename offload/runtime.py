@@ -924,9 +924,13 @@ class Runtime:
         order = torch.argsort(used[layers, pages], descending=True, stable=True)[:room]
         if order.numel() == 0:
             return
+        layers, pages = layers[order], pages[order]
         if order.numel() > free:
             self.placement.evict_device(order.numel() - free)
-        layers, pages = layers[order], pages[order]
+            # Pages the eviction wrote back may have pushed some of these out of the host pool (to disk): those
+            # stay where they went.
+            still = (t.slot["host"][layers, pages] >= 0) & (t.slot["device"][layers, pages] < 0)
+            layers, pages = layers[still], pages[still]
         for layer in layers.unique().tolist():
             mine = pages[layers == layer]
             slots = t.slot["host"][layer, mine].long()

@@ -220,3 +220,20 @@ def test_offloaded_run_pins_no_more_than_host_budget(tmp_path) -> None:
         assert rt.stats()["bytes_moved"]["disk->host"] > 0  # the pool was used, through disk staging too
     assert 0 < held <= _page_round(host_budget)  # host_budget is whole pages here: held <= host_budget
     assert pinned_bytes() == before
+
+
+def test_host_checksums_refuse_a_slot_below_zero() -> None:
+    """Bug: a page no longer on the host (slot -1) was checked as the pool's last slot (Python's negative index)
+    and reported damaged; a slot below 0 is refused in one line instead."""
+    shape, capacity = _odd_shape_and_capacity()
+    tier = HostTier(shape, capacity, pin=False)
+    try:
+        slots = tier.allocate(capacity)
+        tier.seal(slots)
+        assert tier.damaged(slots) == []
+        tier.k[slots[-1]].add_(1)  # the last slot really is damaged now
+        assert tier.damaged([slots[-1]]) == [slots[-1]]
+        with pytest.raises(ValueError, match=r"^host: checksums of slots \[-1\]: a slot below 0 holds no page$"):
+            tier.damaged([-1])
+    finally:
+        tier.close()

@@ -280,6 +280,33 @@ def test_sketch_answers_a_needle_among_four_keys_at_a_ten_percent_budget_on_smol
     assert ruler.score(sparse, case.expected) == 1.0, (sparse, case.expected)
 
 
+@pytest.mark.slow
+def test_promotion_at_a_page_boundary_takes_only_pages_still_on_the_host(smollm2, tmp_path) -> None:
+    """Bug: at a page boundary the device step promotes the host pages it read since the last one. Making room on
+    the device wrote pages back to the host, which pushed some of those very pages on to disk, and the promotion
+    then checked and copied host slot -1: a page reported damaged that was not, then an IndexError (SmolLM2, a 2K
+    prompt of prose, 10% budget, the device holding 10% of the KV, the host 20%, the rest on disk)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import ruler
+
+    model, tok = smollm2
+    text = ruler.natural_ids(tok, 2048 + 32, seed=2048)
+    ids, cont = torch.tensor([text[:2048]]), torch.tensor(text[2048:])
+    kv = 30 * (2048 + 32) * 2 * 3 * 64 * 4
+    with torch.no_grad(), offload(model, attention="sparse", token_budget=0.1, device_budget=int(0.1 * kv),
+                                  host_budget=int(0.2 * kv), disk_dir=str(tmp_path), prefetch="temporal") as rt:
+        cache = rt.cache()
+        model(input_ids=ids[:, :-1], past_key_values=cache)
+        for t in torch.cat([ids[0, -1:], cont]).tolist():  # teacher-forced, across the page boundary at 2048
+            model(input_ids=torch.tensor([[t]]), past_key_values=cache)
+        s = rt.stats()
+    assert s["faults"]["damaged"] == 0 and s["resident_bytes"]["disk"] > 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_score_eviction_after_a_longer_sequence(tiny_llama_model) -> None:
     """Bug: the attention mass of the last selection outlived its sequence; the next sequence's first decode step
     whose context fit the token budget handed it to the score policy with other pages (a traceback from

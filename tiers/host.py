@@ -119,6 +119,8 @@ class HostTier(MemoryTier):
         """The slots of `slots` whose pages differ from what was sealed there (unsealed slots pass)."""
         if not self.checksums:
             return []
+        if any(int(s) < 0 for s in slots):
+            raise ValueError(f"host: checksums of slots {list(map(int, slots))}: a slot below 0 holds no page")
         self._settle()
         sums, sealed = self._sums_at, self._sealed
         return [s for s in map(int, slots) if sealed[s] and self._hashes(s) != (sums[2 * s], sums[2 * s + 1])]
