@@ -478,16 +478,21 @@ class Runtime:
         slots = torch.tensor(tails, device=self.device)
         self.device_tier.k[slots, :, n % P] = key[:, :, 0]
         self.device_tier.v[slots, :, n % P] = value[:, :, 0]
+        t0 = time.perf_counter()
         for r, view in zip(rows, views):
             t.tokens[r] = n + 1
-            if view.host:  # pages read from the host pool: loads of pages needed now
-                self.counters["loads"]["needed"] += view.host
-                self.engine.account("host->device", view.host * self.placement.stored.page_bytes,
-                                    time.perf_counter(), r, "load")
-            self._count_decode(r, 1.0)
+            self._count_exact_step(r, view, t0)
         out = dec.exact_batch(layer, views, query, n + 1, scaling)
         self._resident()
         return out
+
+    def _count_exact_step(self, layer: int, view, t0: float) -> None:
+        """An exact device step of row `layer` over `view`: its pages read from the host pool are loads of pages
+        needed now (started at `t0`), and it attended every token."""
+        if view.host:
+            self.counters["loads"]["needed"] += view.host
+            self.engine.account("host->device", view.host * self.placement.stored.page_bytes, t0, layer, "load")
+        self._count_decode(layer, 1.0)
 
     def take_batch(self, batch: int) -> None:
         """Shapes an empty sequence for a forward of `batch` sequences; refuses another batch size once it holds
@@ -979,10 +984,7 @@ class Runtime:
                 out = self._exact_with_host(layer, view, query, valid, scaling, softcap)
             else:
                 out = self.decoder.exact(layer, view, query, valid, start, scaling, softcap)
-            if view.host:  # pages read from the host pool: loads of pages needed now
-                self.counters["loads"]["needed"] += view.host
-                self.engine.account("host->device", view.host * self.placement.stored.page_bytes, t0, layer, "load")
-            self._count_decode(layer, 1.0)
+            self._count_exact_step(layer, view, t0)
             if self.config.measure_recall:
                 self.selection.record_exact(layer)
             if isinstance(self.decoder, KernelDecode) and not self.sparse:
