@@ -34,6 +34,7 @@ class Plan:
     host_budget: int
     disk_budget: int
     lower_page_bytes: int = 0  # of a page in the host and disk tiers (smaller when kv_quant packs it); 0: page_bytes
+    block_cache_pages: int = 0  # device pages' worth of sparse mode's block cache, out of the device budget
 
     @property
     def lower_bytes(self) -> int:
@@ -79,6 +80,15 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     share = 10 if config.attention == "exact" else 32
     workspace = 4 * max(1, min(max_pages, (total - layers) // share))
     cache = total - workspace
+    # Sparse mode's block cache takes its share of what the workspace leaves; the device tier keeps a page per
+    # layer (the open tails) and one more.
+    blocks = int(config.block_cache * cache) if config.attention == "sparse" else 0
+    if blocks and cache - blocks < layers + 1:
+        raise ValueError(
+            f"block_cache: {config.block_cache:g} of the device budget's {cache} cache pages leaves {cache - blocks} "
+            f"for the device tier; at least {layers + 1} are needed (one per layer plus one): lower block_cache or "
+            f"raise device_budget")
+    cache -= blocks
 
     host = config.host_budget_bytes
     if host is None:
@@ -100,7 +110,7 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "
                     f"({format_size(staging * lower)}) for staging disk reads"
                 )
-    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower)
+    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower, blocks)
 
 
 def disk_reserve_pages(plan: Plan, tokens: int | None, page_size: int, windows: list[int | None]) -> int:

@@ -53,6 +53,10 @@ class OffloadConfig:
     # Sparse mode: weight in [0, 1) of each block's decayed history of predicted attention, blended with the
     # current estimate (0: the current estimate alone).
     history: float = 0.0
+    # Sparse mode: share in [0, 1) of the device budget (after the workspace) set aside as a cache of the blocks
+    # steps read from the host pool, so that the next steps choosing them read them on the device
+    # (offload/block_cache.py). 0: none; every chosen block on a host page crosses at every step.
+    block_cache: float = 0.0
     # Pages below the device (host and disk) stored quantized: "none" (full precision), "k8v8", "k8v4" (8-bit keys,
     # 4-bit values) or "k4v2"; see offload/quant.py. With a setting, attention is no longer bit-exact.
     kv_quant: str = "none"
@@ -132,6 +136,9 @@ class OffloadConfig:
         h = self.history
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
             raise ValueError(f"history: expected a number in [0, 1), got {h!r}")
+        bc = self.block_cache
+        if isinstance(bc, bool) or not isinstance(bc, (int, float)) or not 0.0 <= bc < 1.0:
+            raise ValueError(f"block_cache: expected a number in [0, 1), got {bc!r}")
         if not isinstance(self.kv_quant, str) or self.kv_quant not in KV_QUANT:  # a list would be unhashable
             raise ValueError(f"kv_quant: expected one of {', '.join(KV_QUANT)}, got {self.kv_quant!r}")
         for name in ("measure_recall", "trace"):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from offload import attention_math as am
+from offload.block_cache import BlockCache
 from offload.host_attention import pages_partial_host
 
 NONE = -1
@@ -100,9 +101,11 @@ class DeviceDecode:
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, layers: int, max_pages: int,
                  q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
-                 head_selection: str = "kv", codec=None):
+                 head_selection: str = "kv", codec=None, cache_pages: int = 0):
         """`codec` (offload.quant.PageCodec): the host pool holds packed pages (attached by `attach_host`), and
-        `pools` are the device's alone; None: `pools` are the unified pool, device slots then host slots."""
+        `pools` are the device's alone; None: `pools` are the unified pool, device slots then host slots.
+        `cache_pages`: sparse mode, the last of the `split` device slots hold the block cache
+        (offload/block_cache.py), not pages of the device tier."""
         self.pool_k, self.pool_v = pools  # [split + host slots, H, P, D]: the unified pool
         self.split = split
         self.codec = codec
@@ -125,6 +128,11 @@ class DeviceDecode:
         self.block_ids = torch.arange(self.per_page, device=device)
         self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
         self.keep_mass = False
+        self.cache: BlockCache | None = None
+        if self.selecting and cache_pages:
+            per = kv_heads * self.per_page
+            self.cache = BlockCache((split - cache_pages) * per, cache_pages * per - 1, layers,
+                                    max_pages * self.per_page, self.heads, device)
         self.resize(layers)
         self.batch_k = self.batch_v = torch.empty(0, device=device)  # `exact_batch`'s gather target, grown as needed
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
@@ -151,6 +159,8 @@ class DeviceDecode:
         self.mass = torch.zeros((layers, blocks, self.choosers), dtype=torch.float32, device=device)
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
         self.batch_index: dict[int, tuple] = {}  # `exact_batch`'s gather index per layer of the model
+        if self.cache is not None:
+            self.cache.resize(layers)
 
     # -- views ---------------------------------------------------------------------------------------------
     def view(self, layer: int, table, pages: int) -> LayerView:
@@ -189,6 +199,8 @@ class DeviceDecode:
             R = self.per_page
             base = self.rows[0, layer, :pages].long()[:, None] * self.kv_heads + self.head_of  # [pages, heads]
             v.blockrow = (base[:, None, :] * R + self.block_ids[None, :, None]).reshape(pages * R, self.heads)
+            if self.cache is not None:  # blocks with a copy in the cache read the copy
+                v.blockrow = self.cache.set_home(layer, v.blockrow)
             v.tail_blocks = ((pages - 1) * R + self.block_ids)[:, None].expand(R, self.choosers)
         self.views[layer] = v
         self._reserve(v.count)
@@ -208,6 +220,8 @@ class DeviceDecode:
         self.batch_index.clear()
         self.use_step.fill_(NONE)
         self.mass.zero_()
+        if self.cache is not None:
+            self.cache.forget()
 
     def _reserve(self, pages: int) -> None:
         """Grows the head-major workspace [H, pages, P, D] to hold `pages` pages (at boundaries only)."""
@@ -279,6 +293,10 @@ class DeviceDecode:
         ids = self.pick(layer, view, plan, scores, forced, bias, free, step)
         count = ids.shape[0]
         k, v = self.gather_blocks(ids, count)
+        if self.cache is not None and self.cache.fits(ids.numel()):
+            order, out_k, out_v = self.gathered
+            self.cache.fill(self.cache.entries_of(layer, self.last_blocks, True), order, self.host_blocks, out_k,
+                            out_v, *self.flat)
         tokens = (count - self.per_page) * self.block + plan.valid
         return attend_token(query, k.narrow(2, plan.cut, tokens - plan.cut), v.narrow(2, plan.cut, tokens - plan.cut),
                             scaling, softcap)
@@ -322,6 +340,7 @@ class DeviceDecode:
             views = self.bk_views[count] = (out_k, out_v, out_k.view(shape), out_v.view(shape))
         out_k, out_v, k, v = views
         order = ids.t().reshape(-1)  # head-major
+        self.gathered = (order, out_k, out_v)
         if self.codec is None:
             torch.index_select(self.flat[0], 0, order, out=out_k)
             torch.index_select(self.flat[1], 0, order, out=out_v)
@@ -389,13 +408,15 @@ class KernelDecode(DeviceDecode):
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
                  max_pages: int, q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
-                 head_selection: str = "kv", codec=None):
-        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection, codec)
+                 head_selection: str = "kv", codec=None, cache_pages: int = 0):
+        super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection, codec,
+                         cache_pages)
         import importlib
 
         # Modules by path: the package re-exports functions of the same names.
         self.kgather = importlib.import_module("offload.kernels.gather")
         self.paged = importlib.import_module("offload.kernels.paged_decode")
+        self.kcache = importlib.import_module("offload.kernels.cache")
         self.workspace, self.half = workspace, workspace // 2
         # Attached at the first spill; packed host pools go through the dequantizing gathers.
         if codec is None:
@@ -505,6 +526,10 @@ class KernelDecode(DeviceDecode):
             self.kgather.gather_blocks_packed(self.bk[:count], self.bv[:count], self.pool_k[:self.split],
                                               self.pool_v[:self.split], self.host_k, self.host_v,
                                               ids.to(torch.int32), self.split, self.codec)
+        if self.cache is not None and self.cache.fits(ids.numel()):  # block-major, as the gather wrote them
+            self.kcache.fill(self.cache, self.cache.entries_of(layer, self.last_blocks, False), ids.view(-1),
+                             self.host_blocks, self.bk[:count].view(-1, B, self.head_dim),
+                             self.bv[:count].view(-1, B, self.head_dim), *self.flat)
         self.meta[0], self.meta[1], self.meta[2] = count - self.per_page + tail, plan.valid - (tail - 1) * B, plan.cut
         q = am.group_queries(query, self.heads)
         o, _ = self.paged.paged_decode_static(q, self.bk, self.bv, self.rows_blocks, self.meta, scaling, softcap)

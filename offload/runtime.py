@@ -97,6 +97,10 @@ class Runtime:
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer, float(config.io_timeout))
         self.recovery = Recovery(self)
         dev_pages, host_storage = self.plan.device_cache_pages, None
+        # Sparse mode's block cache (offload/block_cache.py): device slots after the device tier's, before the
+        # host's (or the kernels' workspace), so its blocks count as the device's.
+        cached = self.plan.block_cache_pages
+        split = dev_pages + cached
         self.decoder: DeviceDecode | None = None
         h = self.plan.half
         dims = self.shape.dims
@@ -106,29 +110,32 @@ class Runtime:
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
             # (used by layers the workspace can't serve) share those rows: the two never run at once.
-            pools = [torch.empty((dev_pages + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            pools = [torch.empty((split + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
-            self.decoder = KernelDecode((pools[0], pools[1]), dev_pages, 4 * h, self.layers, self.max_pages,
-                                        self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec)
-            work = [pool[dev_pages:] for pool in pools]
+            self.decoder = KernelDecode((pools[0], pools[1]), split, 4 * h, self.layers, self.max_pages,
+                                        self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec,
+                                        cache_pages=cached)
+            work = [pool[split:] for pool in pools]
         elif self.device.type == "cpu" and self.codec is not None:
             # Packed host pages: the decode step reads device pages in place and unpacks the host's.
-            device_tier = DeviceTier(self.shape, dev_pages, self.device)
-            self.decoder = DeviceDecode((device_tier.k, device_tier.v), dev_pages, self.layers, self.max_pages,
-                                        self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec)
+            pools = [torch.empty((split, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            device_tier = DeviceTier(self.shape, dev_pages, self.device,
+                                     storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
+            self.decoder = DeviceDecode((pools[0], pools[1]), split, self.layers, self.max_pages, self.q_heads,
+                                        self.kv_heads, self.device, *blocks, codec=self.codec, cache_pages=cached)
         elif self.device.type == "cpu":
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
             # part is anonymous memory that the OS backs only once written.
-            slots = dev_pages + self.plan.host_pages
+            slots = split + self.plan.host_pages
             both = aligned_host_tensor(2 * slots * self.kv_heads * self.page_size * self.head_dim, self.dtype,
                                        pin=False).view(2, slots, *dims)
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(both[0, :dev_pages], both[1, :dev_pages]))
-            host_storage = (both[0, dev_pages:], both[1, dev_pages:])
-            self.decoder = DeviceDecode((both[0], both[1]), dev_pages, self.layers, self.max_pages, self.q_heads,
-                                        self.kv_heads, self.device, *blocks)
+            host_storage = (both[0, split:], both[1, split:])
+            self.decoder = DeviceDecode((both[0], both[1]), split, self.layers, self.max_pages, self.q_heads,
+                                        self.kv_heads, self.device, *blocks, cache_pages=cached)
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
         if not isinstance(self.decoder, KernelDecode):  # the kernels' workspace rows serve the streaming path too
@@ -1418,6 +1425,7 @@ class Runtime:
             "attended_fraction": c["attended"] / c["attended_n"] if c["attended_n"] else 1.0,
             "recall": self.selection.recall() if self.selection is not None else None,
             "summary_bytes": self.selection.summary_bytes() if self.selection is not None else 0,
+            "block_cache_bytes": self.plan.block_cache_pages * self.shape.page_bytes,
             "page_size": self.page_size,
             "page_bytes": self.shape.page_bytes,
             # kv_quant: pages below the device are packed, `compression` times smaller than at full precision, and

@@ -290,6 +290,7 @@ DOMAINS: dict[str, Domain] = {
     ),
     "head_selection": choice(list(HEAD_SELECTIONS)),
     "history": floats(0.0, 1.0, lo_open=False, hi_open=True),
+    "block_cache": floats(0.0, 1.0, lo_open=False, hi_open=True),
     "kv_quant": choice(list(KV_QUANT)),
     "measure_recall": switch(),
     "trace": switch(),

@@ -123,3 +123,21 @@ def test_a_decode_step_over_packed_host_pages_stays_flat_and_reads_nothing(mode)
     assert rows[0]["offload_ops"] == rows[1]["offload_ops"]
     assert rows[0]["extra_ops_per_layer"] > _measured(mode, CONTEXTS[0])["extra_ops_per_layer"]  # it does unpack
 
+
+
+# -- sparse mode's block cache -------------------------------------------------------------------------------------
+# Copying the blocks a step read from the host pool into the cache is a fixed number of device ops per layer
+# (offload/block_cache.py), whatever the context, and reads nothing on the host.
+BLOCK_CACHE_FILL_OPS = 34
+
+
+def test_a_sparse_step_with_the_block_cache_stays_flat_and_reads_nothing():
+    rows = [measure(context, "sparse", PAGE, LAYERS, steps=STEPS, device_fraction=0.3, block_cache=0.5)
+            for context in CONTEXTS]
+    for row in rows:
+        assert row["resident_bytes"]["host"] > 0, row
+        assert row["host_reads"] == 0, row
+        assert [s["host_reads"] for s in row["per_step"]][2:] == [0, 0], row
+        assert row["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER + BLOCK_CACHE_FILL_OPS, row
+    assert rows[0]["offload_ops"] == rows[1]["offload_ops"]
+    assert rows[0]["extra_ops_per_layer"] > _measured("sparse", CONTEXTS[0])["extra_ops_per_layer"]  # it does copy

@@ -51,6 +51,8 @@ OPTION_HELP: dict[str, str] = {
     "head_selection": "sparse mode: who chooses the blocks: kv (each KV head), query (each query head) or shared "
     "(one set for all heads)",
     "history": "sparse mode: weight in [0, 1) of each block's decayed attention history in its score",
+    "block_cache": "sparse mode: share in [0, 1) of the device budget kept as a cache of the blocks steps read "
+    "from host RAM, so the next steps choosing them read them on the device (default: 0, none)",
     "kv_quant": "store pages below the device quantized (k8v4: 8-bit keys, 4-bit values); attention is then no "
     "longer bit-exact",
     "measure_recall": "sparse mode: also compute dense attention and report the attention mass the selected "
@@ -92,6 +94,7 @@ METAVARS: dict[str, str] = {
     "prefix_cache_budget": "SIZE",
     "prefix_cache_publish": "WHAT",
     "io_timeout": "SECONDS",
+    "block_cache": "SHARE",
     "io_engine": "ENGINE",
     "prefix_cache_timeout": "SECONDS",
 }

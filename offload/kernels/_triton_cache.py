@@ -1,0 +1,88 @@
+"""Triton kernels of the block cache's fill (offload/block_cache.py): the ring's bookkeeping in one program, then
+the copies in parallel. Import through `offload.kernels.cache`, which checks arguments."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ring_kernel(ids_ptr, entries_ptr, owner_ptr, row_ptr, home_ptr, ptr_ptr, dst_ptr, n, first, host_blocks,
+                 ring, spare_slot, spare_entry, CHUNK: tl.constexpr):
+    """One program over the step's n entries, in chunks: (1) copies aged past half the ring free their slots;
+    (2) entries taken (from the host, or aged copies) get ring positions ptr + rank (inclusive, in entry order),
+    each position's old owner goes back to its home, the entry points at the slot; `dst` gets the slot's block id
+    (-1 for entries not taken); (3) ptr advances by the count taken. The same results as `BlockCache.fill`."""
+    ptr = tl.load(ptr_ptr)
+    half = ring // 2
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        live = offs < n
+        ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int64)
+        slot = ids - first
+        age = ((ptr - slot) % ring + ring) % ring
+        aged = live & (ids >= first) & (ids < host_blocks) & (age >= half)
+        tl.store(owner_ptr + slot, tl.zeros_like(slot) + spare_entry, mask=aged)
+    tl.debug_barrier()
+    carry = ptr
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        live = offs < n
+        ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int64)
+        slot = ids - first
+        age = ((ptr - slot) % ring + ring) % ring
+        aged = (ids >= first) & (ids < host_blocks) & (age >= half)
+        take = live & ((ids >= host_blocks) | aged)
+        rank = tl.cumsum(take.to(tl.int64), 0)
+        pos = (carry + rank) % ring
+        old = tl.load(owner_ptr + pos, mask=take, other=spare_entry)
+        back = take & (old != spare_entry)
+        tl.store(row_ptr + old, tl.load(home_ptr + old, mask=back), mask=back)
+        entry = tl.load(entries_ptr + offs, mask=take, other=0)
+        tl.store(row_ptr + entry, first + pos, mask=take)
+        tl.store(owner_ptr + pos, entry, mask=take)
+        tl.store(dst_ptr + offs, tl.where(take, first + pos, -1), mask=live)
+        carry += tl.sum(take.to(tl.int64), 0)
+    tl.store(ptr_ptr, carry)
+
+
+@triton.jit
+def _scatter_kernel(src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, dst_ptr, elems, BLOCK: tl.constexpr):
+    """Entry i's `elems` elements (part c of them) to block dst[i] of the pools; -1 copies nothing."""
+    i = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < elems
+    dst = tl.load(dst_ptr + i)
+    if dst >= 0:
+        src = i * elems + offs
+        tl.store(dst_k_ptr + dst * elems + offs, tl.load(src_k_ptr + src, mask=inside), mask=inside)
+        tl.store(dst_v_ptr + dst * elems + offs, tl.load(src_v_ptr + src, mask=inside), mask=inside)
+
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1024
+_BLOCK_BYTES = 4096
+
+
+def launch(ids: torch.Tensor, entries: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, home: torch.Tensor,
+           ptr: torch.Tensor, dst: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, flat_k: torch.Tensor,
+           flat_v: torch.Tensor, first: int, host_blocks: int, ring: int, spare_slot: int, spare_entry: int) -> None:
+    n = ids.numel()
+    elems = src_k[0].numel()
+    as_int = _INT_OF_WIDTH[src_k.element_size()]
+    block = min(_BLOCK_BYTES // src_k.element_size(), triton.next_power_of_2(elems))
+    copies = [t.view(as_int) for t in (src_k, src_v, flat_k, flat_v)]
+
+    def go() -> None:
+        _ring_kernel[(1,)](ids, entries, owner, row, home, ptr, dst, n, first, host_blocks, ring, spare_slot,
+                           spare_entry, CHUNK=_CHUNK)
+        _scatter_kernel[(n, triton.cdiv(elems, block))](*copies, dst, elems, BLOCK=block)
+
+    if ids.device.type == "cuda":
+        with torch.cuda.device(ids.device):
+            go()
+    else:
+        go()

@@ -1,0 +1,203 @@
+"""Sparse mode's block cache (offload/block_cache.py): device copies of the blocks steps read from the host pool.
+The ring's bookkeeping against a model of it, and the runtime with the cache against the runtime without: the same
+tokens (a copy holds the same bytes), fewer blocks from the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload import offload
+from offload.block_cache import BlockCache
+from offload.config import OffloadConfig
+from offload.models import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+PAGE_BYTES = 2 * 2 * 8 * 16 * 4  # tiny_gqa3_model, pages of 8 tokens, float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), entries=st.integers(4, 24), layers=st.integers(1, 3),
+       head_major=st.booleans())
+def test_the_ring_keeps_copies_that_match_their_homes(seed: int, entries: int, layers: int, head_major: bool) -> None:
+    """Random steps choosing blocks whose homes are device or host blocks of a pool: after every fill, each entry
+    reads its home or a cache slot that holds its home's bytes, at most one entry owns a slot, and an entry reads a
+    slot only if it owns it. A step's reads always give its homes' bytes."""
+    g = torch.Generator().manual_seed(seed)
+    blocks, heads, B, D = 12, 2, 2, 3
+    host_blocks, first = 40, 30  # ids 0..29 device, 30..30+entries the cache, 40.. the host pool
+    pool_blocks = host_blocks + 64
+    flat_k = torch.randn(pool_blocks, B, D, generator=g)
+    flat_v = torch.randn(pool_blocks, B, D, generator=g)
+    entries = min(entries, host_blocks - first - 1)
+    cache = BlockCache(first, entries, layers, blocks, heads, torch.device("cpu"))
+    homes = []
+    for layer in range(layers):
+        home = torch.where(torch.rand(blocks, heads, generator=g) < 0.3,
+                           torch.randint(0, first, (blocks, heads), generator=g),
+                           host_blocks + torch.randperm(64, generator=g)[:blocks * heads].view(blocks, heads))
+        homes.append(home)
+        cache.set_home(layer, home)
+    for _ in range(12):
+        layer = int(torch.randint(0, layers, (1,), generator=g))
+        count = int(torch.randint(1, max(2, entries // heads) + 1, (1,), generator=g))
+        chosen = torch.stack([torch.randperm(blocks, generator=g)[:count] for _ in range(heads)], 1)  # [count, H]
+        ids = cache.rows[layer].gather(0, chosen)
+        order = ids.t().reshape(-1) if head_major else ids.reshape(-1)
+        want = homes[layer].gather(0, chosen)
+        want = want.t().reshape(-1) if head_major else want.reshape(-1)
+        k, v = flat_k[order], flat_v[order]
+        assert torch.equal(k, flat_k[want]) and torch.equal(v, flat_v[want])
+        if not cache.fits(order.numel()):
+            continue
+        cache.fill(cache.entries_of(layer, chosen, head_major), order, host_blocks, k, v, flat_k, flat_v)
+        owners = cache.owner[:entries]
+        live = owners[owners != cache.spare_entry]
+        assert live.unique().numel() == live.numel()
+        for slot, entry in enumerate(owners.tolist()):
+            if entry != cache.spare_entry:
+                assert int(cache.row[entry]) == first + slot
+        for lay in range(layers):
+            rows, home = cache.rows[lay], homes[lay]
+            in_cache = (rows >= first) & (rows < first + entries)
+            assert torch.equal(rows[~in_cache], home[~in_cache])
+            assert torch.equal(flat_k[rows], flat_k[home]) and torch.equal(flat_v[rows], flat_v[home])
+
+
+def _generate(model, ids, **options):
+    with torch.no_grad(), offload(model, **options) as rt:
+        out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        s = rt.stats()
+        s["plan"] = rt.plan
+        rt.table.check_invariants()
+    return out, s
+
+
+@pytest.mark.parametrize("mode", ["kv", "query", "shared"])
+@pytest.mark.parametrize("kv_quant", ["none", "k8v4"])
+def test_the_cache_gives_the_tokens_of_the_step_without_it_and_reads_fewer_host_blocks(tiny_gqa3_model, mode,
+                                                                                     kv_quant) -> None:
+    """The same device tier with and without the cache beside it: identical tokens, and the host pool crossed by
+    fewer blocks (the steps after one that read a block find its copy)."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, dense_layers=0,
+              head_selection=mode, host_budget="4MiB", kv_quant=kv_quant, select_block=4)
+    ref, s0 = _generate(tiny_gqa3_model, ids, device_budget=34 * PAGE_BYTES, **kw)
+    # The cache holds about twice the blocks a step reads over every layer; each query head reads its own.
+    budget, share, pages = (214, 0.843, 160) if mode == "query" else (94, 0.66, 56)
+    out, s1 = _generate(tiny_gqa3_model, ids, device_budget=budget * PAGE_BYTES, block_cache=share, **kw)
+    assert s0["plan"].device_cache_pages == s1["plan"].device_cache_pages == 30
+    assert s1["plan"].block_cache_pages == pages and s1["block_cache_bytes"] == pages * PAGE_BYTES
+    assert torch.equal(out, ref)
+    assert s0["blocks"]["attended"] == s1["blocks"]["attended"]
+    assert 0 < s1["blocks"]["from_host"] < 0.6 * s0["blocks"]["from_host"]
+    assert s1["bytes_moved"]["host->device"] < 0.6 * s0["bytes_moved"]["host->device"]
+
+
+def test_a_batch_with_the_cache_gives_each_row_the_tokens_it_gives_alone(tiny_gqa3_model) -> None:
+    """Rows of a batch have their own entries: two prompts decoded together with the cache give the tokens each
+    gives alone without it."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 128, (1, 200), generator=g) for _ in range(2)]
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, dense_layers=0,
+              host_budget="4MiB")
+    alone = [_generate(tiny_gqa3_model, p, device_budget=36 * PAGE_BYTES, **kw)[0] for p in prompts]
+    both, s = _generate(tiny_gqa3_model, torch.cat(prompts), device_budget=100 * PAGE_BYTES, block_cache=0.4, **kw)
+    assert s["blocks"]["from_host"] > 0
+    for row, want in zip(both, alone):
+        assert torch.equal(row, want[0])
+
+
+def test_a_new_sequence_forgets_the_copies(tiny_gqa3_model) -> None:
+    """Two generates in one runtime, the second on another prompt of the same length: its tokens are those of a
+    fresh runtime (copies of the first sequence's blocks sit at the same entries and must not be read)."""
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(0, 128, (1, 300), generator=g) for _ in range(2))
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, dense_layers=0,
+              host_budget="4MiB", device_budget=68 * PAGE_BYTES, block_cache=0.5)
+    want, _ = _generate(tiny_gqa3_model, b, **kw)
+    with torch.no_grad(), offload(tiny_gqa3_model, **kw) as rt:
+        tiny_gqa3_model.generate(a, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        got = tiny_gqa3_model.generate(b, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.5", True, float("nan")])
+def test_block_cache_outside_zero_to_one_is_refused(value) -> None:
+    with pytest.raises(ValueError, match=r"^block_cache: expected a number in \[0, 1\)"):
+        OffloadConfig(attention="sparse", block_cache=value)
+
+
+def test_exact_attention_keeps_no_block_cache(tiny_gqa3_model) -> None:
+    """Like the other sparse-mode options, block_cache does nothing in exact mode: the whole device tier is the
+    device's."""
+    with offload(tiny_gqa3_model, page_size=8, device_budget=64 * PAGE_BYTES, block_cache=0.5) as rt:
+        assert rt.plan.block_cache_pages == 0 and rt.stats()["block_cache_bytes"] == 0
+
+
+def test_a_cache_that_leaves_too_few_device_pages_is_refused() -> None:
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
+    with pytest.raises(ValueError, match=r"^block_cache: 0.9 of the device budget's"):
+        with offload(model, attention="sparse", page_size=8, device_budget=40 * 1024, block_cache=0.9):
+            pass
+
+
+@pytest.mark.kernels
+def test_the_kernel_step_with_the_cache_gives_the_tokens_of_the_torch_step(monkeypatch) -> None:
+    """The CUDA decode step's path (Triton's interpreter on the CPU): its block workspace is block-major, and the
+    cache takes its copies from there. The same tokens as the torch step without the cache, fewer host blocks."""
+    pytest.importorskip("triton")
+    import offload.runtime as runtime_module
+    from offload.decode import KernelDecode
+
+    model = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seed=3)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(5))
+    opts = dict(attention="sparse", page_size=8, host_budget="1MiB", token_budget=24, sink_tokens=8, recent_tokens=8,
+                dense_layers=0, select_block=4)
+    ref, s0 = _generate(model, ids, device_budget=30 * PAGE_BYTES, **opts)
+    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+    with torch.no_grad(), offload(model, device_budget=60 * PAGE_BYTES, block_cache=0.54, **opts) as rt:
+        assert isinstance(rt.decoder, KernelDecode) and rt.decoder.cache is not None
+        assert rt.plan.device_cache_pages == s0["plan"].device_cache_pages == 26
+        out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        s1 = rt.stats()
+    assert torch.equal(out, ref)
+    assert 0 < s1["blocks"]["from_host"] < 0.8 * s0["blocks"]["from_host"]
+
+
+@pytest.mark.kernels
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), entries=st.integers(4, 9), head_major=st.booleans())
+def test_the_triton_fill_equals_the_torch_fill(seed: int, entries: int, head_major: bool) -> None:
+    """Two caches in the same state, steps of random choices: the kernels' fill (Triton's interpreter here) leaves
+    the same rows, owners, ring position and copies as `BlockCache.fill` (the spare slot and entry aside)."""
+    pytest.importorskip("triton")
+    from offload.kernels import cache as kcache
+
+    g = torch.Generator().manual_seed(seed)
+    blocks, heads, B, D, host_blocks, first = 12, 2, 2, 3, 40, 30
+    pools = [torch.randn(host_blocks + 64, B, D, generator=g) for _ in range(2)]
+    twins = [BlockCache(first, entries, 1, blocks, heads, torch.device("cpu")) for _ in range(2)]
+    flats = [[p.clone() for p in pools] for _ in range(2)]
+    home = host_blocks + torch.randperm(64, generator=g)[:blocks * heads].view(blocks, heads)
+    home[torch.rand(blocks, heads, generator=g) < 0.3] = 5
+    for c in twins:
+        c.set_home(0, home)
+    for _ in range(10):
+        count = int(torch.randint(1, entries // heads + 1, (1,), generator=g))
+        chosen = torch.stack([torch.randperm(blocks, generator=g)[:count] for _ in range(heads)], 1)
+        for i, c in enumerate(twins):
+            ids = c.rows[0].gather(0, chosen)
+            order = ids.t().reshape(-1) if head_major else ids.reshape(-1)
+            k, v = flats[i][0][order], flats[i][1][order]
+            fill = c.fill if i == 0 else (lambda *a, _c=c: kcache.fill(_c, *a))
+            fill(c.entries_of(0, chosen, head_major), order, host_blocks, k, v, *flats[i])
+        a, b = twins
+        assert torch.equal(a.row[:-1], b.row[:-1]) and torch.equal(a.owner[:-1], b.owner[:-1])
+        assert int(a.ptr) == int(b.ptr)
+        for x, y in zip(*flats):
+            assert torch.equal(x[:first + entries], y[:first + entries]) and torch.equal(x[host_blocks:],
+                                                                                        y[host_blocks:])
