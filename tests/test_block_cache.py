@@ -121,6 +121,7 @@ def test_a_new_sequence_forgets_the_copies(tiny_gqa3_model) -> None:
     want, _ = _generate(tiny_gqa3_model, b, **kw)
     with torch.no_grad(), offload(tiny_gqa3_model, **kw) as rt:
         tiny_gqa3_model.generate(a, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        assert int(rt.decoder.cache.ptr) > 0  # the first sequence left copies
         got = tiny_gqa3_model.generate(b, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(got, want)
 
