@@ -31,14 +31,18 @@ def main() -> None:
     parser.add_argument("--modes", default="exact,sparse", help="comma-separated attention modes")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device-fraction", type=float, default=0.15, help="share of the KV on the device")
+    parser.add_argument("--block-cache", type=float, default=0.0,
+                        help="sparse mode: share of the device budget kept as the block cache (default 0)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [measure(int(c), m, args.page_size, args.layers)
+    extra = {"block_cache": args.block_cache} if args.block_cache else {}
+    rows = [measure(int(c), m, args.page_size, args.layers, device_fraction=args.device_fraction, **extra)
             for m in args.modes.split(",") for c in args.context.split(",")]
     print("\n".join(markdown_table(
         ["mode", "context", "aten ops per layer beyond DynamicCache", "host reads per step (DynamicCache)"],
-        [[r["mode"], str(r["context"]), f"{r['extra_ops_per_layer']:.0f}",
+        [[r["mode"], str(r["context"]), f"{r['extra_ops_per_layer']:.2f}",
           f"{r['host_reads']} ({r['dynamic_host_reads']})"] for r in rows])))
     if args.json:
         with open(args.json, "w") as f:

@@ -61,11 +61,21 @@ class BlockCache:
         self.homes = self.home[:n].view(layers, self.blocks, self.heads)
 
     def forget(self) -> None:
-        """A new sequence: every copy is stale."""
-        self.home.fill_(NONE)
-        self.row.fill_(NONE)
+        """A new sequence: every copy dropped; entries read their homes, which the views set again when they are
+        rebuilt."""
+        self.row.copy_(self.home)
         self.owner.fill_(self.spare_entry)
         self.ptr.fill_(-1)
+
+    def drop_rows(self, rows: torch.Tensor) -> None:
+        """The copies of rows `rows` dropped (beam search: those rows go on from other rows' blocks). Host work, at
+        a reorder."""
+        owners = self.owner[:self.entries]
+        mine = torch.isin(owners // (self.blocks * self.heads), rows.to(self.device)).nonzero().flatten()
+        if mine.numel():
+            entries = owners[mine]
+            self.row.index_copy_(0, entries, self.home.index_select(0, entries))
+            self.owner.index_fill_(0, mine, self.spare_entry)
 
     def fits(self, reads: int) -> bool:
         """Whether a step that reads `reads` blocks can copy them all (host ints only)."""

@@ -595,6 +595,8 @@ class Runtime:
             at, of = rows.to(self.device), srcs.to(self.device)
             self.decoder.use_step[at] = self.decoder.use_step[of].clone()
             self.decoder.mass[at] = self.decoder.mass[of].clone()
+            if self.decoder.cache is not None:  # copies of the rows that now go on from others' blocks
+                self.decoder.cache.drop_rows(rows[rows != srcs])
         if self.selection is not None:
             self.selection.reorder(rows, srcs)
         self.pads = [self.pads[q] for q in source]

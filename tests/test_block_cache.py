@@ -202,3 +202,36 @@ def test_the_triton_fill_equals_the_torch_fill(seed: int, entries: int, head_maj
         for x, y in zip(*flats):
             assert torch.equal(x[:first + entries], y[:first + entries]) and torch.equal(x[host_blocks:],
                                                                                         y[host_blocks:])
+
+
+@torch.no_grad()
+def _reordered(model, ids, cache, orders: list[list[int]]) -> torch.Tensor:
+    """Prefill, greedy steps, then after each reorder in `orders` three more; the logits of every forward."""
+    logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for order in [None, None, None] + orders:
+        if order is not None:
+            cache.reorder_cache(torch.tensor(order))
+        for _ in range(3):
+            token = logits[-1].argmax(-1, keepdim=True)
+            token = token if order is None else token[torch.tensor(order)]
+            order = None
+            logits.append(model(token, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_reordered_rows_read_their_new_blocks_not_their_old_copies(tiny_gqa3_model) -> None:
+    """Beam search reorders rows: a row then goes on from another row's blocks, and copies of its old blocks must
+    not be read. Three different prompts (so rows differ from the start), steps that fill the cache, reorders: the
+    logits of the runtime without the cache, with the same device tier."""
+    ids = torch.randint(0, 128, (3, 150), generator=torch.Generator().manual_seed(6))
+    orders = [[1, 1, 0], [2, 0, 0], [0, 1, 2], [1, 2, 1]]
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=8, dense_layers=0,
+              host_budget="4MiB", select_block=4)
+    with offload(tiny_gqa3_model, device_budget=40 * PAGE_BYTES, **kw) as rt:
+        want = _reordered(tiny_gqa3_model, ids, rt.cache(), orders)
+        tier = rt.plan.device_cache_pages
+    with offload(tiny_gqa3_model, device_budget=190 * PAGE_BYTES, block_cache=0.79, **kw) as rt:
+        assert rt.plan.device_cache_pages == tier
+        got = _reordered(tiny_gqa3_model, ids, rt.cache(), orders)
+        assert rt.stats()["blocks"]["from_host"] > 0 and int(rt.decoder.cache.ptr) > 0
+    assert torch.equal(got, want)

@@ -9,6 +9,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK: tl.constexpr):
+    """Entries start..start+CHUNK-1: offsets, which exist, their block ids, their ring slots (if copies) and which
+    are copies aged past half the ring (Python's modulo: the ring position may be below the slot's)."""
+    offs = start + tl.arange(0, CHUNK)
+    live = offs < n
+    ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int64)
+    slot = ids - first
+    age = ((ptr - slot) % ring + ring) % ring
+    aged = live & (ids >= first) & (ids < host_blocks) & (age >= ring // 2)
+    return offs, live, ids, slot, aged
+
+
+@triton.jit
 def _ring_kernel(ids_ptr, entries_ptr, owner_ptr, row_ptr, home_ptr, ptr_ptr, dst_ptr, n, first, host_blocks,
                  ring, spare_slot, spare_entry, CHUNK: tl.constexpr):
     """One program over the step's n entries, in chunks: (1) copies aged past half the ring free their slots;
@@ -16,24 +29,13 @@ def _ring_kernel(ids_ptr, entries_ptr, owner_ptr, row_ptr, home_ptr, ptr_ptr, ds
     each position's old owner goes back to its home, the entry points at the slot; `dst` gets the slot's block id
     (-1 for entries not taken); (3) ptr advances by the count taken. The same results as `BlockCache.fill`."""
     ptr = tl.load(ptr_ptr)
-    half = ring // 2
     for start in range(0, n, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        live = offs < n
-        ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int64)
-        slot = ids - first
-        age = ((ptr - slot) % ring + ring) % ring
-        aged = live & (ids >= first) & (ids < host_blocks) & (age >= half)
+        offs, live, ids, slot, aged = _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK)
         tl.store(owner_ptr + slot, tl.zeros_like(slot) + spare_entry, mask=aged)
     tl.debug_barrier()
     carry = ptr
     for start in range(0, n, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        live = offs < n
-        ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int64)
-        slot = ids - first
-        age = ((ptr - slot) % ring + ring) % ring
-        aged = (ids >= first) & (ids < host_blocks) & (age >= half)
+        offs, live, ids, slot, aged = _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK)
         take = live & ((ids >= host_blocks) | aged)
         rank = tl.cumsum(take.to(tl.int64), 0)
         pos = (carry + rank) % ring
