@@ -70,6 +70,7 @@ class PageTable:
         return -(-self.tokens[layer] // self.page_size) if self.tokens[layer] else 0
 
     page_size: int = 0  # set by the runtime
+    batch: int = 1  # sequences: row l * batch + b is layer l of sequence b (set by the runtime)
 
     def resident(self, tier: str) -> torch.Tensor:
         """Bool [layers, max_pages]: the page has a copy in `tier`."""

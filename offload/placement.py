@@ -47,8 +47,8 @@ def sink_pages(config: OffloadConfig, page_size: int) -> int:
 
 
 def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
-    """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks and the recent window
-    while anything else can go)."""
+    """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks, the recent window and
+    every page of the dense layers while anything else can go: a dense layer reads all its pages at every step)."""
     mask = torch.ones(table.layers, table.max_pages, dtype=torch.bool)
     P = table.page_size
     if config.attention == "sparse" or config.kv_quant != "none":
@@ -59,6 +59,7 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
         for layer in range(table.layers):
             last = table.pages(layer)
             mask[layer, max(0, last - recent):last] = False
+        mask[: config.dense_layers * table.batch] = False  # rows l * batch + b of the first layers
     return mask
 
 
@@ -377,7 +378,7 @@ class Placement:
         """Of `count` new full pages of `layer` (plus its tail, which stays on the device), how many go to the
         device: the layer's share while it lasts, more when the tiers below can't take the rest."""
         t = self.table
-        share = max(0, -(-self.device.capacity // t.layers) - 1 - int((t.slot["device"][layer] >= 0).sum()))
+        share = max(0, self._device_share(layer) - 1 - int((t.slot["device"][layer] >= 0).sum()))
         # Layers other than this one that hold no page yet each need a device slot for their tail.
         tails = sum(1 for l in range(t.layers) if l != layer and t.tokens[l] == 0)
         spare = self.device.num_free - tails - 1
@@ -388,6 +389,18 @@ class Placement:
         if short > 0:
             on_device += min(short, max(0, spare - on_device))
         return on_device
+
+    def _device_share(self, layer: int) -> int:
+        """Device pages a layer's prefill may keep, its tail included: an equal share; in sparse mode a dense layer
+        (which reads every page at every step) as many as it has, and the sparse layers share what those leave."""
+        t, capacity = self.table, self.device.capacity
+        dense = self.config.dense_layers * t.batch if self.config.attention == "sparse" else 0
+        if not 0 < dense < t.layers:
+            return -(-capacity // t.layers)
+        if layer < dense:
+            return t.max_pages
+        held = int((t.slot["device"][:dense] >= 0).sum())
+        return max(1, -(-(capacity - held) // (t.layers - dense)))
 
     def _room_below(self) -> int:
         """Pages the host and disk tiers can still take, slots of tiers not created yet included."""

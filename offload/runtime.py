@@ -200,6 +200,7 @@ class Runtime:
         self._set_batch(batch)
         self.table = PageTable(self.layers, self.max_pages)
         self.table.page_size = self.page_size
+        self.table.batch = batch
         self.placement.new_sequence(self.table)
         self.handoff = Handoff()
         if self.decoder is not None:
