@@ -318,3 +318,27 @@ def test_score_eviction_after_a_longer_sequence(tiny_llama_model) -> None:
         out = tiny_llama_model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=3, do_sample=False)
         assert out.shape[1] == 23
         assert rt.selection.mass is None  # nothing was scored: the context fit the budget
+
+
+def test_the_dense_layers_keep_their_pages_on_the_device(tiny_gqa3_model) -> None:
+    """A dense layer reads every page at every step, a sparse one a few blocks: prefill leaves the dense layer's pages
+    on the device and the sparse layers share the rest, and decoding on (pages opening, evictions) keeps them there.
+    The tokens are those of every page on the device."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
+    page_bytes = 2 * 2 * 8 * 16 * 4
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, dense_layers=1)
+    with torch.no_grad():
+        with offload(tiny_gqa3_model, **kw) as rt:
+            ref = tiny_gqa3_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        with offload(tiny_gqa3_model, device_budget=60 * page_bytes, host_budget="4MiB", **kw) as rt:
+            cache = rt.cache()
+            tiny_gqa3_model(input_ids=ids, past_key_values=cache)
+            t = rt.table
+            on_device = (t.slot["device"] >= 0).sum(1).tolist()
+            assert on_device[0] == t.pages(0) == 38  # every page of the dense layer
+            assert on_device[1] + on_device[2] <= rt.plan.device_cache_pages - on_device[0]
+            assert on_device[1] < t.pages(1) and on_device[2] < t.pages(2)
+            out = tiny_gqa3_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            assert int((rt.table.slot["device"][0] >= 0).sum()) == rt.table.pages(0)
+            assert rt.stats()["blocks"]["from_host"] > 0
+    assert torch.equal(out, ref)
