@@ -235,3 +235,32 @@ def test_reordered_rows_read_their_new_blocks_not_their_old_copies(tiny_gqa3_mod
         got = _reordered(tiny_gqa3_model, ids, rt.cache(), orders)
         assert rt.stats()["blocks"]["from_host"] > 0 and int(rt.decoder.cache.ptr) > 0
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch,disk", [("qwen2", False), ("gemma2", False), ("llama", True)])
+def test_windows_soft_caps_and_a_disk_tier_with_the_cache(arch, disk, tmp_path) -> None:
+    """Sliding windows (the window's first block cut, blocks below it never chosen again), Gemma 2's soft-capped
+    scores, and layers with pages on disk (served by the streaming path, not the cache): the tokens without the
+    cache, with the same device tier."""
+    import test_architectures as ta
+
+    model = ta.tiny(arch)
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(1))
+    pb = ta.page_bytes(model)
+    kw = dict(attention="sparse", token_budget=0.3, page_size=8, sink_tokens=8, recent_tokens=8, dense_layers=0,
+              select_block=4, host_budget=(40 if disk else 4096) * pb)
+    if disk:
+        kw["disk_dir"] = str(tmp_path / "kv")
+    with torch.no_grad():
+        with offload(model, device_budget=20 * pb, **kw) as rt:
+            want = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            tier = rt.plan.device_cache_pages
+        with offload(model, device_budget=60 * pb, block_cache=0.715, **kw) as rt:
+            assert rt.plan.device_cache_pages == tier and rt.plan.block_cache_pages > 0
+            got = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            s = rt.stats()
+    assert s["blocks"]["from_host"] > 0
+    if disk:
+        assert s["peak_resident_bytes"]["disk"] > 0
+        assert not list((tmp_path / "kv").iterdir())
+    assert torch.equal(got, want)
