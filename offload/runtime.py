@@ -15,6 +15,7 @@ sequence. Logit soft-capping, when the model asks for it, is applied to every sc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -51,6 +52,12 @@ def use_kernels(device: torch.device, config: OffloadConfig) -> bool:
     installed and no disk tier (layers with pages on disk take the streaming path, whose buffers the kernels'
     workspace rows would share while in use)."""
     return device.type == "cuda" and config.disk_dir is None and importlib.util.find_spec("triton") is not None
+
+
+def decodes_on_device(device: torch.device, config: OffloadConfig) -> bool:
+    """Whether decode steps run over the pools on the device (offload/decode.py): on the CPU, whose pools share
+    memory, and on CUDA with the Triton kernels; elsewhere every step streams pages through the load ring."""
+    return device.type == "cpu" or use_kernels(device, config)
 
 
 class Runtime:
@@ -96,6 +103,12 @@ class Runtime:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer, float(config.io_timeout))
         self.recovery = Recovery(self)
+        kernels, on_device = use_kernels(self.device, config), decodes_on_device(self.device, config)
+        if self.plan.block_cache_pages and not on_device:
+            # No decode step on the device (CUDA with a disk tier streams every step): the cache's share stays
+            # with the device tier.
+            self.plan = dataclasses.replace(self.plan, block_cache_pages=0, device_cache_pages=(
+                self.plan.device_cache_pages + self.plan.block_cache_pages))
         dev_pages, host_storage = self.plan.device_cache_pages, None
         # Sparse mode's block cache (offload/block_cache.py): device slots after the device tier's, before the
         # host's (or the kernels' workspace), so its blocks count as the device's.
@@ -106,7 +119,7 @@ class Runtime:
         dims = self.shape.dims
         # Sparse mode: the decode step gathers blocks of `select_block` tokens, chosen per head.
         blocks = (config.block_size(), config.head_selection) if config.attention == "sparse" else ()
-        if use_kernels(self.device, config):
+        if kernels:
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
             # (used by layers the workspace can't serve) share those rows: the two never run at once.
@@ -117,14 +130,14 @@ class Runtime:
                                         self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec,
                                         cache_pages=cached)
             work = [pool[split:] for pool in pools]
-        elif self.device.type == "cpu" and self.codec is not None:
+        elif on_device and self.codec is not None:
             # Packed host pages: the decode step reads device pages in place and unpacks the host's.
             pools = [torch.empty((split, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = DeviceDecode((pools[0], pools[1]), split, self.layers, self.max_pages, self.q_heads,
                                         self.kv_heads, self.device, *blocks, codec=self.codec, cache_pages=cached)
-        elif self.device.type == "cpu":
+        elif on_device:
             # Host and device memory are the same: one allocation holds both pools (device slots first), so a
             # decode step gathers a layer's pages from both with one index_select (offload/decode.py). The host
             # part is anonymous memory that the OS backs only once written.

@@ -264,3 +264,20 @@ def test_windows_soft_caps_and_a_disk_tier_with_the_cache(arch, disk, tmp_path) 
         assert s["peak_resident_bytes"]["disk"] > 0
         assert not list((tmp_path / "kv").iterdir())
     assert torch.equal(got, want)
+
+
+def test_without_a_decode_step_on_the_device_the_cache_share_stays_with_the_device_tier(tiny_gqa3_model,
+                                                                                         monkeypatch) -> None:
+    """Where every step streams (CUDA with a disk tier; here the CPU made to stream), nothing would read the cache:
+    its pages stay the device tier's, and the tokens are those of the pools' step."""
+    import offload.runtime as runtime_module
+
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(8))
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=8, dense_layers=0,
+              host_budget="4MiB", select_block=4, device_budget=60 * PAGE_BYTES)
+    want, s0 = _generate(tiny_gqa3_model, ids, **kw)
+    monkeypatch.setattr(runtime_module, "decodes_on_device", lambda device, config: False)
+    got, s1 = _generate(tiny_gqa3_model, ids, block_cache=0.5, **kw)
+    assert s1["plan"].block_cache_pages == 0 and s1["block_cache_bytes"] == 0
+    assert s1["plan"].device_cache_pages == s0["plan"].device_cache_pages
+    assert torch.equal(got, want)
