@@ -281,3 +281,30 @@ def test_without_a_decode_step_on_the_device_the_cache_share_stays_with_the_devi
     assert s1["plan"].block_cache_pages == 0 and s1["block_cache_bytes"] == 0
     assert s1["plan"].device_cache_pages == s0["plan"].device_cache_pages
     assert torch.equal(got, want)
+
+
+@settings(max_examples=8, deadline=None)
+@given(page=st.sampled_from([4, 8, 16]), block=st.sampled_from([1, 2, 4, 8]), mode=st.sampled_from(["kv", "query",
+       "shared"]), quant=st.sampled_from(["none", "k8v4"]), budget=st.sampled_from([0.1, 0.3, 24]),
+       prompt=st.integers(60, 240), rows=st.integers(1, 2), beams=st.sampled_from([1, 2]), share=st.sampled_from(
+       [0.3, 0.7]), seed=st.integers(0, 1000))
+def test_any_configuration_gives_the_tokens_of_the_same_runtime_without_copies(tiny_gqa3_model, page, block, mode,
+                                                                                quant, budget, prompt, rows, beams,
+                                                                                share, seed) -> None:
+    """The same budgets and plan with the cache filled and with every fill skipped (`fits` refusing): identical
+    tokens, whatever the page and block sizes, head selection, packed host pages, budget, batch or beams."""
+    if page % block:
+        block = page
+    ids = torch.randint(0, 128, (rows, prompt), generator=torch.Generator().manual_seed(seed))
+    kw = dict(attention="sparse", token_budget=budget, page_size=page, select_block=block, head_selection=mode,
+              kv_quant=quant, sink_tokens=4, recent_tokens=8, dense_layers=seed % 2, host_budget="8MiB",
+              device_budget=2 * 2 * page * 16 * 4 * 90, block_cache=share)
+    run = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, num_beams=beams)
+    with torch.no_grad(), offload(tiny_gqa3_model, **kw) as rt:
+        got = tiny_gqa3_model.generate(ids, **run)
+    with pytest.MonkeyPatch.context() as m, torch.no_grad():
+        m.setattr(BlockCache, "fits", lambda self, reads: False)
+        with offload(tiny_gqa3_model, **kw) as rt:
+            want = tiny_gqa3_model.generate(ids, **run)
+            assert int(rt.decoder.cache.ptr) == -1  # nothing was copied
+    assert torch.equal(got, want)
