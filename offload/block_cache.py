@@ -54,9 +54,9 @@ class BlockCache:
         self.slot_ids = torch.arange(self.first, self.first + self.entries + 1, device=self.device)
         self.dst = torch.empty(self.entries + 1, dtype=torch.int64, device=self.device)  # the kernels' fill
         # Per row: entry index of (block 0, head h) as [heads, 1] (for head-major steps) and [1, heads].
-        base = torch.arange(layers, device=self.device)[:, None] * (self.blocks * self.heads)
-        self.offset_hm = list((base + torch.arange(self.heads, device=self.device))[:, :, None])
-        self.offset_bm = list((base + torch.arange(self.heads, device=self.device))[:, None, :])
+        offsets = (torch.arange(layers, device=self.device)[:, None] * (self.blocks * self.heads)
+                   + torch.arange(self.heads, device=self.device))
+        self.offset_hm, self.offset_bm = list(offsets[:, :, None]), list(offsets[:, None, :])
         self.rows = self.row[:n].view(layers, self.blocks, self.heads)  # a row's blocks for the views
         self.homes = self.home[:n].view(layers, self.blocks, self.heads)
 

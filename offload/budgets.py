@@ -56,9 +56,11 @@ def _free_device_bytes(device: torch.device) -> int:
 
 
 def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device,
-                 lower_page_bytes: int | None = None) -> Plan:
+                 lower_page_bytes: int | None = None, device_step: bool = True) -> Plan:
     """Slots per tier: device pages of `page_bytes`, host and disk pages of `lower_page_bytes` (default the same;
-    less when `kv_quant` packs them). Raises ValueError naming the budget when one is too small to work at all."""
+    less when `kv_quant` packs them). `device_step`: decode steps run over the pools on the device, so sparse
+    mode's block cache has a reader (without one its share stays with the device tier). Raises ValueError naming
+    the budget when one is too small to work at all."""
     lower = lower_page_bytes or page_bytes
     kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
     kv_lower = lower * max_pages * layers  # the same, as the tiers below the device store it
@@ -82,7 +84,7 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     cache = total - workspace
     # Sparse mode's block cache takes its share of what the workspace leaves; the device tier keeps a page per
     # layer (the open tails) and one more.
-    blocks = int(config.block_cache * cache) if config.attention == "sparse" else 0
+    blocks = int(config.block_cache * cache) if config.attention == "sparse" and device_step else 0
     if blocks and cache - blocks < layers + 1:
         raise ValueError(
             f"block_cache: {config.block_cache:g} of the device budget's {cache} cache pages leaves {cache - blocks} "

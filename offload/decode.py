@@ -129,11 +129,11 @@ class DeviceDecode:
         self.host_blocks = split * kv_heads * self.per_page  # unified block ids from here on are in the host pool
         self.keep_mass = False
         self.cache: BlockCache | None = None
-        if self.selecting and cache_pages:
+        self.resize(layers)
+        if self.selecting and cache_pages:  # sized for `layers` rows; `resize` resizes it with the batch
             per = kv_heads * self.per_page
             self.cache = BlockCache((split - cache_pages) * per, cache_pages * per - 1, layers,
                                     max_pages * self.per_page, self.heads, device)
-        self.resize(layers)
         self.batch_k = self.batch_v = torch.empty(0, device=device)  # `exact_batch`'s gather target, grown as needed
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
         # the host, from the view), and the blocks the last sparse step gathered [count, choosers].

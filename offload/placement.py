@@ -46,6 +46,12 @@ def sink_pages(config: OffloadConfig, page_size: int) -> int:
     return -(-config.sink_tokens // page_size)
 
 
+def dense_rows(table: PageTable, config: OffloadConfig) -> int:
+    """Sparse mode: the rows of the dense layers, which come first (row l * batch + b is layer l of sequence b);
+    0 in exact mode, where no layer is set apart."""
+    return config.dense_layers * table.batch if config.attention == "sparse" else 0
+
+
 def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
     """Bool [layers, max_pages]: pages eviction may take first (sparse mode keeps the sinks, the recent window and
     every page of the dense layers while anything else can go: a dense layer reads all its pages at every step)."""
@@ -59,7 +65,7 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
         for layer in range(table.layers):
             last = table.pages(layer)
             mask[layer, max(0, last - recent):last] = False
-        mask[: config.dense_layers * table.batch] = False  # rows l * batch + b of the first layers
+        mask[: dense_rows(table, config)] = False
     return mask
 
 
@@ -394,7 +400,7 @@ class Placement:
         """Device pages a layer's prefill may keep, its tail included: an equal share; in sparse mode a dense layer
         (which reads every page at every step) as many as it has, and the sparse layers share what those leave."""
         t, capacity = self.table, self.device.capacity
-        dense = self.config.dense_layers * t.batch if self.config.attention == "sparse" else 0
+        dense = dense_rows(t, self.config)
         if not 0 < dense < t.layers:
             return -(-capacity // t.layers)
         if layer < dense:

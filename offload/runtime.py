@@ -15,7 +15,6 @@ sequence. Logit soft-capping, when the model asks for it, is applied to every sc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import logging
@@ -93,8 +92,9 @@ class Runtime:
         # kv_quant: pages below the device are packed by this codec (offload/quant.py); None stores them as they are.
         self.codec = PageCodec.of(config.kv_quant, self.kv_heads, self.page_size, self.head_dim)
         self.max_pages = -(-self.max_positions // self.page_size)
+        kernels, on_device = use_kernels(self.device, config), decodes_on_device(self.device, config)
         self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device,
-                                       self.codec.page_bytes if self.codec else None)
+                                       self.codec.page_bytes if self.codec else None, device_step=on_device)
         # The prefix cache's store opens once the budgets are known to fit, before any memory is taken.
         self.prefix = (PrefixCache(config, model, self.layers, self.kv_heads, self.page_size, self.head_dim,
                                    self.dtype) if config.prefix_cache is not None else None)
@@ -103,12 +103,6 @@ class Runtime:
             self.tracer.counter("occupancy", self.tracer.now(), {"device": 0, "host": 0, "disk": 0})
         self.engine = TransferEngine(self.device, config.io_threads, self.tracer, float(config.io_timeout))
         self.recovery = Recovery(self)
-        kernels, on_device = use_kernels(self.device, config), decodes_on_device(self.device, config)
-        if self.plan.block_cache_pages and not on_device:
-            # No decode step on the device (CUDA with a disk tier streams every step): the cache's share stays
-            # with the device tier.
-            self.plan = dataclasses.replace(self.plan, block_cache_pages=0, device_cache_pages=(
-                self.plan.device_cache_pages + self.plan.block_cache_pages))
         dev_pages, host_storage = self.plan.device_cache_pages, None
         # Sparse mode's block cache (offload/block_cache.py): device slots after the device tier's, before the
         # host's (or the kernels' workspace), so its blocks count as the device's.
