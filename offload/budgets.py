@@ -55,12 +55,24 @@ def _free_device_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def kernel_block_pages(config: OffloadConfig, max_pages: int) -> int:
+    """Sparse mode's kernel step gathers each head's chosen blocks into the workspace, as many pages' worth as the
+    largest choice: the budget's blocks at the longest context (or the sink and recent ones, if more), and the
+    tail page's."""
+    P, B = config.page_size, config.block_size()
+    budget = -(-config.token_budget_for(max_pages * P) // B)
+    fixed = -(-config.sink_tokens // B) + -(-config.recent_tokens // B) + 1
+    return -(-(max(budget, fixed) + P // B) // (P // B))
+
+
 def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages: int, device: torch.device,
-                 lower_page_bytes: int | None = None, device_step: bool = True) -> Plan:
+                 lower_page_bytes: int | None = None, device_step: bool = True, kernels: bool = False) -> Plan:
     """Slots per tier: device pages of `page_bytes`, host and disk pages of `lower_page_bytes` (default the same;
     less when `kv_quant` packs them). `device_step`: decode steps run over the pools on the device, so sparse
-    mode's block cache has a reader (without one its share stays with the device tier). Raises ValueError naming
-    the budget when one is too small to work at all."""
+    mode's block cache has a reader (without one its share stays with the device tier). `kernels`: they run the
+    Triton kernels, whose sparse step gathers the chosen blocks into the workspace, which then holds the largest
+    choice where the budget allows (`kernel_block_pages`). Raises ValueError naming the budget when one is too
+    small to work at all."""
     lower = lower_page_bytes or page_bytes
     kv_max = page_bytes * max_pages * layers  # the KV at the model's maximum positions
     kv_lower = lower * max_pages * layers  # the same, as the tiers below the device store it
@@ -81,6 +93,18 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     # pages and keeps more of them resident, so it gets 1/8. At most four layers' worth either way.
     share = 10 if config.attention == "exact" else 32
     workspace = 4 * max(1, min(max_pages, (total - layers) // share))
+    if kernels:
+        # Larger, as far as the device tier keeps a page per layer and one more: a layer whose step needs more
+        # rows than the workspace has streams instead. Sparse: the largest choice of blocks. Exact: half the rows
+        # (a layer's parity) hold a layer's host pages, with the device's pages spread evenly over the layers.
+        if config.attention == "sparse":
+            need = kernel_block_pages(config, max_pages)
+        elif layers > 2:
+            need = min(2 * max_pages, -(-2 * (layers * max_pages - total) // (layers - 2)) + 4)
+        else:
+            need = 2 * max_pages
+        room = (total - layers - 1) // 4 * 4
+        workspace = max(workspace, min(-(-need // 4) * 4, room))
     cache = total - workspace
     # Sparse mode's block cache takes its share of what the workspace leaves; the device tier keeps a page per
     # layer (the open tails) and one more.

@@ -314,15 +314,21 @@ class DeviceDecode:
         return blocks
 
     def pick(self, layer: int, view: LayerView, plan, scores: torch.Tensor, forced: torch.Tensor,
-             bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
-        """`choose`, then the unified block ids [count, heads] each gathered head reads, the host pool's counted."""
+             bias: torch.Tensor, free: int, step: int, count_reads: bool = True) -> torch.Tensor:
+        """`choose`, then the unified block ids [count, heads] each gathered head reads, the host pool's counted
+        (unless `count_reads` is False: the caller counts them)."""
         blocks = self.choose(layer, view, plan.fb, scores, forced, bias, free, step)
         if self.choosers == 1:
             ids = view.blockrow.index_select(0, blocks.view(-1))
         else:
             ids = view.blockrow.gather(0, blocks)
-        self.host_reads.add_((ids >= self.host_blocks).sum())
+        if count_reads:
+            self.count_reads(ids)
         return ids
+
+    def count_reads(self, ids: torch.Tensor) -> None:
+        """Adds the blocks of `ids` in the host pool to the step's count of host reads (on the device)."""
+        self.host_reads.add_((ids >= self.host_blocks).sum())
 
     def gather_blocks(self, ids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks at unified ids [count, heads] -> K and V [1, heads, count * B, D], each head its own blocks."""
@@ -417,6 +423,7 @@ class KernelDecode(DeviceDecode):
         self.kgather = importlib.import_module("offload.kernels.gather")
         self.paged = importlib.import_module("offload.kernels.paged_decode")
         self.kcache = importlib.import_module("offload.kernels.cache")
+        self.kappend = importlib.import_module("offload.kernels.append")
         self.workspace, self.half = workspace, workspace // 2
         # Attached at the first spill; packed host pools go through the dequantizing gathers.
         if codec is None:
@@ -425,11 +432,13 @@ class KernelDecode(DeviceDecode):
             self.host_k = torch.empty((0, codec.k_bytes), dtype=torch.uint8, device=device)
             self.host_v = torch.empty((0, codec.v_bytes), dtype=torch.uint8, device=device)
         self.rows_ws = torch.arange(split, split + workspace, dtype=torch.int32, device=device)
-        self.meta = torch.zeros(3, dtype=torch.int32, device=device)
+        self.paged_out: dict = {}  # paged decode's float32 buffers, by split count and query shape
+        self.block_out = None  # the same for the sparse step's static launch, allocated at its first call
         if self.selecting:  # the blocks a sparse step gathers, [workspace * R, heads, B, D], as a pool of B-token pages
             shape = (workspace * self.per_page, self.heads, self.block, self.head_dim)
             self.bk, self.bv = (torch.empty(shape, dtype=pools[0].dtype, device=device) for _ in range(2))
             self.rows_blocks = torch.arange(shape[0], dtype=torch.int32, device=device)
+            self._bit_views()
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.side = torch.cuda.Stream(device)
@@ -439,6 +448,32 @@ class KernelDecode(DeviceDecode):
     def resize(self, layers: int) -> None:
         super().resize(layers)
         self.ready = [None] * layers
+        if hasattr(self, "bits_out"):  # (the base class's constructor resizes before they exist)
+            self.bits_out.clear()  # they hold rows of the cache's scratch, made again
+
+    def append(self, slot: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A decode step's token k, v [1, H, 1, D] into row `row` of device page `slot`, in one launch."""
+        k, v = k.to(self.pool_k.dtype), v.to(self.pool_k.dtype)  # (as they are, in the model's dtype)
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        self.kappend.append_token(self.pool_k, self.pool_v, slot, row, k, v)
+
+    def attach_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().attach_host(k, v)
+        if self.selecting:
+            self._bit_views()
+
+    def _bit_views(self) -> None:
+        """Integer views of the block workspace, the pools and the host pool, which the block gather and the block
+        cache copy as bits: made once (and again when the host pool is attached), not at every step."""
+        self.bits_out: dict[int, tuple] = {}  # per block count: the workspace's rows, as the gather writes them
+        if self.codec is not None:  # the packed gather writes floats
+            self.bits_flat = self.flat
+            return
+        as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[self.bk.element_size()]
+        self.bits = tuple(t.view(as_int) for t in (self.bk, self.bv, self.pool_k, self.pool_v, self.host_k,
+                                                   self.host_v))
+        self.bits_flat = tuple(t.view(-1, self.block, self.head_dim) for t in self.bits[2:4])
 
     def serves_exact(self, view: LayerView) -> bool:
         """Whether an exact step of the layer fits: its host pages fit the workspace rows of its parity."""
@@ -498,7 +533,8 @@ class KernelDecode(DeviceDecode):
               softcap: float | None) -> torch.Tensor:
         q = am.group_queries(query, self.kv_heads)
         o, _ = self.exact_partial(layer, view, q, valid, scaling, softcap, start)
-        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+        # A copy: the kernel's buffers are the next call's too (another row of a batch keeps this one's result).
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype, copy=True)
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None, start: int = 0) -> am.Partial:
@@ -510,27 +546,40 @@ class KernelDecode(DeviceDecode):
             else:
                 self._gather_into(view.gather_dst, view.gather_src)
         return self.paged.paged_decode(q.to(self.pool_k.dtype), self.pool_k, self.pool_v, view.attn[skip:], valid,
-                                       scaling, softcap, start % self.page_size)
+                                       scaling, softcap, start % self.page_size, workspaces=self.paged_out)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,
                softcap: float | None) -> torch.Tensor:
-        ids = self.pick(layer, view, plan, scores, forced, bias, free, step)
+        ids = self.pick(layer, view, plan, scores, forced, bias, free, step, count_reads=False)
         count = ids.shape[0]  # at most the block workspace's rows: the runtime streams a step that needs more
         B = self.block
         tail = -(-plan.valid // B)  # the tail's blocks holding tokens
+        ids32 = ids.to(torch.int32)
+        # Integer views of the outputs (and, below, of the pools) kept from step to step: the gathers copy bits.
+        out = self.bits_out.get(count)
+        if out is None:
+            n, dims = count * self.heads, (-1, B, self.head_dim)
+            bk, bv = (self.bk, self.bv) if self.codec is not None else self.bits[:2]
+            out = self.bits_out[count] = (bk[:count], bv[:count], bk[:count].view(dims), bv[:count].view(dims),
+                                          self.cache.dst[:n] if self.cache is not None else None)
         if self.codec is None:
-            self.kgather.gather_blocks(self.bk[:count], self.bv[:count], self.pool_k, self.pool_v, self.host_k,
-                                      self.host_v, ids.to(torch.int32), self.split)
+            self.kgather.gather_blocks(out[0], out[1], *self.bits[2:], ids32, self.split)
         else:
-            self.kgather.gather_blocks_packed(self.bk[:count], self.bv[:count], self.pool_k[:self.split],
-                                              self.pool_v[:self.split], self.host_k, self.host_v,
-                                              ids.to(torch.int32), self.split, self.codec)
-        if self.cache is not None and self.cache.fits(ids.numel()):  # block-major, as the gather wrote them
-            self.kcache.fill(self.cache, self.cache.entries_of(layer, self.last_blocks, False), ids.view(-1),
-                             self.host_blocks, self.bk[:count].view(-1, B, self.head_dim),
-                             self.bv[:count].view(-1, B, self.head_dim), *self.flat)
-        self.meta[0], self.meta[1], self.meta[2] = count - self.per_page + tail, plan.valid - (tail - 1) * B, plan.cut
+            self.kgather.gather_blocks_packed(out[0], out[1], self.pool_k[:self.split], self.pool_v[:self.split],
+                                              self.host_k, self.host_v, ids32, self.split, self.codec)
+        if self.cache is not None and self.cache.fits(ids.numel()):
+            # The blocks read from the host pool copied into the cache (block-major, as the gather wrote them),
+            # and counted, in two launches.
+            self.kcache.fill(self.cache, layer, self.last_blocks, ids32, self.host_blocks, out[2], out[3],
+                             *self.bits_flat, self.host_reads, out[4])
+        else:
+            self.count_reads(ids)
+        # (n, valid_last, start) as the kernel's arguments: nothing written to the device from the host.
+        meta = (count - self.per_page + tail, plan.valid - (tail - 1) * B, plan.cut)
         q = am.group_queries(query, self.heads)
-        o, _ = self.paged.paged_decode_static(q, self.bk, self.bv, self.rows_blocks, self.meta, scaling, softcap)
-        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype)
+        if self.block_out is None:
+            self.block_out = self.paged.paged_decode_workspace(q, self.rows_blocks.numel())
+        o, _ = self.paged.paged_decode_static(q, self.bk, self.bv, self.rows_blocks, meta, scaling, softcap,
+                                              out=self.block_out)
+        return am.ungroup_output(o, self.q_heads, 1).to(query.dtype, copy=True)  # as `exact`

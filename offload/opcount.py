@@ -14,31 +14,45 @@ CPU tensor moves nothing, but it is counted all the same, because it stands for 
 GPU.
 
 Every aten op dispatched is host work too (argument checks, dispatch, a kernel launch on a GPU: a few microseconds
-each), so the op count beyond DynamicCache's is what the runtime adds to every decode step.
+each), so the op count beyond DynamicCache's is what the runtime adds to every decode step. A Triton launch of the
+runtime's kernels (`offload.kernels.launch`) counts as one op, as on a GPU, where it dispatches no aten op; on the
+CPU, Triton's interpreter runs the kernel through torch calls of its own, which are not counted.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from offload.cache import CACHE_KWARG
+from offload.kernels import launch
 
 # Names of the torch functions and Tensor methods that read a value on the host; `to` counts when its target is
 # the CPU and its tensor is not (`_to_cpu`).
 READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "cpu"}
 
 
+# aten ops that make a tensor of values from Python (`torch.tensor([...])`, `t[i] = 3`): on a GPU the values then
+# cross to the device in a copy that the host waits for (from pageable memory), as a read does the other way.
+MADE = {"lift_fresh", "lift_fresh_copy"}
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active."""
+    """Counts the aten ops dispatched while active, and among them those that make a tensor from host values."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.writes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        if func.overloadpacket.__name__ in MADE:
+            self.writes += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -62,12 +76,38 @@ def _to_cpu(args: tuple, kwargs: dict) -> bool:
     return str(target) == "cpu" and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu"
 
 
-def count_step(model, cache, token: torch.Tensor) -> tuple[int, int]:
-    """(aten ops, host reads) of one decode forward of `token` [1, 1] over `cache`."""
+class LaunchCounter:
+    """Counts the Triton launches made through `offload.kernels.launch` while installed as its hook, and runs each
+    with the counting modes off (the interpreter's own torch calls are not the host work of a GPU launch)."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __call__(self, go) -> None:
+        self.launches += 1
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
+            go()
+
+    def __enter__(self) -> "LaunchCounter":
+        self.previous, launch.hook = launch.hook, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        launch.hook = self.previous
+
+
+class StepCounts(NamedTuple):
+    ops: int  # aten ops plus Triton launches
+    reads: int  # host reads of tensor values
+    writes: int  # tensors made from host values (`MADE`)
+
+
+def count_step(model, cache, token: torch.Tensor) -> StepCounts:
+    """The counts of one decode forward of `token` [1, 1] over `cache`."""
     ops, reads = OpCounter(), ReadCounter()
-    with torch.no_grad(), reads, ops:
+    with torch.no_grad(), LaunchCounter() as launches, reads, ops:
         model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
-    return ops.ops, reads.reads
+    return StepCounts(ops.ops + launches.launches, reads.reads, ops.writes)
 
 
 def kv_bytes(model, tokens: int) -> int:
@@ -78,15 +118,32 @@ def kv_bytes(model, tokens: int) -> int:
     return 2 * mc.num_key_value_heads * head_dim * itemsize * mc.num_hidden_layers * tokens
 
 
+@contextmanager
+def _kernel_step(on: bool) -> Iterator[None]:
+    """With `on`, runtimes built inside choose CUDA's decode step (the Triton kernels) on any device."""
+    import offload.runtime as runtime_module
+
+    chosen = runtime_module.use_kernels
+    if on:
+        runtime_module.use_kernels = lambda device, config: config.disk_dir is None
+    try:
+        yield
+    finally:
+        runtime_module.use_kernels = chosen
+
+
 def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, steps: int = 1,
-            device_fraction: float = 0.15, model=None, prefill_chunk: int = 512, **options) -> dict:
+            device_fraction: float = 0.15, model=None, prefill_chunk: int = 512, kernels: bool = False,
+            **options) -> dict:
     """Prefills `context - 1` tokens, then counts decode steps of the offloaded cache and of DynamicCache.
 
     The model is a tiny random-weight Llama with `layers` layers (4 query heads over 2 KV heads, head_dim 16,
     float32) unless `model` is given. The offloaded cache holds `device_fraction` of the KV bytes of `context`
     tokens on the device and the rest in host RAM, in pages of `page_size` tokens, with attention `mode`
     ("exact" or "sparse"; in sparse mode every layer runs the sparse step, `dense_layers=0`, unless `options`,
-    further runtime options, say otherwise). The first step counted appends token `context - 1`, which must not open a page; with
+    further runtime options, say otherwise). With `kernels` the runtime runs CUDA's decode step, the Triton
+    kernels (`offload.decode.KernelDecode`), on the CPU under Triton's interpreter (`TRITON_INTERPRET=1` must be set
+    before triton is first imported), each launch counted as one op. The first step counted appends token `context - 1`, which must not open a page; with
     `steps` > 1 the next steps are counted too (choose `context` a multiple of `page_size` to have the second
     step open a page).
 
@@ -120,8 +177,8 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
     kv = kv_bytes(model, context)
     if mode == "sparse":
         options.setdefault("dense_layers", 0)
-    with offload(model, device_budget=max(int(device_fraction * kv), 0), host_budget=kv, page_size=page_size,
-                 attention=mode, **options) as rt, torch.no_grad():
+    with _kernel_step(kernels), offload(model, device_budget=max(int(device_fraction * kv), 0), host_budget=kv,
+                                        page_size=page_size, attention=mode, **options) as rt, torch.no_grad():
         cache = rt.cache()
         for chunk in ids.split(prefill_chunk, dim=1):
             model(input_ids=chunk, **{CACHE_KWARG: cache}, use_cache=True)
@@ -131,17 +188,14 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
             counted.append(count_step(model, cache, token))
             if placed is None:
                 placed = rt.stats()["resident_bytes"]
-    (base_ops, base_reads), (ops, reads) = base[0], counted[0]
-    row = {
-        "mode": mode, "context": context, "layers": layers,
-        "dynamic_ops": base_ops, "offload_ops": ops, "extra_ops_per_layer": (ops - base_ops) / layers,
-        "dynamic_host_reads": base_reads, "host_reads": reads, "resident_bytes": placed,
-    }
+    def fields(b: StepCounts, o: StepCounts) -> dict:
+        return {"dynamic_ops": b.ops, "offload_ops": o.ops, "extra_ops_per_layer": (o.ops - b.ops) / layers,
+                "dynamic_host_reads": b.reads, "host_reads": o.reads, "dynamic_host_writes": b.writes,
+                "host_writes": o.writes}
+
+    row = {"mode": mode, "context": context, "layers": layers, "kernels": kernels, **fields(base[0], counted[0]),
+           "resident_bytes": placed}
     if steps > 1:
-        row["per_step"] = [
-            {"token": context - 1 + i, "opens_page": (context - 1 + i) % page_size == 0,
-             "dynamic_ops": b_ops, "offload_ops": o_ops, "extra_ops_per_layer": (o_ops - b_ops) / layers,
-             "dynamic_host_reads": b_reads, "host_reads": o_reads}
-            for i, ((b_ops, b_reads), (o_ops, o_reads)) in enumerate(zip(base, counted))
-        ]
+        row["per_step"] = [{"token": context - 1 + i, "opens_page": (context - 1 + i) % page_size == 0, **fields(b, o)}
+                           for i, (b, o) in enumerate(zip(base, counted))]
     return row

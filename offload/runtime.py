@@ -94,7 +94,8 @@ class Runtime:
         self.max_pages = -(-self.max_positions // self.page_size)
         kernels, on_device = use_kernels(self.device, config), decodes_on_device(self.device, config)
         self.plan: Plan = plan_budgets(config, self.shape.page_bytes, self.layers, self.max_pages, self.device,
-                                       self.codec.page_bytes if self.codec else None, device_step=on_device)
+                                       self.codec.page_bytes if self.codec else None, device_step=on_device,
+                                       kernels=kernels)
         # The prefix cache's store opens once the budgets are known to fit, before any memory is taken.
         self.prefix = (PrefixCache(config, model, self.layers, self.kv_heads, self.page_size, self.head_dim,
                                    self.dtype) if config.prefix_cache is not None else None)
@@ -1194,11 +1195,15 @@ class Runtime:
                 self._summarize_filled(layer, page - 1)  # before making room can evict it
             slot = self.placement.device_slots(1)[0]
             self.table.set("device", layer, page, slot)
-        # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page, through views of that page.
-        _, pk, pv = self._tail(layer)
+        # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page: one launch with the kernels, else
+        # through views of that page.
+        slot, pk, pv = self._tail(layer)
         off = n % self.page_size
-        pk.select(1, off).copy_(k.view(self.kv_heads, self.head_dim))
-        pv.select(1, off).copy_(v.view(self.kv_heads, self.head_dim))
+        if isinstance(self.decoder, KernelDecode):
+            self.decoder.append(slot, off, k, v)
+        else:
+            pk.select(1, off).copy_(k.view(self.kv_heads, self.head_dim))
+            pv.select(1, off).copy_(v.view(self.kv_heads, self.head_dim))
         self.table.tokens[layer] = n + 1
         if off == self.page_size - 1 and self.prefix is not None and self.prefix.publish_all and self.batch == 1:
             # The page is full: a copy on the device, read to the host by the publisher's thread.

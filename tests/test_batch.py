@@ -316,11 +316,11 @@ def _step_counts(model, batch: int, opts: dict) -> tuple[int, int, int]:
     with torch.no_grad():
         cache = DynamicCache()
         model(ids, past_key_values=cache, use_cache=True)
-        base, _ = count_step(model, cache, token)
+        base = count_step(model, cache, token).ops
         with offload(model, **opts) as rt:
             cache = rt.cache()
             model(ids, past_key_values=cache, use_cache=True)
-            ops, reads = count_step(model, cache, token)
+            ops, reads, _ = count_step(model, cache, token)
             assert rt.stats()["resident_bytes"]["host"] > 0
     return ops, base, reads
 

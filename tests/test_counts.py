@@ -60,6 +60,7 @@ def test_a_decode_step_that_opens_no_page_reads_nothing_on_the_host(mode, contex
     row = _measured(mode, context)
     assert row["host_reads"] == 0, row
     assert row["dynamic_host_reads"] == 0, row
+    assert row["host_writes"] == 0, row  # nor makes a tensor from host values (a copy to a GPU)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -141,3 +142,36 @@ def test_a_sparse_step_with_the_block_cache_stays_flat_and_reads_nothing():
         assert row["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER + BLOCK_CACHE_FILL_OPS, row
     assert rows[0]["offload_ops"] == rows[1]["offload_ops"]
     assert rows[0]["extra_ops_per_layer"] > _measured("sparse", CONTEXTS[0])["extra_ops_per_layer"]  # it does copy
+
+
+# -- CUDA's decode step: the Triton kernels, here under Triton's interpreter ----------------------------------------
+# The step a GPU runs (offload.decode.KernelDecode), counted as a GPU's host issues it: aten ops, plus one op per
+# Triton launch. Tensors made from host values (`torch.tensor([...])`, `t[i] = n`) are counted as well: on a GPU
+# each is a copy to the device that the host waits for. The budgets leave a layer's step within the kernels'
+# workspace (exact: a layer's host pages; sparse: its largest choice of blocks), as the budget plan sizes it.
+KERNEL_CASES = {
+    "exact": dict(mode="exact", layers=8, device_fraction=0.5, contexts=(1024, 2048)),
+    "sparse": dict(mode="sparse", layers=LAYERS, device_fraction=0.15, contexts=(1024, 4096)),
+    "sparse, block cache": dict(mode="sparse", layers=LAYERS, device_fraction=0.3, block_cache=0.5,
+                                contexts=(1024, 4096)),
+}
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_the_kernel_step_stays_within_the_targets_and_writes_nothing_from_the_host(case):
+    """Bug: the sparse kernel step wrote its block count, fill and start into a device tensor with three
+    assignments (three host-to-device copies a layer), and paged decode made that tensor from a list at every
+    call in exact mode; a step that chose more blocks than the workspace held (8K tokens, 15% on the device)
+    streamed instead, at thousands of ops a layer."""
+    opts = dict(KERNEL_CASES[case])
+    mode, layers, contexts = opts.pop("mode"), opts.pop("layers"), opts.pop("contexts")
+    rows = [measure(c, mode, PAGE, layers, steps=3, kernels=True, **opts) for c in contexts]
+    for row in rows:
+        assert row["kernels"] and row["resident_bytes"]["host"] > 0, row
+        assert row["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER, row
+        assert row["host_reads"] == 0 and row["host_writes"] == 0, row
+        after = row["per_step"][2]  # the step after the one that opens a page
+        assert after["host_reads"] == 0 and after["host_writes"] == 0, row
+        assert after["extra_ops_per_layer"] <= MAX_EXTRA_OPS_PER_LAYER, row
+    assert rows[0]["offload_ops"] == rows[1]["offload_ops"], rows

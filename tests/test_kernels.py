@@ -284,3 +284,36 @@ def test_static_over_a_block_workspace_matches_dense(h, ho, g, d, p, b, s_dev, s
         assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
         _close(got, paged_decode_reference(q, ws_k, ws_v, rows[:n], valid_last, scaling, softcap, start), TOL[dtype])
         _close(got, _blocks_dense(q, pools, index, b, n, valid_last, scaling, softcap, start), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,d", [(2, 16), (3, 64)])
+def test_append_token_writes_one_row_of_one_page_and_nothing_else(dtype, heads, d):
+    """The kernel step's append (one launch) against the torch step's: row `row` of page `slot` of both pools gets
+    the token, from a key and value laid out as a model's projections leave them (heads not adjacent in memory);
+    every other element is unchanged."""
+    from offload.kernels.append import append_token
+
+    gen = torch.Generator().manual_seed(heads * d)
+    pools = [torch.randn(5, heads, 8, d, generator=gen).to(dtype) for _ in range(2)]
+    expected = [p.clone() for p in pools]
+    pools = [p.to(DEVICE) for p in pools]
+    for slot, row in ((3, 0), (0, 7), (4, 5)):
+        # [1, T=1, H, D] projections seen as [1, H, 1, D]: heads `2 * d` apart, rows of a wider tensor.
+        k, v = (torch.randn(1, 1, heads, 2 * d, generator=gen).to(dtype)[..., :d].transpose(1, 2) for _ in range(2))
+        append_token(*pools, slot, row, k.to(DEVICE), v.to(DEVICE))
+        expected[0][slot, :, row] = k[0, :, 0]
+        expected[1][slot, :, row] = v[0, :, 0]
+        assert torch.equal(pools[0].cpu(), expected[0]) and torch.equal(pools[1].cpu(), expected[1])
+
+
+def test_append_token_refuses_a_token_that_does_not_fit():
+    from offload.kernels.append import append_token
+
+    pools = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
+    with pytest.raises(ValueError, match="append_token"):
+        append_token(*pools, 2, 0, torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    with pytest.raises(ValueError, match="append_token"):
+        append_token(*pools, 0, 0, torch.zeros(1, 3, 1, 16), torch.zeros(1, 3, 1, 16))
+    with pytest.raises(ValueError, match="append_token"):
+        append_token(*pools, 0, 0, *(torch.zeros(1, 2, 1, 16, dtype=torch.bfloat16) for _ in range(2)))

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import launch as run
+
 
 @triton.jit
 def _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK: tl.constexpr):
@@ -22,32 +24,40 @@ def _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK: tl.constexpr
 
 
 @triton.jit
-def _ring_kernel(ids_ptr, entries_ptr, owner_ptr, row_ptr, home_ptr, ptr_ptr, dst_ptr, n, first, host_blocks,
-                 ring, spare_slot, spare_entry, CHUNK: tl.constexpr):
+def _ring_kernel(ids_ptr, blocks_ptr, owner_ptr, row_ptr, home_ptr, ptr_ptr, dst_ptr, reads_ptr, n, first,
+                 host_blocks, ring, spare_slot, spare_entry, entry_base, heads, choosers, CHUNK: tl.constexpr):
     """One program over the step's n entries, in chunks: (1) copies aged past half the ring free their slots;
     (2) entries taken (from the host, or aged copies) get ring positions ptr + rank (inclusive, in entry order),
     each position's old owner goes back to its home, the entry points at the slot; `dst` gets the slot's block id
-    (-1 for entries not taken); (3) ptr advances by the count taken. The same results as `BlockCache.fill`."""
+    (-1 for entries not taken); (3) ptr advances by the count taken, and reads[0] by the entries read from the host
+    pool. The same results as `BlockCache.fill`. Entry i = b * heads + c (block-major) of the step's choice is
+    entry_base + blocks[b, c % choosers] * heads + c of the cache's table."""
     ptr = tl.load(ptr_ptr)
     for start in range(0, n, CHUNK):
         offs, live, ids, slot, aged = _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK)
         tl.store(owner_ptr + slot, tl.zeros_like(slot) + spare_entry, mask=aged)
     tl.debug_barrier()
     carry = ptr
+    reads = tl.load(reads_ptr)
     for start in range(0, n, CHUNK):
         offs, live, ids, slot, aged = _chunk(ids_ptr, start, n, ptr, first, host_blocks, ring, CHUNK)
-        take = live & ((ids >= host_blocks) | aged)
+        from_host = live & (ids >= host_blocks)
+        take = from_host | aged
         rank = tl.cumsum(take.to(tl.int64), 0)
         pos = (carry + rank) % ring
         old = tl.load(owner_ptr + pos, mask=take, other=spare_entry)
         back = take & (old != spare_entry)
         tl.store(row_ptr + old, tl.load(home_ptr + old, mask=back), mask=back)
-        entry = tl.load(entries_ptr + offs, mask=take, other=0)
+        c = offs % heads
+        chosen = tl.load(blocks_ptr + (offs // heads) * choosers + c % choosers, mask=take, other=0)
+        entry = entry_base + chosen * heads + c
         tl.store(row_ptr + entry, first + pos, mask=take)
         tl.store(owner_ptr + pos, entry, mask=take)
         tl.store(dst_ptr + offs, tl.where(take, first + pos, -1), mask=live)
         carry += tl.sum(take.to(tl.int64), 0)
+        reads += tl.sum(from_host.to(tl.int64), 0)
     tl.store(ptr_ptr, carry)
+    tl.store(reads_ptr, reads)
 
 
 @triton.jit
@@ -69,22 +79,18 @@ _CHUNK = 1024
 _BLOCK_BYTES = 4096
 
 
-def launch(ids: torch.Tensor, entries: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, home: torch.Tensor,
-           ptr: torch.Tensor, dst: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, flat_k: torch.Tensor,
-           flat_v: torch.Tensor, first: int, host_blocks: int, ring: int, spare_slot: int, spare_entry: int) -> None:
+def launch(ids: torch.Tensor, blocks: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, home: torch.Tensor,
+           ptr: torch.Tensor, dst: torch.Tensor, reads: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor,
+           flat_k: torch.Tensor, flat_v: torch.Tensor, first: int, host_blocks: int, ring: int, spare_slot: int,
+           spare_entry: int, entry_base: int, heads: int) -> None:
+    """Arguments checked by `offload.kernels.cache.fill`. Blocks are copied as bits: tensors already of the
+    integer type of their width (views a caller keeps) are taken as they are."""
     n = ids.numel()
-    elems = src_k[0].numel()
-    as_int = _INT_OF_WIDTH[src_k.element_size()]
-    block = min(_BLOCK_BYTES // src_k.element_size(), triton.next_power_of_2(elems))
-    copies = [t.view(as_int) for t in (src_k, src_v, flat_k, flat_v)]
-
-    def go() -> None:
-        _ring_kernel[(1,)](ids, entries, owner, row, home, ptr, dst, n, first, host_blocks, ring, spare_slot,
-                           spare_entry, CHUNK=_CHUNK)
-        _scatter_kernel[(n, triton.cdiv(elems, block))](*copies, dst, elems, BLOCK=block)
-
-    if ids.device.type == "cuda":
-        with torch.cuda.device(ids.device):
-            go()
-    else:
-        go()
+    elems = src_k.shape[1] * src_k.shape[2]
+    width = src_k.element_size()
+    as_int = _INT_OF_WIDTH[width]
+    block = min(_BLOCK_BYTES // width, triton.next_power_of_2(elems))
+    copies = [t if t.dtype == as_int else t.view(as_int) for t in (src_k, src_v, flat_k, flat_v)]
+    run(_ring_kernel, (1,), ids.device, ids, blocks, owner, row, home, ptr, dst, reads, n, first, host_blocks, ring,
+        spare_slot, spare_entry, entry_base, heads, blocks.shape[1], CHUNK=_CHUNK)
+    run(_scatter_kernel, (n, triton.cdiv(elems, block)), ids.device, *copies, dst, elems, BLOCK=block)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import launch as run
+
 # Elements each program dequantizes (tokens of one head times the padded channels): a page of 64 tokens at D=128
 # is one program a head, which loads the head's key parameters once and 8 KiB of codes of K and of V at 8 bits (as
 # the plain gather's 8 KiB a program), on 8 warps (about 60 registers a thread, none spilled, at H=8, P=64, D=128).
@@ -185,14 +187,6 @@ def _tiles(codec, tokens: int) -> dict:
                 GP=codec.v_groups if compact else 0, num_warps=8 if t * block_d >= _TILE_ELEMS else 4)
 
 
-def _run(kernel, grid, device: torch.device, *args, **meta) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # the launcher uses the current device's context and stream
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
-
-
 def _packed(host_kq: torch.Tensor, host_vq: torch.Tensor) -> list[torch.Tensor]:
     """The packed pool as bytes (codes) and as float16 (parameters: every section starts on a 16-byte boundary)."""
     return [host_kq, host_vq, host_kq.view(torch.float16), host_vq.view(torch.float16)]
@@ -205,7 +199,7 @@ def launch_pages(out_k: torch.Tensor, out_v: torch.Tensor, host_kq: torch.Tensor
     tiles = _tiles(codec, p)
     as_int = _INT_OF_WIDTH[out_k.element_size()]  # stored through integers: the kernel rounds, not the store
     grid = (n, h, triton.cdiv(p, tiles["T"]))
-    _run(_pages_kernel, grid, out_k.device, out_k.view(as_int), out_v.view(as_int), *_packed(host_kq, host_vq),
+    run(_pages_kernel, grid, out_k.device, out_k.view(as_int), out_v.view(as_int), *_packed(host_kq, host_vq),
          slots, p, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits, V_BITS=codec.v_bits,
          **tiles)
 
@@ -220,6 +214,6 @@ def launch_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
     as_int = _INT_OF_WIDTH[out_k.element_size()]
     ints = [t.view(as_int) for t in (out_k, out_v, dev_k, dev_v)]
     grid = (n * ho, triton.cdiv(b, tiles["T"]))
-    _run(_blocks_kernel, grid, out_k.device, *ints, *_packed(host_kq, host_vq), index.reshape(-1), split * h * r,
+    run(_blocks_kernel, grid, out_k.device, *ints, *_packed(host_kq, host_vq), index.reshape(-1), split * h * r,
          h * r, r, b, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits,
          V_BITS=codec.v_bits, BLOCK_D=triton.next_power_of_2(d), **tiles)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import launch as run
+
 # Bytes each program copies from one page, for K and again for V: big enough to keep many 16-byte loads in
 # flight per program, small enough that a page of 64 tokens (128 KiB of K at H=8, D=128, bfloat16) spreads over
 # 16 programs.
@@ -55,14 +57,11 @@ def _launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v
     """n entries of `page_elems` elements each; `slots` and `split` counted in such pages."""
     width = out_k.element_size()
     as_int = _INT_OF_WIDTH[width]  # copy the bits through an integer view: no float conversion anywhere
-    tensors = [t.view(as_int) for t in (out_k, out_v, dev_k, dev_v, host_k, host_v)]
+    # Tensors already of that integer type (views a caller keeps) are taken as they are.
+    tensors = [t if t.dtype == as_int else t.view(as_int) for t in (out_k, out_v, dev_k, dev_v, host_k, host_v)]
     block = min(_BLOCK_BYTES // width, triton.next_power_of_2(page_elems))
     grid = (n, triton.cdiv(page_elems, block))
-    if out_k.device.type == "cuda":
-        with torch.cuda.device(out_k.device):  # the launcher uses the current device's context and stream
-            _gather_kernel[grid](*tensors, slots, split, page_elems, BLOCK=block)
-    else:
-        _gather_kernel[grid](*tensors, slots, split, page_elems, BLOCK=block)
+    run(_gather_kernel, grid, out_k.device, *tensors, slots, split, page_elems, BLOCK=block)
 
 
 def launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
@@ -78,4 +77,5 @@ def launch_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
     the page gather over pages of B*D elements, entry i*Ho + c, with the first split*H*R blocks on the device."""
     n, ho, b, d = out_k.shape
     h, p = dev_k.shape[1], dev_k.shape[2]
-    _launch(out_k, out_v, dev_k, dev_v, host_k, host_v, index.reshape(-1), n * ho, split * h * (p // b), b * d)
+    index = index if index.dim() == 1 else index.reshape(-1)
+    _launch(out_k, out_v, dev_k, dev_v, host_k, host_v, index, n * ho, split * h * (p // b), b * d)

@@ -6,27 +6,37 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import launch as run
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["n_arg", "valid_arg", "start_arg"])
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, meta_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, slots_ptr, meta_ptr, n_arg, valid_arg, start_arg, o_ptr, lse_ptr,
     stride_qh, stride_qg,
     stride_ks, stride_kh, stride_kp,
     stride_vs, stride_vh, stride_vp,
     capacity, pages_per_split, scaling, softcap,
     G, H,
     BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
+    META_ON_DEVICE: tl.constexpr,
 ):
     """One (KV head, split): online softmax over pages [split*pps, min((split+1)*pps, n)).
-    (n, valid_last, start) are read from meta_ptr on the device, so the launch does not depend on them; n is clamped
-    to the slots' capacity so that no read passes the end of `slots`. A split left with no page (n small) writes
+    (n, valid_last, start) are read from meta_ptr on the device with META_ON_DEVICE, so the launch does not depend
+    on them (a graph replays it for any values); otherwise they are the arguments n_arg, valid_arg, start_arg, so
+    that no tensor is written from the host. n is clamped to the slots' capacity so that no read passes the end of
+    `slots`. A split left with no page (n small) writes
     o = 0, lse = -inf. Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial
     buffers o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
     h = tl.program_id(0)
     split = tl.program_id(1)
-    n = tl.minimum(tl.load(meta_ptr), capacity)
-    valid_last = tl.load(meta_ptr + 1)
-    start = tl.load(meta_ptr + 2)
+    if META_ON_DEVICE:
+        n = tl.minimum(tl.load(meta_ptr), capacity)
+        valid_last = tl.load(meta_ptr + 1)
+        start = tl.load(meta_ptr + 2)
+    else:
+        n = tl.minimum(n_arg, capacity)
+        valid_last = valid_arg
+        start = start_arg
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, P)
     offs_d = tl.arange(0, D)
@@ -106,26 +116,31 @@ def _merge_kernel(
     tl.store(lse_ptr + row, m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38)), mask=g_ok)
 
 
-def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, meta: torch.Tensor,
+def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+           meta: torch.Tensor | tuple[int, int, int],
            scaling: float, softcap: float | None, pages_per_split: int, o: torch.Tensor, lse: torch.Tensor,
            po: torch.Tensor, plse: torch.Tensor) -> None:
     """Arguments already checked by `paged_decode_static`: writes (o [H, G, D], lse [H, G]) in float32 through
     the split buffers po [splits, H, G, D], plse [splits, H, G] (views of o and lse when splits == 1: no merge).
-    Allocates nothing, reads nothing back: the same launch for any (n, valid_last, start) in meta."""
+    Allocates nothing, reads nothing back: the same launch for any (n, valid_last, start) in a meta tensor; a
+    tuple of ints passes them as arguments instead."""
     h, g, d = q.shape
+    on_device = isinstance(meta, torch.Tensor)
+    n, valid_last, start = (0, 0, 0) if on_device else meta
     page_size = k_pool.shape[2]
     splits = po.shape[0]
     block_g = triton.next_power_of_2(g)
     use_dot = page_size >= 16  # tl.dot needs every dimension >= 16: the query rows are then padded to 16
     split_block_g = max(block_g, 16) if use_dot else block_g
-    _split_kernel[(h, splits)](
-        q, k_pool, v_pool, slots, meta, po, plse,
-        q.stride(0), q.stride(1),
+    run(
+        _split_kernel, (h, splits), q.device, q, k_pool, v_pool, slots, meta if on_device else slots, n, valid_last,
+        start, po, plse, q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         slots.numel(), pages_per_split, float(scaling), float(softcap or 1.0),
         g, h,
         BLOCK_G=split_block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot,
+        META_ON_DEVICE=on_device,
     )
     if splits > 1:
-        _merge_kernel[(h,)](po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)
+        run(_merge_kernel, (h,), q.device, po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from offload.quant import PageCodec
 
@@ -118,6 +119,18 @@ def _kernels(name: str, module: str = "_triton_gather"):
         raise RuntimeError(f"{name} needs triton (pip install 'offload[gpu]'): {e}") from e
 
 
+# Host pools found pinned, by tensor object: the decode step passes the same ones at every launch, and asking
+# CUDA again would be host work at every step.
+_PINNED = WeakIdKeyDictionary()
+
+
+def _pinned(t: torch.Tensor) -> bool:
+    known = _PINNED.get(t)
+    if known is None:
+        known = _PINNED[t] = t.is_pinned()
+    return known
+
+
 def _check_launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
                   host_k: torch.Tensor, host_v: torch.Tensor) -> None:
     """What the kernel needs beyond the shapes: an integer of the element's width, the outputs and the device
@@ -130,7 +143,7 @@ def _check_launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
             raise ValueError(f"{name} is on {t.device}, out_k on {device}")
     if device.type == "cuda":
         for name, t in (("host_k", host_k), ("host_v", host_v)):
-            if t.device != device and not (t.device.type == "cpu" and t.is_pinned()):
+            if t.device != device and not (t.device.type == "cpu" and _pinned(t)):
                 raise ValueError(f"{name} must be a pinned CPU tensor (pin_memory=True) or on {device}, "
                                  f"got {t.device}{' (not pinned)' if t.device.type == 'cpu' else ''}")
 
@@ -281,7 +294,7 @@ def _check_launch_packed(out_k: torch.Tensor, others: dict[str, torch.Tensor], h
         if t.device == device:
             continue
         if device.type == "cuda" and t.device.type == "cpu":
-            if not t.is_pinned():
+            if not _pinned(t):
                 raise ValueError(f"{name} must be a pinned CPU tensor (pin_memory=True) or on {device}, got "
                                  f"{t.device} (not pinned)")
         else:

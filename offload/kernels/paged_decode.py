@@ -11,7 +11,8 @@ Shapes (G = query heads per KV head, one token; same conventions as `offload.att
 `paged_decode_static` is the same kernel with static shapes, for CUDA graphs: `slots` has a fixed capacity N (padded)
 and `meta` = int32 (n, valid_last, start) is a device tensor the kernel reads, so one captured launch replays for
 any page count n <= N after `slots`, `meta` and `q` are updated in place. Its buffers come from a `DecodeWorkspace`
-(`paged_decode_workspace`), allocated once.
+(`paged_decode_workspace`), allocated once. Outside a graph, `meta` may be a tuple of Python ints, which reach the
+kernel as arguments: no tensor is written from the host, which on a GPU would be a copy the host waits for.
 
 The pools may also be a block workspace from `offload.kernels.gather.gather_blocks`: [W, Ho, B, D] read as W pages of
 B tokens over Ho heads, with slots = arange(W) and q [Ho, G, D] (G = 1 when each query head has its own blocks).
@@ -149,14 +150,16 @@ def _check_workspace(out: DecodeWorkspace, q: torch.Tensor, capacity: int) -> No
 
 
 def paged_decode_static(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                        meta: torch.Tensor, scaling: float, softcap: float | None = None, splits: int | None = None,
+                        meta: torch.Tensor | tuple[int, int, int], scaling: float, softcap: float | None = None,
+                        splits: int | None = None,
                         out: DecodeWorkspace | None = None) -> am.Partial:
     """Paged decode with static shapes, capturable in a CUDA graph.
 
     - `slots`: int32 [N] on the pools' device, a fixed capacity of page slots; entries from n on are never read;
     - `meta`: int32 [3] on the same device, (n, valid_last, start) as in `paged_decode`, read by the kernel on the
       device (never on the host, so nothing is checked there: n is clamped to N, n = 0 gives o = 0 and lse = -inf,
-      other out-of-range values give unspecified results);
+      other out-of-range values give unspecified results); or, outside a graph, the three as Python ints, passed
+      to the kernel as arguments (unchecked alike);
     - the grid is (H_kv, splits), `splits` a function of N only (default `static_splits(N, H_kv)`); splits past
       the n pages write an empty partial that weighs nothing in the merge;
     - `out`: a `DecodeWorkspace` from `paged_decode_workspace(q, N, splits)`, reused from call to call so that
@@ -167,7 +170,8 @@ def paged_decode_static(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     tk = _kernels()
     _check_kernel_args(q, k_pool, v_pool)
     _check_int32("slots", slots, None, k_pool.device)
-    _check_int32("meta", meta, (3,), k_pool.device)
+    if isinstance(meta, torch.Tensor):
+        _check_int32("meta", meta, (3,), k_pool.device)
     capacity = slots.numel()
     if capacity < 1:
         raise ValueError("slots must hold at least one page slot (capacity N >= 1)")
@@ -184,15 +188,25 @@ def paged_decode_static(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                  valid_last: int, scaling: float, softcap: float | None = None, start: int = 0,
-                 pages_per_split: int | None = None) -> am.Partial:
+                 pages_per_split: int | None = None,
+                 workspaces: dict[tuple, DecodeWorkspace] | None = None) -> am.Partial:
     """Triton paged decode: grid (H_kv, splits), each split an online softmax over at most `pages_per_split` of
     the pages read in place from the pool, then one merge launch over the splits. `n` is `slots.numel()` and
-    `valid_last` a Python int, so nothing is read back from the device (they reach the kernel as a small int32
-    tensor, through `paged_decode_static`). Pools may be float32, bfloat16 or float16 (scores and sums in float32);
-    D and P powers of two (D in 16..256)."""
+    `valid_last` a Python int, so nothing is read back from the device (they reach the kernel as arguments,
+    through `paged_decode_static`, so nothing is written to the device either). Pools may be float32, bfloat16 or float16 (scores and sums in float32);
+    D and P powers of two (D in 16..256). `workspaces`, a dict kept by the caller, holds the float32 buffers
+    from call to call (by split count and query shape), so that a call allocates nothing; the result is then
+    overwritten by the next call that uses the same buffers."""
     _kernels()
     n = _check(q, k_pool, slots, valid_last, start)
     pps = pages_per_split or _default_pages_per_split(n, q.shape[0])
-    meta = torch.tensor([n, valid_last, start], dtype=torch.int32, device=k_pool.device)
+    splits = -(-n // pps)
+    out = None
+    if workspaces is not None:
+        key = (splits, tuple(q.shape), q.device)
+        out = workspaces.get(key)
+        if out is None:
+            out = workspaces[key] = paged_decode_workspace(q, n, splits)
     slots = slots.to(k_pool.device, torch.int32).contiguous()
-    return paged_decode_static(q, k_pool, v_pool, slots, meta, scaling, softcap, splits=-(-n // pps))
+    return paged_decode_static(q, k_pool, v_pool, slots, (n, valid_last, start), scaling, softcap, splits=splits,
+                               out=out)
