@@ -108,6 +108,7 @@ class SparseSelection:
         # Recall diagnostic, accumulated on the device: covered mass, pages touched (the union over heads) and
         # the pages' worth of blocks each head attends (without the tail), per layer.
         self.recall_sum = torch.zeros(self.layers, dtype=torch.float64, device=self.device)
+        self.oracle_sum = torch.zeros(self.layers, dtype=torch.float64, device=self.device)
         self.union_sum = torch.zeros(self.layers, dtype=torch.float64, device=self.device)
         self.recall_n = [0] * self.layers
         self.sparse_n = [0] * self.layers
@@ -372,14 +373,31 @@ class SparseSelection:
         full = (plan.last - base) * P
         mass = p[:, :full].reshape(p.shape[0], full // B, B).sum(-1)  # [Hq, blocks base*R..last*R-1]
         seen = self._seen(chosen - base * R, full // B)
-        if self.mode == "shared":
-            per_query = seen.expand(-1, p.shape[0])
-        elif self.mode == "kv":
-            per_query = seen.repeat_interleave(p.shape[0] // heads, 1)
-        else:
-            per_query = seen
+
+        def per_query_of(by_chooser: torch.Tensor) -> torch.Tensor:  # [blocks, choosers] -> [blocks, Hq]
+            if self.mode == "shared":
+                return by_chooser.expand(-1, p.shape[0])
+            if self.mode == "kv":
+                return by_chooser.repeat_interleave(p.shape[0] // heads, 1)
+            return by_chooser
+
+        per_query = per_query_of(seen)
         covered = (mass * per_query.t()).sum(-1) + p[:, full:].sum(-1)
         self.recall_sum[layer] += covered.mean()
+        # The oracle at the same granularity: the same fixed blocks, then as many others as were chosen, those with
+        # the most true mass for each chooser (summed over its query heads).
+        forced = self.fixed(plan)[0][:, 0] - base * R
+        chooser_mass = {"shared": mass.sum(0, keepdim=True), "kv": mass.view(heads, -1, mass.shape[1]).sum(1),
+                        "query": mass}[self.mode].t()  # [blocks, choosers]
+        best = torch.zeros_like(seen)
+        best[forced] = True
+        free = chosen.shape[0] - forced.numel()
+        if free > 0:
+            ranked = chooser_mass.masked_fill(best, float("-inf"))
+            ranked[:plan.fb - base * R] = float("-inf")  # before the window
+            best.scatter_(0, ranked.topk(free, dim=0).indices, True)
+        best = per_query_of(best)
+        self.oracle_sum[layer] += ((mass * best.t()).sum(-1) + p[:, full:].sum(-1)).mean()
         self.union_sum[layer] += seen.view(-1, R, self.choosers).any(2).any(1).sum()
         self.sparse_n[layer] += 1
         self.head_pages[layer] += chosen.shape[0] / R
@@ -388,16 +406,26 @@ class SparseSelection:
         """A step of `layer` that attended every token: all of the mass covered."""
         self.recall_n[layer] += 1
         self.recall_sum[layer] += 1.0
+        self.oracle_sum[layer] += 1.0
 
     def recall(self) -> dict | None:
-        """Per layer and mean: the attention mass covered; over sparse steps, the pages a step touched (the union
-        over heads) and the pages' worth of blocks each head attended (tails not counted)."""
+        """Per layer and mean: the attention mass covered, and what an oracle choosing as many blocks of the same
+        size by their true mass covers (`oracle`, with `of_oracle` the ratio of the means); over sparse steps, the
+        pages a step touched (the union over heads) and the pages' worth of blocks each head attended (tails not
+        counted)."""
         if not any(self.recall_n):
             return None
-        covered = self.recall_sum.cpu().tolist()
-        per_layer = [s / n if n else None for s, n in zip(covered, self.recall_n)]
-        seen = [r for r in per_layer if r is not None]
+
+        def per_layer(sums: torch.Tensor) -> list[float | None]:
+            return [s / n if n else None for s, n in zip(sums.cpu().tolist(), self.recall_n)]
+
+        def mean(values: list[float | None]) -> float:
+            seen = [r for r in values if r is not None]
+            return sum(seen) / len(seen)
+
+        covered, oracle = per_layer(self.recall_sum), per_layer(self.oracle_sum)
         steps = sum(self.sparse_n)
         touched = float(self.union_sum.sum())
-        return {"per_layer": per_layer, "mean": sum(seen) / len(seen),
-                "union_pages": touched / max(1, steps), "pages_per_head": sum(self.head_pages) / max(1, steps)}
+        return {"per_layer": covered, "mean": mean(covered), "oracle_per_layer": oracle, "oracle": mean(oracle),
+                "of_oracle": mean(covered) / mean(oracle), "union_pages": touched / max(1, steps),
+                "pages_per_head": sum(self.head_pages) / max(1, steps)}

@@ -131,6 +131,23 @@ def test_sparse_attends_the_budget_and_reports_recall(tiny_gqa3_model) -> None:
     assert s["attended_fraction"] * 0.5 < s["recall"]["mean"] <= 1.0
 
 
+@pytest.mark.parametrize("mode", ["kv", "query", "shared"])
+def test_the_oracle_at_the_same_granularity_covers_at_least_what_the_selection_does(tiny_gqa3_model, mode) -> None:
+    """The recall diagnostic's oracle keeps the fixed blocks and takes as many others as each chooser took, those
+    with the most true mass: per layer it covers at least the selection's mass, no more than all of it, and more
+    than the selection somewhere (a random model's keys mislead any estimate); a dense layer counts 1 for both."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), offload(tiny_gqa3_model, attention="sparse", token_budget=0.15, page_size=8,
+                                  select_block=4, sink_tokens=8, recent_tokens=8, measure_recall=True,
+                                  dense_layers=1, head_selection=mode) as rt:
+        tiny_gqa3_model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        r = rt.stats()["recall"]
+    assert r["per_layer"][0] == r["oracle_per_layer"][0] == 1.0
+    for got, best in zip(r["per_layer"], r["oracle_per_layer"]):
+        assert got - 1e-9 <= best <= 1.0 + 1e-9
+    assert r["oracle"] > r["mean"] and r["of_oracle"] == pytest.approx(r["mean"] / r["oracle"])
+
+
 def test_summary_bytes_report_the_summaries_on_the_device(tiny_gqa3_model) -> None:
     """float32 keys, 4-token blocks: minmax keeps 2 vectors per block and KV head, the sketch 3 (its 4 tokens' two-bit
     codes of a channel take one byte, within one float32 vector); exact mode keeps none."""
