@@ -600,8 +600,8 @@ def summary_markdown(result: dict) -> str:
               _fmt(r.get("union_pages"), 1), f"{r['h2d_bytes_per_token_over_kv']:.4f}"] for r in natural])
         lines += ["", "Recall is measured in the same run (measure_recall=True reads the other pages directly and moves "
                   "nothing); the oracle keeps the same fixed blocks and as many others of the same size, those with "
-                  "the most true mass, and the ratio is recall over the oracle's. Hit rate: through the load ring (pages on disk), the share of loaded pages prefetch "
-                  "brought; on the pools, the share of attended blocks already on the device. Pages touched: the "
+                  "the most true mass, and the ratio is recall over the oracle's. Hit rate: through the load ring "
+                  "(pages on disk), the share of loaded pages prefetch brought; on the pools, the share of attended blocks already on the device. Pages touched: the "
                   "union over heads per sparse step. h2d: host->device bytes per decoded token over the KV's bytes.",
                   ""]
 

@@ -143,14 +143,13 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
     ("exact" or "sparse"; in sparse mode every layer runs the sparse step, `dense_layers=0`, unless `options`,
     further runtime options, say otherwise). With `kernels` the runtime runs CUDA's decode step, the Triton
     kernels (`offload.decode.KernelDecode`), on the CPU under Triton's interpreter (`TRITON_INTERPRET=1` must be set
-    before triton is first imported), each launch counted as one op. The first step counted appends token `context - 1`, which must not open a page; with
-    `steps` > 1 the next steps are counted too (choose `context` a multiple of `page_size` to have the second
-    step open a page).
+    before triton is first imported), each launch counted as one op. The first step counted appends token
+    `context - 1`, which must not open a page; with `steps` > 1 the next steps are counted too (choose `context` a
+    multiple of `page_size` to have the second step open a page).
 
-    Returns a row: `dynamic_ops`, `offload_ops`, `extra_ops_per_layer`, `dynamic_host_reads`, `host_reads` of the
-    first step, `resident_bytes` per tier after it, and with `steps` > 1 `per_step`: one dict per step with
-    `token` (its position), `opens_page`, `dynamic_ops`, `offload_ops`, `extra_ops_per_layer`,
-    `dynamic_host_reads`, `host_reads`.
+    Returns a row: `kernels`, then `dynamic_ops`, `offload_ops`, `extra_ops_per_layer`, `dynamic_host_reads`,
+    `host_reads`, `dynamic_host_writes`, `host_writes` of the first step, `resident_bytes` per tier after it, and
+    with `steps` > 1 `per_step`: one dict per step with `token` (its position), `opens_page` and the same counts.
     """
     from transformers import DynamicCache
 
@@ -188,6 +187,7 @@ def measure(context: int, mode: str, page_size: int = 64, layers: int = 4, *, st
             counted.append(count_step(model, cache, token))
             if placed is None:
                 placed = rt.stats()["resident_bytes"]
+
     def fields(b: StepCounts, o: StepCounts) -> dict:
         return {"dynamic_ops": b.ops, "offload_ops": o.ops, "extra_ops_per_layer": (o.ops - b.ops) / layers,
                 "dynamic_host_reads": b.reads, "host_reads": o.reads, "dynamic_host_writes": b.writes,

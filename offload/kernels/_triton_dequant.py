@@ -200,8 +200,8 @@ def launch_pages(out_k: torch.Tensor, out_v: torch.Tensor, host_kq: torch.Tensor
     as_int = _INT_OF_WIDTH[out_k.element_size()]  # stored through integers: the kernel rounds, not the store
     grid = (n, h, triton.cdiv(p, tiles["T"]))
     run(_pages_kernel, grid, out_k.device, out_k.view(as_int), out_v.view(as_int), *_packed(host_kq, host_vq),
-         slots, p, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits, V_BITS=codec.v_bits,
-         **tiles)
+        slots, p, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits, V_BITS=codec.v_bits,
+        **tiles)
 
 
 def launch_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v: torch.Tensor,
@@ -215,5 +215,5 @@ def launch_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
     ints = [t.view(as_int) for t in (out_k, out_v, dev_k, dev_v)]
     grid = (n * ho, triton.cdiv(b, tiles["T"]))
     run(_blocks_kernel, grid, out_k.device, *ints, *_packed(host_kq, host_vq), index.reshape(-1), split * h * r,
-         h * r, r, b, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits,
-         V_BITS=codec.v_bits, BLOCK_D=triton.next_power_of_2(d), **tiles)
+        h * r, r, b, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits,
+        V_BITS=codec.v_bits, BLOCK_D=triton.next_power_of_2(d), **tiles)

@@ -24,9 +24,8 @@ def _split_kernel(
     (n, valid_last, start) are read from meta_ptr on the device with META_ON_DEVICE, so the launch does not depend
     on them (a graph replays it for any values); otherwise they are the arguments n_arg, valid_arg, start_arg, so
     that no tensor is written from the host. n is clamped to the slots' capacity so that no read passes the end of
-    `slots`. A split left with no page (n small) writes
-    o = 0, lse = -inf. Writes o [BLOCK_G, D] (normalized) and lse [BLOCK_G] into the split's rows of the partial
-    buffers o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
+    `slots`. A split left with no page (n small) writes o = 0, lse = -inf. Writes o [BLOCK_G, D] (normalized) and
+    lse [BLOCK_G] into the split's rows of the partial buffers o_ptr [splits, H, G, D], lse_ptr [splits, H, G]."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     if META_ON_DEVICE:
