@@ -52,13 +52,15 @@ def main() -> None:
                     help="DEVICE_FRACTION:BLOCK_CACHE pairs (default %(default)s)")
     ap.add_argument("--budget", type=float, default=0.1, help="token_budget (default %(default)s)")
     ap.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens (default %(default)s)")
+    ap.add_argument("--select-block", type=int, help="tokens per selection block (default: the runtime's)")
     ap.add_argument("--out", help="JSON file for the rows")
     a = ap.parse_args()
     model, tok = load_model()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     result = {"machine": platform.node(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
-              "budget": a.budget, "continuation": a.continuation, "rows": []}
+              "budget": a.budget, "continuation": a.continuation, "select_block": a.select_block, "rows": []}
+    chosen = {"select_block": a.select_block} if a.select_block else {}
     for asked in (int(c) for c in a.contexts.split(",")):
         context = min(asked, model.config.max_position_embeddings - a.continuation)  # 8K: the prompt makes room
         text = natural_ids(tok, context + a.continuation, seed=context)
@@ -66,7 +68,7 @@ def main() -> None:
         kv = kv_bytes(model, context + a.continuation)
         first = None
         for df, share in parse_settings(a.settings):
-            opts = sparse_options(model, context + a.continuation, a.budget, {"block_cache": share}, df)
+            opts = sparse_options(model, context + a.continuation, a.budget, {"block_cache": share, **chosen}, df)
             t0 = time.perf_counter()
             with offload(model, **opts) as rt:
                 lp = teacher_forced(model, ids[:, :-1], torch.cat([ids[0, -1:], cont]), rt.cache())
