@@ -40,12 +40,15 @@ def main() -> None:
     parser.add_argument("--device-fraction", type=float, default=0.15, help="share of the KV on the device")
     parser.add_argument("--block-cache", type=float, default=0.0,
                         help="sparse mode: share of the device budget kept as the block cache (default 0)")
+    parser.add_argument("--select-block", type=int, help="sparse mode: tokens per selection block")
     parser.add_argument("--kernels", action="store_true",
                         help="count CUDA's decode step (the Triton kernels) under Triton's CPU interpreter")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     extra = {"block_cache": args.block_cache} if args.block_cache else {}
+    if args.select_block:
+        extra["select_block"] = args.select_block
     rows = [measure(int(c), m, args.page_size, args.layers, device_fraction=args.device_fraction,
                     kernels=args.kernels, **extra)
             for m in args.modes.split(",") for c in args.context.split(",")]
