@@ -621,3 +621,20 @@ def test_host_checksums_off_is_a_measurement_switch(monkeypatch: pytest.MonkeyPa
     host.seal(slots)
     host.k[slots[0]] += 1
     assert host.damaged(slots) == []
+
+
+@pytest.mark.parametrize("where", ["_enable_direct", "_start_ring", "ThreadPoolExecutor"])
+def test_an_interrupt_while_the_disk_tier_starts_leaves_no_file(tmp_path: Path, monkeypatch, where: str) -> None:
+    """Bug: SIGTERM (raised as a KeyboardInterrupt by the CLI) landing after the slot file was created but before
+    the tier had registered its cleanup left the file behind, as large as the disk budget (seen once in the CLI's
+    SIGTERM test). Now the cleanup is registered before the file exists and runs on any exception in between."""
+    import tiers.disk as disk
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = disk.cf if where == "ThreadPoolExecutor" else DiskTier
+    monkeypatch.setattr(target, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DiskTier(SHAPES[0], 8, str(tmp_path / "kv"), engine="threads")
+    assert list((tmp_path / "kv").iterdir()) == []

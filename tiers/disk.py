@@ -178,21 +178,31 @@ def _create_file(path: str, nbytes: int) -> int:
     return fd
 
 
-def _cleanup(pool: cf.ThreadPoolExecutor | None, ring: aio.Ring | None, fd: int, path: str) -> None:
+def _cleanup(held: dict, path: str) -> None:
+    """Removes the slot file and ends its I/O: `held` has what exists so far ("fd", "pool", "ring"; None until
+    made), as the tier's constructor may stop at any point (a signal raising KeyboardInterrupt)."""
     # The name goes first: a call stuck on a failing device (which the runtime gave up on after io_timeout) keeps
     # the close waiting below, and the directory is already clean if the process is killed meanwhile.
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # not raised from a finalizer: the I/O below must still end
+        logger.warning("disk tier: could not remove %s (%s)", path, e.strerror or e)
     # Calls in flight still use fd: it is closed once they end. A call stuck for longer than CLOSE_WAIT_SECONDS
     # keeps it open (the process's exit frees it) rather than hang the exit.
+    ring, pool, fd = held["ring"], held["pool"], held["fd"]
+    finished = True
     if ring is not None:
         finished = ring.close(CLOSE_WAIT_SECONDS)
-    else:
+    elif pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + CLOSE_WAIT_SECONDS
         for t in list(pool._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         finished = not any(t.is_alive() for t in pool._threads)
+    if fd is None:
+        return
     if finished:
         os.close(fd)
     else:
@@ -237,30 +247,38 @@ class DiskTier(Tier):
         self.reserved = capacity if reserve is None else max(min(1, capacity), min(int(reserve), capacity))
         need = self.reserved * self.slot_bytes
         self._path = os.path.join(directory, f"offload-{os.getpid()}-{secrets.token_hex(6)}.kv")
+        # The cleanup is registered before the file exists: a KeyboardInterrupt (Ctrl-C, or SIGTERM in the CLI)
+        # may land anywhere below, and the file must not outlive the process (at the latest, the finalizer runs
+        # at its exit).
+        held: dict = {"fd": None, "pool": None, "ring": None}
+        self._finalizer = weakref.finalize(self, _cleanup, held, self._path)
         try:
             os.makedirs(directory, exist_ok=True)
             remove_stale_files(directory)
             if (free := _free_bytes(directory)) < need:
                 raise ValueError(_space_message(directory, free, need))
-            fd = _create_file(self._path, need)
+            fd = held["fd"] = _create_file(self._path, need)
         except OSError as e:
+            self._finalizer()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ValueError(_space_message(directory, _free_bytes(directory), need)) from e
             raise ValueError(f"disk_dir: {directory} is not writable ({e.strerror or e})") from e
+        except BaseException:
+            self._finalizer()
+            raise
         try:
             self.direct = self._enable_direct(fd, directory, direct)
-            self._ring = self._start_ring(engine)
+            self._ring = held["ring"] = self._start_ring(engine)
+            self.engine = engine
+            self._fd = fd
+            # The padding between two pages of one call (buffered I/O only): zeros to write, scratch to read into.
+            pad = self.slot_bytes - shape.page_bytes
+            self._zeros, self._scratch = memoryview(bytes(pad)), memoryview(bytearray(pad))
+            self._pool = held["pool"] = (None if self._ring else
+                                         cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk"))
         except BaseException:
-            os.close(fd)
-            os.unlink(self._path)
+            self._finalizer()
             raise
-        self.engine = engine
-        self._fd = fd
-        # The padding between two pages of one call (buffered I/O only): zeros to write, scratch to read into.
-        pad = self.slot_bytes - shape.page_bytes
-        self._zeros, self._scratch = memoryview(bytes(pad)), memoryview(bytearray(pad))
-        self._pool = None if self._ring else cf.ThreadPoolExecutor(threads, thread_name_prefix="offload-disk")
-        self._finalizer = weakref.finalize(self, _cleanup, self._pool, self._ring, fd, self._path)
         logger.debug("disk tier: %s, %d of %d slots of %d B, direct=%s, engine %s", self._path, self.reserved,
                      capacity, self.slot_bytes, self.direct, self.engine)
 
