@@ -31,6 +31,7 @@ import torch
 from offload import attention_math as am
 from offload.block_cache import BlockCache
 from offload.host_attention import pages_partial_host
+from offload.kernels.launch import as_bits
 
 NONE = -1
 
@@ -415,6 +416,9 @@ class KernelDecode(DeviceDecode):
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
                  max_pages: int, q_heads: int, kv_heads: int, device: torch.device, block: int | None = None,
                  head_selection: str = "kv", codec=None, cache_pages: int = 0):
+        # Per block count: the workspace's rows as the gather writes them (`_bit_views`); the base class's
+        # constructor resizes, which clears them.
+        self.bits_out: dict[int, tuple] = {}
         super().__init__(pools, split, layers, max_pages, q_heads, kv_heads, device, block, head_selection, codec,
                          cache_pages)
         import importlib
@@ -448,8 +452,7 @@ class KernelDecode(DeviceDecode):
     def resize(self, layers: int) -> None:
         super().resize(layers)
         self.ready = [None] * layers
-        if hasattr(self, "bits_out"):  # (the base class's constructor resizes before they exist)
-            self.bits_out.clear()  # they hold rows of the cache's scratch, made again
+        self.bits_out.clear()  # they hold rows of the cache's scratch, made again
 
     def append(self, slot: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step's token k, v [1, H, 1, D] into row `row` of device page `slot`, in one launch."""
@@ -466,13 +469,11 @@ class KernelDecode(DeviceDecode):
     def _bit_views(self) -> None:
         """Integer views of the block workspace, the pools and the host pool, which the block gather and the block
         cache copy as bits: made once (and again when the host pool is attached), not at every step."""
-        self.bits_out: dict[int, tuple] = {}  # per block count: the workspace's rows, as the gather writes them
+        self.bits_out.clear()
         if self.codec is not None:  # the packed gather writes floats
             self.bits_flat = self.flat
             return
-        as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[self.bk.element_size()]
-        self.bits = tuple(t.view(as_int) for t in (self.bk, self.bv, self.pool_k, self.pool_v, self.host_k,
-                                                   self.host_v))
+        self.bits = tuple(as_bits(t) for t in (self.bk, self.bv, self.pool_k, self.pool_v, self.host_k, self.host_v))
         self.bits_flat = tuple(t.view(-1, self.block, self.head_dim) for t in self.bits[2:4])
 
     def serves_exact(self, view: LayerView) -> bool:

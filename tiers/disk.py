@@ -258,14 +258,13 @@ class DiskTier(Tier):
             if (free := _free_bytes(directory)) < need:
                 raise ValueError(_space_message(directory, free, need))
             fd = held["fd"] = _create_file(self._path, need)
-        except OSError as e:
+        except BaseException as e:
             self._finalizer()
+            if not isinstance(e, OSError):
+                raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ValueError(_space_message(directory, _free_bytes(directory), need)) from e
             raise ValueError(f"disk_dir: {directory} is not writable ({e.strerror or e})") from e
-        except BaseException:
-            self._finalizer()
-            raise
         try:
             self.direct = self._enable_direct(fd, directory, direct)
             self._ring = held["ring"] = self._start_ring(engine)

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import as_bits
 from offload.kernels.launch import launch as run
 
 
@@ -74,7 +75,6 @@ def _scatter_kernel(src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, dst_ptr, elems, 
         tl.store(dst_v_ptr + dst * elems + offs, tl.load(src_v_ptr + src, mask=inside), mask=inside)
 
 
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK = 1024
 _BLOCK_BYTES = 4096
 
@@ -88,9 +88,8 @@ def launch(ids: torch.Tensor, blocks: torch.Tensor, owner: torch.Tensor, row: to
     n = ids.numel()
     elems = src_k.shape[1] * src_k.shape[2]
     width = src_k.element_size()
-    as_int = _INT_OF_WIDTH[width]
     block = min(_BLOCK_BYTES // width, triton.next_power_of_2(elems))
-    copies = [t if t.dtype == as_int else t.view(as_int) for t in (src_k, src_v, flat_k, flat_v)]
+    copies = [as_bits(t) for t in (src_k, src_v, flat_k, flat_v)]
     run(_ring_kernel, (1,), ids.device, ids, blocks, owner, row, home, ptr, dst, reads, n, first, host_blocks, ring,
         spare_slot, spare_entry, entry_base, heads, blocks.shape[1], CHUNK=_CHUNK)
     run(_scatter_kernel, (n, triton.cdiv(elems, block)), ids.device, *copies, dst, elems, BLOCK=block)

@@ -21,13 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import as_bits
 from offload.kernels.launch import launch as run
 
 # Elements each program dequantizes (tokens of one head times the padded channels): a page of 64 tokens at D=128
 # is one program a head, which loads the head's key parameters once and 8 KiB of codes of K and of V at 8 bits (as
 # the plain gather's 8 KiB a program), on 8 warps (about 60 registers a thread, none spilled, at H=8, P=64, D=128).
 _TILE_ELEMS = 8192
-_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32}
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -197,9 +197,8 @@ def launch_pages(out_k: torch.Tensor, out_v: torch.Tensor, host_kq: torch.Tensor
     """Arguments already checked by `gather_pages_packed` (n >= 1, slots on the outputs' device)."""
     n, h, p = out_k.shape[:3]
     tiles = _tiles(codec, p)
-    as_int = _INT_OF_WIDTH[out_k.element_size()]  # stored through integers: the kernel rounds, not the store
-    grid = (n, h, triton.cdiv(p, tiles["T"]))
-    run(_pages_kernel, grid, out_k.device, out_k.view(as_int), out_v.view(as_int), *_packed(host_kq, host_vq),
+    grid = (n, h, triton.cdiv(p, tiles["T"]))  # stored through integers: the kernel rounds, not the store
+    run(_pages_kernel, grid, out_k.device, as_bits(out_k), as_bits(out_v), *_packed(host_kq, host_vq),
         slots, p, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits, V_BITS=codec.v_bits,
         **tiles)
 
@@ -211,8 +210,7 @@ def launch_blocks(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor,
     n, ho, b, d = out_k.shape
     h, r = codec.kv_heads, codec.page_size // b
     tiles = _tiles(codec, b)
-    as_int = _INT_OF_WIDTH[out_k.element_size()]
-    ints = [t.view(as_int) for t in (out_k, out_v, dev_k, dev_v)]
+    ints = [as_bits(t) for t in (out_k, out_v, dev_k, dev_v)]
     grid = (n * ho, triton.cdiv(b, tiles["T"]))
     run(_blocks_kernel, grid, out_k.device, *ints, *_packed(host_kq, host_vq), index.reshape(-1), split * h * r,
         h * r, r, b, *_layout(codec), OUT_DTYPE=_TL_DTYPE[out_k.dtype], K_BITS=codec.k_bits,

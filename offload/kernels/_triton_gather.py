@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.kernels.launch import as_bits
 from offload.kernels.launch import launch as run
 
 # Bytes each program copies from one page, for K and again for V: big enough to keep many 16-byte loads in
 # flight per program, small enough that a page of 64 tokens (128 KiB of K at H=8, D=128, bfloat16) spreads over
 # 16 programs.
 _BLOCK_BYTES = 8192
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @triton.jit
@@ -56,9 +56,7 @@ def _launch(out_k: torch.Tensor, out_v: torch.Tensor, dev_k: torch.Tensor, dev_v
             page_elems: int) -> None:
     """n entries of `page_elems` elements each; `slots` and `split` counted in such pages."""
     width = out_k.element_size()
-    as_int = _INT_OF_WIDTH[width]  # copy the bits through an integer view: no float conversion anywhere
-    # Tensors already of that integer type (views a caller keeps) are taken as they are.
-    tensors = [t if t.dtype == as_int else t.view(as_int) for t in (out_k, out_v, dev_k, dev_v, host_k, host_v)]
+    tensors = [as_bits(t) for t in (out_k, out_v, dev_k, dev_v, host_k, host_v)]
     block = min(_BLOCK_BYTES // width, triton.next_power_of_2(page_elems))
     grid = (n, triton.cdiv(page_elems, block))
     run(_gather_kernel, grid, out_k.device, *tensors, slots, split, page_elems, BLOCK=block)

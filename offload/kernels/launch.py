@@ -15,6 +15,17 @@ import torch
 # Set by offload.opcount while it counts: called with a function that performs the launch.
 hook: Callable[[Callable[[], None]], None] | None = None
 
+# The kernels that copy pages or blocks move their bits through an integer of the element's width: no float
+# conversion anywhere.
+INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """`t` viewed as the integer type of its element's width; a tensor already of that type (a view a caller keeps
+    from step to step) as it is, with no op dispatched."""
+    as_int = INT_OF_WIDTH[t.element_size()]
+    return t if t.dtype == as_int else t.view(as_int)
+
 
 def launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
     """`kernel[grid](*args, **meta)` on `device`."""

@@ -194,9 +194,9 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sl
     the pages read in place from the pool, then one merge launch over the splits. `n` is `slots.numel()` and
     `valid_last` a Python int, so nothing is read back from the device (they reach the kernel as arguments,
     through `paged_decode_static`, so nothing is written to the device either). Pools may be float32, bfloat16 or
-    float16 (scores and sums in float32); D and P powers of two (D in 16..256). `workspaces`, a dict kept by the caller, holds the float32 buffers
-    from call to call (by split count and query shape), so that a call allocates nothing; the result is then
-    overwritten by the next call that uses the same buffers."""
+    float16 (scores and sums in float32); D and P powers of two (D in 16..256). `workspaces`, a dict kept by the
+    caller, holds the float32 buffers from call to call (by split count and query shape), so that a call allocates
+    nothing; the result is then overwritten by the next call that uses the same buffers."""
     _kernels()
     n = _check(q, k_pool, slots, valid_last, start)
     pps = pages_per_split or _default_pages_per_split(n, q.shape[0])
