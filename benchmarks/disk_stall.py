@@ -7,6 +7,7 @@ greedy decode steps and the stalls the runtime records during them (compute wait
 chunks while the current ones are attended.
 
     python benchmarks/disk_stall.py [--context 4096] [--steps 32] [--io-engines aio,threads --repeats 3]
+                                    [--load-buffers 2,default]
                                     [--out benchmarks/results/disk_stall-cpu.json]
 
 Target: stall at most 10% of decode time.
@@ -44,11 +45,13 @@ def load():
                 "random SmolLM2 shape")
 
 
-def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str) -> dict:
+def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str,
+            load_buffers: int | None = None) -> dict:
     """One run: prefill, a warm-up step, then `args.steps` timed steps; what they stalled and read."""
     with tempfile.TemporaryDirectory(dir=args.dir) as disk_dir, torch.no_grad():
         io = {} if args.io_threads is None else {"io_threads": args.io_threads}
         io["io_engine"] = engine
+        io["load_buffers"] = load_buffers
         with offload(model, device_budget=args.device_budget, host_budget=args.host_budget, disk_dir=disk_dir,
                      **io) as rt:
             cache = rt.cache()
@@ -61,12 +64,12 @@ def measure(model, ids: torch.Tensor, args: argparse.Namespace, engine: str) -> 
                 token = model(token, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             decode = time.perf_counter() - t0
             after = rt.stats()
-            used = rt.disk_tier.engine
+            used, ring = rt.disk_tier.engine, rt.plan.load_buffers
     stall = after["stall_seconds"] - before["stall_seconds"]
     read = after["bytes_moved"]["disk->host"] - before["bytes_moved"]["disk->host"]
     res = after["resident_bytes"]
     return {
-        "io_engine": used, "io_threads": rt.config.io_threads, "resident_bytes": res,
+        "io_engine": used, "io_threads": rt.config.io_threads, "load_buffers": ring, "resident_bytes": res,
         "disk_share": res["disk"] / sum(res.values()), "decode_seconds": decode,
         "seconds_per_step": decode / args.steps, "stall_seconds": stall, "stall_share": stall / decode,
         "disk_bytes_per_step": read / args.steps, "disk_read_gbps": read / decode / 1e9,
@@ -83,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-engines", default="threads",
                     help="io_engine of each run, comma-separated, run in turn --repeats times (threads; aio,threads "
                          "compares the two side by side)")
-    ap.add_argument("--repeats", type=int, default=1, help="times each engine runs, alternating (1)")
+    ap.add_argument("--load-buffers", default="default",
+                    help="load_buffers of each run, comma-separated, each with every engine, in turn (default: the "
+                         "runtime's; 2,default compares two rings side by side)")
+    ap.add_argument("--repeats", type=int, default=1, help="times each setting runs, alternating (1)")
     ap.add_argument("--dir", default=None, help="disk_dir (default: a temporary directory, removed after)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/disk_stall-cpu.json"))
     args = ap.parse_args(argv)
     engines = args.io_engines.split(",")
+    rings = [None if r == "default" else int(r) for r in args.load_buffers.split(",")]
 
     t_start = time.perf_counter()
     model, tokenizer, name = load()
@@ -98,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     runs: list[dict] = []
     for _ in range(args.repeats):
-        for engine in engines:
-            run = measure(model, ids, args, engine)
+        for engine, ring in ((e, r) for r in rings for e in engines):
+            run = measure(model, ids, args, engine, ring)
             runs.append(run)
             print(f"{name}, {ids.shape[1]} tokens, {run['disk_share']:.0%} of the KV on disk, io_engine "
-                  f"{run['io_engine']}: {run['seconds_per_step'] * 1e3:.0f} ms/step, stalled "
+                  f"{run['io_engine']}, load_buffers {run['load_buffers']}: {run['seconds_per_step'] * 1e3:.0f} "
+                  f"ms/step, stalled "
                   f"{run['stall_seconds']:.2f} of {run['decode_seconds']:.2f} s ({run['stall_share']:.1%}), disk "
                   f"read {run['disk_read_gbps']:.2f} GB/s ({run['disk_bytes_per_step'] / 2**20:.0f} MiB/step)",
                   flush=True)

@@ -11,8 +11,8 @@ favours the baseline.
 
 The tier: for each page shape and each I/O engine of `--engines` (aio: native AIO, a request's calls all in flight;
 threads: `--threads` threads, a call each at a time), a DiskTier of `--mib` MiB of slots, checksums on, filled once;
-then read and written in requests of `--batches` pages, `--inflight` requests in flight (the runtime's load ring
-keeps two), each request's slots in random order:
+then read and written in requests of `--batches` pages, `--inflight` requests in flight (as many as the runtime's
+load ring has buffers: `load_buffers`, 4 with a disk tier by default), each request's slots in random order:
 
 - "random": slots from anywhere in the file (few neighbours to coalesce: the device's random I/O is the limit);
 - "runs": a range of consecutive slots, shuffled (a layer's pages as a prefill spills them).
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-mib", type=int, default=64, help="MiB moved by one measurement (64)")
     ap.add_argument("--rounds", type=int, default=20, help="times every measurement runs (20)")
     ap.add_argument("--batches", default="16,256", help="pages per request, comma-separated (16,256)")
-    ap.add_argument("--inflight", type=int, default=2, help="requests in flight (2)")
+    ap.add_argument("--inflight", type=int, default=4,
+                    help="requests in flight (4: the runtime's load_buffers with a disk tier)")
     ap.add_argument("--threads", type=int, default=4, help="the tier's I/O threads, the runtime's io_threads (4)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="page shapes: " + ", ".join(SHAPES))
     ap.add_argument("--engines", default="aio,threads", help="the tier's I/O engines, comma-separated (aio,threads)")

@@ -1,9 +1,10 @@
 """Turning byte budgets into page slots, with defaults from free memory, and the errors for budgets too small.
 
 Device slots split into the page cache (pages that live on the device, one tail page per layer among them) and the
-workspace of 4 x `half` pages: a ring of buffers (2 x half) through which pages of this layer and the next are
-loaded for attention, a buffer (half) into which resident pages are gathered, and its head-major copy (half) that
-lets a layer whose pages are all resident run in one SDPA call. All of it counts against `device_budget`.
+workspace of (R + 2) x `half` pages: the load ring of R buffers (R x half, R = `load_buffers`) through which pages
+of this layer and the next are loaded for attention, a buffer (half) into which resident pages are gathered, and
+its head-major copy (half) that lets a layer whose pages are all resident run in one SDPA call. All of it counts
+against `device_budget`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FREE_SHARE = 0.5
 class Plan:
     page_bytes: int  # of a page on the device (full precision)
     device_cache_pages: int
-    workspace_pages: int  # three halves: two for loads (now, next layer), one for head-major gathers
+    workspace_pages: int  # load_buffers + 2 parts of `half` pages: the load ring, a gather buffer, its head-major copy
     host_pages: int
     host_staging_pages: int  # host slots set aside for disk -> GPU reads
     disk_pages: int
@@ -35,6 +36,7 @@ class Plan:
     disk_budget: int
     lower_page_bytes: int = 0  # of a page in the host and disk tiers (smaller when kv_quant packs it); 0: page_bytes
     block_cache_pages: int = 0  # device pages' worth of sparse mode's block cache, out of the device budget
+    load_buffers: int = 2  # buffers of the load ring
 
     @property
     def lower_bytes(self) -> int:
@@ -42,7 +44,7 @@ class Plan:
 
     @property
     def half(self) -> int:
-        return self.workspace_pages // 4
+        return self.workspace_pages // (self.load_buffers + 2)
 
     def capacity_pages(self) -> int:
         return self.device_cache_pages + self.host_pages - self.host_staging_pages + self.disk_pages
@@ -81,18 +83,31 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     if dev is None:
         dev = min(kv_max + most_workspace * page_bytes, int(FREE_SHARE * _free_device_bytes(device)))
     total = dev // page_bytes
-    least = layers + 4
+    ring = config.load_buffers
+    if ring is None:
+        # Disk reads take longer than attending a chunk: more of them in flight keep the compute from waiting.
+        ring = 4 if config.disk_dir is not None else 2
+    parts = ring + 2
+    # The fewest workspace pages: a page per part (by default, a ring of two buffers).
+    fewest = parts if config.load_buffers is not None else 4
+    least = layers + fewest
     if total < least:
+        given = f", load_buffers={ring}" if config.load_buffers is not None else ""
         raise ValueError(
             f"device_budget: {format_size(dev)} holds {total} pages of {format_size(page_bytes)}; at least {least} "
-            f"are needed (one per layer plus four for streaming), i.e. {format_size(least * page_bytes)} "
+            f"are needed (one per layer plus {fewest} for streaming{given}), i.e. {format_size(least * page_bytes)} "
             f"with page_size {config.page_size}"
         )
     # Exact attention streams every page that is not resident through the workspace, and each chunk costs host
     # time whatever its size, so it gets 40% of what is left after the tail pages; sparse attention moves few
     # pages and keeps more of them resident, so it gets 1/8. At most four layers' worth either way.
+    # The ring's buffers divide that share; they don't add to it. By default a ring too small to divide keeps two
+    # buffers.
     share = 10 if config.attention == "exact" else 32
-    workspace = 4 * max(1, min(max_pages, (total - layers) // share))
+    size = 4 * max(1, min(max_pages, (total - layers) // share))
+    if config.load_buffers is None and size < parts:
+        ring, parts = 2, 4
+    workspace = parts * max(1, size // parts)
     if kernels:
         # Larger, as far as the device tier keeps a page per layer and one more: a layer whose step needs more
         # rows than the workspace has streams instead. Sparse: the largest choice of blocks. Exact: half the rows
@@ -103,8 +118,8 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
             need = min(2 * max_pages, -(-2 * (layers * max_pages - total) // (layers - 2)) + 4)
         else:
             need = 2 * max_pages
-        room = (total - layers - 1) // 4 * 4
-        workspace = max(workspace, min(-(-need // 4) * 4, room))
+        room = (total - layers - 1) // parts * parts
+        workspace = max(workspace, min(-(-need // parts) * parts, room))
     cache = total - workspace
     # Sparse mode's block cache takes its share of what the workspace leaves; the device tier keeps a page per
     # layer (the open tails) and one more.
@@ -129,14 +144,14 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
             disk = min(kv_lower, int(FREE_SHARE * shutil.disk_usage(config.disk_dir).free))
         disk_pages = disk // lower
         if device.type == "cuda":
-            # Disk pages reach the GPU through pinned host staging as large as the workspace.
-            staging = 2 * (workspace // 4)
+            # Disk pages reach the GPU through pinned host staging as large as the load ring.
+            staging = ring * (workspace // parts)
             if host_pages < staging:
                 raise ValueError(
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "
                     f"({format_size(staging * lower)}) for staging disk reads"
                 )
-    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower, blocks)
+    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower, blocks, ring)
 
 
 def disk_reserve_pages(plan: Plan, tokens: int | None, page_size: int, windows: list[int | None]) -> int:
@@ -182,7 +197,9 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
         raise ValueError(
             f"device_budget: a batch of {len(lengths)} sequences needs an open page per layer and sequence on the "
             f"device, {least} pages with the workspace ({format_size(least * plan.page_bytes)}); it holds "
-            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})")
+            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})"
+            + (f"; or set load_buffers=2 (the workspace's load ring has {plan.load_buffers} buffers)"
+               if plan.load_buffers > 2 else ""))
     need = sum(layer_pages(n, page_size, w) for n in lengths for w in windows)
     have = plan.capacity_pages()
     if need <= have:

@@ -72,6 +72,12 @@ class OffloadConfig:
     # How the disk tier moves pages: "threads" (a pool of io_threads threads, a call each at a time) or "aio" (Linux
     # native AIO: a request's calls all in flight at once; needs O_DIRECT). See tiers/disk.py for the measurements.
     io_engine: str = "threads"
+    # Buffers of the load ring, through which pages below the device reach attention: while one is attended, the
+    # others are being filled, so this many minus one chunks are on their way ahead of use (offload/loader.py).
+    # None: 4 with a disk tier (its reads take longer than a chunk's attention), else 2 (and 2 where the workspace
+    # is too small to divide further). The workspace, out of device_budget, is load_buffers + 2 parts of equal size;
+    # its share of device_budget does not change with load_buffers (offload/budgets.py).
+    load_buffers: int | None = None
     # Attention over pages in host RAM (and pages read from disk) computed on the host, whose partial results are
     # merged with the device's (offload/host_attention.py): "auto" (a cost model from measured rates picks how many
     # of each layer's host pages the host attends), "all" (every one) or "off" (every page crosses to the device).
@@ -146,6 +152,10 @@ class OffloadConfig:
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: expected an int from 1 to 64, got {self.io_threads!r}")
+        lb = self.load_buffers
+        if lb is not None and (isinstance(lb, bool) or not isinstance(lb, int) or not 2 <= lb <= 16):
+            raise ValueError(f"load_buffers: expected an int from 2 to 16 (or None: picked from the tiers), "
+                             f"got {lb!r}")
         t = self.io_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:  # nan compares false
             raise ValueError(f"io_timeout: expected a number of seconds in (0, 3600], got {t!r}")

@@ -110,7 +110,8 @@ class Runtime:
         cached = self.plan.block_cache_pages
         split = dev_pages + cached
         self.decoder: DeviceDecode | None = None
-        h = self.plan.half
+        h, ring = self.plan.half, self.plan.load_buffers
+        work_pages = (ring + 2) * h
         dims = self.shape.dims
         # Sparse mode: the decode step gathers blocks of `select_block` tokens, chosen per head.
         blocks = (config.block_size(), config.head_selection) if config.attention == "sparse" else ()
@@ -118,10 +119,10 @@ class Runtime:
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
             # (used by layers the workspace can't serve) share those rows: the two never run at once.
-            pools = [torch.empty((split + 4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            pools = [torch.empty((split + work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
-            self.decoder = KernelDecode((pools[0], pools[1]), split, 4 * h, self.layers, self.max_pages,
+            self.decoder = KernelDecode((pools[0], pools[1]), split, work_pages, self.layers, self.max_pages,
                                         self.q_heads, self.kv_heads, self.device, *blocks, codec=self.codec,
                                         cache_pages=cached)
             work = [pool[split:] for pool in pools]
@@ -147,13 +148,15 @@ class Runtime:
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
         if not isinstance(self.decoder, KernelDecode):  # the kernels' workspace rows serve the streaming path too
-            work = [torch.empty((4 * h, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
-        # Workspace of the streaming path: the load ring (2*h pages), a page-major gather buffer (h) and its
-        # head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever its size.
-        self.ring_k, self.ring_v = (w[:2 * h].view(2, h, *dims) for w in work)
-        self.pm_k, self.pm_v = (w[2 * h:3 * h] for w in work)
+            work = [torch.empty((work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+        # Workspace of the streaming path: the load ring (`ring` buffers of h pages), a page-major gather buffer (h)
+        # and its head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever
+        # its size.
+        self.ring_k, self.ring_v = (w[:ring * h].view(ring, h, *dims) for w in work)
+        self.pm_k, self.pm_v = (w[ring * h:(ring + 1) * h] for w in work)
         # Head-major [H, h, P, D]: SDPA reads a slice of it without another copy.
-        self.hm_k, self.hm_v = (w[3 * h:].view(self.kv_heads, h, self.page_size, self.head_dim) for w in work)
+        self.hm_k, self.hm_v = (w[(ring + 1) * h:].view(self.kv_heads, h, self.page_size, self.head_dim)
+                                for w in work)
         if self.decoder is not None:
             self.decoder.keep_mass = config.eviction == "score"  # the only policy that reads it
         on_host = None
@@ -1349,7 +1352,7 @@ class Runtime:
         return order, transfers
 
     def _staging_for(self, dst_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pinned host staging that belongs to the ring buffer `dst_k` (host slots 0..2*half-1)."""
+        """The pinned host staging that belongs to the ring buffer `dst_k` (host slots 0..load_buffers*half-1)."""
         per = self.ring_k.shape[1]
         buf = (dst_k.data_ptr() - self.ring_k.data_ptr()) // (per * self.ring_k[0, 0].numel() * dst_k.element_size())
         host = self.host_tier

@@ -45,13 +45,13 @@ def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
                           **{"eos_token_id": None, **kwargs})
 
 
-def least_device(model, batch: int) -> int:
+def least_device(model, batch: int, **options) -> int:
     """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
-    pages more."""
+    pages more, with `options` (a disk tier deepens the load ring, whose workspace takes more of the budget)."""
     layers, pb = model.config.num_hidden_layers, page_bytes(model)
     max_pages = -(-model.config.max_position_embeddings // PAGE)
     for pages in range(layers * batch, 4 * layers * batch + 32):
-        config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0)
+        config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0, **options)
         try:
             plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"))
         except ValueError:
@@ -64,8 +64,9 @@ def least_device(model, batch: int) -> int:
 def three_tiers(model, tmp_path: Path, batch: int = len(LENGTHS)) -> dict:
     """A device budget of two pages beyond one open page per layer and sequence, a host tier of 6 pages and a disk
     tier for the rest."""
-    return {"page_size": PAGE, "device_budget": least_device(model, batch), "host_budget": 6 * page_bytes(model),
-            "disk_dir": str(tmp_path / "kv")}
+    disk = {"disk_dir": str(tmp_path / "kv")}
+    return {"page_size": PAGE, "device_budget": least_device(model, batch, **disk),
+            "host_budget": 6 * page_bytes(model), **disk}
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])

@@ -191,6 +191,37 @@ def test_device_budget_splits_into_cache_and_workspace(pages):
     assert plan.device_budget == pages * PB + PB - 1
 
 
+def test_a_disk_tier_gets_a_deeper_load_ring_where_the_workspace_divides_into_it(tmp_path: Path):
+    disk = {"host_budget": 0, "disk_budget": 100 * PB, "disk_dir": str(tmp_path)}
+    _, plan = _plan(device_budget=100 * PB, **disk)
+    _, without = _plan(device_budget=100 * PB, host_budget=0)
+    assert plan.load_buffers == 4
+    assert plan.workspace_pages % 6 == 0 and plan.half == plan.workspace_pages // 6
+    assert plan.device_cache_pages + plan.workspace_pages == 100
+    # The buffers divide the workspace's share of the budget: the page cache keeps what it has without them.
+    assert plan.workspace_pages <= without.workspace_pages and plan.device_cache_pages >= without.device_cache_pages
+    # A workspace too small for six parts: the ring keeps two buffers.
+    _, plan = _plan(device_budget=(LAYERS + 5) * PB, **disk)
+    assert plan.load_buffers == 2 and plan.workspace_pages == PARTS
+    # Without a disk tier, two.
+    _, plan = _plan(device_budget=100 * PB, host_budget=0)
+    assert plan.load_buffers == 2 and plan.half == plan.workspace_pages // PARTS
+
+
+def test_load_buffers_sets_the_ring_and_the_smallest_device_budget():
+    _, plan = _plan(device_budget=100 * PB, host_budget=0, load_buffers=3)
+    assert plan.load_buffers == 3 and plan.workspace_pages % 5 == 0 and plan.half == plan.workspace_pages // 5
+    with pytest.raises(ValueError, match=rf"^device_budget: .* at least {LAYERS + 7} .* plus 7 .*load_buffers=5"):
+        _plan(device_budget=(LAYERS + 6) * PB, host_budget=0, load_buffers=5)
+
+
+def test_cuda_staging_holds_the_whole_load_ring(tmp_path: Path):
+    config = OffloadConfig(page_size=8, device_budget=100 * PB, host_budget=60 * PB, disk_budget=100 * PB,
+                           disk_dir=str(tmp_path), load_buffers=3)
+    plan = plan_budgets(config, PB, LAYERS, MAX_PAGES, torch.device("cuda"))
+    assert plan.host_staging_pages == 3 * plan.half > 0
+
+
 def test_host_and_disk_pages_follow_their_budgets(tmp_path: Path):
     _, plan = _plan(device_budget=10 * PB, host_budget=7 * PB + 5, disk_budget=20 * PB, disk_dir=str(tmp_path))
     assert plan.host_pages == 7

@@ -97,6 +97,12 @@ def ints(lo: int, hi: int | None = None) -> Domain:
     )
 
 
+def optional(domain: Domain) -> Domain:
+    """`domain`, or None (the option's default, picked at run time)."""
+    return dataclasses.replace(domain, valid=NONE | domain.valid,
+                               invalid=domain.invalid.filter(lambda x: x is not None))
+
+
 def floats(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Domain:
     """A float option in the interval from `lo` to `hi`; ints inside it are valid too."""
 
@@ -297,6 +303,7 @@ DOMAINS: dict[str, Domain] = {
     "io_threads": ints(1, 64),
     "io_timeout": floats(0.0, 3600.0, lo_open=True, hi_open=False),
     "io_engine": choice(list(IO_ENGINES)),
+    "load_buffers": optional(ints(2, 16)),
     "host_attention": choice(list(HOST_ATTENTION)),
     "device": Domain(
         valid=NONE | st.sampled_from(GOOD_DEVICES) | st.just(torch.device("cpu")),

@@ -13,6 +13,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from offload import OffloadConfig, offload
 from offload.budgets import plan_budgets
+from offload.loader import LoadRing
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -150,6 +151,35 @@ def test_greedy_tokens_equal_plain_generate(request: pytest.FixtureRequest, whic
         assert stats["bytes_moved"]["host->device"] > 0  # pages really came back from below
     if name.startswith("evict-"):
         assert rt.placement.policy.name == name[6:]
+
+
+@pytest.mark.parametrize("load_buffers, ring", [(None, 4), (3, 3), (2, 2)])
+def test_the_load_ring_keeps_its_buffers_in_flight_over_three_tiers(tiny_llama_model, tmp_path: Path, monkeypatch,
+                                                                    load_buffers, ring):
+    """With a disk tier the load ring has 4 buffers by default (where device_budget holds them), and keeps as many
+    chunks in flight; the tokens stay DynamicCache's."""
+    model, ps = tiny_llama_model, 4
+    ids = prompt_ids(160)  # 46 pages a layer by the end: most of them on disk
+    expected = reference(model, ids)
+    pb = page_bytes(model, ps)
+    # 24 device pages: a workspace of 8 pages' share, divided into 6 parts by default.
+    opts = {"page_size": ps, "device_budget": 24 * pb, "host_budget": 4 * pb,
+            "disk_dir": str(tmp_path / "kv"), "load_buffers": load_buffers}
+    deepest, pump = [0], LoadRing.pump
+
+    def pump_and_count(ring: LoadRing) -> None:
+        pump(ring)
+        deepest[0] = max(deepest[0], len(ring.inflight))
+
+    monkeypatch.setattr(LoadRing, "pump", pump_and_count)
+    with offload(model, **opts) as rt:
+        assert rt.plan.load_buffers == ring and rt.ring_k.shape[0] == ring
+        got = greedy(model, ids)
+        stats = rt.stats()
+    assert torch.equal(got, expected)
+    assert stats["bytes_moved"]["disk->host"] > 0
+    assert deepest[0] == ring
+    assert os.listdir(opts["disk_dir"]) == []
 
 
 # -- logits step by step, with chunked prefill --------------------------------------------------------------

@@ -63,6 +63,8 @@ OPTION_HELP: dict[str, str] = {
     "io_timeout": "seconds one page transfer may take before the run stops with an error",
     "io_engine": "how the disk tier moves pages: threads (a pool of --io-threads threads; the default) or aio "
     "(Linux native AIO, a request's calls all in flight at once; needs O_DIRECT)",
+    "load_buffers": "buffers of the load ring through which pages below the device reach attention, 2 to 16; "
+    "more keep more reads in flight ahead of use (default: 4 with --disk-dir, else 2)",
     "host_attention": "attend over pages in host RAM (and pages read from disk) on the host's cores and merge the "
     "partial results: auto (a cost model from measured link and host rates decides per layer), all, or off",
     "device": "compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available, else cpu)",
@@ -96,6 +98,7 @@ METAVARS: dict[str, str] = {
     "io_timeout": "SECONDS",
     "block_cache": "SHARE",
     "io_engine": "ENGINE",
+    "load_buffers": "N",
     "prefix_cache_timeout": "SECONDS",
 }
 # Options whose value is a name in one of the policy registries (listed in their help).
