@@ -98,7 +98,8 @@ GROW_STEP_BYTES = 16 << 20
 # 83% of the KV on disk, stalled more with it (benchmarks/disk_stall.py, side by side: 22-25% of decode time against
 # 14-17%, steps 334-385 ms against 286-315): the calls of the next request enter the device queue beside those of
 # the one attention waits for, where the pool serves requests in order (BENCHMARKS.md, "Two I/O engines").
-# Hence threads by default.
+# With the deeper load ring (load_buffers 4, the default with a disk tier) both stall about 1% or less, and the
+# pool's steps are still the faster (340-346 ms against 383-411). Hence threads by default.
 IO_ENGINES = ("threads", "aio")
 # aio: the most bytes one call moves (runs of consecutive slots are cut there, so that a long run is several
 # calls the device serves side by side), and the most calls in the kernel at once per tier.
