@@ -197,9 +197,7 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
         raise ValueError(
             f"device_budget: a batch of {len(lengths)} sequences needs an open page per layer and sequence on the "
             f"device, {least} pages with the workspace ({format_size(least * plan.page_bytes)}); it holds "
-            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})"
-            + (f"; or set load_buffers=2 (the workspace's load ring has {plan.load_buffers} buffers)"
-               if plan.load_buffers > 2 else ""))
+            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})")
     need = sum(layer_pages(n, page_size, w) for n in lengths for w in windows)
     have = plan.capacity_pages()
     if need <= have:

@@ -47,7 +47,7 @@ def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
 
 def least_device(model, batch: int, **options) -> int:
     """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
-    pages more, with `options` (a disk tier deepens the load ring, whose workspace takes more of the budget)."""
+    pages more, with `options` (a disk tier divides the workspace into more parts, rounded down)."""
     layers, pb = model.config.num_hidden_layers, page_bytes(model)
     max_pages = -(-model.config.max_position_embeddings // PAGE)
     for pages in range(layers * batch, 4 * layers * batch + 32):
