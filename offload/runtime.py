@@ -110,8 +110,7 @@ class Runtime:
         cached = self.plan.block_cache_pages
         split = dev_pages + cached
         self.decoder: DeviceDecode | None = None
-        h, ring = self.plan.half, self.plan.load_buffers
-        work_pages = (ring + 2) * h
+        h, ring, work_pages = self.plan.half, self.plan.load_buffers, self.plan.workspace_pages
         dims = self.shape.dims
         # Sparse mode: the decode step gathers blocks of `select_block` tokens, chosen per head.
         blocks = (config.block_size(), config.head_selection) if config.attention == "sparse" else ()
