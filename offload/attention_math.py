@@ -78,6 +78,30 @@ def pages_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: fl
     return _finish(o, m, l, hidden is not None)
 
 
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, scaling: float,
+                      softcap: float | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sequence of a batch over its own pages, in one pass for the whole batch: queries `q` [B, H, M, D];
+    pages `k`, `v` [N, H, P, D], page i of sequence `seq[i]` (int64 [N]); `hidden` bool [N, P] (True hides the
+    key) or None. Every sequence must see at least one key. -> the normalized output [B, H, M, D], float32.
+
+    Scores and values are products over single pages (batched over N and H); the softmax of a sequence runs over
+    its pages alone, with its maximum and sum reduced per sequence (a scatter over `seq`), as a flash-decoding
+    merge reduces its splits. The op count does not depend on B or on the lengths."""
+    (n, h, page, d), m_rows = k.shape, q.shape[2]
+    qs = q.float().index_select(0, seq).view(n * h, m_rows, d)
+    s = _cap(torch.bmm(qs, k.float().view(n * h, page, d).transpose(1, 2)), scaling, softcap).view(n, h, m_rows, page)
+    if hidden is not None:
+        s.masked_fill_(hidden[:, None, None], float("-inf"))
+    m = s.amax(-1)  # a page it sees nothing of: -inf, which the sequence's maximum overrides
+    top = m.new_full((q.shape[0], *m.shape[1:]), float("-inf"))
+    top.scatter_reduce_(0, seq.view(-1, 1, 1).expand_as(m), m, "amax")
+    p = torch.exp(s.sub_(top.index_select(0, seq).unsqueeze(-1)))
+    total = m.new_zeros(top.shape).index_add_(0, seq, p.sum(-1))
+    o = torch.bmm(p.view(n * h, m_rows, page), v.float().view(n * h, page, d)).view(n, h, m_rows, d)
+    o = m.new_zeros((*top.shape, d)).index_add_(0, seq, o)
+    return o.div_(total.unsqueeze(-1))
+
+
 def window_hidden(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None, causal: bool) -> torch.Tensor:
     """Bool [T, *key_pos.shape]: True where query token t (at absolute position query_pos[t]) must not see the key
     at position key_pos[...]. transformers' masks: causal (key <= query) and, with a window W, key > query - W."""

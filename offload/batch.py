@@ -26,7 +26,7 @@ def left_padding(mask: torch.Tensor, positions: int) -> list[int]:
     mask = mask[:, :positions].bool()
     pads = positions - mask.sum(-1)
     expected = torch.arange(positions, device=mask.device)[None, :] >= pads[:, None]
-    pads, ok = pads.tolist(), bool((mask == expected).all())
+    *pads, ok = torch.cat([pads, (mask == expected).all()[None]]).tolist()  # one read for both
     if not ok:
         raise ValueError("attention_mask: a batch must be left-padded (each row zeros, then ones); pad on the left, "
                          "as tokenizer(padding_side='left') does")

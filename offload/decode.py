@@ -135,7 +135,8 @@ class DeviceDecode:
             per = kv_heads * self.per_page
             self.cache = BlockCache((split - cache_pages) * per, cache_pages * per - 1, layers,
                                     max_pages * self.per_page, self.heads, device)
-        self.batch_k = self.batch_v = torch.empty(0, device=device)  # `exact_batch`'s gather target, grown as needed
+        # `exact_batch`'s and `exact_ragged`'s gather target, grown as needed
+        self.batch_k = self.batch_v = torch.empty(0, device=device)
         # Blocks (of one KV head each) read from the host pool by sparse steps (exact steps count their pages on
         # the host, from the view), and the blocks the last sparse step gathered [count, choosers].
         self.host_reads = torch.zeros((), dtype=torch.int64, device=device)
@@ -159,7 +160,9 @@ class DeviceDecode:
         self.use_step = torch.full((layers, blocks), NONE, dtype=torch.int64, device=device)
         self.mass = torch.zeros((layers, blocks, self.choosers), dtype=torch.float32, device=device)
         self.use_rows, self.mass_rows = list(self.use_step), list(self.mass)  # per-layer views, made once
-        self.batch_index: dict[int, tuple] = {}  # `exact_batch`'s gather index per layer of the model
+        # `exact_batch`'s and `exact_ragged`'s gather indices per layer of the model
+        self.batch_index: dict[int, tuple] = {}
+        self.ragged_index: dict[int, tuple] = {}
         if self.cache is not None:
             self.cache.resize(layers)
 
@@ -219,6 +222,7 @@ class DeviceDecode:
         """A new sequence: every view is stale."""
         self.views = [None] * self.layers
         self.batch_index.clear()
+        self.ragged_index.clear()
         self.use_step.fill_(NONE)
         self.mass.zero_()
         if self.cache is not None:
@@ -276,6 +280,52 @@ class DeviceDecode:
         q = query.reshape(B, H, query.shape[1] // H, D)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.reshape(B, 1, query.shape[1], D)
+
+    def exact_ragged(self, layer: int, views: list[LayerView], query: torch.Tensor, tokens: list[int],
+                     scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+        """One layer of every sequence of a batch of any lengths in one gather and one attention pass
+        (`attention_math.segment_attention`): sequence b attends over its view's pages to its token `tokens[b]`
+        (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is padded: the
+        gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No packed
+        pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
+        key = tuple((v.version, v.count, v.first) for v in views)
+        have = self.ragged_index.get(layer)
+        ahead = tokens[0] - have[1][0] if have is not None and have[0] == key else -1
+        if ahead < 0 or any(t - b != ahead for t, b in zip(tokens, have[1])):
+            have, ahead = self._ragged_layout(layer, key, views, tokens), 0
+        index, seq, rel, k, v = have[2:]
+        torch.index_select(self.pool_k, 0, index, out=k)
+        torch.index_select(self.pool_v, 0, index, out=v)
+        # Every sequence gained `ahead` tokens since the layout was made (one a step): a token is hidden from
+        # there on, and before the window's start.
+        hidden = rel >= ahead
+        if window is not None:
+            hidden |= rel < ahead - window
+        out = am.segment_attention(query.reshape(B, H, -1, D), k, v, seq, scaling, softcap, hidden)
+        return out.to(query.dtype).view(B, 1, query.shape[1], D)
+
+    def _ragged_layout(self, layer: int, key: tuple, views: list[LayerView], tokens: list[int]) -> tuple:
+        """`exact_ragged`'s layout of a layer, made when a row's pages change (page boundaries): the pool slots of
+        every sequence's pages one after another, the sequence of each, each page's token positions less its
+        sequence's `tokens` [N, P], and the gather's targets."""
+        B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
+        counts, firsts, ends = torch.tensor([[v.count for v in views], [v.first for v in views], tokens],
+                                            device=self.device)
+        seq = torch.repeat_interleave(torch.arange(B, device=self.device), counts)
+        n = seq.numel()
+        # Page i of the gather is page i - (pages of the sequences before) + first of its sequence.
+        page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
+        rel = page[:, None] * P + torch.arange(P, device=self.device) - ends[seq][:, None]  # [N, P]
+        if self.batch_k.shape[0] < n * H:
+            with torch.inference_mode(False):
+                self.batch_k = torch.empty((n * H, P, D), dtype=self.pool_k.dtype, device=self.device)
+                self.batch_v = torch.empty_like(self.batch_k)
+            self.ragged_index.clear()  # their gather targets were views of the old buffers
+        out = (self.batch_k[:n * H].view(n, H, P, D), self.batch_v[:n * H].view(n, H, P, D))
+        have = self.ragged_index[layer] = (key, list(tokens), torch.cat([v.slots for v in views]).long(), seq, rel,
+                                           *out)
+        return have
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None) -> am.Partial:

@@ -102,11 +102,12 @@ class StepCounts(NamedTuple):
     writes: int  # tensors made from host values (`MADE`)
 
 
-def count_step(model, cache, token: torch.Tensor) -> StepCounts:
-    """The counts of one decode forward of `token` [1, 1] over `cache`."""
+def count_step(model, cache, token: torch.Tensor, **inputs) -> StepCounts:
+    """The counts of one decode forward of `token` [B, 1] over `cache` (with `inputs`, such as a batch's
+    attention_mask)."""
     ops, reads = OpCounter(), ReadCounter()
     with torch.no_grad(), LaunchCounter() as launches, reads, ops:
-        model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
+        model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True, **inputs)
     return StepCounts(ops.ops + launches.launches, reads.reads, ops.writes)
 
 

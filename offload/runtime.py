@@ -406,11 +406,7 @@ class Runtime:
         if query.shape[0] != 1:
             raise ValueError(f"batch: a row attends for one sequence; got a query of {query.shape[0]} "
                              "(attend_layer takes a batch)")
-        if window != self.windows[layer]:
-            # The windows also decide which pages are released and what the budgets must hold, so they must be
-            # the ones transformers masks with.
-            raise ValueError(f"sliding_window: layer {layer} attends with a window of {window}, but its "
-                             f"configuration gives {self.windows[layer]}")
+        self._check_window(layer, window)
         t0 = time.perf_counter()
         tokens = query.shape[2]
         if tokens == 1:
@@ -432,6 +428,13 @@ class Runtime:
                 self.tracer.counter("occupancy", time.perf_counter(), self._resident())
         return out
 
+    def _check_window(self, row: int, window: int | None) -> None:
+        """The windows also decide which pages are released and what the budgets must hold, so they must be the
+        ones transformers masks with."""
+        if window != self.windows[row]:
+            raise ValueError(f"sliding_window: layer {row // self.batch} attends with a window of {window}, but "
+                             f"its configuration gives {self.windows[row]}")
+
     # -- batches (offload/batch.py) --------------------------------------------------------------------------
     def attend_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      scaling: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -443,6 +446,7 @@ class Runtime:
             return self.attend(layer, query, key, value, scaling, window, softcap)
         B, T = self.batch, query.shape[2]
         start = self.length[layer]
+        self._check_window(layer * B, window)
         if T == 1 and (out := self._decode_batch(layer, query, key, value, scaling, window, softcap)) is not None:
             self.length[layer] = start + 1
             return out
@@ -470,37 +474,43 @@ class Runtime:
 
     def _decode_batch(self, layer: int, query, key, value, scaling: float, window: int | None,
                       softcap: float | None) -> torch.Tensor | None:
-        """A decode step of layer `layer` for the whole batch in one append, one gather and one attention call
-        (`DeviceDecode.exact_batch`), when every sequence holds the same number of tokens (equal prompts, returned
-        sequences, beams) and takes the plain step: exact attention over the unified pool (the CPU), no page
-        opened in this step, no sliding window, soft-cap, packed pages, pages the host attends or finished
-        sequence, every page in a pool. None otherwise: each row then runs alone. Ragged sequences run alone too:
-        padded to the longest and masked, one call was slower on the CPU than the rows one by one (BENCHMARKS.md,
-        Batches)."""
+        """A decode step of layer `layer` for the whole batch in one append, one gather and one attention call,
+        when every sequence takes the plain step: exact attention over the unified pool (the CPU), no page opened
+        or released in this step, no packed pages, pages the host attends or finished sequence, every page in a
+        pool. Sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
+        attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
+        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`). None otherwise: each row
+        then runs alone."""
         dec, B, P, t = self.decoder, self.batch, self.page_size, self.table
         rows = range(layer * B, layer * B + B)
-        n = t.tokens[layer * B]
+        ns = [t.tokens[r] for r in rows]
         if (not self.batch_step or self.sparse or type(dec) is not DeviceDecode or dec.codec is not None
-                or window is not None or softcap is not None or self.tracer is not None or self.check_in_place
-                or self.config.measure_recall or any(self.finished) or self.ring.pending or self.ring.inflight
-                or n % P == 0 or any(t.tokens[r] != n for r in rows)):
+                or self.tracer is not None or self.check_in_place or self.config.measure_recall
+                or any(self.finished) or self.ring.pending or self.ring.inflight or any(n % P == 0 for n in ns)):
             return None  # (n % P == 0: a page opens, and the boundary's work runs row by row)
+        if window is not None and any(self._dead_pages(r, n + 1) > t.first[r] for r, n in zip(rows, ns)):
+            return None  # the window leaves a page, which is released
         views, tails = [], []
         for r in rows:
             view = dec.view(r, t, t.pages(r))
-            if view.lower or view.host_attend is not None or view.first:
+            if view.lower or view.host_attend is not None or view.first != t.first[r]:
                 return None
             views.append(view)
             tails.append(self._tail(r)[0])
-        # The new tokens, one per sequence, into row n % P of their tail pages, every head.
-        slots = torch.tensor(tails, device=self.device)
-        self.device_tier.k[slots, :, n % P] = key[:, :, 0]
-        self.device_tier.v[slots, :, n % P] = value[:, :, 0]
+        # The new tokens, one per sequence, into row n % P of their tail pages, every head: rows of the pool seen
+        # as [slots * H * P, D].
+        H, D = self.kv_heads, self.head_dim
+        at = torch.tensor([(s * H + h) * P + n % P for s, n in zip(tails, ns) for h in range(H)], device=self.device)
+        self.device_tier.k.view(-1, D).index_copy_(0, at, key.reshape(-1, D))
+        self.device_tier.v.view(-1, D).index_copy_(0, at, value.reshape(-1, D))
         t0 = time.perf_counter()
-        for r, view in zip(rows, views):
+        for r, view, n in zip(rows, views, ns):
             t.tokens[r] = n + 1
             self._count_exact_step(r, view, t0)
-        out = dec.exact_batch(layer, views, query, n + 1, scaling)
+        if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first:
+            out = dec.exact_batch(layer, views, query, ns[0] + 1, scaling)
+        else:
+            out = dec.exact_ragged(layer, views, query, [n + 1 for n in ns], scaling, softcap, window)
         self._resident()
         return out
 

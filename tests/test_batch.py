@@ -309,37 +309,103 @@ def test_left_padding_reads_each_rows_padding():
 
 
 
-def _step_counts(model, batch: int, opts: dict) -> tuple[int, int, int]:
-    """(aten ops of the offloaded step, of DynamicCache's, host reads of the offloaded step) of one decode step of
-    `batch` prompts of 60 tokens (pages of 8: the step appends token 60, which opens no page)."""
-    ids = torch.randint(3, 128, (batch, 60), generator=torch.Generator().manual_seed(9))
-    token = torch.ones((batch, 1), dtype=torch.long)
+def _step_counts(model, opts: dict, lengths: list[int]) -> tuple[int, int, int, int]:
+    """(aten ops of the offloaded step, of DynamicCache's, host reads of the offloaded step, of DynamicCache's) of
+    the second decode step of left-padded prompts of `lengths` tokens (the first builds what the steps to the next
+    page boundary reuse; neither opens a page: no length is 0 or 7 past a multiple of the page size)."""
+    ids, mask = padded_batch(lengths, seed=9)
+    token = torch.ones((len(lengths), 1), dtype=torch.long)
+    first = torch.cat([mask, torch.ones_like(token)], 1)
+    step = {"attention_mask": torch.cat([first, torch.ones_like(token)], 1)}
     with torch.no_grad():
         cache = DynamicCache()
-        model(ids, past_key_values=cache, use_cache=True)
-        base = count_step(model, cache, token).ops
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(token, attention_mask=first, past_key_values=cache, use_cache=True)
+        base = count_step(model, cache, token, **step)
         with offload(model, **opts) as rt:
             cache = rt.cache()
-            model(ids, past_key_values=cache, use_cache=True)
-            ops, reads, _ = count_step(model, cache, token)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(token, attention_mask=first, past_key_values=cache, use_cache=True)
+            ops, reads, _ = count_step(model, cache, token, **step)
             assert rt.stats()["resident_bytes"]["host"] > 0
-    return ops, base, reads
+    return ops, base.ops, reads, base.reads
 
 
-def test_a_decode_step_of_equal_sequences_is_one_gather_and_one_attention_per_layer():
-    """Sequences of equal length (equal prompts, returned sequences, beams) on the unified pool (the CPU): a decode
-    step appends, gathers and attends for the whole batch at once; the ops it adds to DynamicCache's per layer do
-    not grow with the batch, and it reads nothing on the host."""
+@pytest.mark.parametrize("ragged", [False, True], ids=["equal", "ragged"])
+def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged):
+    """On the unified pool (the CPU), a decode step appends, gathers and attends for the whole batch at once,
+    whether the sequences hold equal or different numbers of tokens: the ops it adds to DynamicCache's per layer do
+    not grow with the batch, and it reads no more on the host than DynamicCache's step (whose mask builder reads
+    the padding mask once a forward, as the runtime's does; its layers read nothing)."""
     model = tiny("llama")
     layers = model.config.num_hidden_layers
     extra = {}
     for batch in (2, 4, 8):
+        lengths = [60, 45, 30, 52, 61, 37, 44, 58][:batch] if ragged else [60] * batch
         opts = {"page_size": PAGE, "device_budget": least_device(model, batch) + 16 * page_bytes(model),
                 "host_budget": "1MiB"}
-        ops, base, reads = _step_counts(model, batch, opts)
+        ops, base, reads, base_reads = _step_counts(model, opts, lengths)
         extra[batch] = (ops - base) / layers
-        assert reads == 0, batch
+        assert reads <= base_reads, (batch, reads, base_reads)
     assert extra[2] == extra[4] == extra[8] and extra[2] <= 40, extra
+
+
+def test_segment_attention_equals_each_sequence_alone():
+    """The batch's one pass over pages of several sequences gives each sequence the attention over its own pages
+    alone, with tokens hidden (a tail's unfilled rows, a window's start, a page with none visible) and
+    soft-capping."""
+    from offload import attention_math as am
+
+    g = torch.Generator().manual_seed(4)
+    H, M, D, P, counts = 2, 3, 16, 8, [3, 1, 5, 2]
+    B, N = len(counts), sum(counts)
+    q = torch.randn((B, H, M, D), generator=g)
+    k, v = torch.randn((2, N, H, P, D), generator=g)
+    seq = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+    hidden = torch.rand((N, P), generator=g) < 0.3
+    hidden[0] = True  # sequence 0 sees nothing of its first page
+    hidden[[0 + counts[0] - 1, 3]] = False  # ... but all of its last, as sequence 1 all of its one page
+    for softcap in (None, 2.0):
+        got = am.segment_attention(q, k, v, seq, 0.25, softcap, hidden)
+        for b in range(B):
+            at = seq == b
+            want, _ = am.pages_partial(q[b], k[at], v[at], 0.25, softcap, hidden[at][:, None])
+            torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, monkeypatch):
+    """Prompts of different lengths, KV on the device and the host: every decode step in which no sequence opens
+    or releases a page is one call for the batch over each sequence's own pages (with sliding windows and
+    soft-capping), and the tokens are DynamicCache's."""
+    from offload.decode import DeviceDecode
+
+    model = tiny(arch)
+    ids, mask = padded_batch()
+    expected = generate(model, ids, mask)
+    calls = []
+    ragged = DeviceDecode.exact_ragged
+    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda self, *a: calls.append(a[0]) or ragged(self, *a))
+    with offload(model, page_size=PAGE, device_budget=least_device(model, 4) + 8 * page_bytes(model),
+                 host_budget="1MiB") as rt:
+        got = generate(model, ids, mask)
+        assert rt.stats()["peak_resident_bytes"]["host"] > 0
+        rt.table.check_invariants()
+        windowed = sum(w is not None for w in rt.windows[::len(LENGTHS)])  # layers with a sliding window
+    for b in range(len(LENGTHS)):
+        assert torch.equal(got[b], expected[b]), f"sequence {b}"
+    layers = model.config.num_hidden_layers
+    # Decode step s appends token n + s of each sequence of n prompt tokens; it opens a page where that is a
+    # multiple of the page size, and a window of W releases one where n + s + 2 - W is.
+    opens = [s for s in range(NEW - 1) if any((n + s) % PAGE == 0 for n in LENGTHS)]
+    if arch == "llama":
+        assert len(calls) == (NEW - 1 - len(opens)) * layers
+    else:
+        window = model.config.sliding_window
+        releases = {s for s in range(NEW - 1) for n in LENGTHS if n + s + 2 - window > 0
+                    and (n + s + 2 - window) % PAGE == 0}
+        assert windowed and len(calls) == sum(layers - (s in releases) * windowed
+                                              for s in range(NEW - 1) if s not in opens)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
