@@ -94,7 +94,7 @@ def timed_steps(model, cache, ids: torch.Tensor, mask: torch.Tensor, steps: int)
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, opts: dict,
            batch_step: bool = True) -> tuple[float, torch.Tensor]:
     """`timed_steps` inside offload(): `batch_step` False runs every step of the batch row by row
-    (`Runtime.batch_step`), as ragged batches run."""
+    (`Runtime.batch_step`), each sequence's layer alone."""
     with offload(model, **opts) as rt:
         rt.batch_step = batch_step
         cache = rt.cache(ids)

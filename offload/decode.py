@@ -14,6 +14,8 @@ the host pool holds packed pages (`offload.quant`): the CUDA step's gathers unpa
 torch step unpacks the host's pages (exact) or the chosen blocks (sparse) after gathering the device's.
 
   exact:  gather pages first..last (tail last) into the head-major workspace -> SDPA over tokens off..n-1.
+  batch:  every sequence's pages in one gather -> one SDPA call (equal lengths) or one pass over pages with the
+          softmax reduced per sequence (any lengths, windows, soft-caps).
   sparse: score the window's blocks (`select_block` tokens) from their summaries, per chooser (a KV head, a query
           head, or one for all) -> top-k among those not forced -> forced (sinks, recent window) + top-k + the
           tail's blocks -> unified block ids -> one gather of each head's own blocks -> SDPA, the first block cut
@@ -250,15 +252,15 @@ class DeviceDecode:
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
 
-    def exact_batch(self, layer: int, views: list[LayerView], query: torch.Tensor, tokens: int,
+    def exact_batch(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor, tokens: int,
                     scaling: float) -> torch.Tensor:
-        """One layer of every sequence of a batch in one gather and one attention call, each sequence attending
-        over the first `tokens` tokens of its view's pages (all of equal count; no window, soft-cap or packed
-        pages). query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        """One layer of sequences of a batch (page table `rows`, their `views`) in one gather and one attention
+        call, each sequence attending over the first `tokens` tokens of its view's pages (all of equal count; no
+        window, soft-cap or packed pages). query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
         B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
         count = views[0].count
         # A row's slots change only with its table version (or its page count): rebuilt at page boundaries.
-        key = tuple((v.version, v.count) for v in views)
+        key = (*rows, *((v.version, v.count) for v in views))
         have = self.batch_index.get(layer)
         if have is None or have[0] != key:
             slots = torch.stack([v.slots for v in views]).long()  # [B, count]
@@ -281,15 +283,15 @@ class DeviceDecode:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.reshape(B, 1, query.shape[1], D)
 
-    def exact_ragged(self, layer: int, views: list[LayerView], query: torch.Tensor, tokens: list[int],
-                     scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-        """One layer of every sequence of a batch of any lengths in one gather and one attention pass
-        (`attention_math.segment_attention`): sequence b attends over its view's pages to its token `tokens[b]`
-        (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is padded: the
-        gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No packed
-        pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+    def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+        """One layer of sequences of a batch of any lengths (page table `rows`, their `views`) in one gather and one
+        attention pass (`attention_math.segment_attention`): sequence b attends over its view's pages to its token
+        `tokens[b]` (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is
+        padded: the gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No
+        packed pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
         B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
-        key = tuple((v.version, v.count, v.first) for v in views)
+        key = (*rows, *((v.version, v.count, v.first) for v in views))
         have = self.ragged_index.get(layer)
         ahead = tokens[0] - have[1][0] if have is not None and have[0] == key else -1
         if ahead < 0 or any(t - b != ahead for t, b in zip(tokens, have[1])):

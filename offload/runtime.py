@@ -248,6 +248,10 @@ class Runtime:
     # as the steps `_decode_batch` can't take run.
     batch_step: bool = True
 
+    # The rows of the layer running that the batch's one step served (`_decode_batch`), before the others run
+    # alone: none of those loads ahead for them.
+    served: set[int] = frozenset()
+
     # The end-of-sequence ids of the generate call running (a tensor), set by offload()'s generate: in a batch, a
     # sequence fed one has finished, and its pages are released (`finish`).
     stop_ids: torch.Tensor | None = None
@@ -443,60 +447,76 @@ class Runtime:
         positions and finished sequences get zeros."""
         # The batch size is taken, or checked, by the cache's update of layer 0 (`OffloadedLayer.update`).
         if self.batch == 1:
+            self.served = frozenset()
             return self.attend(layer, query, key, value, scaling, window, softcap)
         B, T = self.batch, query.shape[2]
         start = self.length[layer]
         self._check_window(layer * B, window)
-        if T == 1 and (out := self._decode_batch(layer, query, key, value, scaling, window, softcap)) is not None:
+        served, out = self._decode_batch(layer, query, key, value, scaling, window, softcap) if T == 1 else ([], None)
+        self.served = {layer * B + b for b in served}
+        if len(served) == B:
             self.length[layer] = start + 1
             return out
-        outs, last = [], False
+        outs, last = [None] * B, False
+        for i, b in enumerate(served):
+            outs[b] = out[i:i + 1]
         for b in range(B):
             skip = min(T, max(0, self.pads[b] - start))  # padded positions among the new ones
+            if outs[b] is not None:
+                continue
             if self.finished[b] or skip == T:
-                outs.append(query.new_zeros((1, T, query.shape[1], query.shape[3])))
+                outs[b] = query.new_zeros((1, T, query.shape[1], query.shape[3]))
                 continue
             r = layer * B + b
             out = self.attend(r, query[b:b + 1, :, skip:], key[b:b + 1, :, skip:], value[b:b + 1, :, skip:],
                               scaling, window, softcap)
             if skip:
                 out = torch.cat([out.new_zeros((1, skip, *out.shape[2:])), out], dim=1)
-            outs.append(out)
+            outs[b] = out
             last = r == self.layers - 1
         self.length[layer] = start + T
         if layer == self.model_layers - 1 and not last:
-            # The last row did not run: what it does at the end of a step happens here.
-            if T == 1:
+            # The last row did not run alone: what it does at the end of a step happens here.
+            if T == 1 and B - 1 not in served:  # (a step the batch served counts itself)
                 self.step += 1
             if T > 1 or self.opened:
                 self._ready_next_step()
         return torch.cat(outs)
 
     def _decode_batch(self, layer: int, query, key, value, scaling: float, window: int | None,
-                      softcap: float | None) -> torch.Tensor | None:
-        """A decode step of layer `layer` for the whole batch in one append, one gather and one attention call,
-        when every sequence takes the plain step: exact attention over the unified pool (the CPU), no page opened
-        or released in this step, no packed pages, pages the host attends or finished sequence, every page in a
-        pool. Sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
-        attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
-        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`). None otherwise: each row
-        then runs alone."""
+                      softcap: float | None) -> tuple[list[int], torch.Tensor | None]:
+        """A decode step of layer `layer` for the sequences of the batch that take the plain step, all at once: one
+        append, one gather and one attention call. The plain step is exact attention over the unified pool (the
+        CPU) with no packed pages; a sequence takes it unless it has finished, opens or (by its window) releases a
+        page in this step, or has pages on disk or pages the host attends. Sequences of equal length with no
+        window or soft-cap (equal prompts, returned sequences, beams) attend in one unmasked SDPA call
+        (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their own pages with the softmax reduced
+        per sequence (`DeviceDecode.exact_ragged`). Returns the sequences served, in order, and their output
+        [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t = self.decoder, self.batch, self.page_size, self.table
-        rows = range(layer * B, layer * B + B)
-        ns = [t.tokens[r] for r in rows]
         if (not self.batch_step or self.sparse or type(dec) is not DeviceDecode or dec.codec is not None
-                or self.tracer is not None or self.check_in_place or self.config.measure_recall
-                or any(self.finished) or self.ring.pending or self.ring.inflight or any(n % P == 0 for n in ns)):
-            return None  # (n % P == 0: a page opens, and the boundary's work runs row by row)
-        if window is not None and any(self._dead_pages(r, n + 1) > t.first[r] for r, n in zip(rows, ns)):
-            return None  # the window leaves a page, which is released
-        views, tails = [], []
-        for r in rows:
+                or self.tracer is not None or self.check_in_place or self.config.measure_recall):
+            return [], None
+        served, views, tails, ns = [], [], [], []
+        for b in range(B):
+            r, n = layer * B + b, t.tokens[layer * B + b]
+            # n % P == 0: a page opens, and the boundary's work runs alone.
+            if self.finished[b] or n % P == 0 or (window is not None and self._dead_pages(r, n + 1) > t.first[r]):
+                continue
             view = dec.view(r, t, t.pages(r))
             if view.lower or view.host_attend is not None or view.first != t.first[r]:
-                return None
+                continue
+            if self.ring.pending or self.ring.inflight:
+                self.ring.forget(r)  # loads an earlier step queued for this row
+            served.append(b)
             views.append(view)
             tails.append(self._tail(r)[0])
+            ns.append(n)
+        if not served:
+            return [], None
+        if len(served) < B:  # the others run alone
+            pick = torch.tensor(served, device=self.device)
+            query, key, value = query.index_select(0, pick), key.index_select(0, pick), value.index_select(0, pick)
         # The new tokens, one per sequence, into row n % P of their tail pages, every head: rows of the pool seen
         # as [slots * H * P, D].
         H, D = self.kv_heads, self.head_dim
@@ -504,15 +524,16 @@ class Runtime:
         self.device_tier.k.view(-1, D).index_copy_(0, at, key.reshape(-1, D))
         self.device_tier.v.view(-1, D).index_copy_(0, at, value.reshape(-1, D))
         t0 = time.perf_counter()
-        for r, view, n in zip(rows, views, ns):
-            t.tokens[r] = n + 1
-            self._count_exact_step(r, view, t0)
+        for b, view, n in zip(served, views, ns):
+            t.tokens[layer * B + b] = n + 1
+            self._count_exact_step(layer * B + b, view, t0)
+        rows = [layer * B + b for b in served]
         if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first:
-            out = dec.exact_batch(layer, views, query, ns[0] + 1, scaling)
+            out = dec.exact_batch(layer, rows, views, query, ns[0] + 1, scaling)
         else:
-            out = dec.exact_ragged(layer, views, query, [n + 1 for n in ns], scaling, softcap, window)
+            out = dec.exact_ragged(layer, rows, views, query, [n + 1 for n in ns], scaling, softcap, window)
         self._resident()
-        return out
+        return served, out
 
     def _count_exact_step(self, layer: int, view, t0: float) -> None:
         """An exact device step of row `layer` over `view`: its pages read from the host pool are loads of pages
@@ -1256,6 +1277,8 @@ class Runtime:
             self.tracer.instant("policy", "load needed", layer=layer, pages=remaining.numel())
         ring.request(layer, remaining, predicted=False, front=True)
         nxt = (layer + 1) % self.layers
+        while nxt in self.served:  # served by the batch step before this row ran: nothing to load for it now
+            nxt = (nxt + 1) % self.layers
         want = self._predict(nxt)
         if want is not None and want.numel():
             ring.discard_pending(nxt)

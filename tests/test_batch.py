@@ -375,9 +375,9 @@ def test_segment_attention_equals_each_sequence_alone():
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
 def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, monkeypatch):
-    """Prompts of different lengths, KV on the device and the host: every decode step in which no sequence opens
-    or releases a page is one call for the batch over each sequence's own pages (with sliding windows and
-    soft-capping), and the tokens are DynamicCache's."""
+    """Prompts of different lengths, KV on the device and the host: at every decode step and layer, the sequences
+    that neither open nor (by their window) release a page attend in one call over each one's own pages (with
+    sliding windows and soft-capping), the others alone, and the tokens are DynamicCache's."""
     from offload.decode import DeviceDecode
 
     model = tiny(arch)
@@ -385,27 +385,50 @@ def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, mon
     expected = generate(model, ids, mask)
     calls = []
     ragged = DeviceDecode.exact_ragged
-    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda self, *a: calls.append(a[0]) or ragged(self, *a))
+    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda self, *a: calls.append(len(a[1])) or ragged(self, *a))
     with offload(model, page_size=PAGE, device_budget=least_device(model, 4) + 8 * page_bytes(model),
                  host_budget="1MiB") as rt:
         got = generate(model, ids, mask)
         assert rt.stats()["peak_resident_bytes"]["host"] > 0
         rt.table.check_invariants()
-        windowed = sum(w is not None for w in rt.windows[::len(LENGTHS)])  # layers with a sliding window
+        windowed = [w is not None for w in rt.windows[::len(LENGTHS)]]  # per layer: a sliding window
     for b in range(len(LENGTHS)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
-    layers = model.config.num_hidden_layers
+    assert any(windowed) == (arch != "llama")
     # Decode step s appends token n + s of each sequence of n prompt tokens; it opens a page where that is a
     # multiple of the page size, and a window of W releases one where n + s + 2 - W is.
-    opens = [s for s in range(NEW - 1) if any((n + s) % PAGE == 0 for n in LENGTHS)]
-    if arch == "llama":
-        assert len(calls) == (NEW - 1 - len(opens)) * layers
-    else:
-        window = model.config.sliding_window
-        releases = {s for s in range(NEW - 1) for n in LENGTHS if n + s + 2 - window > 0
-                    and (n + s + 2 - window) % PAGE == 0}
-        assert windowed and len(calls) == sum(layers - (s in releases) * windowed
-                                              for s in range(NEW - 1) if s not in opens)
+    window = getattr(model.config, "sliding_window", None) or 0
+    served = [[sum(1 for n in LENGTHS if (n + s) % PAGE != 0 and not (
+        w and n + s + 2 - window > 0 and (n + s + 2 - window) % PAGE == 0)) for w in windowed] for s in range(NEW - 1)]
+    assert calls == [k for step in served for k in step if k]
+    assert min(calls) < len(LENGTHS) and max(calls) == len(LENGTHS)  # some steps batch only some sequences
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_some_sequences_through_the_batched_step_while_others_stream_from_disk(arch, tmp_path: Path, monkeypatch):
+    """Over three tiers, short sequences whose pages all sit in the pools take the batch's one step while long
+    ones, with pages on disk, stream theirs through the load ring alone in the same layer: the ring loads nothing
+    ahead for the sequences the batch served, and the tokens are DynamicCache's."""
+    from offload.decode import DeviceDecode
+
+    model = tiny(arch)
+    lengths = [70, 12, 66, 9]
+    ids, mask = padded_batch(lengths)
+    expected = generate(model, ids, mask)
+    served = []
+    for name in ("exact_batch", "exact_ragged"):
+        step = getattr(DeviceDecode, name)
+        monkeypatch.setattr(DeviceDecode, name, lambda self, *a, step=step: served.append(len(a[1])) or step(self, *a))
+    disk = {"disk_dir": str(tmp_path / "kv")}
+    with offload(model, page_size=PAGE, device_budget=least_device(model, 4, **disk) + 16 * page_bytes(model),
+                 host_budget=16 * page_bytes(model), **disk) as rt:
+        got = generate(model, ids, mask)
+        assert rt.stats()["peak_resident_bytes"]["disk"] > 0
+        rt.table.check_invariants()
+    for b in range(len(lengths)):
+        assert torch.equal(got[b], expected[b]), f"sequence {b}"
+    assert any(k < len(lengths) for k in served) and any(k > 1 for k in served), served
+    assert not list((tmp_path / "kv").iterdir())
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
