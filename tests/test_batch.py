@@ -4,7 +4,8 @@ Each claim is checked against the same model with its ordinary DynamicCache on t
 row, over three tiers, with sliding windows and soft-capping, sparse attention whose budget covers the context,
 sequences that finish early, sampled num_return_sequences, beam search, and a cache driven (and reordered) by hand.
 Padding takes no pages, a finished sequence's pages are released, beams share their full pages and copy only open
-tails, and a batch that can't fit the budgets fails before its prefill.
+tails, and a batch that can't fit the budgets fails before its prefill. A decode step serves the sequences that take
+the plain step in one call, equal or ragged, with a constant op count, while the others run alone.
 """
 
 from __future__ import annotations
@@ -364,7 +365,7 @@ def test_segment_attention_equals_each_sequence_alone():
     seq = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
     hidden = torch.rand((N, P), generator=g) < 0.3
     hidden[0] = True  # sequence 0 sees nothing of its first page
-    hidden[[0 + counts[0] - 1, 3]] = False  # ... but all of its last, as sequence 1 all of its one page
+    hidden[[counts[0] - 1, 3]] = False  # ... but all of its last, as sequence 1 all of its one page
     for softcap in (None, 2.0):
         got = am.segment_attention(q, k, v, seq, 0.25, softcap, hidden)
         for b in range(B):
