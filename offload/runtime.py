@@ -250,7 +250,7 @@ class Runtime:
 
     # The rows of the layer running that the batch's one step served (`_decode_batch`), before the others run
     # alone: none of those loads ahead for them.
-    served: set[int] = frozenset()
+    served: frozenset[int] = frozenset()
 
     # The end-of-sequence ids of the generate call running (a tensor), set by offload()'s generate: in a batch, a
     # sequence fed one has finished, and its pages are released (`finish`).
@@ -453,7 +453,7 @@ class Runtime:
         start = self.length[layer]
         self._check_window(layer * B, window)
         served, out = self._decode_batch(layer, query, key, value, scaling, window, softcap) if T == 1 else ([], None)
-        self.served = {layer * B + b for b in served}
+        self.served = frozenset(layer * B + b for b in served)
         if len(served) == B:
             self.length[layer] = start + 1
             return out
