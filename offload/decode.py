@@ -269,11 +269,7 @@ class DeviceDecode:
             index = (slots[:, None, :] * H + torch.arange(H, device=self.device)[None, :, None]).flatten()
             have = self.batch_index[layer] = (key, index)
         index = have[1]
-        if self.batch_k.shape[0] < index.numel():
-            with torch.inference_mode(False):
-                self.batch_k = torch.empty((index.numel(), P, D), dtype=self.pool_k.dtype, device=self.device)
-                self.batch_v = torch.empty_like(self.batch_k)
-        k, v = self.batch_k[:index.numel()], self.batch_v[:index.numel()]
+        k, v = self._batch_target(index.numel())
         torch.index_select(self.pool_k.view(-1, P, D), 0, index, out=k)
         torch.index_select(self.pool_v.view(-1, P, D), 0, index, out=v)
         k = k.view(B, H, count * P, D).narrow(2, 0, tokens)
@@ -307,6 +303,17 @@ class DeviceDecode:
         out = am.segment_attention(query.reshape(B, H, -1, D), k, v, seq, scaling, softcap, hidden)
         return out.to(query.dtype).view(B, 1, query.shape[1], D)
 
+    def _batch_target(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `rows` rows [rows, P, D] of the batch steps' gather targets, grown as needed (at page
+        boundaries). Growing drops `exact_ragged`'s layouts, whose targets are views of the old buffers."""
+        if self.batch_k.shape[0] < rows:
+            with torch.inference_mode(False):
+                shape = (rows, self.page_size, self.head_dim)
+                self.batch_k = torch.empty(shape, dtype=self.pool_k.dtype, device=self.device)
+                self.batch_v = torch.empty_like(self.batch_k)
+            self.ragged_index.clear()
+        return self.batch_k[:rows], self.batch_v[:rows]
+
     def _ragged_layout(self, layer: int, key: tuple, views: list[LayerView], tokens: list[int]) -> tuple:
         """`exact_ragged`'s layout of a layer, made when a row's pages change (page boundaries): the pool slots of
         every sequence's pages one after another, the sequence of each, each page's token positions less its
@@ -319,12 +326,7 @@ class DeviceDecode:
         # Page i of the gather is page i - (pages of the sequences before) + first of its sequence.
         page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
         rel = page[:, None] * P + torch.arange(P, device=self.device) - ends[seq][:, None]  # [N, P]
-        if self.batch_k.shape[0] < n * H:
-            with torch.inference_mode(False):
-                self.batch_k = torch.empty((n * H, P, D), dtype=self.pool_k.dtype, device=self.device)
-                self.batch_v = torch.empty_like(self.batch_k)
-            self.ragged_index.clear()  # their gather targets were views of the old buffers
-        out = (self.batch_k[:n * H].view(n, H, P, D), self.batch_v[:n * H].view(n, H, P, D))
+        out = tuple(t.view(n, H, P, D) for t in self._batch_target(n * H))
         have = self.ragged_index[layer] = (key, list(tokens), torch.cat([v.slots for v in views]).long(), seq, rel,
                                            *out)
         return have

@@ -506,8 +506,7 @@ class Runtime:
             view = dec.view(r, t, t.pages(r))
             if view.lower or view.host_attend is not None or view.first != t.first[r]:
                 continue
-            if self.ring.pending or self.ring.inflight:
-                self.ring.forget(r)  # loads an earlier step queued for this row
+            self.ring.forget(r)  # loads an earlier step queued for this row
             served.append(b)
             views.append(view)
             tails.append(self._tail(r)[0])
@@ -865,8 +864,7 @@ class Runtime:
             if view.lower or view.first > first:
                 view = None
         if view is not None:
-            if self.ring.pending or self.ring.inflight:
-                self.ring.forget(layer)  # loads an earlier step queued for this layer
+            self.ring.forget(layer)  # loads an earlier step queued for this layer
             out = self._decode_on_device(layer, view, query, n, first, off, scaling, softcap)
         else:
             out = self._decode_streaming(layer, query, n, first, off, scaling, softcap)
