@@ -165,6 +165,7 @@ class DeviceDecode:
         # `exact_batch`'s and `exact_ragged`'s gather indices per layer of the model
         self.batch_index: dict[int, tuple] = {}
         self.ragged_index: dict[int, tuple] = {}
+        self.append_index: dict[int, tuple] = {}  # `append_batch`'s
         if self.cache is not None:
             self.cache.resize(layers)
 
@@ -225,6 +226,7 @@ class DeviceDecode:
         self.views = [None] * self.layers
         self.batch_index.clear()
         self.ragged_index.clear()
+        self.append_index.clear()
         self.use_step.fill_(NONE)
         self.mass.zero_()
         if self.cache is not None:
@@ -251,6 +253,20 @@ class DeviceDecode:
         tokens = (view.count - 1) * self.page_size + valid
         return attend_token(query, k.narrow(2, start, tokens - start), v.narrow(2, start, tokens - start), scaling,
                             softcap)
+
+    def append_batch(self, layer: int, tails: list[int], at: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new tokens of sequences of a batch, k and v [B, H, 1, D], into row `at[b]` of device page `tails[b]`,
+        every head, in one `index_copy_` per K and V (the device pool seen as [slots * H * P, D] rows). The index
+        is made again only when a tail page changes: between, every row moves on by one a step."""
+        H, P, D = self.kv_heads, self.page_size, self.head_dim
+        have = self.append_index.get(layer)
+        if have is None or have[0] != tails or any(a - b != at[0] - have[1][0] for a, b in zip(at, have[1])):
+            index = torch.tensor([(s * H + h) * P + a for s, a in zip(tails, at) for h in range(H)], device=self.device)
+            have = self.append_index[layer] = (list(tails), list(at), index)
+        ahead = at[0] - have[1][0]
+        index = have[2] + ahead if ahead else have[2]
+        self.pool_k.view(-1, D).index_copy_(0, index, k.to(self.pool_k.dtype).reshape(-1, D))
+        self.pool_v.view(-1, D).index_copy_(0, index, v.to(self.pool_v.dtype).reshape(-1, D))
 
     def exact_batch(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor, tokens: int,
                     scaling: float) -> torch.Tensor:
@@ -286,13 +302,8 @@ class DeviceDecode:
         `tokens[b]` (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is
         padded: the gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No
         packed pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
-        B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
-        key = (*rows, *((v.version, v.count, v.first) for v in views))
-        have = self.ragged_index.get(layer)
-        ahead = tokens[0] - have[1][0] if have is not None and have[0] == key else -1
-        if ahead < 0 or any(t - b != ahead for t, b in zip(tokens, have[1])):
-            have, ahead = self._ragged_layout(layer, key, views, tokens), 0
-        index, seq, rel, k, v = have[2:]
+        B, H, D = len(views), self.kv_heads, self.head_dim
+        (index, seq, rel, k, v), ahead = self._ragged(layer, rows, views, tokens)
         torch.index_select(self.pool_k, 0, index, out=k)
         torch.index_select(self.pool_v, 0, index, out=v)
         # Every sequence gained `ahead` tokens since the layout was made (one a step): a token is hidden from
@@ -314,10 +325,21 @@ class DeviceDecode:
             self.ragged_index.clear()
         return self.batch_k[:rows], self.batch_v[:rows]
 
-    def _ragged_layout(self, layer: int, key: tuple, views: list[LayerView], tokens: list[int]) -> tuple:
-        """`exact_ragged`'s layout of a layer, made when a row's pages change (page boundaries): the pool slots of
-        every sequence's pages one after another, the sequence of each, each page's token positions less its
-        sequence's `tokens` [N, P], and the gather's targets."""
+    def _ragged(self, layer: int, rows: list[int], views: list[LayerView], tokens: list[int]) -> tuple[tuple, int]:
+        """`exact_ragged`'s layout of a layer for sequences (page table `rows`, their `views`) holding `tokens`,
+        and how many tokens each gained since it was made (one a step). It is made again when a row's pages
+        changed (page boundaries), so between them a step builds nothing."""
+        key = (*rows, *((v.version, v.count, v.first) for v in views))
+        have = self.ragged_index.get(layer)
+        ahead = tokens[0] - have[1][0] if have is not None and have[0] == key else -1
+        if ahead < 0 or any(t - b != ahead for t, b in zip(tokens, have[1])):
+            have = self.ragged_index[layer] = (key, list(tokens), self._ragged_layout(views, tokens))
+            ahead = 0
+        return have[2], ahead
+
+    def _ragged_layout(self, views: list[LayerView], tokens: list[int]) -> tuple:
+        """The pool slots of every sequence's pages one after another, the sequence of each, each page's token
+        positions less its sequence's `tokens` [N, P], and the gather's targets."""
         B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
         counts, firsts, ends = torch.tensor([[v.count for v in views], [v.first for v in views], tokens],
                                             device=self.device)
@@ -327,9 +349,7 @@ class DeviceDecode:
         page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
         rel = page[:, None] * P + torch.arange(P, device=self.device) - ends[seq][:, None]  # [N, P]
         out = tuple(t.view(n, H, P, D) for t in self._batch_target(n * H))
-        have = self.ragged_index[layer] = (key, list(tokens), torch.cat([v.slots for v in views]).long(), seq, rel,
-                                           *out)
-        return have
+        return torch.cat([v.slots for v in views]).long(), seq, rel, *out
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None) -> am.Partial:
@@ -602,6 +622,30 @@ class KernelDecode(DeviceDecode):
                 self._gather_into(view.gather_dst, view.gather_src)
         return self.paged.paged_decode(q.to(self.pool_k.dtype), self.pool_k, self.pool_v, view.attn[skip:], valid,
                                        scaling, softcap, start % self.page_size, workspaces=self.paged_out)
+
+    def exact_batch(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor, tokens: int,
+                    scaling: float) -> torch.Tensor:
+        return self.exact_ragged(layer, rows, views, query, [tokens] * len(views), scaling, None, None)
+
+    def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+        """The batch's step in one launch (`kernels.paged_decode.paged_decode_ragged`, and one merge launch when
+        its pages are split): every sequence over its own pages, device pages read in place and host pages read
+        in place from the pinned host pool, so no workspace row is used whatever the batch holds."""
+        if self.cuda:
+            for r in rows:  # gathers started ahead for these rows: their workspace rows are not read now
+                event, self.ready[r] = self.ready[r], None
+                if event is not None:
+                    self.compute.wait_event(event)
+        pages, ahead = self._ragged(layer, rows, views, tokens)
+        B, D = len(views), self.head_dim
+        q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
+        o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
+                                              pages, ahead, scaling, softcap, window, workspaces=self.paged_out)
+        return o.view(B, 1, query.shape[1], D).to(query.dtype, copy=True)  # (the buffers are the next call's)
+
+    def _ragged_layout(self, views: list[LayerView], tokens: list[int]):
+        return self.paged.ragged_pages([v.slots for v in views], [v.first for v in views], tokens, self.page_size)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,

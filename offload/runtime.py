@@ -494,7 +494,7 @@ class Runtime:
         per sequence (`DeviceDecode.exact_ragged`). Returns the sequences served, in order, and their output
         [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t = self.decoder, self.batch, self.page_size, self.table
-        if (not self.batch_step or self.sparse or type(dec) is not DeviceDecode or dec.codec is not None
+        if (not self.batch_step or self.sparse or type(dec) not in (DeviceDecode, KernelDecode) or dec.codec is not None
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
         served, views, tails, ns = [], [], [], []
@@ -516,12 +516,7 @@ class Runtime:
         if len(served) < B:  # the others run alone
             pick = torch.tensor(served, device=self.device)
             query, key, value = query.index_select(0, pick), key.index_select(0, pick), value.index_select(0, pick)
-        # The new tokens, one per sequence, into row n % P of their tail pages, every head: rows of the pool seen
-        # as [slots * H * P, D].
-        H, D = self.kv_heads, self.head_dim
-        at = torch.tensor([(s * H + h) * P + n % P for s, n in zip(tails, ns) for h in range(H)], device=self.device)
-        self.device_tier.k.view(-1, D).index_copy_(0, at, key.reshape(-1, D))
-        self.device_tier.v.view(-1, D).index_copy_(0, at, value.reshape(-1, D))
+        dec.append_batch(layer, tails, [n % P for n in ns], key, value)
         t0 = time.perf_counter()
         for b, view, n in zip(served, views, ns):
             t.tokens[layer * B + b] = n + 1

@@ -46,15 +46,16 @@ def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
                           **{"eos_token_id": None, **kwargs})
 
 
-def least_device(model, batch: int, **options) -> int:
+def least_device(model, batch: int, kernels: bool = False, **options) -> int:
     """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
-    pages more, with `options` (a disk tier divides the workspace into more parts, rounded down)."""
+    pages more, with `options` (a disk tier divides the workspace into more parts, rounded down), for the Triton
+    kernels' workspace with `kernels`."""
     layers, pb = model.config.num_hidden_layers, page_bytes(model)
     max_pages = -(-model.config.max_position_embeddings // PAGE)
-    for pages in range(layers * batch, 4 * layers * batch + 32):
+    for pages in range(layers * batch, 4 * layers * batch + 4 * max_pages + 32):
         config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0, **options)
         try:
-            plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"))
+            plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"), kernels=kernels)
         except ValueError:
             continue
         if plan.device_cache_pages >= layers * batch + 2:
@@ -332,23 +333,32 @@ def _step_counts(model, opts: dict, lengths: list[int]) -> tuple[int, int, int, 
     return ops, base.ops, reads, base.reads
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["pools", "kernels"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["equal", "ragged"])
-def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged):
+def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged, kernels, monkeypatch):
     """On the unified pool (the CPU), a decode step appends, gathers and attends for the whole batch at once,
-    whether the sequences hold equal or different numbers of tokens: the ops it adds to DynamicCache's per layer do
-    not grow with the batch, and it reads no more on the host than DynamicCache's step (whose mask builder reads
-    the padding mask once a forward, as the runtime's does; its layers read nothing)."""
+    whether the sequences hold equal or different numbers of tokens; with the Triton kernels (CUDA; here Triton's
+    interpreter, a launch counting as one op) it appends and attends in one launch. The ops it adds to
+    DynamicCache's per layer do not grow with the batch, and it reads no more on the host than DynamicCache's step
+    (whose mask builder reads the padding mask once a forward, as the runtime's does; its layers read nothing)."""
+    if kernels:
+        pytest.importorskip("triton")
+        from offload import runtime as runtime_module
+
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
     model = tiny("llama")
     layers = model.config.num_hidden_layers
     extra = {}
-    for batch in (2, 4, 8):
+    sizes = (2, 4) if kernels else (2, 4, 8)  # (the interpreter runs a launch's programs one by one)
+    for batch in sizes:
         lengths = [60, 45, 30, 52, 61, 37, 44, 58][:batch] if ragged else [60] * batch
-        opts = {"page_size": PAGE, "device_budget": least_device(model, batch) + 16 * page_bytes(model),
+        room = 0 if kernels else 16  # (the kernels' workspace takes what the device tier does not need)
+        opts = {"page_size": PAGE, "device_budget": least_device(model, batch, kernels) + room * page_bytes(model),
                 "host_budget": "1MiB"}
         ops, base, reads, base_reads = _step_counts(model, opts, lengths)
         extra[batch] = (ops - base) / layers
         assert reads <= base_reads, (batch, reads, base_reads)
-    assert extra[2] == extra[4] == extra[8] and extra[2] <= 40, extra
+    assert len(set(extra.values())) == 1 and extra[2] <= (15 if kernels else 40), extra
 
 
 def test_segment_attention_equals_each_sequence_alone():
@@ -396,13 +406,49 @@ def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, mon
     for b in range(len(LENGTHS)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
     assert any(windowed) == (arch != "llama")
-    # Decode step s appends token n + s of each sequence of n prompt tokens; it opens a page where that is a
-    # multiple of the page size, and a window of W releases one where n + s + 2 - W is.
-    window = getattr(model.config, "sliding_window", None) or 0
-    served = [[sum(1 for n in LENGTHS if (n + s) % PAGE != 0 and not (
-        w and n + s + 2 - window > 0 and (n + s + 2 - window) % PAGE == 0)) for w in windowed] for s in range(NEW - 1)]
-    assert calls == [k for step in served for k in step if k]
+    assert calls == served_per_layer(model, windowed, LENGTHS, NEW)
     assert min(calls) < len(LENGTHS) and max(calls) == len(LENGTHS)  # some steps batch only some sequences
+
+
+def served_per_layer(model, windowed: list[bool], lengths: list[int], new: int) -> list[int]:
+    """How many sequences of prompts of `lengths` the batch's one step serves at each decode step and layer
+    (`windowed`: per layer, a sliding window), where it serves any. Decode step s appends token n + s of each
+    sequence of n prompt tokens; it opens a page where that is a multiple of the page size, and a window of W
+    releases one where n + s + 2 - W is."""
+    window = getattr(model.config, "sliding_window", None) or 0
+    served = [[sum(1 for n in lengths if (n + s) % PAGE != 0 and not (
+        w and n + s + 2 - window > 0 and (n + s + 2 - window) % PAGE == 0)) for w in windowed] for s in range(new - 1)]
+    return [k for step in served for k in step if k]
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, monkeypatch):
+    """The Triton kernels' step (CUDA; here Triton's interpreter): the sequences that take the plain step attend in
+    one launch over each one's own pages, device pages and host pages read in place (with sliding windows and
+    soft-capping), the others alone, and the tokens are DynamicCache's."""
+    pytest.importorskip("triton")
+    from offload import runtime as runtime_module
+    from offload.decode import KernelDecode
+
+    model, new = tiny(arch), 10
+    ids, mask = padded_batch()
+    expected = generate(model, ids, mask, new)
+    calls = []
+    ragged = KernelDecode.exact_ragged
+    monkeypatch.setattr(KernelDecode, "exact_ragged", lambda self, *a: calls.append(len(a[1])) or ragged(self, *a))
+    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+    with offload(model, page_size=PAGE, device_budget=least_device(model, 4, kernels=True) + 4 * page_bytes(model),
+                 host_budget="1MiB") as rt:
+        assert isinstance(rt.decoder, KernelDecode)
+        got = generate(model, ids, mask, new)
+        assert rt.stats()["peak_resident_bytes"]["host"] > 0
+        rt.table.check_invariants()
+        windowed = [w is not None for w in rt.windows[::len(LENGTHS)]]
+    for b in range(len(LENGTHS)):
+        assert torch.equal(got[b], expected[b]), f"sequence {b}"
+    assert calls == served_per_layer(model, windowed, LENGTHS, new)
+    assert max(calls) == len(LENGTHS)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

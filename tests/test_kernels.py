@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from offload import attention_math as am
-from offload.kernels import paged_decode, paged_decode_reference
+from offload.kernels import paged_decode, paged_decode_ragged, paged_decode_reference
 from offload.kernels.gather import gather_blocks
-from offload.kernels.paged_decode import paged_decode_static, paged_decode_workspace, static_splits
+from offload.kernels.paged_decode import (paged_decode_ragged_reference, paged_decode_static, paged_decode_workspace,
+                                          ragged_pages, static_splits)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.kernels
@@ -108,6 +109,64 @@ def test_merges_with_another_partial():
     merged = am.merge([head, tail])
     want, _ = _dense(q, k_pool, v_pool, slots, 2, scaling, None, 0)
     torch.testing.assert_close(merged.cpu(), want.cpu(), atol=2e-5, rtol=2e-5)
+
+
+# (kv_heads, G, D, P, dtype, softcap, window, pages_per_split)
+RAGGED = [
+    (2, 2, 16, 4, torch.float32, None, None, None),  # one split a sequence (B*H programs fill the grid)
+    (1, 3, 16, 4, torch.float32, 20.0, 6, 2),         # soft-cap, a window starting inside the first page, splits
+    (2, 2, 32, 16, torch.bfloat16, None, 21, 1),      # pages of 16: the tl.dot path, one page a split
+]
+
+
+@pytest.mark.parametrize("kv_heads,g,d,p,dtype,softcap,window,pps", RAGGED)
+def test_ragged_batch_matches_each_sequence_alone(kv_heads, g, d, p, dtype, softcap, window, pps):
+    """A batch of sequences of different lengths, each over its own pages, some in the device pool and some read in
+    place from the host pool, in one launch: each sequence's result is the reference's over its own pages, as the
+    layout stays valid while every sequence gains tokens in its tail page (`ahead`) and a window moves on."""
+    gen = torch.Generator().manual_seed(7)
+    split, host_slots = 9, 8
+    k_pool, v_pool = (torch.randn(split + 2, kv_heads, p, d, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    host_k, host_v = (torch.randn(host_slots, kv_heads, p, d, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    # Unified slots (>= split: host), first held page and tokens of each sequence; the tails have room to grow.
+    seqs = [([3, 12, 0], 0, 2 * p + 1), ([10], 0, 1), ([5, 15, 1, 9, 14], 1, 6 * p - 3), ([2, 7], 0, p + 2)]
+    q = torch.randn(len(seqs), kv_heads, g, d, generator=gen).to(DEVICE)
+    pages = ragged_pages([torch.tensor(s, dtype=torch.int32, device=DEVICE) for s, _, _ in seqs],
+                         [f for _, f, _ in seqs], [t for _, _, t in seqs], p)
+    assert pages.most == 5
+    scaling = 1 / math.sqrt(d)
+    for ahead in (0, 1, 2):
+        got = paged_decode_ragged(q, k_pool, v_pool, host_k, host_v, split, pages, ahead, scaling, softcap, window,
+                                  pages_per_split=pps)
+        assert got[0].shape == (len(seqs), kv_heads, g, d) and got[1].shape == (len(seqs), kv_heads, g)
+        want = paged_decode_ragged_reference(q, k_pool, v_pool, host_k, host_v, split, pages, ahead, scaling,
+                                             softcap, window)
+        _close(got, want, TOL[dtype])
+        # ... and the reference is plain attention over each sequence's visible tokens.
+        for b, (slots, first, tokens) in enumerate(seqs):
+            end = tokens + ahead
+            lo = max(first * p, end - window) if window else first * p
+            pool_k = torch.cat([k_pool[:split], host_k])  # unified slots index this directly
+            pool_v = torch.cat([v_pool[:split], host_v])
+            flat = lambda pool: pool[torch.tensor(slots)].permute(1, 0, 2, 3).reshape(kv_heads, -1, d)  # noqa: E731
+            keys = slice(lo - first * p, end - first * p)
+            dense = am.dense_partial(q[b].float(), flat(pool_k)[:, keys].float(), flat(pool_v)[:, keys].float(),
+                                     scaling, softcap=softcap)
+            _close((got[0][b], got[1][b]), dense, TOL[dtype])
+
+
+def test_ragged_batch_sequence_seeing_nothing_is_an_empty_partial():
+    """A sequence whose tokens are all hidden (its window has not reached them) weighs nothing, and the others are
+    unaffected."""
+    gen = torch.Generator().manual_seed(8)
+    k_pool, v_pool = (torch.randn(4, 1, 4, 16, generator=gen).to(DEVICE) for _ in range(2))
+    empty = k_pool[:0]
+    q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+    pages = ragged_pages([torch.tensor([1], dtype=torch.int32, device=DEVICE),
+                          torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)], [0, 0], [0, 6], 4)
+    o, lse = paged_decode_ragged(q, k_pool, v_pool, empty, empty, 4, pages, 0, 0.25)
+    assert torch.equal(o[0].cpu(), torch.zeros(1, 2, 16)) and bool(torch.isinf(lse[0]).all())
+    _close((o[1], lse[1]), paged_decode_reference(q[1], k_pool, v_pool, pages.slots[1:], 2, 0.25), 2e-5)
 
 
 def test_rejects_bad_arguments():

@@ -9,6 +9,43 @@ import triton.language as tl
 from offload.kernels.launch import launch as run
 
 
+@triton.jit
+def _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr):
+    """One page of an online softmax: queries q [BG, D] over keys k and values v [P, D] (float32), keys where
+    `seen` [P] is False hidden. Returns the running (max, sum, accumulator) updated."""
+    if USE_DOT:
+        # float32 "ieee" dots: exact float32 products, and no [BG, P, D] temporary held in registers.
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [BG, P]
+    else:
+        # Pages under 16 tokens, too small for tl.dot: a broadcast product.
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BG, P]
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf or 0).
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    s = tl.where(seen[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BG]
+    # A page with nothing seen leaves m at -inf: shift by 0 instead so exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])  # [BG, P]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_partial(o_ptr, lse_ptr, row, acc, m_i, l_i, offs_d, g_ok, D: tl.constexpr):
+    """Writes a program's partial (o normalized, lse) into `row` [BG] of o_ptr [rows, D] and lse_ptr [rows]. A row
+    that saw nothing (or an empty split) gets (o = 0, lse = -inf), which weighs nothing in the merge."""
+    o = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
+    lse = m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38))  # l = 0 only where m = -inf
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_ok[:, None])
+    tl.store(lse_ptr + row, lse, mask=g_ok)
+
+
 @triton.jit(do_not_specialize=["n_arg", "valid_arg", "start_arg"])
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, meta_ptr, n_arg, valid_arg, start_arg, o_ptr, lse_ptr,
@@ -54,34 +91,56 @@ def _split_kernel(
                     + offs_d[None, :]).to(tl.float32)  # [P, D]
         v = tl.load(v_ptr + slot * stride_vs + h * stride_vh + offs_p[:, None] * stride_vp
                     + offs_d[None, :]).to(tl.float32)  # [P, D]
-        if USE_DOT:
-            # float32 "ieee" dots: exact float32 products, and no [BG, P, D] temporary held in registers.
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [BG, P]
-        else:
-            # Pages under 16 tokens, too small for tl.dot: a broadcast product.
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BG, P]
-        if HAS_SOFTCAP:
-            # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf or 0).
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         seen = ((i != n - 1) | (offs_p < valid_last)) & ((i != 0) | (offs_p >= start))  # [P]
-        s = tl.where(seen[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BG]
-        # A page with nothing seen leaves m at -inf: shift by 0 instead so exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])  # [BG, P]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i, l_i, acc = _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, USE_DOT)
+    _store_partial(o_ptr, lse_ptr, (split * H + h) * G + offs_g, acc, m_i, l_i, offs_d, g_ok, D)
+
+
+@triton.jit(do_not_specialize=["ahead", "window"])
+def _ragged_split_kernel(
+    q_ptr, k_ptr, v_ptr, hk_ptr, hv_ptr, slots_ptr, begin_ptr, count_ptr, shift_ptr, ahead, window, o_ptr, lse_ptr,
+    split, stride_qh, stride_qg, stride_s, stride_h, stride_p, pages_per_split, scaling, softcap, G, H,
+    BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """One (sequence b, KV head h, split): online softmax over pages [split*pps, min((split+1)*pps, count[b])) of
+    sequence b, whose unified slots are slots[begin[b]:begin[b] + count[b]] (s < `split`: device pool slot s, else
+    host pool slot s - split, read in place). Token t of its page i is seen where rel = i*P + t + shift[b] is
+    below `ahead` and, with a window, at least `ahead - window`. Writes the partial into row (split, b*H + h) of
+    o_ptr [splits, B*H, G, D], lse_ptr [splits, B*H, G]."""
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    begin = tl.load(begin_ptr + b)
+    n = tl.load(count_ptr + b)
+    shift = tl.load(shift_ptr + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, P)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + bh * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :], mask=g_ok[:, None],
+                other=0.0).to(tl.float32)  # [BG, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    within = h * stride_h + offs_p[:, None] * stride_p + offs_d[None, :]  # [P, D]: a head of a page
+    lo = part * pages_per_split
+    hi = tl.minimum(lo + pages_per_split, n)
+    for i in range(lo, hi):
+        slot = tl.load(slots_ptr + begin + i).to(tl.int64)
+        if slot < split:
+            k = tl.load(k_ptr + slot * stride_s + within).to(tl.float32)
+            v = tl.load(v_ptr + slot * stride_s + within).to(tl.float32)
         else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
-    # A row that saw nothing (or an empty split) gets (o = 0, lse = -inf), which weighs nothing in the merge.
-    o = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
-    lse = m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38))  # l = 0 only where m = -inf
-    row = (split * H + h) * G + offs_g
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_ok[:, None])
-    tl.store(lse_ptr + row, lse, mask=g_ok)
+            k = tl.load(hk_ptr + (slot - split) * stride_s + within).to(tl.float32)
+            v = tl.load(hv_ptr + (slot - split) * stride_s + within).to(tl.float32)
+        rel = i * P + offs_p + shift
+        seen = rel < ahead
+        if HAS_WINDOW:
+            seen = seen & (rel >= ahead - window)
+        m_i, l_i, acc = _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, USE_DOT)
+    _store_partial(o_ptr, lse_ptr, (part * tl.num_programs(0) + bh) * G + offs_g, acc, m_i, l_i, offs_d, g_ok, D)
 
 
 @triton.jit
@@ -109,10 +168,7 @@ def _merge_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]
-    row = h * G + offs_g
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None])
-    tl.store(lse_ptr + row, m_i + tl.log(tl.maximum(l_i, 1.1754943508222875e-38)), mask=g_ok)
+    _store_partial(o_ptr, lse_ptr, h * G + offs_g, acc, m_i, l_i, offs_d, g_ok, D)
 
 
 def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
@@ -143,3 +199,29 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     )
     if splits > 1:
         run(_merge_kernel, (h,), q.device, po, plse, o, lse, splits, g, h, BLOCK_G=block_g, D=d)
+
+
+def launch_ragged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, host_k: torch.Tensor,
+                  host_v: torch.Tensor, split: int, slots: torch.Tensor, begin: torch.Tensor, count: torch.Tensor,
+                  shift: torch.Tensor, ahead: int, window: int | None, scaling: float, softcap: float | None,
+                  pages_per_split: int, o: torch.Tensor, lse: torch.Tensor, po: torch.Tensor,
+                  plse: torch.Tensor) -> None:
+    """Arguments already checked by `paged_decode_ragged`: q [B*H, G, D]; writes (o [B*H, G, D], lse [B*H, G])
+    through the split buffers po [splits, B*H, G, D], plse [splits, B*H, G] (views of o and lse when splits == 1),
+    the merge being `_merge_kernel`'s over B*H rows."""
+    bh, g, d = q.shape
+    h = k_pool.shape[1]
+    page_size = k_pool.shape[2]
+    splits = po.shape[0]
+    block_g = triton.next_power_of_2(g)
+    use_dot = page_size >= 16
+    run(
+        _ragged_split_kernel, (bh, splits), q.device, q, k_pool, v_pool, host_k, host_v, slots, begin, count, shift,
+        int(ahead), int(window or 0), po, plse, split, q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), pages_per_split, float(scaling), float(softcap or 1.0),
+        g, h,
+        BLOCK_G=max(block_g, 16) if use_dot else block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None,
+        USE_DOT=use_dot, HAS_WINDOW=window is not None,
+    )
+    if splits > 1:
+        run(_merge_kernel, (bh,), q.device, po, plse, o, lse, splits, g, bh, BLOCK_G=block_g, D=d)
