@@ -311,6 +311,14 @@ def test_left_padding_reads_each_rows_padding():
 
 
 
+def interpreted() -> None:
+    """Skips unless the Triton kernels can run here on the CPU models, under Triton's interpreter (set by conftest.py
+    where there is no CUDA device; tests/test_gpu.py runs the kernels' batch on CUDA)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("Triton's interpreter runs where there is no CUDA device")
+
+
 def _step_counts(model, opts: dict, lengths: list[int]) -> tuple[int, int, int, int]:
     """(aten ops of the offloaded step, of DynamicCache's, host reads of the offloaded step, of DynamicCache's) of
     the second decode step of left-padded prompts of `lengths` tokens (the first builds what the steps to the next
@@ -342,7 +350,7 @@ def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragg
     DynamicCache's per layer do not grow with the batch, and it reads no more on the host than DynamicCache's step
     (whose mask builder reads the padding mask once a forward, as the runtime's does; its layers read nothing)."""
     if kernels:
-        pytest.importorskip("triton")
+        interpreted()
         from offload import runtime as runtime_module
 
         monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
@@ -427,7 +435,7 @@ def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, m
     """The Triton kernels' step (CUDA; here Triton's interpreter): the sequences that take the plain step attend in
     one launch over each one's own pages, device pages and host pages read in place (with sliding windows and
     soft-capping), the others alone, and the tokens are DynamicCache's."""
-    pytest.importorskip("triton")
+    interpreted()
     from offload import runtime as runtime_module
     from offload.decode import KernelDecode
 

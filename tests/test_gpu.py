@@ -127,6 +127,40 @@ def test_kernel_decode_over_device_and_pinned_host_gives_the_same_tokens(dtype: 
         assert torch.equal(got[:, :310], plain[:, :310])
 
 
+def test_a_ragged_batch_on_the_kernels_gives_dynamic_caches_tokens() -> None:
+    """A batch of left-padded prompts of different lengths on CUDA: the sequences taking the plain step attend in
+    one launch, device pages in place and host pages read in place from the pinned host pool; the greedy tokens are
+    DynamicCache's, sequence by sequence."""
+    from transformers import DynamicCache
+
+    from offload.decode import KernelDecode
+
+    model = _model()
+    lengths = [300, 170, 45, 233]
+    ids = torch.zeros((4, max(lengths)), dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, ids.shape[1] - n:] = torch.randint(3, 256, (n,), device="cuda")
+        mask[b, ids.shape[1] - n:] = 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+    pb = _page_bytes(model, 16)
+    kv = 3 * (sum(-(-(n + 24) // 16) for n in lengths)) * pb
+    calls = []
+    with offload(model, page_size=16, device_budget=int(0.3 * kv) + 16 * pb, host_budget=kv) as rt:
+        assert isinstance(rt.decoder, KernelDecode)
+        ragged = rt.decoder.exact_ragged
+        rt.decoder.exact_ragged = lambda *a: calls.append(len(a[1])) or ragged(*a)
+        with torch.no_grad():
+            got = model.generate(ids, **kwargs)
+        stats = rt.stats()
+    assert stats["peak_resident_bytes"]["host"] > 0
+    assert max(calls) == len(lengths)
+    for b in range(len(lengths)):
+        assert torch.equal(got[b], plain[b]), f"sequence {b}"
+
+
 @pytest.mark.parametrize("disk", [False, True])
 def test_packed_host_pages_on_cuda_give_the_tokens_of_the_cpu(tmp_path, disk: bool) -> None:
     """kv_quant on CUDA: pages packed on the GPU on their way down, unpacked by the dequantizing gathers on their way
