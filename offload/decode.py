@@ -377,6 +377,65 @@ class DeviceDecode:
         return attend_token(query, k.narrow(2, plan.cut, tokens - plan.cut), v.narrow(2, plan.cut, tokens - plan.cut),
                             scaling, softcap)
 
+    def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
+                     forced: list[list[int]], selection, step: int, scaling: float,
+                     softcap: float | None) -> torch.Tensor:
+        """`sparse` for sequences of a batch (page table `rows`, their `views` and `sparse.BlockPlan`s, the fixed
+        blocks of each) in one pass: one scoring of every sequence's candidate blocks (`selection.scores_batch`),
+        one top-k, one gather of each head's blocks, and one attention pass with the softmax reduced per sequence
+        (`attention_math.segment_attention`). Sequences choose different numbers of blocks: each one's list is laid
+        out as [fixed, padded to the most fixed | top-k, to the most chosen | tail page's blocks], the padding
+        reading the tail's first block, hidden. Host work: a few lists of the plans' integers. query
+        [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        B, H, Hq, D = len(views), self.kv_heads, self.q_heads, self.head_dim
+        R, Bk, C, dev = self.per_page, self.block, self.choosers, self.device
+        frees = [max(p.k_blocks - len(f), 0) for p, f in zip(plans, forced)]
+        NF, F, NB = max(len(f) for f in forced), max(frees), max(p.nb for p in plans)
+        E = NF + F + R  # blocks per sequence and chooser
+        bases = [0]
+        for v in views[:-1]:
+            bases.append(bases[-1] + v.blockrow.shape[0])
+        meta = torch.tensor([[p.fb for p in plans], [p.nb for p in plans], [len(f) for f in forced], frees,
+                             [p.valid for p in plans], [p.cut for p in plans], [p.last * R for p in plans], bases,
+                             rows], device=dev)
+        fb, nb, nf, free, valid, cut, tail, base, row = meta[:, :, None]  # each [B, 1]
+        fixed = torch.tensor([f + [p.last * R] * (NF - len(f)) for p, f in zip(plans, forced)], dtype=torch.long,
+                             device=dev).view(B, NF)
+        # The chosen blocks per sequence and chooser: fixed, top-k, tail.
+        parts = [fixed[:, :, None].expand(B, NF, C)]
+        q = query.reshape(B, H, Hq // H, D)
+        if F:
+            scores, cand, pad = selection.scores_batch(rows, q.float(), fb[:, 0], nb[:, 0], NB, scaling)
+            if self.keep_mass:
+                self.mass.view(-1, C).index_add_(0, cand.view(-1), scores.view(-1, C))
+            bias = torch.where(pad, float("-inf"), 0.0)
+            at = [b * NB + i - p.fb for b, (p, f) in enumerate(zip(plans, forced)) for i in f]
+            if at:
+                bias.view(-1).index_fill_(0, torch.tensor(at, device=dev), float("-inf"))
+            top = torch.topk(scores + bias[:, :, None], F, dim=1).indices + fb[:, :, None]  # [B, F, C]
+            extra = torch.arange(F, device=dev)[None, :, None] >= free[:, :, None]  # beyond a sequence's own
+            parts.append(torch.where(extra, tail[:, :, None], top))
+        parts.append((tail + torch.arange(R, device=dev))[:, :, None].expand(B, R, C))
+        blocks = torch.cat(parts, dim=1)  # [B, E, C]
+        self.use_step.view(-1).index_fill_(0, (row[:, :, None] * self.use_step.shape[1] + blocks).view(-1), step)
+        # Each gathered head's unified block ids, through the views' block rows laid one after another.
+        at = (blocks + base[:, :, None]).view(B * E, C)
+        table = torch.cat([v.blockrow for v in views])
+        ids = table.index_select(0, at.view(-1)) if C == 1 else table.gather(0, at)  # [B * E, heads]
+        self.count_reads(ids)
+        k = self.flat[0].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
+        v = self.flat[1].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
+        # Hidden: padding entries, the tail's rows from `valid` on, and the first block's tokens before `cut`.
+        e = torch.arange(E, device=dev)[None, :, None]
+        t = torch.arange(Bk, device=dev)[None, None, :]
+        hidden = ((e < NF) & (e >= nf[:, :, None])) | ((e >= NF) & (e < NF + F) & (e - NF >= free[:, :, None]))
+        hidden = hidden | ((e >= NF + F) & ((e - NF - F) * Bk + t >= valid[:, :, None]))
+        hidden = hidden | ((e == 0) & (t < cut[:, :, None]))  # [B, E, Bk]
+        seq = torch.arange(B, device=dev).repeat_interleave(E)
+        qh = q if self.heads == H else query.reshape(B, Hq, 1, D)
+        out = am.segment_attention(qh, k, v, seq, scaling, softcap, hidden.view(B * E, Bk))
+        return out.to(query.dtype).view(B, 1, Hq, D)
+
     def choose(self, layer: int, view: LayerView, fb: int, scores: torch.Tensor, forced: torch.Tensor,
                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
         """Blocks to attend per chooser (int64 [count, choosers] on the device: the fixed ones first, the tail's

@@ -486,18 +486,21 @@ class Runtime:
     def _decode_batch(self, layer: int, query, key, value, scaling: float, window: int | None,
                       softcap: float | None) -> tuple[list[int], torch.Tensor | None]:
         """A decode step of layer `layer` for the sequences of the batch that take the plain step, all at once: one
-        append, one gather and one attention call. The plain step is exact attention over the unified pool (the
-        CPU) with no packed pages; a sequence takes it unless it has finished, opens or (by its window) releases a
-        page in this step, or has pages on disk or pages the host attends. Sequences of equal length with no
-        window or soft-cap (equal prompts, returned sequences, beams) attend in one unmasked SDPA call
-        (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their own pages with the softmax reduced
-        per sequence (`DeviceDecode.exact_ragged`). Returns the sequences served, in order, and their output
-        [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
-        dec, B, P, t = self.decoder, self.batch, self.page_size, self.table
-        if (not self.batch_step or self.sparse or type(dec) not in (DeviceDecode, KernelDecode) or dec.codec is not None
+        append, one gather and one attention call. The plain step is attention over the pools (the CPU's unified
+        pool, or the CUDA kernels' device and pinned host pools) with no packed pages; a sequence takes it unless it
+        has finished, opens or (by its window) releases a page in this step, or has pages on disk or pages the host
+        attends. Exact steps: sequences of equal length with no window or soft-cap (equal prompts, returned
+        sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or
+        windowed, over their own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`). Sparse
+        steps (on the unified pool, with no block cache and a selection policy with no state per row) choose each
+        sequence's blocks and attend over them in one pass (`DeviceDecode.sparse_batch`). Returns the sequences
+        served, in order, and their output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
+        dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
+        if (not self.batch_step or type(dec) not in (DeviceDecode, KernelDecode) or dec.codec is not None
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
-        served, views, tails, ns = [], [], [], []
+        choose = self.sparse and type(dec) is DeviceDecode and dec.cache is None and sel.batchable()
+        exact, sparse = [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]
             # n % P == 0: a page opens, and the boundary's work runs alone.
@@ -506,26 +509,52 @@ class Runtime:
             view = dec.view(r, t, t.pages(r))
             if view.lower or view.host_attend is not None or view.first != t.first[r]:
                 continue
-            self.ring.forget(r)  # loads an earlier step queued for this row
-            served.append(b)
-            views.append(view)
-            tails.append(self._tail(r)[0])
-            ns.append(n)
+            plan = sel.budget(r, n + 1) if self.sparse else None
+            if plan is not None and (not choose or (view.host and self._host_share(r, view.host,
+                                                                                     view.count - view.host))):
+                continue
+            (exact if plan is None else sparse).append((b, view, n, plan))
+        served = sorted(b for b, *_ in exact + sparse)
         if not served:
             return [], None
+        picked = [b for b, *_ in exact + sparse]
         if len(served) < B:  # the others run alone
             pick = torch.tensor(served, device=self.device)
             query, key, value = query.index_select(0, pick), key.index_select(0, pick), value.index_select(0, pick)
-        dec.append_batch(layer, tails, [n % P for n in ns], key, value)
-        t0 = time.perf_counter()
-        for b, view, n in zip(served, views, ns):
-            t.tokens[layer * B + b] = n + 1
-            self._count_exact_step(layer * B + b, view, t0)
-        rows = [layer * B + b for b in served]
-        if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first:
-            out = dec.exact_batch(layer, rows, views, query, ns[0] + 1, scaling)
-        else:
-            out = dec.exact_ragged(layer, rows, views, query, [n + 1 for n in ns], scaling, softcap, window)
+        ns = {b: n for b, _, n, _ in exact + sparse}
+        dec.append_batch(layer, [self._tail(layer * B + b)[0] for b in served], [ns[b] % P for b in served], key,
+                         value)
+        for b in served:
+            self.ring.forget(layer * B + b)  # loads an earlier step queued for this row
+            t.tokens[layer * B + b] = ns[b] + 1
+        outs = []
+        if exact:
+            t0 = time.perf_counter()
+            for b, view, n, _ in exact:
+                self._count_exact_step(layer * B + b, view, t0)
+            q = query if not sparse else query.index_select(0, torch.tensor([served.index(b) for b, *_ in exact],
+                                                                            device=self.device))
+            rows, views = [layer * B + b for b, *_ in exact], [v for _, v, _, _ in exact]
+            if window is None and softcap is None and len({n for *_, n, _ in exact}) == 1 and not views[0].first:
+                outs.append(dec.exact_batch(layer, rows, views, q, exact[0][2] + 1, scaling))
+            else:
+                outs.append(dec.exact_ragged(layer, rows, views, q, [n + 1 for *_, n, _ in exact], scaling, softcap,
+                                             window))
+        if sparse:
+            q = query if not exact else query.index_select(0, torch.tensor([served.index(b) for b, *_ in sparse],
+                                                                           device=self.device))
+            plans = [p for *_, p in sparse]
+            forced = [sel.fixed_ids(p) for p in plans]
+            outs.append(dec.sparse_batch([layer * B + b for b, *_ in sparse], [v for _, v, _, _ in sparse], q, plans,
+                                         forced, sel, self.step, scaling, softcap))
+            for (b, _, n, p), f in zip(sparse, forced):
+                chosen = len(f) + max(p.k_blocks - len(f), 0)
+                self.counters["blocks"]["attended"] += chosen * dec.heads
+                first, off = self._window_first(layer * B + b, n + 1)
+                visible = n + 1 - first * P - off
+                self._count_decode(layer * B + b, min(1.0, (chosen * sel.block + p.valid) / visible))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(
+            0, torch.tensor([picked.index(b) for b in served], device=self.device))
         self._resident()
         return served, out
 

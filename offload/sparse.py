@@ -23,7 +23,7 @@ from offload.config import OffloadConfig
 from offload.decode import top_blocks
 from offload.models import apply_rotary, decoder_layers, query_before_rotary
 from offload.pagetable import window_start
-from policies import SELECTION, PrefetchContext
+from policies import SELECTION, PrefetchContext, SelectionPolicy
 
 # Added to the score of blocks a policy always keeps (outliers): above any share of attention (at most G).
 KEEP = 1e4
@@ -64,7 +64,7 @@ class SparseSelection:
         self.hooks: list = []
         self.hidden: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
         # Sparse selection's fixed part per (fb, last, sinks, recent start): see `fixed`.
-        self.fixed_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.fixed_cache: dict[tuple[int, int, int, int], list] = {}
         if speculate:
             self._install_speculation()
         self.new_sequence()
@@ -167,6 +167,21 @@ class SparseSelection:
         (block ids [nf, choosers] in position order, and a bias over the candidates that is -inf on them), and how
         many blocks the scores add (the budget's blocks less the fixed ones; none when those take it all).
         Cached: they change at page boundaries and as the tail fills past a block of the recent window."""
+        hit = self._fixed(plan)
+        ids = hit[0]
+        if len(hit) == 1:  # the device tensors, made once
+            bias = torch.zeros(plan.nb, dtype=torch.float32)
+            bias[[b - plan.fb for b in ids]] = float("-inf")
+            forced = torch.tensor(ids, dtype=torch.long, device=self.device)
+            hit += [forced[:, None].expand(len(ids), self.choosers), bias.to(self.device)[:, None]]
+        return hit[1], hit[2], plan.k_blocks - len(ids)
+
+    def fixed_ids(self, plan: BlockPlan) -> list[int]:
+        """`fixed`'s block ids, as Python ints (host work alone, cached with them)."""
+        return self._fixed(plan)[0]
+
+    def _fixed(self, plan: BlockPlan) -> list:
+        """The cache entry of the plan's fixed blocks: [ids], then their tensors once `fixed` made them."""
         B, R = self.block, self.per_page
         end = plan.last * R
         sinks = -(-self.config.sink_tokens // B)
@@ -177,16 +192,10 @@ class SparseSelection:
         key = (plan.fb, plan.last, sinks, lo)
         hit = self.fixed_cache.get(key)
         if hit is None:
-            ids = sorted(set(range(plan.fb, min(plan.fb + sinks, end))) | set(range(lo, end)))
-            bias = torch.zeros(plan.nb, dtype=torch.float32)
-            bias[[b - plan.fb for b in ids]] = float("-inf")
-            forced = torch.tensor(ids, dtype=torch.long, device=self.device)
-            hit = (forced[:, None].expand(len(ids), self.choosers), bias.to(self.device)[:, None], forced)
             if len(self.fixed_cache) > 64:
                 self.fixed_cache.clear()
-            self.fixed_cache[key] = hit
-        forced, bias, ids = hit
-        return forced, bias, plan.k_blocks - ids.shape[0]
+            hit = self.fixed_cache[key] = [sorted(set(range(plan.fb, min(plan.fb + sinks, end))) | set(range(lo, end)))]
+        return hit
 
     def scores(self, layer: int, q: torch.Tensor, plan: BlockPlan, scaling: float,
                guess: bool = False) -> torch.Tensor:
@@ -197,19 +206,7 @@ class SparseSelection:
             q = self.selector.query(layer, q)
         summaries = self.summary_rows[layer].narrow(0, plan.fb, plan.nb)
         share = torch.softmax(self.selector.bound(q, summaries, scaling), dim=0)  # [nb, H, M]
-        if self.mode == "kv":
-            share = share.sum(2)
-        elif self.mode == "shared":
-            share = share.sum((1, 2)).unsqueeze(1)
-        else:
-            share = share.view(plan.nb, -1)
-        keep = self.selector.keep(summaries)  # [nb, H]
-        if keep is not None:
-            if self.mode == "shared":
-                keep = keep.any(1, keepdim=True)
-            elif self.mode == "query":
-                keep = keep.repeat_interleave(self.q_heads // self.kv_heads, dim=1)
-            share = share + keep * KEEP
+        share = self._by_chooser(share, self.selector.keep(summaries))
         if self.history is not None:
             w = self.config.history
             past = self.history_rows[layer].narrow(0, plan.fb, plan.nb)
@@ -218,6 +215,47 @@ class SparseSelection:
             past.mul_(HISTORY_DECAY).add_(share, alpha=1 - HISTORY_DECAY)
             share = torch.lerp(share, past, w)
         return share
+
+    def _by_chooser(self, share: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Shares of attention [..., H, M] per chooser [..., choosers] (summed over the query rows of a KV head, over
+        everything, or one per query head), blocks the policy always keeps (`keep` [..., H]) lifted above all."""
+        if self.mode == "kv":
+            share = share.sum(-1)
+        elif self.mode == "shared":
+            share = share.sum((-2, -1)).unsqueeze(-1)
+        else:
+            share = share.flatten(-2)
+        if keep is not None:
+            if self.mode == "shared":
+                keep = keep.any(-1, keepdim=True)
+            elif self.mode == "query":
+                keep = keep.repeat_interleave(self.q_heads // self.kv_heads, dim=-1)
+            share = share + keep * KEEP
+        return share
+
+    def batchable(self) -> bool:
+        """Whether the steps of several sequences can choose together (`scores_batch`): the policy keeps no state
+        per row between steps, and there is no attention history."""
+        return self.history is None and type(self.selector).query is SelectionPolicy.query
+
+    def scores_batch(self, rows: list[int], q: torch.Tensor, fb: torch.Tensor, nb: torch.Tensor, most: int,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`scores` for sequences of a batch at once: rows `rows` (page table rows), queries q [B, H, M, D]
+        (float32), candidate blocks fb[b]..fb[b]+nb[b]-1 (int64 device tensors [B]), `most` the largest nb. The
+        sequences' heads are scored side by side as the heads of one (a policy's bound and keep are per head).
+        Returns (shares [B, most, choosers], 0 past a sequence's candidates; the candidates' rows in the summaries
+        seen as [rows * max_blocks, ...] [B, most]; the padding, bool [B, most])."""
+        B, H, M, D = q.shape
+        j = torch.arange(most, device=self.device)
+        pad = j >= nb[:, None]
+        rows_t = torch.tensor(rows, device=self.device)
+        cand = rows_t[:, None] * self.max_blocks + fb[:, None] + torch.minimum(j, nb[:, None] - 1)
+        flat = self.summaries.view(-1, *self.summaries.shape[2:])
+        summaries = flat.index_select(0, cand.view(-1)).view(B, most, -1, H, D)
+        bound = self.selector.bound_batch(q, summaries, scaling)  # [B, most, H, M]
+        share = torch.softmax(bound.masked_fill(pad[:, :, None, None], float("-inf")), dim=1)
+        share = self._by_chooser(share, self.selector.keep_batch(summaries)).masked_fill_(pad[:, :, None], 0.0)
+        return share, cand, pad
 
     def choose(self, layer: int, q: torch.Tensor, plan: BlockPlan, scaling: float, guess: bool = False
                ) -> torch.Tensor:

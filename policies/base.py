@@ -85,6 +85,20 @@ class SelectionPolicy(ABC):
         """Bool [n, H]: blocks always chosen whatever the query (outliers), or None for none."""
         return None
 
+    def bound_batch(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`bound` for several sequences at once: queries [B, H, M, D] and each one's summaries [B, n, S, H, D] ->
+        [B, n, H, M]. By default the sequences' heads go side by side as the heads of one sequence, which is right
+        for a policy whose summary vectors each belong to one head; a policy whose vectors mix heads overrides it."""
+        B, n, S, H, D = summaries.shape
+        folded = summaries.permute(1, 2, 0, 3, 4).reshape(n, S, B * H, D)
+        return self.bound(q.reshape(B * H, -1, D), folded, scaling).view(n, B, H, -1).transpose(0, 1)
+
+    def keep_batch(self, summaries: torch.Tensor) -> torch.Tensor | None:
+        """`keep` for several sequences' summaries [B, n, S, H, D] at once -> bool [B, n, H], or None."""
+        B, n, S, H, D = summaries.shape
+        keep = self.keep(summaries.view(B * n, S, H, D))
+        return None if keep is None else keep.view(B, n, H)
+
     def query(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The queries to score `layer`'s blocks with, given this step's q [H, M, D] (float32); a policy may keep
         state per layer (a probe built from recent queries). Same shape as q."""

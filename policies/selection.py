@@ -179,8 +179,8 @@ class SketchSelection(SelectionPolicy):
         return 2 + -(-block * self.bits // (8 * itemsize))
 
     def _tokens(self, summaries: torch.Tensor) -> int:
-        """Tokens the code vectors of `summaries` hold room for (the block's, then padding)."""
-        return (summaries.shape[1] - 2) * summaries.element_size() * 8 // self.bits
+        """Tokens the code vectors of `summaries` [..., S, H, D] hold room for (the block's, then padding)."""
+        return (summaries.shape[-3] - 2) * summaries.element_size() * 8 // self.bits
 
     def summarize(self, k: torch.Tensor) -> torch.Tensor:
         n, h, block, d = k.shape
@@ -204,13 +204,22 @@ class SketchSelection(SelectionPolicy):
         return torch.cat([lo[:, None], hi[:, None], space], dim=1)
 
     def bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
-        n, s, h, d = summaries.shape
+        return self._bound(q, summaries, scaling)
+
+    def bound_batch(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        # The code vectors hold a block's codes token-major over its heads: a sequence's heads stay together.
+        return self._bound(q[:, None, None], summaries, scaling)
+
+    def _bound(self, q: torch.Tensor, summaries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Summaries [..., S, H, D] (any leading dims; blocks last of them) and queries broadcastable to
+        [..., 1, H, M, D] -> [..., H, M]."""
+        *lead, s, h, d = summaries.shape
         tokens = self._tokens(summaries)
         table = sketch_weights(self.bits, summaries.dtype, summaries.device)
-        lo, hi, codes = summaries.split([1, 1, s - 2], dim=1)  # [n, 1, H, D] twice, [n, c, H, D]
-        weights = table[codes.view(torch.uint8).long()].view(n, tokens, h, d)
-        keys = torch.lerp(lo, hi, weights).unsqueeze(3)  # [n, T, H, 1, D]
-        scores = (keys * q).sum(-1)  # [n, T, H, M]
+        lo, hi, codes = summaries.split([1, 1, s - 2], dim=-3)  # [..., 1, H, D] twice, [..., c, H, D]
+        weights = table[codes.view(torch.uint8).long()].view(*lead, tokens, h, d)
+        keys = torch.lerp(lo, hi, weights).unsqueeze(-2)  # [..., T, H, 1, D]
+        scores = (keys * q).sum(-1)  # [..., T, H, M]
         if self.block_weight == "logsumexp":
-            return scores[:, :self.block].mul_(scaling).logsumexp(1)
-        return scores.amax(1).mul_(scaling)  # past the block, repeated keys: the largest score is the block's
+            return scores.narrow(-3, 0, self.block).mul_(scaling).logsumexp(-3)
+        return scores.amax(-3).mul_(scaling)  # past the block, repeated keys: the largest score is the block's

@@ -128,6 +128,45 @@ def test_sparse_batch_selects_per_sequence():
         assert torch.equal(together[b, -NEW:], alone[0, -NEW:]), f"sequence {b}"
 
 
+SPARSE = dict(attention="sparse", token_budget=24, sink_tokens=8, recent_tokens=8, dense_layers=1, select_block=4)
+
+
+@pytest.mark.parametrize("arch,options", [("llama", {}),
+                                          ("mistral", {"selection": "minmax", "head_selection": "query"}),
+                                          ("gemma2", {"selection": "landmark", "head_selection": "shared"})],
+                         ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared"])
+def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, options, monkeypatch):
+    """Sparse attention below the context, KV on the device and the host: the sequences that take the plain step
+    are scored, choose their blocks and attend in one pass, with sliding windows and soft-capping, and each
+    chooses what it chooses when every row runs alone: the same blocks attended, the same blocks read from the
+    host, the same tokens."""
+    from offload.decode import DeviceDecode
+    from offload.runtime import Runtime
+
+    model = tiny(arch)
+    lengths = [137, 70, 112, 95]
+    ids, mask = padded_batch(lengths)
+    calls = []
+    batched = DeviceDecode.sparse_batch
+    monkeypatch.setattr(DeviceDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    opts = {"page_size": PAGE, "device_budget": least_device(model, 4) + 8 * page_bytes(model),
+            "host_budget": "1MiB", **SPARSE, **options}
+    got, blocks = [], []
+    for together in (False, True):
+        monkeypatch.setattr(Runtime, "batch_step", together)
+        with offload(model, **opts) as rt:
+            got.append(generate(model, ids, mask))
+            stats = rt.stats()
+            rt.table.check_invariants()
+        assert stats["attended_fraction"] < 0.9 and stats["resident_bytes"]["host"] > 0
+        blocks.append(stats["blocks"])
+        assert len(calls) > 0 if together else not calls
+    assert blocks[0] == blocks[1] and blocks[0]["from_host"] > 0
+    for b in range(len(lengths)):
+        assert torch.equal(got[1][b], got[0][b]), f"sequence {b}"
+    assert max(calls) == len(lengths) and min(calls) < len(lengths)
+
+
 def test_finished_sequences_release_their_pages(tmp_path: Path):
     model = tiny("llama")
     ids, mask = padded_batch()
@@ -341,14 +380,16 @@ def _step_counts(model, opts: dict, lengths: list[int]) -> tuple[int, int, int, 
     return ops, base.ops, reads, base.reads
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["pools", "kernels"])
+@pytest.mark.parametrize("step", ["pools", "kernels", "sparse"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["equal", "ragged"])
-def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged, kernels, monkeypatch):
+def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged, step, monkeypatch):
     """On the unified pool (the CPU), a decode step appends, gathers and attends for the whole batch at once,
     whether the sequences hold equal or different numbers of tokens; with the Triton kernels (CUDA; here Triton's
-    interpreter, a launch counting as one op) it appends and attends in one launch. The ops it adds to
-    DynamicCache's per layer do not grow with the batch, and it reads no more on the host than DynamicCache's step
-    (whose mask builder reads the padding mask once a forward, as the runtime's does; its layers read nothing)."""
+    interpreter, a launch counting as one op) it appends and attends in one launch; in sparse mode it scores,
+    chooses, gathers and attends every sequence's blocks at once. The ops it adds to DynamicCache's per layer do
+    not grow with the batch, and it reads no more on the host than DynamicCache's step (whose mask builder reads
+    the padding mask once a forward, as the runtime's does; its layers read nothing)."""
+    kernels = step == "kernels"
     if kernels:
         interpreted()
         from offload import runtime as runtime_module
@@ -362,11 +403,11 @@ def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragg
         lengths = [60, 45, 30, 52, 61, 37, 44, 58][:batch] if ragged else [60] * batch
         room = 0 if kernels else 16  # (the kernels' workspace takes what the device tier does not need)
         opts = {"page_size": PAGE, "device_budget": least_device(model, batch, kernels) + room * page_bytes(model),
-                "host_budget": "1MiB"}
+                "host_budget": "1MiB", **(SPARSE if step == "sparse" else {})}
         ops, base, reads, base_reads = _step_counts(model, opts, lengths)
         extra[batch] = (ops - base) / layers
         assert reads <= base_reads, (batch, reads, base_reads)
-    assert len(set(extra.values())) == 1 and extra[2] <= (15 if kernels else 40), extra
+    assert len(set(extra.values())) == 1 and extra[2] <= {"pools": 40, "kernels": 15, "sparse": 120}[step], extra
 
 
 def test_segment_attention_equals_each_sequence_alone():
