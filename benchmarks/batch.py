@@ -7,14 +7,15 @@ per layer a sequence needs), `--host-fraction` on the host, the rest on disk; th
 sequences' budgets.
 
   1. Tokens: greedy generate of the batch inside offload() against the same batch with the model's DynamicCache,
-     row by row.
+     row by row (`--attention sparse`: against the batch with every step row by row, the selection being each
+     sequence's own).
   2. Throughput: decode tokens/s summed over the batch, against the sequences decoded one at a time (each alone in
      its own runtime with its own budget); also the batch with every step row by row (`Runtime.batch_step`
      False), and the machine's own ceiling: DynamicCache with all KV in memory, batched and one at a time. Rounds
      alternate them all.
 
     python benchmarks/batch.py [--lengths 1024,1536,2048,3072] [--steps 16] [--rounds 2]
-                               [--out benchmarks/results/batch-cpu.json]
+                               [--attention exact|sparse] [--out benchmarks/results/batch-cpu.json]
 
 Target (CPU): identical tokens, and the batch at least 2.5x the throughput of batch 1.
 """
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds, each timing the batch and the sequences alone")
     p.add_argument("--device-fraction", type=float, default=0.15)
     p.add_argument("--host-fraction", type=float, default=0.35)
+    p.add_argument("--attention", choices=["exact", "sparse"], default="exact",
+                   help="sparse: the default sparse attention (token_budget 0.1)")
     p.add_argument("--dir", default=None, help="where the disk tiers' directories go (default: the system's)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -130,23 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     total = [n + max(args.steps, args.new_tokens) + 2 for n in lengths]
     each = [budgets(model, n, args) for n in total]
     result = {"model": name, "lengths": lengths, "steps": args.steps, "device_fraction": args.device_fraction,
-              "host_fraction": args.host_fraction, "budgets": each, **provenance("batch.py", argv, started)}
+              "host_fraction": args.host_fraction, "attention": args.attention, "budgets": each,
+              **provenance("batch.py", argv, started)}
 
     with tempfile.TemporaryDirectory(dir=args.dir) as disk, torch.no_grad():
         def options(budget_list: list[dict]) -> dict:
             return {"device_budget": sum(b["device"] for b in budget_list),
-                    "host_budget": sum(b["host"] for b in budget_list), "disk_dir": disk}
+                    "host_budget": sum(b["host"] for b in budget_list), "disk_dir": disk,
+                    "attention": args.attention}
 
         # 1. tokens against DynamicCache on the same batch
         gen = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                    eos_token_id=None)
-        expected = model.generate(ids, **gen)
+        if args.attention == "exact":
+            expected, reference = model.generate(ids, **gen), "DynamicCache"
+        else:
+            with offload(model, **options(each)) as rt:
+                rt.batch_step = False
+                expected, reference = model.generate(ids, **gen), "every step row by row"
         with offload(model, **options(each)) as rt:
             got = model.generate(ids, **gen)
             peak = rt.stats()["peak_resident_bytes"]
         same = [bool(torch.equal(got[b], expected[b])) for b in range(len(lengths))]
-        result["tokens"] = {"identical_per_sequence": same, "peak_resident_bytes": peak}
-        print(f"tokens identical to DynamicCache per sequence: {same}; peak resident {peak}", flush=True)
+        result["tokens"] = {"identical_per_sequence": same, "reference": reference, "peak_resident_bytes": peak}
+        print(f"tokens identical to {reference} per sequence: {same}; peak resident {peak}", flush=True)
 
         # 2. throughput, the batch and the sequences alone alternating
         rounds = []

@@ -3,9 +3,10 @@
 The page table has a row per layer and sequence, ordered as transformers attends them: row l * B + b holds layer l
 of sequence b (B: the batch size). Tiers, budgets and eviction are shared, so eviction ranks every sequence's pages
 together. A row can run the decode step of a single sequence (its own pages, tail page, sparse choice and
-sliding window) with nothing else to know of the batch; the sequences that take the plain exact step in a decode
-step are served by one step for all of them (`Runtime._decode_batch`: `DeviceDecode.exact_batch` for equal lengths,
-`exact_ragged` for any), and the others then run alone.
+sliding window) with nothing else to know of the batch; the sequences that take the plain step in a decode step
+are served by one step for all of them (`Runtime._decode_batch`: `DeviceDecode.exact_batch` for equal lengths,
+`exact_ragged` for any, `sparse_batch` for sparse steps; on CUDA `KernelDecode.exact_ragged`, one launch), and the
+others then run alone.
 
 Prompts of different lengths come left-padded, as transformers' tokenizers and `generate` pad them: sequence b's
 first `pads[b]` positions are padding (zeros in the 2-D attention mask). Padding takes no pages: a row stores only
