@@ -517,7 +517,6 @@ class Runtime:
         served = sorted(b for b, *_ in exact + sparse)
         if not served:
             return [], None
-        picked = [b for b, *_ in exact + sparse]
         if len(served) < B:  # the others run alone
             pick = torch.tensor(served, device=self.device)
             query, key, value = query.index_select(0, pick), key.index_select(0, pick), value.index_select(0, pick)
@@ -527,36 +526,50 @@ class Runtime:
         for b in served:
             self.ring.forget(layer * B + b)  # loads an earlier step queued for this row
             t.tokens[layer * B + b] = ns[b] + 1
+        if exact and sparse:  # (in a layer with both, short sequences whose budget covers what they see)
+            at = {b: i for i, b in enumerate(served)}
+            queries = [query.index_select(0, torch.tensor([at[b] for b, *_ in group], device=self.device))
+                       for group in (exact, sparse)]
+        else:
+            queries = [query, query]
         outs = []
         if exact:
-            t0 = time.perf_counter()
-            for b, view, n, _ in exact:
-                self._count_exact_step(layer * B + b, view, t0)
-            q = query if not sparse else query.index_select(0, torch.tensor([served.index(b) for b, *_ in exact],
-                                                                            device=self.device))
-            rows, views = [layer * B + b for b, *_ in exact], [v for _, v, _, _ in exact]
-            if window is None and softcap is None and len({n for *_, n, _ in exact}) == 1 and not views[0].first:
-                outs.append(dec.exact_batch(layer, rows, views, q, exact[0][2] + 1, scaling))
-            else:
-                outs.append(dec.exact_ragged(layer, rows, views, q, [n + 1 for *_, n, _ in exact], scaling, softcap,
-                                             window))
+            outs.append(self._batch_exact(layer, exact, queries[0], scaling, window, softcap))
         if sparse:
-            q = query if not exact else query.index_select(0, torch.tensor([served.index(b) for b, *_ in sparse],
-                                                                           device=self.device))
-            plans = [p for *_, p in sparse]
-            forced = [sel.fixed_ids(p) for p in plans]
-            outs.append(dec.sparse_batch([layer * B + b for b, *_ in sparse], [v for _, v, _, _ in sparse], q, plans,
-                                         forced, sel, self.step, scaling, softcap))
-            for (b, _, n, p), f in zip(sparse, forced):
-                chosen = len(f) + max(p.k_blocks - len(f), 0)
-                self.counters["blocks"]["attended"] += chosen * dec.heads
-                first, off = self._window_first(layer * B + b, n + 1)
-                visible = n + 1 - first * P - off
-                self._count_decode(layer * B + b, min(1.0, (chosen * sel.block + p.valid) / visible))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(
-            0, torch.tensor([picked.index(b) for b in served], device=self.device))
+            outs.append(self._batch_sparse(layer, sparse, queries[1], scaling, softcap))
+        out = outs[0]
+        if len(outs) > 1:  # back in the order of the sequences
+            order = [b for b, *_ in exact + sparse]
+            out = torch.cat(outs).index_select(0, torch.tensor([order.index(b) for b in served], device=self.device))
         self._resident()
         return served, out
+
+    def _batch_exact(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
+                     softcap: float | None) -> torch.Tensor:
+        """`_decode_batch`'s exact steps: `group` holds (sequence, view, tokens before the step, None)."""
+        B, dec = self.batch, self.decoder
+        t0 = time.perf_counter()
+        for b, view, _, _ in group:
+            self._count_exact_step(layer * B + b, view, t0)
+        rows, views, ns = [layer * B + b for b, *_ in group], [v for _, v, _, _ in group], [n for _, _, n, _ in group]
+        if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first:
+            return dec.exact_batch(layer, rows, views, query, ns[0] + 1, scaling)
+        return dec.exact_ragged(layer, rows, views, query, [n + 1 for n in ns], scaling, softcap, window)
+
+    def _batch_sparse(self, layer: int, group: list[tuple], query, scaling: float,
+                      softcap: float | None) -> torch.Tensor:
+        """`_decode_batch`'s sparse steps: `group` holds (sequence, view, tokens before the step, plan)."""
+        B, P, sel = self.batch, self.page_size, self.selection
+        plans = [p for *_, p in group]
+        forced = [sel.fixed_ids(p) for p in plans]
+        out = self.decoder.sparse_batch([layer * B + b for b, *_ in group], [v for _, v, _, _ in group], query,
+                                        plans, forced, sel, self.step, scaling, softcap)
+        for (b, _, n, p), f in zip(group, forced):
+            chosen = len(f) + max(p.k_blocks - len(f), 0)
+            self.counters["blocks"]["attended"] += chosen * self.decoder.heads
+            first, off = self._window_first(layer * B + b, n + 1)
+            self._count_decode(layer * B + b, min(1.0, (chosen * sel.block + p.valid) / (n + 1 - first * P - off)))
+        return out
 
     def _count_exact_step(self, layer: int, view, t0: float) -> None:
         """An exact device step of row `layer` over `view`: its pages read from the host pool are loads of pages
