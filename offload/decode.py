@@ -326,7 +326,8 @@ class DeviceDecode:
             self.ragged_index.clear()
         return self.batch_k[:rows], self.batch_v[:rows]
 
-    def _ragged(self, layer: int, rows: list[int], views: list[LayerView], tokens: list[int]) -> tuple[tuple, int]:
+    def _ragged(self, layer: int, rows: list[int], views: list[LayerView], tokens: list[int],
+                window: int | None = None) -> tuple[tuple, int]:
         """`exact_ragged`'s layout of a layer for sequences (page table `rows`, their `views`) holding `tokens`,
         and how many tokens each gained since it was made (one a step). It is made again when a row's pages
         changed (page boundaries), so between them a step builds nothing."""
@@ -334,13 +335,13 @@ class DeviceDecode:
         have = self.ragged_index.get(layer)
         ahead = tokens[0] - have[1][0] if have is not None and have[0] == key else -1
         if ahead < 0 or any(t - b != ahead for t, b in zip(tokens, have[1])):
-            have = self.ragged_index[layer] = (key, list(tokens), self._ragged_layout(views, tokens))
+            have = self.ragged_index[layer] = (key, list(tokens), self._ragged_layout(views, tokens, window))
             ahead = 0
         return have[2], ahead
 
-    def _ragged_layout(self, views: list[LayerView], tokens: list[int]) -> tuple:
+    def _ragged_layout(self, views: list[LayerView], tokens: list[int], window: int | None) -> tuple:
         """The pool slots of every sequence's pages one after another, the sequence of each, each page's token
-        positions less its sequence's `tokens` [N, P], and the gather's targets."""
+        positions less its sequence's `tokens` [N, P], and the gather's targets (the window is applied per step)."""
         B, H, P, D = len(views), self.kv_heads, self.page_size, self.head_dim
         counts, firsts, ends = torch.tensor([[v.count for v in views], [v.first for v in views], tokens],
                                             device=self.device)
@@ -381,14 +382,36 @@ class DeviceDecode:
                      forced: list[list[int]], selection, step: int, scaling: float,
                      softcap: float | None) -> torch.Tensor:
         """`sparse` for sequences of a batch (page table `rows`, their `views` and `sparse.BlockPlan`s, the fixed
-        blocks of each) in one pass: one scoring of every sequence's candidate blocks (`selection.scores_batch`),
-        one top-k, one gather of each head's blocks, and one attention pass with the softmax reduced per sequence
-        (`attention_math.segment_attention`). Sequences choose different numbers of blocks: each one's list is laid
-        out as [fixed, padded to the most fixed | top-k, to the most chosen | tail page's blocks], the padding
-        reading the tail's first block, hidden. Host work: a few lists of the plans' integers. query
-        [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        blocks of each) in one pass: the blocks chosen together (`_batch_blocks`), one gather of each head's blocks,
+        and one attention pass with the softmax reduced per sequence (`attention_math.segment_attention`), the
+        padding, the tail's unfilled rows and the window's cut hidden. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        B, Hq, D, Bk = len(views), self.q_heads, self.head_dim, self.block
+        ids, pad, valid, cut = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
+        E = ids.shape[1]
+        k = self.flat[0].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
+        v = self.flat[1].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
+        # Hidden: padding entries, the tail's rows from `valid` on, and the first block's tokens before `cut`.
+        e = torch.arange(E, device=self.device)[None, :, None]
+        t = torch.arange(Bk, device=self.device)[None, None, :]
+        tail = E - self.per_page
+        hidden = pad[:, :, None] | ((e >= tail) & ((e - tail) * Bk + t >= valid[:, :, None]))
+        hidden = hidden | ((e == 0) & (t < cut[:, :, None]))  # [B, E, Bk]
+        seq = torch.arange(B, device=self.device).repeat_interleave(E)
+        q = query.reshape(B, self.heads, -1, D)
+        out = am.segment_attention(q, k, v, seq, scaling, softcap, hidden.view(B * E, Bk))
+        return out.to(query.dtype).view(B, 1, Hq, D)
+
+    def _batch_blocks(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
+                      forced: list[list[int]], selection, step: int, scaling: float) -> tuple[torch.Tensor, ...]:
+        """The blocks sequences of a batch attend in a sparse step, chosen together: one scoring of every sequence's
+        candidate blocks (`selection.scores_batch`) and one top-k. Sequences choose different numbers of blocks:
+        each one's list is laid out as [fixed, padded to the most fixed | top-k, padded to the most chosen | the
+        tail page's R blocks], the padding reading the tail's first block. Their uses are recorded, and the blocks
+        read from the host pool counted. Returns each gathered head's unified block ids [B, E, heads], the padding
+        [B, E] (bool), and each sequence's tail tokens and first block's cut [B, 1]. Host work: a few lists of the
+        plans' integers."""
         B, H, Hq, D = len(views), self.kv_heads, self.q_heads, self.head_dim
-        R, Bk, C, dev = self.per_page, self.block, self.choosers, self.device
+        R, C, dev = self.per_page, self.choosers, self.device
         frees = [max(p.k_blocks - len(f), 0) for p, f in zip(plans, forced)]
         NF, F, NB = max(len(f) for f in forced), max(frees), max(p.nb for p in plans)
         E = NF + F + R  # blocks per sequence and chooser
@@ -403,9 +426,9 @@ class DeviceDecode:
                              device=dev).view(B, NF)
         # The chosen blocks per sequence and chooser: fixed, top-k, tail.
         parts = [fixed[:, :, None].expand(B, NF, C)]
-        q = query.reshape(B, H, Hq // H, D)
         if F:
-            scores, cand, pad = selection.scores_batch(rows, q.float(), fb[:, 0], nb[:, 0], NB, scaling)
+            q = query.reshape(B, H, Hq // H, D).float()
+            scores, cand, pad = selection.scores_batch(rows, q, fb[:, 0], nb[:, 0], NB, scaling)
             if self.keep_mass:
                 self.mass.view(-1, C).index_add_(0, cand.view(-1), scores.view(-1, C))
             bias = torch.where(pad, float("-inf"), 0.0)
@@ -423,18 +446,9 @@ class DeviceDecode:
         table = torch.cat([v.blockrow for v in views])
         ids = table.index_select(0, at.view(-1)) if C == 1 else table.gather(0, at)  # [B * E, heads]
         self.count_reads(ids)
-        k = self.flat[0].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
-        v = self.flat[1].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
-        # Hidden: padding entries, the tail's rows from `valid` on, and the first block's tokens before `cut`.
-        e = torch.arange(E, device=dev)[None, :, None]
-        t = torch.arange(Bk, device=dev)[None, None, :]
-        hidden = ((e < NF) & (e >= nf[:, :, None])) | ((e >= NF) & (e < NF + F) & (e - NF >= free[:, :, None]))
-        hidden = hidden | ((e >= NF + F) & ((e - NF - F) * Bk + t >= valid[:, :, None]))
-        hidden = hidden | ((e == 0) & (t < cut[:, :, None]))  # [B, E, Bk]
-        seq = torch.arange(B, device=dev).repeat_interleave(E)
-        qh = q if self.heads == H else query.reshape(B, Hq, 1, D)
-        out = am.segment_attention(qh, k, v, seq, scaling, softcap, hidden.view(B * E, Bk))
-        return out.to(query.dtype).view(B, 1, Hq, D)
+        e = torch.arange(E, device=dev)[None, :]
+        pad = ((e < NF) & (e >= nf)) | ((e >= NF) & (e < NF + F) & (e - NF >= free))  # [B, E]
+        return ids.view(B, E, self.heads), pad, valid, cut
 
     def choose(self, layer: int, view: LayerView, fb: int, scores: torch.Tensor, forced: torch.Tensor,
                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
@@ -699,15 +713,42 @@ class KernelDecode(DeviceDecode):
                 event, self.ready[r] = self.ready[r], None
                 if event is not None:
                     self.compute.wait_event(event)
-        pages, ahead = self._ragged(layer, rows, views, tokens)
+        pages, ahead = self._ragged(layer, rows, views, tokens, window)
         B, D = len(views), self.head_dim
         q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
         o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
-                                              pages, ahead, scaling, softcap, window, workspaces=self.paged_out)
+                                              pages, ahead, scaling, softcap, workspaces=self.paged_out)
         return o.view(B, 1, query.shape[1], D).to(query.dtype, copy=True)  # (the buffers are the next call's)
 
-    def _ragged_layout(self, views: list[LayerView], tokens: list[int]):
-        return self.paged.ragged_pages([v.slots for v in views], [v.first for v in views], tokens, self.page_size)
+    def _ragged_layout(self, views: list[LayerView], tokens: list[int], window: int | None):
+        return self.paged.ragged_pages([v.slots for v in views], [v.first for v in views], tokens, self.page_size,
+                                       window)
+
+    def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
+                     forced: list[list[int]], selection, step: int, scaling: float,
+                     softcap: float | None) -> torch.Tensor:
+        """The batch's sparse step in one launch of the ragged paged decode over blocks: the blocks chosen together
+        (`_batch_blocks`), each sequence's list made compact on the device (its padding moved last, out of its
+        count), each head's blocks read in place from the device pool or the pinned host pool (no gather, no
+        workspace row)."""
+        B, Bk, D, dev = len(views), self.block, self.head_dim, self.device
+        ids, pad, valid, cut = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
+        E = ids.shape[1]
+        order = torch.sort(pad.to(torch.int8), dim=1, stable=True).indices  # each sequence's padding last
+        ids = ids.gather(1, order[:, :, None].expand_as(ids))
+        count = E - pad.sum(1, keepdim=True)  # [B, 1]
+        # Token t of entry i at rel = i*Bk + t + shift: the tail's R blocks end the list, its token `valid` at 0;
+        # the first entry's tokens before `cut` below `low`.
+        shift = -(count - self.per_page) * Bk - valid
+        low = cut + shift
+        meta = torch.cat([torch.arange(0, B * E, E, device=dev)[:, None], count, shift, low], 1).to(torch.int32)
+        begin, count, shift, low = meta.t().contiguous()
+        pages = self.paged.RaggedPages(ids.view(-1).to(torch.int32), begin, count, shift, low, E)
+        q = query.reshape(B, self.heads, -1, D).to(self.pool_k.dtype)
+        o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v,
+                                              self.host_blocks, pages, 0, scaling, softcap, block=Bk,
+                                              workspaces=self.paged_out)
+        return o.view(B, 1, self.q_heads, D).to(query.dtype, copy=True)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,

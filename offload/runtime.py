@@ -492,14 +492,14 @@ class Runtime:
         attends. Exact steps: sequences of equal length with no window or soft-cap (equal prompts, returned
         sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or
         windowed, over their own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`). Sparse
-        steps (on the unified pool, with no block cache and a selection policy with no state per row) choose each
-        sequence's blocks and attend over them in one pass (`DeviceDecode.sparse_batch`). Returns the sequences
+        steps (with no block cache and a selection policy with no state per row) choose each sequence's blocks and
+        attend over them in one pass (`DeviceDecode.sparse_batch`). Returns the sequences
         served, in order, and their output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or type(dec) not in (DeviceDecode, KernelDecode) or dec.codec is not None
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
-        choose = self.sparse and type(dec) is DeviceDecode and dec.cache is None and sel.batchable()
+        choose = self.sparse and dec.cache is None and sel.batchable()
         exact, sparse = [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]

@@ -144,27 +144,64 @@ def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, op
     from offload.runtime import Runtime
 
     model = tiny(arch)
-    lengths = [137, 70, 112, 95]
-    ids, mask = padded_batch(lengths)
+    ids, mask = padded_batch(SPARSE_LENGTHS)
     calls = []
     batched = DeviceDecode.sparse_batch
     monkeypatch.setattr(DeviceDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
-    opts = {"page_size": PAGE, "device_budget": least_device(model, 4) + 8 * page_bytes(model),
-            "host_budget": "1MiB", **SPARSE, **options}
     got, blocks = [], []
     for together in (False, True):
         monkeypatch.setattr(Runtime, "batch_step", together)
-        with offload(model, **opts) as rt:
-            got.append(generate(model, ids, mask))
-            stats = rt.stats()
-            rt.table.check_invariants()
-        assert stats["attended_fraction"] < 0.9 and stats["resident_bytes"]["host"] > 0
+        tokens, stats = _sparse_run(model, ids, mask, options)
+        got.append(tokens)
         blocks.append(stats["blocks"])
         assert len(calls) > 0 if together else not calls
     assert blocks[0] == blocks[1] and blocks[0]["from_host"] > 0
-    for b in range(len(lengths)):
+    for b in range(len(SPARSE_LENGTHS)):
         assert torch.equal(got[1][b], got[0][b]), f"sequence {b}"
-    assert max(calls) == len(lengths) and min(calls) < len(lengths)
+    assert max(calls) == len(SPARSE_LENGTHS) and min(calls) < len(SPARSE_LENGTHS)
+
+
+@pytest.mark.kernels
+def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypatch):
+    """The Triton kernels' sparse batch step (CUDA; here Triton's interpreter): one launch over each head's own
+    blocks read in place from both pools, with a sliding window, soft-capping and a choice per query head. It
+    chooses and attends as the torch step does (itself checked against every row alone above): the same blocks
+    attended, the same tokens, while reading blocks from the host (how many depends on the device tier, which the
+    kernels' workspace makes smaller)."""
+    interpreted()
+    from offload import runtime as runtime_module
+    from offload.decode import KernelDecode
+
+    model, options = tiny("gemma2"), {"head_selection": "query"}
+    ids, mask = padded_batch(SPARSE_LENGTHS)
+    pools, on_pools = _sparse_run(model, ids, mask, options, new=8)
+    calls = []
+    batched = KernelDecode.sparse_batch
+    monkeypatch.setattr(KernelDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+    got, stats = _sparse_run(model, ids, mask, options, new=8, kernels=True)
+    assert stats["blocks"]["attended"] == on_pools["blocks"]["attended"] and stats["blocks"]["from_host"] > 0
+    for b in range(len(SPARSE_LENGTHS)):
+        assert torch.equal(got[b], pools[b]), f"sequence {b}"
+    assert max(calls) == len(SPARSE_LENGTHS)
+
+
+SPARSE_LENGTHS = [137, 70, 112, 95]
+
+
+def _sparse_run(model, ids, mask, options: dict, new: int = NEW, kernels: bool = False) -> tuple[torch.Tensor, dict]:
+    """Greedy tokens of sparse attention below the context with KV on the device and the host, and the stats."""
+    from offload.decode import KernelDecode
+
+    opts = {"page_size": PAGE, "device_budget": least_device(model, 4, kernels) + 8 * page_bytes(model),
+            "host_budget": "1MiB", **SPARSE, **options}
+    with offload(model, **opts) as rt:
+        assert isinstance(rt.decoder, KernelDecode) == kernels
+        tokens = generate(model, ids, mask, new)
+        stats = rt.stats()
+        rt.table.check_invariants()
+    assert stats["attended_fraction"] < 0.9 and stats["resident_bytes"]["host"] > 0
+    return tokens, stats
 
 
 def test_finished_sequences_release_their_pages(tmp_path: Path):
@@ -380,16 +417,17 @@ def _step_counts(model, opts: dict, lengths: list[int]) -> tuple[int, int, int, 
     return ops, base.ops, reads, base.reads
 
 
-@pytest.mark.parametrize("step", ["pools", "kernels", "sparse"])
+@pytest.mark.parametrize("step", ["pools", "kernels", "sparse", "sparse-kernels"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["equal", "ragged"])
 def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragged, step, monkeypatch):
     """On the unified pool (the CPU), a decode step appends, gathers and attends for the whole batch at once,
     whether the sequences hold equal or different numbers of tokens; with the Triton kernels (CUDA; here Triton's
     interpreter, a launch counting as one op) it appends and attends in one launch; in sparse mode it scores,
-    chooses, gathers and attends every sequence's blocks at once. The ops it adds to DynamicCache's per layer do
-    not grow with the batch, and it reads no more on the host than DynamicCache's step (whose mask builder reads
-    the padding mask once a forward, as the runtime's does; its layers read nothing)."""
-    kernels = step == "kernels"
+    chooses, gathers and attends every sequence's blocks at once (with the kernels, attends in one launch). The ops
+    it adds to DynamicCache's per layer do not grow with the batch, and it reads no more on the host than
+    DynamicCache's step (whose mask builder reads the padding mask once a forward, as the runtime's does; its
+    layers read nothing)."""
+    kernels = step.endswith("kernels")
     if kernels:
         interpreted()
         from offload import runtime as runtime_module
@@ -402,12 +440,14 @@ def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragg
     for batch in sizes:
         lengths = [60, 45, 30, 52, 61, 37, 44, 58][:batch] if ragged else [60] * batch
         room = 0 if kernels else 16  # (the kernels' workspace takes what the device tier does not need)
-        opts = {"page_size": PAGE, "device_budget": least_device(model, batch, kernels) + room * page_bytes(model),
-                "host_budget": "1MiB", **(SPARSE if step == "sparse" else {})}
+        sparse = SPARSE if step.startswith("sparse") else {}
+        opts = {"page_size": PAGE, "host_budget": "1MiB", **sparse,
+                "device_budget": least_device(model, batch, kernels, **sparse) + room * page_bytes(model)}
         ops, base, reads, base_reads = _step_counts(model, opts, lengths)
         extra[batch] = (ops - base) / layers
         assert reads <= base_reads, (batch, reads, base_reads)
-    assert len(set(extra.values())) == 1 and extra[2] <= {"pools": 40, "kernels": 15, "sparse": 120}[step], extra
+    bound = {"pools": 40, "kernels": 15, "sparse": 120, "sparse-kernels": 120}[step]
+    assert len(set(extra.values())) == 1 and extra[2] <= bound, extra
 
 
 def test_segment_attention_equals_each_sequence_alone():

@@ -132,15 +132,15 @@ def test_ragged_batch_matches_each_sequence_alone(kv_heads, g, d, p, dtype, soft
     seqs = [([3, 12, 0], 0, 2 * p + 1), ([10], 0, 1), ([5, 15, 1, 9, 14], 1, 6 * p - 3), ([2, 7], 0, p + 2)]
     q = torch.randn(len(seqs), kv_heads, g, d, generator=gen).to(DEVICE)
     pages = ragged_pages([torch.tensor(s, dtype=torch.int32, device=DEVICE) for s, _, _ in seqs],
-                         [f for _, f, _ in seqs], [t for _, _, t in seqs], p)
+                         [f for _, f, _ in seqs], [t for _, _, t in seqs], p, window)
     assert pages.most == 5
     scaling = 1 / math.sqrt(d)
     for ahead in (0, 1, 2):
-        got = paged_decode_ragged(q, k_pool, v_pool, host_k, host_v, split, pages, ahead, scaling, softcap, window,
+        got = paged_decode_ragged(q, k_pool, v_pool, host_k, host_v, split, pages, ahead, scaling, softcap,
                                   pages_per_split=pps)
         assert got[0].shape == (len(seqs), kv_heads, g, d) and got[1].shape == (len(seqs), kv_heads, g)
         want = paged_decode_ragged_reference(q, k_pool, v_pool, host_k, host_v, split, pages, ahead, scaling,
-                                             softcap, window)
+                                             softcap)
         _close(got, want, TOL[dtype])
         # ... and the reference is plain attention over each sequence's visible tokens.
         for b, (slots, first, tokens) in enumerate(seqs):
@@ -153,6 +153,37 @@ def test_ragged_batch_matches_each_sequence_alone(kv_heads, g, d, p, dtype, soft
             dense = am.dense_partial(q[b].float(), flat(pool_k)[:, keys].float(), flat(pool_v)[:, keys].float(),
                                      scaling, softcap=softcap)
             _close((got[0][b], got[1][b]), dense, TOL[dtype])
+
+
+@pytest.mark.parametrize("heads,g,softcap", [(2, 2, None), (4, 1, 30.0)], ids=["kv-heads", "query-heads"])
+def test_ragged_batch_over_each_heads_own_blocks(heads, g, softcap):
+    """Block mode (a batch's sparse step): each head of each sequence attends its own blocks of a page, named by
+    unified block ids over both pools, the last block cut at the sequence's tail and the first from its `low`."""
+    from offload.kernels.paged_decode import RaggedPages
+
+    gen = torch.Generator().manual_seed(9)
+    kv_heads, d, p, block, split, host_slots = 2, 16, 8, 4, 5, 4
+    k_pool, v_pool = (torch.randn(split + 1, kv_heads, p, d, generator=gen).to(DEVICE) for _ in range(2))
+    host_k, host_v = (torch.randn(host_slots, kv_heads, p, d, generator=gen).to(DEVICE) for _ in range(2))
+    blocks = split * kv_heads * p // block  # unified block ids from here on are the host pool's
+    total = blocks + host_slots * kv_heads * p // block
+    counts, valid, cut = [3, 1, 4], [4, 2, 3], [1, 0, 2]  # blocks, tokens of the last one, cut of the first one
+    ids = torch.randint(0, total, (sum(counts), heads), generator=gen)
+    begin = [0, 3, 4]
+    shift = [-(c - 1) * block - v for c, v in zip(counts, valid)]
+    meta = torch.tensor([begin, counts, shift, [c + s for c, s in zip(cut, shift)]], dtype=torch.int32).to(DEVICE)
+    pages = RaggedPages(ids.view(-1).to(torch.int32).to(DEVICE), *meta.unbind(0), max(counts))
+    q = torch.randn(len(counts), heads, g, d, generator=gen).to(DEVICE)
+    o, lse = paged_decode_ragged(q, k_pool, v_pool, host_k, host_v, blocks, pages, 0, 0.25, softcap, block=block)
+    flat_k = torch.cat([k_pool[:split], host_k]).reshape(-1, block, d)  # unified block ids index this
+    flat_v = torch.cat([v_pool[:split], host_v]).reshape(-1, block, d)
+    for b, (at, n) in enumerate(zip(begin, counts)):
+        for h in range(heads):
+            u = ids[at:at + n, h].to(DEVICE)
+            keys = flat_k[u].reshape(-1, d)[cut[b]:(n - 1) * block + valid[b]]
+            values = flat_v[u].reshape(-1, d)[cut[b]:(n - 1) * block + valid[b]]
+            want = am.dense_partial(q[b, h:h + 1], keys[None], values[None], 0.25, softcap=softcap)
+            _close((o[b, h:h + 1], lse[b, h:h + 1]), want, 2e-5)
 
 
 def test_ragged_batch_sequence_seeing_nothing_is_an_empty_partial():

@@ -96,17 +96,18 @@ def _split_kernel(
     _store_partial(o_ptr, lse_ptr, (split * H + h) * G + offs_g, acc, m_i, l_i, offs_d, g_ok, D)
 
 
-@triton.jit(do_not_specialize=["ahead", "window"])
+@triton.jit(do_not_specialize=["ahead"])
 def _ragged_split_kernel(
-    q_ptr, k_ptr, v_ptr, hk_ptr, hv_ptr, slots_ptr, begin_ptr, count_ptr, shift_ptr, ahead, window, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, hk_ptr, hv_ptr, slots_ptr, begin_ptr, count_ptr, shift_ptr, low_ptr, ahead, o_ptr, lse_ptr,
     split, stride_qh, stride_qg, stride_s, stride_h, stride_p, pages_per_split, scaling, softcap, G, H,
     BLOCK_G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HEAD_SLOTS: tl.constexpr,
 ):
-    """One (sequence b, KV head h, split): online softmax over pages [split*pps, min((split+1)*pps, count[b])) of
+    """One (sequence b, head h, split): online softmax over pages [split*pps, min((split+1)*pps, count[b])) of
     sequence b, whose unified slots are slots[begin[b]:begin[b] + count[b]] (s < `split`: device pool slot s, else
-    host pool slot s - split, read in place). Token t of its page i is seen where rel = i*P + t + shift[b] is
-    below `ahead` and, with a window, at least `ahead - window`. Writes the partial into row (split, b*H + h) of
+    host pool slot s - split, read in place); with HEAD_SLOTS each head has its own, slots[(begin[b] + i) * H + h],
+    which then name a head's page (a block) on their own. Token t of its page i is seen where rel = i*P + t +
+    shift[b] is below `ahead` and rel - ahead is at least low[b]. Writes the partial into row (split, b*H + h) of
     o_ptr [splits, B*H, G, D], lse_ptr [splits, B*H, G]."""
     bh = tl.program_id(0)
     part = tl.program_id(1)
@@ -115,6 +116,7 @@ def _ragged_split_kernel(
     begin = tl.load(begin_ptr + b)
     n = tl.load(count_ptr + b)
     shift = tl.load(shift_ptr + b)
+    low = tl.load(low_ptr + b)
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, P)
     offs_d = tl.arange(0, D)
@@ -124,11 +126,16 @@ def _ragged_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    within = h * stride_h + offs_p[:, None] * stride_p + offs_d[None, :]  # [P, D]: a head of a page
+    within = offs_p[:, None] * stride_p + offs_d[None, :]  # [P, D]: a head of a page
+    if not HEAD_SLOTS:
+        within += h * stride_h
     lo = part * pages_per_split
     hi = tl.minimum(lo + pages_per_split, n)
     for i in range(lo, hi):
-        slot = tl.load(slots_ptr + begin + i).to(tl.int64)
+        if HEAD_SLOTS:
+            slot = tl.load(slots_ptr + (begin + i) * H + h).to(tl.int64)
+        else:
+            slot = tl.load(slots_ptr + begin + i).to(tl.int64)
         if slot < split:
             k = tl.load(k_ptr + slot * stride_s + within).to(tl.float32)
             v = tl.load(v_ptr + slot * stride_s + within).to(tl.float32)
@@ -136,9 +143,7 @@ def _ragged_split_kernel(
             k = tl.load(hk_ptr + (slot - split) * stride_s + within).to(tl.float32)
             v = tl.load(hv_ptr + (slot - split) * stride_s + within).to(tl.float32)
         rel = i * P + offs_p + shift
-        seen = rel < ahead
-        if HAS_WINDOW:
-            seen = seen & (rel >= ahead - window)
+        seen = (rel < ahead) & (rel - ahead >= low)
         m_i, l_i, acc = _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP, USE_DOT)
     _store_partial(o_ptr, lse_ptr, (part * tl.num_programs(0) + bh) * G + offs_g, acc, m_i, l_i, offs_d, g_ok, D)
 
@@ -202,26 +207,28 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
 
 
 def launch_ragged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, host_k: torch.Tensor,
-                  host_v: torch.Tensor, split: int, slots: torch.Tensor, begin: torch.Tensor, count: torch.Tensor,
-                  shift: torch.Tensor, ahead: int, window: int | None, scaling: float, softcap: float | None,
-                  pages_per_split: int, o: torch.Tensor, lse: torch.Tensor, po: torch.Tensor,
+                  host_v: torch.Tensor, split: int, pages, ahead: int, block: int | None, scaling: float,
+                  softcap: float | None, pages_per_split: int, o: torch.Tensor, lse: torch.Tensor, po: torch.Tensor,
                   plse: torch.Tensor) -> None:
-    """Arguments already checked by `paged_decode_ragged`: q [B*H, G, D]; writes (o [B*H, G, D], lse [B*H, G])
-    through the split buffers po [splits, B*H, G, D], plse [splits, B*H, G] (views of o and lse when splits == 1),
-    the merge being `_merge_kernel`'s over B*H rows."""
+    """Arguments already checked by `paged_decode_ragged`: q [B*H, G, D] (H: the heads attended); writes
+    (o [B*H, G, D], lse [B*H, G]) through the split buffers po [splits, B*H, G, D], plse [splits, B*H, G] (views
+    of o and lse when splits == 1), the merge being `_merge_kernel`'s over B*H rows. `block`: pages.slots are
+    each head's blocks of `block` tokens, numbered in the pools seen as [blocks, block, D]."""
     bh, g, d = q.shape
-    h = k_pool.shape[1]
-    page_size = k_pool.shape[2]
+    h = bh // pages.begin.numel()
+    if block is None:
+        page_size, strides = k_pool.shape[2], (k_pool.stride(0), k_pool.stride(1), k_pool.stride(2))
+    else:
+        page_size, strides = block, (block * d, 0, d)
     splits = po.shape[0]
     block_g = triton.next_power_of_2(g)
     use_dot = page_size >= 16
     run(
-        _ragged_split_kernel, (bh, splits), q.device, q, k_pool, v_pool, host_k, host_v, slots, begin, count, shift,
-        int(ahead), int(window or 0), po, plse, split, q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), pages_per_split, float(scaling), float(softcap or 1.0),
-        g, h,
+        _ragged_split_kernel, (bh, splits), q.device, q, k_pool, v_pool, host_k, host_v, pages.slots, pages.begin,
+        pages.count, pages.shift, pages.low, int(ahead), po, plse, split, q.stride(0), q.stride(1), *strides,
+        pages_per_split, float(scaling), float(softcap or 1.0), g, h,
         BLOCK_G=max(block_g, 16) if use_dot else block_g, P=page_size, D=d, HAS_SOFTCAP=softcap is not None,
-        USE_DOT=use_dot, HAS_WINDOW=window is not None,
+        USE_DOT=use_dot, HEAD_SLOTS=block is not None,
     )
     if splits > 1:
         run(_merge_kernel, (bh,), q.device, po, plse, o, lse, splits, g, bh, BLOCK_G=block_g, D=d)

@@ -215,49 +215,55 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sl
 class RaggedPages(NamedTuple):
     """The pages of a batch's sequences for `paged_decode_ragged`, one sequence after another (int32 tensors on the
     pools' device): sequence b's unified slots are `slots[begin[b]:begin[b] + count[b]]` (a slot s < split is
-    device pool slot s, else host pool slot s - split), and token t of its page i is at `i*P + t + shift[b]`
-    relative to the sequence's end. `most` is the largest count, a Python int that sizes the launch grid."""
+    device pool slot s, else host pool slot s - split), and token t of its page i is at `rel = i*P + t + shift[b]`
+    relative to the sequence's end. At a step `ahead`, it is seen where `rel < ahead` and `rel - ahead >= low[b]`
+    (a sliding window of W: low = -W). `most` is the largest count, a Python int that sizes the launch grid. With
+    `block` (`paged_decode_ragged`), the slots are [N, H]: each head's own blocks, numbered in the pools seen as
+    [blocks, block, D]."""
 
     slots: torch.Tensor
     begin: torch.Tensor
     count: torch.Tensor
     shift: torch.Tensor
+    low: torch.Tensor
     most: int
 
 
-def ragged_pages(slots: list[torch.Tensor], firsts: list[int], tokens: list[int], page_size: int) -> RaggedPages:
+# `low` where every token before `ahead` is seen: far below any rel.
+EVERY = -(1 << 30)
+
+
+def ragged_pages(slots: list[torch.Tensor], firsts: list[int], tokens: list[int], page_size: int,
+                 window: int | None = None) -> RaggedPages:
     """`RaggedPages` of sequences whose pages from page `firsts[b]` on have unified `slots[b]` (one tensor each, on
-    the pools' device) and that hold `tokens[b]` tokens: a token is then seen at an `ahead` of 0 (`ahead - window`
-    and up with a window) and the layout stays valid while every sequence gains `ahead` tokens in its last page."""
+    the pools' device) and that hold `tokens[b]` tokens: a token is then seen at an `ahead` of 0 (within the last
+    `window` with a sliding window), and the layout stays valid while every sequence gains `ahead` tokens in its
+    last page."""
     device = slots[0].device
     counts = [s.numel() for s in slots]
     begin = [0]
     for c in counts[:-1]:
         begin.append(begin[-1] + c)
-    meta = torch.tensor([begin, counts, [f * page_size - t for f, t in zip(firsts, tokens)]], dtype=torch.int32)
-    begin_t, count_t, shift_t = meta.to(device).unbind(0)
-    return RaggedPages(torch.cat(slots).to(torch.int32), begin_t, count_t, shift_t, max(counts))
-
-
-def _seen(pages: RaggedPages, b: int, page_size: int, ahead: int, window: int | None) -> torch.Tensor:
-    """Bool [count[b], P]: the tokens of sequence b's pages seen at `ahead`."""
-    n, shift = int(pages.count[b]), int(pages.shift[b])
-    rel = torch.arange(n * page_size, device=pages.slots.device).view(n, page_size) + shift
-    seen = rel < ahead
-    return seen & (rel >= ahead - window) if window is not None else seen
+    shift = [f * page_size - t for f, t in zip(firsts, tokens)]
+    low = [-window if window is not None else EVERY] * len(slots)
+    meta = torch.tensor([begin, counts, shift, low], dtype=torch.int32).to(device)
+    return RaggedPages(torch.cat(slots).to(torch.int32), *meta.unbind(0), max(counts))
 
 
 def paged_decode_ragged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, host_k: torch.Tensor,
                                   host_v: torch.Tensor, split: int, pages: RaggedPages, ahead: int, scaling: float,
-                                  softcap: float | None = None, window: int | None = None) -> am.Partial:
-    """Torch reference of `paged_decode_ragged`, sequence by sequence (it reads the layout on the host: for tests)."""
+                                  softcap: float | None = None) -> am.Partial:
+    """Torch reference of `paged_decode_ragged` over pages, sequence by sequence (it reads the layout on the host:
+    for tests)."""
     outs, lses = [], []
+    page_size = k_pool.shape[2]
     for b in range(q.shape[0]):
-        at = int(pages.begin[b])
-        slots = pages.slots[at:at + int(pages.count[b])].tolist()
+        at, n = int(pages.begin[b]), int(pages.count[b])
+        slots = pages.slots[at:at + n].tolist()
         k, v = (torch.stack([pool[s] if s < split else hpool[s - split] for s in slots])
                 for pool, hpool in ((k_pool, host_k), (v_pool, host_v)))
-        seen = _seen(pages, b, k_pool.shape[2], ahead, window)
+        rel = torch.arange(n * page_size, device=q.device).view(n, page_size) + int(pages.shift[b]) - ahead
+        seen = (rel < 0) & (rel >= int(pages.low[b]))
         o, lse = am.pages_partial(q[b], k, v, scaling, softcap, ~seen[:, None])
         outs.append(o)
         lses.append(lse)
@@ -266,48 +272,51 @@ def paged_decode_ragged_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
 
 def paged_decode_ragged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, host_k: torch.Tensor,
                         host_v: torch.Tensor, split: int, pages: RaggedPages, ahead: int, scaling: float,
-                        softcap: float | None = None, window: int | None = None,
+                        softcap: float | None = None, block: int | None = None,
                         pages_per_split: int | None = None,
                         workspaces: dict[tuple, DecodeWorkspace] | None = None) -> am.Partial:
     """Paged decode of a batch of sequences of any lengths in one launch (and one merge launch when the pages are
-    split): grid (B * H_kv, splits), each program an online softmax over at most `pages_per_split` pages of one
-    sequence, read in place from the device pool `k_pool`, `v_pool` [S, H, P, D] or from the host pool `host_k`,
-    `host_v` [S_host, H, P, D] (on CUDA pinned, read through unified virtual addressing) by their unified slots.
+    split): grid (B * H, splits), each program an online softmax over at most `pages_per_split` pages of one
+    sequence, read in place from the device pool `k_pool`, `v_pool` [S, H_kv, P, D] or from the host pool `host_k`,
+    `host_v` [S_host, H_kv, P, D] (on CUDA pinned, read through unified virtual addressing) by their unified slots.
 
-    q [B, H_kv, G, D]; `pages` (`ragged_pages`) gives each sequence's slots and token positions; a token is seen
-    where its position relative to the sequence's end at layout time is below `ahead` and, with a sliding
-    `window`, not below `ahead - window`. `ahead` and `window` reach the kernel as arguments, so a step that only
-    adds a token to every sequence's tail page writes nothing to the device and reads nothing back. A sequence
-    seeing no token gets (o = 0, lse = -inf). Returns (o [B, H_kv, G, D], lse [B, H_kv, G]) in float32, in
-    buffers of `workspaces` (a dict kept by the caller) that the next call with the same shapes overwrites."""
+    q [B, H, G, D]; `pages` (`ragged_pages`) gives each sequence's slots and which of its tokens are seen at step
+    `ahead`, which reaches the kernel as an argument: a step that only adds a token to every sequence's tail page
+    writes nothing to the device and reads nothing back. With `block` (a divisor of P) the pages attended are
+    blocks of `block` tokens, each head its own: `pages.slots` [N * H] holds unified block ids (u = (slot * H_kv
+    + kv head) * P / block + j; `split` then counts the device pool's blocks), and H may be the query heads (G =
+    1), as sparse attention's choices per head give them. A sequence seeing no token gets (o = 0, lse = -inf).
+    Returns (o [B, H, G, D], lse [B, H, G]) in float32, in buffers of `workspaces` (a dict kept by the caller) that
+    the next call with the same shapes overwrites."""
     tk = _kernels()
     if q.dim() != 4:
-        raise ValueError(f"q must be [B, H_kv, G, D], got shape {tuple(q.shape)}")
+        raise ValueError(f"q must be [B, H, G, D], got shape {tuple(q.shape)}")
     b, h, g, d = q.shape
     flat = q.reshape(b * h, g, d)
-    _check_kernel_args(flat[:h], k_pool, v_pool)
+    _check_kernel_args(flat[:k_pool.shape[1]], k_pool, v_pool)  # (B * H >= H_kv rows: the query heads or the KV's)
     if host_k.shape[1:] != k_pool.shape[1:] or host_v.shape != host_k.shape or host_k.dtype != k_pool.dtype \
             or host_v.dtype != k_pool.dtype or not (host_k.is_contiguous() and host_v.is_contiguous()
                                                     and k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError(f"the host pools {tuple(host_k.shape)} must be contiguous pages of the device pool's shape "
                          f"{tuple(k_pool.shape[1:])} and dtype, as the device pools must be contiguous")
-    for name in ("slots", "begin", "count", "shift"):
+    if block is None and h != k_pool.shape[1]:
+        raise ValueError(f"q has {h} heads; over pages it must have the pools' {k_pool.shape[1]}")
+    if block is not None and (block < 1 or k_pool.shape[2] % block or block & (block - 1)):
+        raise ValueError(f"block must be a power of two dividing the page size {k_pool.shape[2]}, got {block}")
+    for name in ("slots", "begin", "count", "shift", "low"):
         _check_int32(name, getattr(pages, name), None if name == "slots" else (b,), k_pool.device)
     if pages.most < 1:
         raise ValueError(f"pages.most must be >= 1 (the largest page count), got {pages.most}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
     if pages_per_split is None:
         # Triton's CPU interpreter runs the programs one after another: splitting there only adds programs.
         pages_per_split = _default_pages_per_split(pages.most, b * h) if q.is_cuda else pages.most
-    pps = pages_per_split
-    splits = -(-pages.most // pps)
+    splits = -(-pages.most // pages_per_split)
     key = ("ragged", splits, tuple(flat.shape), q.device)
     out = workspaces.get(key) if workspaces is not None else None
     if out is None:
         out = paged_decode_workspace(flat, pages.most, splits)
         if workspaces is not None:
             workspaces[key] = out
-    tk.launch_ragged(flat, k_pool, v_pool, host_k, host_v, split, pages.slots, pages.begin, pages.count,
-                     pages.shift, ahead, window, scaling, softcap, pps, *out)
+    tk.launch_ragged(flat, k_pool, v_pool, host_k, host_v, split, pages, ahead, block, scaling, softcap,
+                     pages_per_split, *out)
     return out.o.view(b, h, g, d), out.lse.view(b, h, g)
