@@ -27,6 +27,10 @@ from policies import SELECTION, PrefetchContext, SelectionPolicy
 
 # Added to the score of blocks a policy always keeps (outliers): above any share of attention (at most G).
 KEEP = 1e4
+# Candidate blocks a CPU scores at once in a batch's sparse step (`SparseSelection.scores_batch`): a piece of a few
+# hundred blocks (four sequences of 1K tokens with 16-token blocks) keeps the policy's temporaries in the caches,
+# which one piece for a whole batch of long sequences does not.
+CPU_PIECE_BLOCKS = 256
 # Per step decay of the attention history (`history` > 0).
 HISTORY_DECAY = 0.9
 
@@ -252,7 +256,11 @@ class SparseSelection:
         cand = rows_t[:, None] * self.max_blocks + fb[:, None] + torch.minimum(j, nb[:, None] - 1)
         flat = self.summaries.view(-1, *self.summaries.shape[2:])
         summaries = flat.index_select(0, cand.view(-1)).view(B, most, -1, H, D)
-        bound = self.selector.bound_batch(q, summaries, scaling)  # [B, most, H, M]
+        # A CPU scores in pieces of sequences (`CPU_PIECE_BLOCKS`: a sketch rebuilds every key of the candidates);
+        # a GPU scores the batch at once.
+        per = B if self.device.type == "cuda" else max(1, CPU_PIECE_BLOCKS // most)
+        bound = torch.cat([self.selector.bound_batch(q[i:i + per], summaries[i:i + per], scaling)
+                           for i in range(0, B, per)]) if per < B else self.selector.bound_batch(q, summaries, scaling)
         share = torch.softmax(bound.masked_fill(pad[:, :, None, None], float("-inf")), dim=1)
         share = self._by_chooser(share, self.selector.keep_batch(summaries)).masked_fill_(pad[:, :, None], 0.0)
         return share, cand, pad
