@@ -16,7 +16,8 @@ torch step unpacks the host's pages (exact) or the chosen blocks (sparse) after 
   exact:  gather pages first..last (tail last) into the head-major workspace -> SDPA over tokens off..n-1.
   batch:  every sequence's pages in one gather -> one SDPA call (equal lengths) or one pass over pages with the
           softmax reduced per sequence (any lengths, windows, soft-caps); with the kernels, one launch over each
-          sequence's pages read in place from both pools.
+          sequence's pages read in place from both pools. Sparse steps of a batch choose together (one scoring,
+          one top-k) and attend in one pass, or with the kernels one launch over each head's own blocks.
   sparse: score the window's blocks (`select_block` tokens) from their summaries, per chooser (a KV head, a query
           head, or one for all) -> top-k among those not forced -> forced (sinks, recent window) + top-k + the
           tail's blocks -> unified block ids -> one gather of each head's own blocks -> SDPA, the first block cut
@@ -560,7 +561,8 @@ class KernelDecode(DeviceDecode):
               decode reads it as a pool of `select_block`-token pages, with the block count, the last block's fill
               and the window's start in a device tensor, so that nothing about the selection is read on the host.
       batch:  the sequences a batch's step serves, in one launch of the ragged paged decode, which reads device
-              pages in place and host pages in place from the pinned host pool (no workspace row).
+              pages (or, sparse, each head's chosen blocks) in place, and host ones in place from the pinned host
+              pool (no workspace row).
     """
 
     def __init__(self, pools: tuple[torch.Tensor, torch.Tensor], split: int, workspace: int, layers: int,
