@@ -37,6 +37,18 @@ def _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP: tl
 
 
 @triton.jit
+def _start(q_ptr, row, stride_qh, stride_qg, G, BLOCK_G: tl.constexpr, D: tl.constexpr):
+    """A program's queries (row `row` of q: [BLOCK_G, D] in float32, padded rows zeros, never stored) and its
+    online softmax's empty state (max, sum, accumulator)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + row * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :], mask=(offs_g < G)[:, None],
+                other=0.0).to(tl.float32)
+    return q, tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32), \
+        tl.zeros([BLOCK_G, D], tl.float32)
+
+
+@triton.jit
 def _store_partial(o_ptr, lse_ptr, row, acc, m_i, l_i, offs_d, g_ok, D: tl.constexpr):
     """Writes a program's partial (o normalized, lse) into `row` [BG] of o_ptr [rows, D] and lse_ptr [rows]. A row
     that saw nothing (or an empty split) gets (o = 0, lse = -inf), which weighs nothing in the merge."""
@@ -77,12 +89,7 @@ def _split_kernel(
     offs_p = tl.arange(0, P)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
-    # Padded query rows load as zeros and are never stored.
-    q = tl.load(q_ptr + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :], mask=g_ok[:, None],
-                other=0.0).to(tl.float32)  # [BG, D]
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    q, m_i, l_i, acc = _start(q_ptr, h, stride_qh, stride_qg, G, BLOCK_G, D)
     lo = split * pages_per_split
     hi = tl.minimum(lo + pages_per_split, n)
     for i in range(lo, hi):
@@ -121,11 +128,7 @@ def _ragged_split_kernel(
     offs_p = tl.arange(0, P)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
-    q = tl.load(q_ptr + bh * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :], mask=g_ok[:, None],
-                other=0.0).to(tl.float32)  # [BG, D]
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    q, m_i, l_i, acc = _start(q_ptr, bh, stride_qh, stride_qg, G, BLOCK_G, D)
     within = offs_p[:, None] * stride_p + offs_d[None, :]  # [P, D]: a head of a page
     if not HEAD_SLOTS:
         within += h * stride_h
