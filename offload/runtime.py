@@ -496,7 +496,7 @@ class Runtime:
         attend over them in one pass (`DeviceDecode.sparse_batch`). Returns the sequences
         served, in order, and their output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
-        if (not self.batch_step or type(dec) not in (DeviceDecode, KernelDecode) or dec.codec is not None
+        if (not self.batch_step or dec is None or dec.codec is not None
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
         choose = self.sparse and dec.cache is None and sel.batchable()
@@ -539,8 +539,8 @@ class Runtime:
             outs.append(self._batch_sparse(layer, sparse, queries[1], scaling, softcap))
         out = outs[0]
         if len(outs) > 1:  # back in the order of the sequences
-            order = [b for b, *_ in exact + sparse]
-            out = torch.cat(outs).index_select(0, torch.tensor([order.index(b) for b in served], device=self.device))
+            at = {b: i for i, (b, *_) in enumerate(exact + sparse)}
+            out = torch.cat(outs).index_select(0, torch.tensor([at[b] for b in served], device=self.device))
         self._resident()
         return served, out
 

@@ -242,9 +242,9 @@ class SparseSelection:
         per row between steps, and there is no attention history."""
         return self.history is None and type(self.selector).query is SelectionPolicy.query
 
-    def scores_batch(self, rows: list[int], q: torch.Tensor, fb: torch.Tensor, nb: torch.Tensor, most: int,
+    def scores_batch(self, rows: torch.Tensor, q: torch.Tensor, fb: torch.Tensor, nb: torch.Tensor, most: int,
                      scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`scores` for sequences of a batch at once: rows `rows` (page table rows), queries q [B, H, M, D]
+        """`scores` for sequences of a batch at once: rows `rows` (page table rows, int64 [B]), queries q [B, H, M, D]
         (float32), candidate blocks fb[b]..fb[b]+nb[b]-1 (int64 device tensors [B]), `most` the largest nb. The
         sequences' heads are scored side by side as the heads of one (a policy's bound and keep are per head).
         Returns (shares [B, most, choosers], 0 past a sequence's candidates; the candidates' rows in the summaries
@@ -252,8 +252,7 @@ class SparseSelection:
         B, H, M, D = q.shape
         j = torch.arange(most, device=self.device)
         pad = j >= nb[:, None]
-        rows_t = torch.tensor(rows, device=self.device)
-        cand = rows_t[:, None] * self.max_blocks + fb[:, None] + torch.minimum(j, nb[:, None] - 1)
+        cand = rows[:, None] * self.max_blocks + fb[:, None] + torch.minimum(j, nb[:, None] - 1)
         flat = self.summaries.view(-1, *self.summaries.shape[2:])
         summaries = flat.index_select(0, cand.view(-1)).view(B, most, -1, H, D)
         # A CPU scores in pieces of sequences (`CPU_PIECE_BLOCKS`: a sketch rebuilds every key of the candidates);

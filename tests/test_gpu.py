@@ -127,13 +127,16 @@ def test_kernel_decode_over_device_and_pinned_host_gives_the_same_tokens(dtype: 
         assert torch.equal(got[:, :310], plain[:, :310])
 
 
-def test_a_ragged_batch_on_the_kernels_gives_dynamic_caches_tokens() -> None:
+@pytest.mark.parametrize("attention", ["exact", "sparse"])
+def test_a_ragged_batch_on_the_kernels_gives_the_tokens_of_its_reference(attention: str, monkeypatch) -> None:
     """A batch of left-padded prompts of different lengths on CUDA: the sequences taking the plain step attend in
-    one launch, device pages in place and host pages read in place from the pinned host pool; the greedy tokens are
-    DynamicCache's, sequence by sequence."""
+    one launch, device pages (sparse: each head's chosen blocks) in place and host ones read in place from the
+    pinned host pool. The greedy tokens are DynamicCache's (exact), or those of every row running alone (sparse),
+    sequence by sequence."""
     from transformers import DynamicCache
 
     from offload.decode import KernelDecode
+    from offload.runtime import Runtime
 
     model = _model()
     lengths = [300, 170, 45, 233]
@@ -143,20 +146,29 @@ def test_a_ragged_batch_on_the_kernels_gives_dynamic_caches_tokens() -> None:
         ids[b, ids.shape[1] - n:] = torch.randint(3, 256, (n,), device="cuda")
         mask[b, ids.shape[1] - n:] = 1
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        plain = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
     pb = _page_bytes(model, 16)
     kv = 3 * (sum(-(-(n + 24) // 16) for n in lengths)) * pb
+    options = dict(page_size=16, device_budget=int(0.3 * kv) + 16 * pb, host_budget=kv, attention=attention,
+                   token_budget=48, select_block=8, dense_layers=1)
+    name = "exact_ragged" if attention == "exact" else "sparse_batch"
+    with torch.no_grad():
+        if attention == "exact":
+            plain = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+        else:
+            monkeypatch.setattr(Runtime, "batch_step", False)
+            with offload(model, **options):
+                plain = model.generate(ids, **kwargs)
+            monkeypatch.setattr(Runtime, "batch_step", True)
     calls = []
-    with offload(model, page_size=16, device_budget=int(0.3 * kv) + 16 * pb, host_budget=kv) as rt:
+    with offload(model, **options) as rt:
         assert isinstance(rt.decoder, KernelDecode)
-        ragged = rt.decoder.exact_ragged
-        rt.decoder.exact_ragged = lambda *a: calls.append(len(a[1])) or ragged(*a)
+        step = getattr(rt.decoder, name)
+        setattr(rt.decoder, name, lambda *a: calls.append(len(a[1])) or step(*a))
         with torch.no_grad():
             got = model.generate(ids, **kwargs)
         stats = rt.stats()
     assert stats["peak_resident_bytes"]["host"] > 0
-    assert max(calls) == len(lengths)
+    assert max(calls) == len(lengths) if attention == "exact" else max(calls) > 1
     for b in range(len(lengths)):
         assert torch.equal(got[b], plain[b]), f"sequence {b}"
 
