@@ -87,6 +87,22 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: to
     Scores and values are products over single pages (batched over N and H); the softmax of a sequence runs over
     its pages alone, with its maximum and sum reduced per sequence (a scatter over `seq`), as a flash-decoding
     merge reduces its splits. The op count does not depend on B or on the lengths."""
+    o, top, total = _segments(q, k, v, seq, scaling, softcap, hidden)
+    return o.div_(total.unsqueeze(-1))
+
+
+def segment_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, scaling: float,
+                    softcap: float | None = None, hidden: torch.Tensor | None = None) -> Partial:
+    """`segment_attention` as a partial per sequence, to merge with others over the same sequences: (o [B, H, M,
+    D], lse [B, H, M]). A sequence with no page here gets (0, -inf)."""
+    o, top, total = _segments(q, k, v, seq, scaling, softcap, hidden)
+    return o.div_(total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)), top.add_(total.log())
+
+
+def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, scaling: float,
+              softcap: float | None, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-sequence sums of `segment_attention`: (unnormalized o [B, H, M, D], maximum [B, H, M], sum of the
+    exponentials [B, H, M])."""
     (n, h, page, d), m_rows = k.shape, q.shape[2]
     qs = q.float().index_select(0, seq).view(n * h, m_rows, d)
     s = _cap(torch.bmm(qs, k.float().view(n * h, page, d).transpose(1, 2)), scaling, softcap).view(n, h, m_rows, page)
@@ -98,8 +114,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: to
     p = torch.exp(s.sub_(top.index_select(0, seq).unsqueeze(-1)))
     total = m.new_zeros(top.shape).index_add_(0, seq, p.sum(-1))
     o = torch.bmm(p.view(n * h, m_rows, page), v.float().view(n * h, page, d)).view(n, h, m_rows, d)
-    o = m.new_zeros((*top.shape, d)).index_add_(0, seq, o)
-    return o.div_(total.unsqueeze(-1))
+    return m.new_zeros((*top.shape, d)).index_add_(0, seq, o), top, total
 
 
 def window_hidden(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None, causal: bool) -> torch.Tensor:

@@ -99,6 +99,10 @@ class LayerView:
     dev_slots: torch.Tensor | None = None
     host_pos: torch.Tensor | None = None
     host_src: torch.Tensor | None = None
+    # A view with pages on disk (`lower`): the view of its pages in the pools alone, once needed (`in_pools`),
+    # which gives the page number of each of its pages (int64 on the device; None: pages first..pages-1).
+    in_pools: LayerView | None = None
+    numbers: torch.Tensor | None = None
 
 
 class DeviceDecode:
@@ -298,14 +302,17 @@ class DeviceDecode:
         return out.reshape(B, 1, query.shape[1], D)
 
     def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
-                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None,
+                     partial: bool = False) -> torch.Tensor | am.Partial:
         """One layer of sequences of a batch of any lengths (page table `rows`, their `views`) in one gather and one
         attention pass (`attention_math.segment_attention`): sequence b attends over its view's pages to its token
         `tokens[b]` (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is
         padded: the gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No
-        packed pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        packed pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]; with `partial`, (o [B, H, G, D], lse [B, H, G]) in
+        float32 to merge with other pages' (views of `in_pools`)."""
         B, H, D = len(views), self.kv_heads, self.head_dim
-        (index, seq, rel, k, v), ahead = self._ragged(layer, rows, views, tokens)
+        # (a layer's partial step keeps its own layout: both may run in one step, for different sequences)
+        (index, seq, rel, k, v), ahead = self._ragged((layer, partial), rows, views, tokens)
         torch.index_select(self.pool_k, 0, index, out=k)
         torch.index_select(self.pool_v, 0, index, out=v)
         # Every sequence gained `ahead` tokens since the layout was made (one a step): a token is hidden from
@@ -313,8 +320,21 @@ class DeviceDecode:
         hidden = rel >= ahead
         if window is not None:
             hidden |= rel < ahead - window
-        out = am.segment_attention(query.reshape(B, H, -1, D), k, v, seq, scaling, softcap, hidden)
+        q = query.reshape(B, H, -1, D)
+        if partial:
+            return am.segment_partial(q, k, v, seq, scaling, softcap, hidden)
+        out = am.segment_attention(q, k, v, seq, scaling, softcap, hidden)
         return out.to(query.dtype).view(B, 1, query.shape[1], D)
+
+    def in_pools(self, view: LayerView) -> LayerView:
+        """A view of the pages of `view` in the pools alone (those on disk left out), for the ragged step's partial
+        over them (`exact_ragged(partial=True)`); each keeps its page number (`numbers`). Made once per view. Not
+        for the kernels' step, whose layouts are of consecutive pages (they serve no disk tier)."""
+        if view.in_pools is None:
+            keep = (view.slots >= 0).nonzero().flatten()  # (a read on the host, when the view is new)
+            view.in_pools = LayerView(view.version, view.pages, view.first, view.host, False,
+                                      view.slots.index_select(0, keep), keep.numel(), numbers=keep + view.first)
+        return view.in_pools
 
     def _batch_target(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `rows` rows [rows, P, D] of the batch steps' gather targets, grown as needed (at page
@@ -327,7 +347,7 @@ class DeviceDecode:
             self.ragged_index.clear()
         return self.batch_k[:rows], self.batch_v[:rows]
 
-    def _ragged(self, layer: int, rows: list[int], views: list[LayerView], tokens: list[int],
+    def _ragged(self, layer: int | tuple, rows: list[int], views: list[LayerView], tokens: list[int],
                 window: int | None = None) -> tuple[tuple, int]:
         """`exact_ragged`'s layout of a layer for sequences (page table `rows`, their `views`) holding `tokens`,
         and how many tokens each gained since it was made (one a step). It is made again when a row's pages
@@ -348,8 +368,12 @@ class DeviceDecode:
                                             device=self.device)
         seq = torch.repeat_interleave(torch.arange(B, device=self.device), counts)
         n = seq.numel()
-        # Page i of the gather is page i - (pages of the sequences before) + first of its sequence.
-        page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
+        if any(v.numbers is not None for v in views):  # (views of the pages in the pools, `in_pools`)
+            page = torch.cat([v.numbers if v.numbers is not None else torch.arange(v.first, v.pages, device=self.device)
+                              for v in views])
+        else:
+            # Page i of the gather is page i - (pages of the sequences before) + first of its sequence.
+            page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
         rel = page[:, None] * P + torch.arange(P, device=self.device) - ends[seq][:, None]  # [N, P]
         out = tuple(t.view(n, H, P, D) for t in self._batch_target(n * H))
         return torch.cat([v.slots for v in views]).long(), seq, rel, *out
@@ -706,7 +730,8 @@ class KernelDecode(DeviceDecode):
         return self.exact_ragged(layer, rows, views, query, [tokens] * len(views), scaling, None, None)
 
     def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
-                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None,
+                     partial: bool = False) -> torch.Tensor | am.Partial:
         """The batch's step in one launch (`kernels.paged_decode.paged_decode_ragged`, and one merge launch when
         its pages are split): every sequence over its own pages, device pages read in place and host pages read
         in place from the pinned host pool, so no workspace row is used whatever the batch holds."""
@@ -718,8 +743,10 @@ class KernelDecode(DeviceDecode):
         pages, ahead = self._ragged(layer, rows, views, tokens, window)
         B, D = len(views), self.head_dim
         q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
-        o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
-                                              pages, ahead, scaling, softcap, workspaces=self.paged_out)
+        o, lse = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
+                                                pages, ahead, scaling, softcap, workspaces=self.paged_out)
+        if partial:
+            return o.clone(), lse.clone()
         return o.view(B, 1, query.shape[1], D).to(query.dtype, copy=True)  # (the buffers are the next call's)
 
     def _ragged_layout(self, views: list[LayerView], tokens: list[int], window: int | None):

@@ -488,58 +488,68 @@ class Runtime:
         """A decode step of layer `layer` for the sequences of the batch that take the plain step, all at once: one
         append, one gather and one attention call. The plain step is attention over the pools (the CPU's unified
         pool, or the CUDA kernels' device and pinned host pools) with no packed pages; a sequence takes it unless it
-        has finished, opens or (by its window) releases a page in this step, or has pages on disk or pages the host
-        attends. Exact steps: sequences of equal length with no window or soft-cap (equal prompts, returned
-        sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or
-        windowed, over their own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`). Sparse
-        steps (with no block cache and a selection policy with no state per row) choose each sequence's blocks and
-        attend over them in one pass (`DeviceDecode.sparse_batch`). Returns the sequences
-        served, in order, and their output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
+        has finished, opens or (by its window) releases a page in this step, or has pages the host attends. Exact
+        steps: sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
+        attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
+        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those of full-attention
+        layers with pages on disk read them in one request for the batch and merge them in (`_batch_lower`).
+        Sparse steps (with no block cache and a selection policy with no state per row) choose each sequence's
+        blocks and attend over them in one pass (`DeviceDecode.sparse_batch`); a sparse sequence with pages on disk
+        runs alone. Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run
+        alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or dec is None or dec.codec is not None
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
         choose = self.sparse and dec.cache is None and sel.batchable()
-        exact, sparse = [], []  # (sequence, view, tokens, plan)
+        exact, sparse, lower = [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]
             # n % P == 0: a page opens, and the boundary's work runs alone.
             if self.finished[b] or n % P == 0 or (window is not None and self._dead_pages(r, n + 1) > t.first[r]):
                 continue
             view = dec.view(r, t, t.pages(r))
-            if view.lower or view.host_attend is not None or view.first != t.first[r]:
+            if view.host_attend is not None or view.first != t.first[r]:
+                continue
+            if view.lower:
+                if not self.sparse and self._streams_with_batch(r, view):
+                    lower.append((b, view, n, None))
                 continue
             plan = sel.budget(r, n + 1) if self.sparse else None
             if plan is not None and (not choose or (view.host and self._host_share(r, view.host,
                                                                                      view.count - view.host))):
                 continue
             (exact if plan is None else sparse).append((b, view, n, plan))
-        served = sorted(b for b, *_ in exact + sparse)
+        if not lower:
+            self.ring.forget(("batch", layer))  # its pages loaded ahead: no sequence reads them now
+        groups = [(g, step) for g, step in ((exact, self._batch_exact), (sparse, self._batch_sparse),
+                                            (lower, self._batch_lower)) if g]
+        served = sorted(b for g, _ in groups for b, *_ in g)
         if not served:
             return [], None
         if len(served) < B:  # the others run alone
             pick = torch.tensor(served, device=self.device)
             query, key, value = query.index_select(0, pick), key.index_select(0, pick), value.index_select(0, pick)
-        ns = {b: n for b, _, n, _ in exact + sparse}
+        ns = {b: n for g, _ in groups for b, _, n, _ in g}
         dec.append_batch(layer, [self._tail(layer * B + b)[0] for b in served], [ns[b] % P for b in served], key,
                          value)
         for b in served:
             self.ring.forget(layer * B + b)  # loads an earlier step queued for this row
             t.tokens[layer * B + b] = ns[b] + 1
-        if exact and sparse:  # (in a layer with both, short sequences whose budget covers what they see)
-            at = {b: i for i, b in enumerate(served)}
-            queries = [query.index_select(0, torch.tensor([at[b] for b, *_ in group], device=self.device))
-                       for group in (exact, sparse)]
-        else:
-            queries = [query, query]
+        if self.disk_tier is not None and not self.sparse:
+            self._ask_lower_ahead(layer)  # (issued after this layer's own, which `_batch_lower` asks for first)
+            if not lower:
+                self.ring.pump()
+        at = {b: i for i, b in enumerate(served)}
         outs = []
-        if exact:
-            outs.append(self._batch_exact(layer, exact, queries[0], scaling, window, softcap))
-        if sparse:
-            outs.append(self._batch_sparse(layer, sparse, queries[1], scaling, softcap))
+        for group, step in groups:
+            # (in a layer with several groups, the rows of each)
+            mine = query if len(groups) == 1 else query.index_select(
+                0, torch.tensor([at[b] for b, *_ in group], device=self.device))
+            outs.append(step(layer, group, mine, scaling, window, softcap))
         out = outs[0]
         if len(outs) > 1:  # back in the order of the sequences
-            at = {b: i for i, (b, *_) in enumerate(exact + sparse)}
+            at = {b: i for i, (b, *_) in enumerate(g for group, _ in groups for g in group)}
             out = torch.cat(outs).index_select(0, torch.tensor([at[b] for b in served], device=self.device))
         self._resident()
         return served, out
@@ -556,7 +566,7 @@ class Runtime:
             return dec.exact_batch(layer, rows, views, query, ns[0] + 1, scaling)
         return dec.exact_ragged(layer, rows, views, query, [n + 1 for n in ns], scaling, softcap, window)
 
-    def _batch_sparse(self, layer: int, group: list[tuple], query, scaling: float,
+    def _batch_sparse(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
                       softcap: float | None) -> torch.Tensor:
         """`_decode_batch`'s sparse steps: `group` holds (sequence, view, tokens before the step, plan)."""
         B, P, sel = self.batch, self.page_size, self.selection
@@ -570,6 +580,78 @@ class Runtime:
             first, off = self._window_first(layer * B + b, n + 1)
             self._count_decode(layer * B + b, min(1.0, (chosen * sel.block + p.valid) / (n + 1 - first * P - off)))
         return out
+
+    # -- a batch's pages on disk -------------------------------------------------------------------------------
+    def _streams_with_batch(self, row: int, view) -> bool:
+        """Whether row `row`, whose `view` has pages on disk, takes the batch's exact step (`_batch_lower`): the host
+        attends none of its pages."""
+        pooled = self.decoder.in_pools(view)
+        below = view.count - pooled.count + view.host
+        return self.host_attention is None or not self._host_share(row, below, pooled.count - view.host)
+
+    def _batch_lower(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
+                     softcap: float | None) -> torch.Tensor:
+        """`_decode_batch`'s exact steps of sequences with pages on disk (a full-attention layer): the pages of
+        every sequence that live only on disk are read in one request through the load ring (in chunks that hold
+        pages of several sequences; those the layer before asked for ahead are on their way), the next layer's
+        asked for ahead, and while they land the pools' pages are attended in one pass (`exact_ragged`, a partial
+        per sequence). Each chunk is attended in one pass as it lands, and the partials are merged per sequence."""
+        B, ring, dec, M = self.batch, self.ring, self.decoder, self.max_pages
+        key, rows = ("batch", layer), [layer * B + b for b, *_ in group]
+        t0 = time.perf_counter()
+        for row, (_, view, _, _) in zip(rows, group):
+            self._count_exact_step(row, view, t0)
+        on_rows, on_pages = self._on_disk(rows)
+        ring.discard_pending(key)
+        todo = ~torch.isin(on_rows * M + on_pages, ring.covered_rows(key) * M + ring.covered(key))
+        self.count_load(int(todo.sum()), predicted=False)
+        ring.request(layer * B, on_pages[todo], predicted=False, front=True, rows=on_rows[todo], key=key)
+        ring.pump()
+        tokens = [n + 1 for _, _, n, _ in group]
+        parts = [dec.exact_ragged(layer, rows, [dec.in_pools(v) for _, v, _, _ in group], query, tokens, scaling,
+                                  softcap, window, partial=True)]
+        # The chunks' pages of sequences that run alone now (asked for ahead) go to a spare query row, whose partial
+        # is dropped: nothing is read on the host to leave them out.
+        G = len(group)
+        q = query.reshape(G, self.kv_heads, -1, self.head_dim)
+        q = torch.cat([q, q[:1]])
+        seq = torch.full((B,), G, dtype=torch.long)
+        seq[[b for b, *_ in group]] = torch.arange(G)
+        ends = torch.tensor([*tokens, 0])
+        for job, k, v in ring.consume(key):
+            mine = seq[job.rows - layer * B]
+            hidden = None
+            if window is not None:  # the keys before the window's start, on its first page
+                rel = job.pages[:, None] * self.page_size + torch.arange(self.page_size) - ends[mine][:, None]
+                hidden = (rel < -window).to(self.device)
+            o, lse = am.segment_partial(q, k, v, mine.to(self.device), scaling, softcap, hidden)
+            parts.append((o[:G], lse[:G]))
+        return am.merge(parts).to(query.dtype).view(G, 1, self.q_heads, self.head_dim)
+
+    def _on_disk(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full pages of `rows` that live only on disk (the tail, on the device, left out), in row and page
+        order: (the row of each, its page), int64 on the CPU."""
+        t = self.table
+        r = torch.tensor(rows)
+        bounds = torch.tensor([[t.first[x], t.pages(x) - 1] for x in rows])
+        page = torch.arange(self.max_pages)
+        below = ((t.slot["device"][r] < 0) & (t.slot["host"][r] < 0) & (page >= bounds[:, :1])
+                 & (page < bounds[:, 1:]))
+        at, pages = below.nonzero(as_tuple=True)
+        return r[at], pages
+
+    def _ask_lower_ahead(self, layer: int) -> None:
+        """Asks the load ring for the disk pages that the next layer of the model (layer 0 of the next step after
+        the last) will read in `_batch_lower`, for the sequences whose step there opens no page; they load while
+        this layer computes (after its own pages)."""
+        B, P, t = self.batch, self.page_size, self.table
+        nxt = (layer + 1) % self.model_layers
+        rows = [nxt * B + b for b in range(B) if not self.finished[b] and t.tokens[nxt * B + b] % P]
+        if rows:
+            on_rows, on_pages = self._on_disk(rows)
+            keep = t.busy[on_rows, on_pages] == 0
+            self.ring.discard_pending(("batch", nxt))
+            self.ring.request(nxt * B, on_pages[keep], predicted=True, rows=on_rows[keep], key=("batch", nxt))
 
     def _count_exact_step(self, layer: int, view, t0: float) -> None:
         """An exact device step of row `layer` over `view`: its pages read from the host pool are loads of pages
@@ -1383,40 +1465,62 @@ class Runtime:
             hidden = hide(on_device[start:start + cap]) if hide is not None else None
             yield am.pages_partial(q, kk, vv, scaling, softcap, hidden)
 
-    def _load(self, layer: int, pages: torch.Tensor, dst_k: torch.Tensor,
-              dst_v: torch.Tensor) -> tuple[torch.Tensor, list[Transfer]]:
-        """Starts copying `pages` (none on the device) into the buffers dst_k, dst_v ([n, H, P, D]), host pages
-        first, then disk pages. Returns the pages in buffer order and the copies."""
-        host_slot = self.table.slot["host"][layer, pages]
+    def _load(self, job, dst_k: torch.Tensor, dst_v: torch.Tensor) -> None:
+        """Starts copying the pages of the ring's chunk `job` (none on the device) into the buffers dst_k, dst_v
+        ([n, H, P, D]), host pages first, then disk pages; puts the job's pages (and rows) in buffer order and keeps
+        its copies."""
+        rows, pages = job.where()
+        host_slot = self.table.slot["host"][rows, pages]
         on_host = host_slot >= 0
-        order = torch.cat([pages[on_host], pages[~on_host]])
-        self.table.busy[layer, order] += 1
-        transfers = []
+        order = torch.cat([on_host.nonzero()[:, 0], (~on_host).nonzero()[:, 0]])
+        job.pages = pages = pages[order]
+        if job.rows is not None:
+            job.rows = rows = rows[order]
+        host_slot = host_slot[order]
+        self.table.busy[rows, pages] += 1
+        transfers = job.transfers = []
         n_host = int(on_host.sum())
         if n_host:
             host = self.host_tier
-            slots = host_slot[on_host].tolist()
-            self.placement.verify_host(layer, pages[on_host].tolist(), slots)
+            slots = host_slot[:n_host].tolist()
+            for row, at in self._row_runs(rows, 0, n_host):
+                self.placement.verify_host(row, pages[at].tolist(), slots[at])
             transfers.append(self.engine.copy("host->device", (host.k, host.v), slots,
-                                              (dst_k, dst_v), list(range(n_host)), layer, codec=self.codec))
-        n_disk = order.numel() - n_host
+                                              (dst_k, dst_v), list(range(n_host)), job.layer, codec=self.codec))
+        n_disk = pages.numel() - n_host
         if n_disk:
-            disk_slots = self.table.slot["disk"][layer, pages[~on_host]].tolist()
+            at = slice(n_host, n_host + n_disk)
+            disk_rows = rows if job.rows is None else rows[at]
+            disk_slots = self.table.slot["disk"][disk_rows, pages[at]].tolist()
             if self.device.type == "cuda":
                 # Disk -> pinned staging (I/O thread), then staging -> workspace on the copy stream.
                 staging = self._staging_for(dst_k)
                 transfers.append(self.engine.disk_to_device(
                     self.disk_tier, disk_slots, (staging[0][:n_disk], staging[1][:n_disk]),
-                    (dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk]), layer, self.codec))
+                    (dst_k[at], dst_v[at]), job.layer, self.codec))
             else:
                 # The CPU is the device: disk pages are read straight into the workspace (disk->host only).
-                transfers.append(self.engine.disk_read(self.disk_tier, disk_slots, dst_k[n_host:n_host + n_disk],
-                                                       dst_v[n_host:n_host + n_disk], layer, self.codec))
-            # A page that comes back damaged is rebuilt into the workspace (offload/recover.py).
-            transfers[-1].recover = functools.partial(
-                self.recovery.disk_load_failed, layer, pages[~on_host], disk_slots,
-                dst_k[n_host:n_host + n_disk], dst_v[n_host:n_host + n_disk])
-        return order, transfers
+                transfers.append(self.engine.disk_read(self.disk_tier, disk_slots, dst_k[at], dst_v[at], job.layer,
+                                                       self.codec))
+            # A page that comes back damaged is rebuilt into the workspace (offload/recover.py), row by row.
+            transfers[-1].recover = functools.partial(self._disk_load_failed, disk_rows, pages[at], disk_slots,
+                                                      dst_k[at], dst_v[at])
+
+    @staticmethod
+    def _row_runs(rows: int | torch.Tensor, start: int, stop: int) -> list[tuple[int, slice]]:
+        """(row, slice) of each run of equal rows among positions start..stop-1 of a chunk's pages; `rows` is one
+        row for all, or the row of each page."""
+        if isinstance(rows, int):
+            return [(rows, slice(start, stop))]
+        values, counts = torch.unique_consecutive(rows[start:stop], return_counts=True)
+        ends = (counts.cumsum(0) + start).tolist()
+        return [(int(r), slice(e - c, e)) for r, c, e in zip(values.tolist(), counts.tolist(), ends)]
+
+    def _disk_load_failed(self, rows: int | torch.Tensor, pages: torch.Tensor, slots: list[int], k: torch.Tensor,
+                          v: torch.Tensor, exc: BaseException) -> None:
+        """A chunk's disk read failed: `Recovery.disk_load_failed` for the pages of each row."""
+        for row, at in self._row_runs(rows, 0, pages.numel()):
+            self.recovery.disk_load_failed(row, pages[at], slots[at], k[at], v[at], exc)
 
     def _staging_for(self, dst_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pinned host staging that belongs to the ring buffer `dst_k` (host slots 0..load_buffers*half-1)."""
@@ -1425,8 +1529,8 @@ class Runtime:
         host = self.host_tier
         return host.k[buf * per:(buf + 1) * per], host.v[buf * per:(buf + 1) * per]
 
-    def _unbusy(self, layer: int, pages: torch.Tensor) -> None:
-        self.table.busy[layer, pages] -= 1
+    def _unbusy(self, rows: int | torch.Tensor, pages: torch.Tensor) -> None:
+        self.table.busy[rows, pages] -= 1
 
     # -- statistics ------------------------------------------------------------------------------------------
     def _stats_init(self) -> None:

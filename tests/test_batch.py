@@ -540,21 +540,36 @@ def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, m
     assert max(calls) == len(LENGTHS)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_some_sequences_through_the_batched_step_while_others_stream_from_disk(arch, tmp_path: Path, monkeypatch):
-    """Over three tiers, short sequences whose pages all sit in the pools take the batch's one step while long
-    ones, with pages on disk, stream theirs through the load ring alone in the same layer: the ring loads nothing
-    ahead for the sequences the batch served, and the tokens are DynamicCache's."""
-    from offload.decode import DeviceDecode
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arch, tmp_path: Path, monkeypatch):
+    """Over three tiers, long sequences with pages on disk and short ones whose pages all sit in the pools take the
+    batch's step together: the disk pages of every long sequence are read in one request through the load ring
+    (chunks holding pages of several sequences, the next layer's asked for ahead) and merged with each one's
+    attention over the pools. In full-attention layers no sequence streams alone but at the steps that open a page
+    (windowed layers, which keep their few pages in the pools, run alone when a window releases a page). The
+    tokens are DynamicCache's."""
+    from offload.loader import LoadRing
+    from offload.runtime import Runtime
 
     model = tiny(arch)
     lengths = [70, 12, 66, 9]
     ids, mask = padded_batch(lengths)
     expected = generate(model, ids, mask)
-    served = []
-    for name in ("exact_batch", "exact_ragged"):
-        step = getattr(DeviceDecode, name)
-        monkeypatch.setattr(DeviceDecode, name, lambda self, *a, step=step: served.append(len(a[1])) or step(self, *a))
+    requests, alone = [], []
+    request, streaming = LoadRing.request, Runtime._decode_streaming
+
+    def record_request(ring, layer, pages, predicted, front=False, rows=None, key=None):
+        if rows is not None and rows.numel():
+            requests.append((predicted, len(set(rows.tolist()))))
+        return request(ring, layer, pages, predicted, front, rows, key)
+
+    def record_streaming(rt, layer, query, n, *args):
+        if rt.windows[layer] is None:
+            alone.append((n - 1) % PAGE)  # tokens before the step, within their page
+        return streaming(rt, layer, query, n, *args)
+
+    monkeypatch.setattr(LoadRing, "request", record_request)
+    monkeypatch.setattr(Runtime, "_decode_streaming", record_streaming)
     disk = {"disk_dir": str(tmp_path / "kv")}
     with offload(model, page_size=PAGE, device_budget=least_device(model, 4, **disk) + 16 * page_bytes(model),
                  host_budget=16 * page_bytes(model), **disk) as rt:
@@ -563,8 +578,63 @@ def test_some_sequences_through_the_batched_step_while_others_stream_from_disk(a
         rt.table.check_invariants()
     for b in range(len(lengths)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
-    assert any(k < len(lengths) for k in served) and any(k > 1 for k in served), served
+    assert any(n > 1 for _, n in requests) and any(predicted for predicted, _ in requests), requests
+    assert set(alone) <= {0}, alone  # only steps that open a page
     assert not list((tmp_path / "kv").iterdir())
+
+
+def on_disk(table, row: int) -> int:
+    """Pages of page table row `row` that live only on disk."""
+    s = table.slot
+    return int(((s["device"][row] < 0) & (s["host"][row] < 0) & (s["disk"][row] >= 0)).sum())
+
+
+def test_a_step_over_pages_on_disk_reads_chunks_of_several_sequences(tmp_path: Path, monkeypatch):
+    """A decode step of a batch whose sequences have pages on disk reads them in chunks filled with pages of any
+    sequence, as many as one sequence with all those pages would need (one more where some were asked for ahead
+    and the rest now), and attends each layer's pools once and each chunk once: fewer chunks than each sequence
+    reading its own."""
+    from offload import attention_math as am
+    from offload.decode import DeviceDecode
+    from offload.runtime import Runtime
+
+    model = tiny("llama")
+    layers = model.config.num_hidden_layers
+    lengths = [60, 45, 30, 52, 61, 37, 44, 58]
+    chunks, pools, parts, streamed = [], [], [], []
+    load, ragged, partial, streaming = (Runtime._load, DeviceDecode.exact_ragged, am.segment_partial,
+                                        Runtime._decode_streaming)
+    monkeypatch.setattr(Runtime, "_load", lambda rt, job, k, v: chunks.append(job) or load(rt, job, k, v))
+    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda *a, **kw: pools.append(1) or ragged(*a, **kw))
+    monkeypatch.setattr(am, "segment_partial", lambda *a: parts.append(1) or partial(*a))
+    monkeypatch.setattr(Runtime, "_decode_streaming", lambda *a: streamed.append(1) or streaming(*a))
+    ids, mask = padded_batch(lengths, seed=9)
+    token = torch.ones((len(lengths), 1), dtype=torch.long)
+    first = torch.cat([mask, torch.ones_like(token)], 1)  # (no length is a multiple of the page size)
+    disk = {"disk_dir": str(tmp_path / "kv")}
+    opts = {"page_size": PAGE, "host_budget": 4 * page_bytes(model), "load_buffers": 2,
+            "device_budget": least_device(model, len(lengths), **disk) + 16 * page_bytes(model), **disk}
+    with torch.no_grad(), offload(model, **opts) as rt:
+        cache = rt.cache()
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        chunks.clear(), pools.clear(), parts.clear()
+        B, C, t = rt.batch, rt.ring.chunk, rt.table
+        below = [sum(on_disk(t, r) for r in range(layer * B, layer * B + B)) for layer in range(layers)]
+        model(token, attention_mask=first, past_key_values=cache, use_cache=True)
+        ahead = [j for j in rt.ring.inflight if j.key == ("batch", 0)]  # for the next step
+    assert not streamed  # (no step opened a page)
+    lower = [layer for layer in range(layers) if below[layer]]
+    assert lower and len(pools) == layers, (below, len(pools))
+    read = [j for j in chunks if all(j is not a for a in ahead)]
+    per_layer = [[j for j in read if j.key == ("batch", layer)] for layer in range(layers)]
+    for layer in lower:
+        mine = per_layer[layer]
+        assert sum(j.pages.numel() for j in mine) == below[layer]
+        assert len(mine) <= -(-below[layer] // C) + 1, (layer, [j.pages.numel() for j in mine], C)
+    assert len(read) == sum(map(len, per_layer))  # (every chunk of the batch's requests)
+    assert len(parts) == len(read) + len(lower)  # one pass over each chunk, and the pools' partial per layer
+    alone = sum(-(-on_disk(t, r) // C) for r in range(B * layers))  # each sequence's row reading its own
+    assert len(read) < alone, (len(read), alone)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
