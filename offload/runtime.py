@@ -27,7 +27,7 @@ from offload.batch import left_padding
 from offload.budgets import Plan, check_capacity, plan_budgets
 from offload.config import OffloadConfig
 from offload.decode import DeviceDecode, KernelDecode, attend_token
-from offload.engine import Transfer, TransferEngine
+from offload.engine import TransferEngine
 from offload.host_attention import HostAttention, HostJob, Rates, measure_rates, split
 from offload.cache import Handoff
 from offload.loader import LoadRing
