@@ -202,12 +202,8 @@ class DeviceDecode:
                 v.slots = held.to(self.device)
                 v.count -= take
                 v.host -= take
-        if self.codec is not None:
-            on_host = held >= self.split
-            pos = on_host.nonzero().flatten()
-            v.dev_slots = torch.where(on_host, 0, held).to(self.device, torch.long)
-            v.host_pos = pos.to(self.device)
-            v.host_src = (held[pos] - self.split).to(self.device, torch.long)
+        if self.codec is not None and not v.lower:
+            self._packed(v, held)
         if self.selecting:
             R = self.per_page
             base = self.rows[0, layer, :pages].long()[:, None] * self.kv_heads + self.head_of  # [pages, heads]
@@ -218,6 +214,15 @@ class DeviceDecode:
         self.views[layer] = v
         self._reserve(v.count)
         return v
+
+    def _packed(self, v: LayerView, held: torch.Tensor) -> None:
+        """With packed host pages: the device slots of the view's pages `held` (unified slots, page order) with
+        host pages at slot 0, and the host pages' positions among them and their host slots."""
+        on_host = held >= self.split
+        pos = on_host.nonzero().flatten()
+        v.dev_slots = torch.where(on_host, 0, held).to(self.device, torch.long)
+        v.host_pos = pos.to(self.device)
+        v.host_src = (held[pos] - self.split).to(self.device, torch.long)
 
     def serves_exact(self, view: LayerView) -> bool:
         """Whether an exact step of the layer can run here: every page it holds is in a pool."""
@@ -307,14 +312,17 @@ class DeviceDecode:
         """One layer of sequences of a batch of any lengths (page table `rows`, their `views`) in one gather and one
         attention pass (`attention_math.segment_attention`): sequence b attends over its view's pages to its token
         `tokens[b]` (exclusive), and with a sliding `window` over the last `window` of them alone. Nothing is
-        padded: the gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden. No
-        packed pages. query [B, Hq, 1, D] -> [B, 1, Hq, D]; with `partial`, (o [B, H, G, D], lse [B, H, G]) in
-        float32 to merge with other pages' (views of `in_pools`)."""
+        padded: the gather holds each sequence's own pages, and only its tail page's unfilled rows are hidden.
+        Packed host pages (`kv_quant`) are unpacked into the gather in one pass for the batch. query [B, Hq, 1, D]
+        -> [B, 1, Hq, D]; with `partial`, (o [B, H, G, D], lse [B, H, G]) in float32 to merge with other pages'
+        (views of `in_pools`)."""
         B, H, D = len(views), self.kv_heads, self.head_dim
         # (a layer's partial step keeps its own layout: both may run in one step, for different sequences)
-        (index, seq, rel, k, v), ahead = self._ragged((layer, partial), rows, views, tokens)
+        (index, seq, rel, k, v, host), ahead = self._ragged((layer, partial), rows, views, tokens)
         torch.index_select(self.pool_k, 0, index, out=k)
         torch.index_select(self.pool_v, 0, index, out=v)
+        if host is not None and host[0].numel():
+            self.unpack_into(k, v, *host)
         # Every sequence gained `ahead` tokens since the layout was made (one a step): a token is hidden from
         # there on, and before the window's start.
         hidden = rel >= ahead
@@ -334,6 +342,8 @@ class DeviceDecode:
             keep = (view.slots >= 0).nonzero().flatten()  # (a read on the host, when the view is new)
             view.in_pools = LayerView(view.version, view.pages, view.first, view.host, False,
                                       view.slots.index_select(0, keep), keep.numel(), numbers=keep + view.first)
+            if self.codec is not None:
+                self._packed(view.in_pools, view.in_pools.slots.cpu())
         return view.in_pools
 
     def _batch_target(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,7 +386,12 @@ class DeviceDecode:
             page = torch.arange(n, device=self.device) + (firsts - counts.cumsum(0) + counts)[seq]
         rel = page[:, None] * P + torch.arange(P, device=self.device) - ends[seq][:, None]  # [N, P]
         out = tuple(t.view(n, H, P, D) for t in self._batch_target(n * H))
-        return torch.cat([v.slots for v in views]).long(), seq, rel, *out
+        if self.codec is None:
+            return torch.cat([v.slots for v in views]).long(), seq, rel, *out, None
+        # Packed host pages: the device's gathered, then the host's unpacked into their places (`unpack_into`).
+        base = (counts.cumsum(0) - counts).tolist()
+        host = (torch.cat([v.host_pos + b for v, b in zip(views, base)]), torch.cat([v.host_src for v in views]))
+        return torch.cat([v.dev_slots for v in views]), seq, rel, *out, host
 
     def exact_partial(self, layer: int, view: LayerView, q: torch.Tensor, valid: int, scaling: float,
                       softcap: float | None) -> am.Partial:
@@ -554,12 +569,14 @@ class DeviceDecode:
         torch.index_select(self.pool_k, 0, slots, out=k_out)
         torch.index_select(self.pool_v, 0, slots, out=v_out)
         if self.codec is not None and view.host:  # packed host pages, unpacked into their rows
-            src = view.host_src
-            hk, hv = self.codec.decode(self.host_k.index_select(0, src), self.host_v.index_select(0, src),
-                                       k_out.dtype)
-            k_out.index_copy_(0, view.host_pos, hk)
-            v_out.index_copy_(0, view.host_pos, hv)
+            self.unpack_into(k_out, v_out, view.host_pos, view.host_src)
         return k, v
+
+    def unpack_into(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
+        """Packed host pages `src` (host slots), unpacked into pages `pos` of k, v [n, H, P, D]."""
+        hk, hv = self.codec.decode(self.host_k.index_select(0, src), self.host_v.index_select(0, src), k.dtype)
+        k.index_copy_(0, pos, hk)
+        v.index_copy_(0, pos, hv)
 
     def absorb(self, eviction) -> torch.Tensor:
         """Hands the uses recorded since the last boundary to the eviction policy's host tables (a device read,

@@ -487,8 +487,9 @@ class Runtime:
                       softcap: float | None) -> tuple[list[int], torch.Tensor | None]:
         """A decode step of layer `layer` for the sequences of the batch that take the plain step, all at once: one
         append, one gather and one attention call. The plain step is attention over the pools (the CPU's unified
-        pool, or the CUDA kernels' device and pinned host pools) with no packed pages; a sequence takes it unless it
-        has finished, opens or (by its window) releases a page in this step, or has pages the host attends. Exact
+        pool, or the CUDA kernels' device and pinned host pools; packed host pages on the CPU alone, in exact
+        steps); a sequence takes it unless it has finished, opens or (by its window) releases a page in this step,
+        or has pages the host attends. Exact
         steps: sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
         attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
         own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those of full-attention
@@ -498,10 +499,10 @@ class Runtime:
         runs alone. Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run
         alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
-        if (not self.batch_step or dec is None or dec.codec is not None
+        if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
-        choose = self.sparse and dec.cache is None and sel.batchable()
+        choose = self.sparse and dec.cache is None and dec.codec is None and sel.batchable()
         exact, sparse, lower = [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]
@@ -562,7 +563,7 @@ class Runtime:
         for b, view, _, _ in group:
             self._count_exact_step(layer * B + b, view, t0)
         rows, views, ns = [layer * B + b for b, *_ in group], [v for _, v, _, _ in group], [n for _, _, n, _ in group]
-        if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first:
+        if window is None and softcap is None and len(set(ns)) == 1 and not views[0].first and dec.codec is None:
             return dec.exact_batch(layer, rows, views, query, ns[0] + 1, scaling)
         return dec.exact_ragged(layer, rows, views, query, [n + 1 for n in ns], scaling, softcap, window)
 

@@ -637,6 +637,36 @@ def test_a_step_over_pages_on_disk_reads_chunks_of_several_sequences(tmp_path: P
     assert len(read) < alone, (len(read), alone)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_packed_host_pages_of_a_batch_are_unpacked_in_its_step(arch, tmp_path: Path, monkeypatch):
+    """With `kv_quant` the host and disk tiers hold packed pages: the batch's step gathers every sequence's device
+    pages and unpacks all of their host pages in one pass (disk pages come in the batch's request), and each
+    sequence gets the logits of every step run row by row. (No step opens a page: which pages are packed when
+    depends on the order in which the steps that do evict, and packing is lossy.)"""
+    from offload.decode import DeviceDecode
+    from offload.runtime import Runtime
+
+    model = tiny(arch)
+    lengths = [33, 65, 17, 49]  # one token past a page boundary: seven steps open no page
+    ids, mask = padded_batch(lengths)
+    unpacked, lower = [], []
+    ragged, batch_lower = DeviceDecode.exact_ragged, Runtime._batch_lower
+    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda self, layer, rows, views, *a, **kw: unpacked.append(
+        sum(v.host > 0 for v in views)) or ragged(self, layer, rows, views, *a, **kw))
+    monkeypatch.setattr(Runtime, "_batch_lower", lambda rt, layer, group, *a: lower.append(len(group)) or batch_lower(
+        rt, layer, group, *a))
+    logits = []
+    for together in (True, False):
+        monkeypatch.setattr(Runtime, "batch_step", together)
+        opts = {**three_tiers(model, tmp_path / str(together)), "kv_quant": "k8v4"}
+        with offload(model, **opts) as rt:
+            out = generate(model, ids, mask, new=7, output_logits=True, return_dict_in_generate=True)
+            logits.append(torch.stack(out.logits))
+            assert rt.stats()["peak_resident_bytes"]["disk"] > 0
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
+    assert max(unpacked) > 1 and max(lower) > 1, (unpacked, lower)  # several sequences' host and disk pages
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
                          ids=["greedy", "beams", "sampled"])
 def test_equal_sequences_through_the_batched_step_equal_dynamic_cache(kwargs, monkeypatch):
