@@ -428,8 +428,9 @@ class DeviceDecode:
         B, Hq, D, Bk = len(views), self.q_heads, self.head_dim, self.block
         ids, pad, valid, cut = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]
-        k = self.flat[0].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
-        v = self.flat[1].index_select(0, ids.view(-1)).view(B * E, self.heads, Bk, D)
+        k, v = (torch.empty((ids.numel(), Bk, D), dtype=self.pool_k.dtype, device=self.device) for _ in range(2))
+        self.read_blocks(ids.view(-1), k, v)
+        k, v = k.view(B * E, self.heads, Bk, D), v.view(B * E, self.heads, Bk, D)
         # Hidden: padding entries, the tail's rows from `valid` on, and the first block's tokens before `cut`.
         e = torch.arange(E, device=self.device)[None, :, None]
         t = torch.arange(Bk, device=self.device)[None, None, :]
@@ -536,23 +537,27 @@ class DeviceDecode:
         out_k, out_v, k, v = views
         order = ids.t().reshape(-1)  # head-major
         self.gathered = (order, out_k, out_v)
+        self.read_blocks(order, out_k, out_v)
+        return k, v
+
+    def read_blocks(self, ids: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Blocks at unified ids [n] -> out_k, out_v [n, B, D]."""
         if self.codec is None:
-            torch.index_select(self.flat[0], 0, order, out=out_k)
-            torch.index_select(self.flat[1], 0, order, out=out_v)
-            return k, v
+            torch.index_select(self.flat[0], 0, ids, out=out_k)
+            torch.index_select(self.flat[1], 0, ids, out=out_v)
+            return
         # Packed host pool: device blocks in place (host entries read block 0), then every entry unpacked from
         # the host pool (device entries read host block 0) and kept where the entry is the host's. Which entries
         # are the host's is known on the device only: both run whatever the choice, and the host reads nothing.
-        on_device = order.clamp(max=self.host_blocks - 1)
+        on_device = ids.clamp(max=self.host_blocks - 1)
         torch.index_select(self.flat[0], 0, on_device, out=out_k)
         torch.index_select(self.flat[1], 0, on_device, out=out_v)
         if self.host_k is not None:
-            kb, vb = self.codec.decode_blocks(self.host_k, self.host_v, (order - self.host_blocks).clamp(min=0),
+            kb, vb = self.codec.decode_blocks(self.host_k, self.host_v, (ids - self.host_blocks).clamp(min=0),
                                               self.block, out_k.dtype)
-            from_host = (order >= self.host_blocks).view(-1, 1, 1)
+            from_host = (ids >= self.host_blocks).view(-1, 1, 1)
             torch.where(from_host, kb, out_k, out=out_k)
             torch.where(from_host, vb, out_v, out=out_v)
-        return k, v
 
     def gather(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         """The view's gathered pages -> K and V [1, H, count * P, D], in page order."""

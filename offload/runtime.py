@@ -502,7 +502,7 @@ class Runtime:
         if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
-        choose = self.sparse and dec.cache is None and dec.codec is None and sel.batchable()
+        choose = self.sparse and dec.cache is None and sel.batchable()
         exact, sparse, lower = [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]

@@ -84,8 +84,11 @@ class SparseSelection:
         self.summary_rows = list(self.summaries)  # per-row views, made once
         self.history = None
         if self.config.history > 0:
-            self.history = torch.zeros((self.layers, self.max_blocks, self.choosers), dtype=torch.float32,
-                                       device=self.device)
+            # [rows, max_blocks, choosers], in a flat tensor with one spare row more: the one `scores_batch` writes
+            # its padding to.
+            self.history_flat = torch.zeros((self.layers * self.max_blocks + 1, self.choosers), dtype=torch.float32,
+                                            device=self.device)
+            self.history = self.history_flat[:-1].view(self.layers, self.max_blocks, self.choosers)
             self.history_rows = list(self.history)
 
     def reorder(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
@@ -239,8 +242,8 @@ class SparseSelection:
 
     def batchable(self) -> bool:
         """Whether the steps of several sequences can choose together (`scores_batch`): the policy keeps no state
-        per row between steps, and there is no attention history."""
-        return self.history is None and type(self.selector).query is SelectionPolicy.query
+        per row between steps."""
+        return type(self.selector).query is SelectionPolicy.query
 
     def scores_batch(self, rows: torch.Tensor, q: torch.Tensor, fb: torch.Tensor, nb: torch.Tensor, most: int,
                      scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,6 +265,12 @@ class SparseSelection:
                            for i in range(0, B, per)]) if per < B else self.selector.bound_batch(q, summaries, scaling)
         share = torch.softmax(bound.masked_fill(pad[:, :, None, None], float("-inf")), dim=1)
         share = self._by_chooser(share, self.selector.keep_batch(summaries)).masked_fill_(pad[:, :, None], 0.0)
+        if self.history is not None:  # as `scores` updates and mixes each row's, the padding's to the spare row
+            flat = self.history_flat
+            past = flat.index_select(0, cand.view(-1)).view(share.shape)
+            past.mul_(HISTORY_DECAY).add_(share, alpha=1 - HISTORY_DECAY)
+            flat.index_copy_(0, torch.where(pad, flat.shape[0] - 1, cand).view(-1), past.view(-1, share.shape[-1]))
+            share = torch.lerp(share, past, self.config.history).masked_fill_(pad[:, :, None], 0.0)
         return share, cand, pad
 
     def choose(self, layer: int, q: torch.Tensor, plan: BlockPlan, scaling: float, guess: bool = False

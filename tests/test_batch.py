@@ -133,8 +133,9 @@ SPARSE = dict(attention="sparse", token_budget=24, sink_tokens=8, recent_tokens=
 
 @pytest.mark.parametrize("arch,options", [("llama", {}),
                                           ("mistral", {"selection": "minmax", "head_selection": "query"}),
-                                          ("gemma2", {"selection": "landmark", "head_selection": "shared"})],
-                         ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared"])
+                                          ("gemma2", {"selection": "landmark", "head_selection": "shared"}),
+                                          ("llama", {"history": 0.5, "selection": "channels"})],
+                         ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared", "llama-history"])
 def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, options, monkeypatch):
     """Sparse attention below the context, KV on the device and the host: the sequences that take the plain step
     are scored, choose their blocks and attend in one pass, with sliding windows and soft-capping, and each
@@ -187,6 +188,33 @@ def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypat
 
 
 SPARSE_LENGTHS = [137, 70, 112, 95]
+
+
+def test_sparse_steps_of_a_batch_read_packed_host_blocks(monkeypatch):
+    """With `kv_quant` (packed host pages) the sparse steps of a batch choose together and unpack the chosen
+    host blocks of every sequence in one pass: the blocks attended and read from the host, and the logits, are
+    those of every row alone. (No step opens a page: which pages are packed when depends on the order of the
+    steps that evict, and packing is lossy.)"""
+    from offload.decode import DeviceDecode
+    from offload.runtime import Runtime
+
+    model = tiny("mistral")
+    ids, mask = padded_batch([129, 65, 113, 97])  # one past a page boundary: seven steps open no page
+    calls = []
+    batched = DeviceDecode.sparse_batch
+    monkeypatch.setattr(DeviceDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    logits, blocks = [], []
+    for together in (False, True):
+        monkeypatch.setattr(Runtime, "batch_step", together)
+        opts = {"page_size": PAGE, "device_budget": least_device(model, 4) + 8 * page_bytes(model),
+                "host_budget": "1MiB", **SPARSE, "selection": "minmax", "kv_quant": "k8v4"}
+        with offload(model, **opts) as rt:
+            out = generate(model, ids, mask, new=7, output_logits=True, return_dict_in_generate=True)
+            logits.append(torch.stack(out.logits))
+            blocks.append(rt.stats()["blocks"])
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    assert blocks[0] == blocks[1] and blocks[0]["from_host"] > 0, blocks
+    assert calls and max(calls) == 4, calls
 
 
 def _sparse_run(model, ids, mask, options: dict, new: int = NEW, kernels: bool = False) -> tuple[torch.Tensor, dict]:
