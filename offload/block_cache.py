@@ -102,6 +102,13 @@ class BlockCache:
             return torch.add(self.offset_hm[layer], blocks.t(), alpha=self.heads).reshape(-1)
         return torch.add(self.offset_bm[layer], blocks, alpha=self.heads).view(-1)
 
+    def entries_batch(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Entry indices, flat, of the blocks [B, E, choosers] that rows `rows` [B] (sequences of a batch) chose in
+        one step, block-major per row, as the batch's gather wrote them."""
+        B, E, _ = blocks.shape
+        head = torch.arange(self.heads, device=self.device)
+        return ((rows.view(B, 1, 1) * self.blocks + blocks.expand(B, E, self.heads)) * self.heads + head).view(-1)
+
     def fill(self, entries: torch.Tensor, ids: torch.Tensor, host_blocks: int, k: torch.Tensor, v: torch.Tensor,
              flat_k: torch.Tensor, flat_v: torch.Tensor) -> None:
         """After a step's gather: the `entries` [n] it read from the unified block `ids` [n] (the host pool's at

@@ -426,10 +426,13 @@ class DeviceDecode:
         and one attention pass with the softmax reduced per sequence (`attention_math.segment_attention`), the
         padding, the tail's unfilled rows and the window's cut hidden. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
         B, Hq, D, Bk = len(views), self.q_heads, self.head_dim, self.block
-        ids, pad, valid, cut = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
+        ids, pad, valid, cut, blocks = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]
         k, v = (torch.empty((ids.numel(), Bk, D), dtype=self.pool_k.dtype, device=self.device) for _ in range(2))
         self.read_blocks(ids.view(-1), k, v)
+        if self.cache is not None and self.cache.fits(ids.numel()):  # every sequence's host blocks, copied
+            self.cache.fill(self.cache.entries_batch(torch.tensor(rows, device=self.device), blocks),
+                            ids.view(-1), self.host_blocks, k, v, *self.flat)
         k, v = k.view(B * E, self.heads, Bk, D), v.view(B * E, self.heads, Bk, D)
         # Hidden: padding entries, the tail's rows from `valid` on, and the first block's tokens before `cut`.
         e = torch.arange(E, device=self.device)[None, :, None]
@@ -449,8 +452,8 @@ class DeviceDecode:
         each one's list is laid out as [fixed, padded to the most fixed | top-k, padded to the most chosen | the
         tail page's R blocks], the padding reading the tail's first block. Their uses are recorded, and the blocks
         read from the host pool counted. Returns each gathered head's unified block ids [B, E, heads], the padding
-        [B, E] (bool), and each sequence's tail tokens and first block's cut [B, 1]. Host work: a few lists of the
-        plans' integers."""
+        [B, E] (bool), each sequence's tail tokens and first block's cut [B, 1], and the blocks [B, E, choosers].
+        Host work: a few lists of the plans' integers."""
         B, H, Hq, D = len(views), self.kv_heads, self.q_heads, self.head_dim
         R, C, dev = self.per_page, self.choosers, self.device
         frees = [max(p.k_blocks - len(f), 0) for p, f in zip(plans, forced)]
@@ -489,7 +492,7 @@ class DeviceDecode:
         self.count_reads(ids)
         e = torch.arange(E, device=dev)[None, :]
         pad = ((e < NF) & (e >= nf)) | ((e >= NF) & (e < NF + F) & (e - NF >= free))  # [B, E]
-        return ids.view(B, E, self.heads), pad, valid, cut
+        return ids.view(B, E, self.heads), pad, valid, cut, blocks
 
     def choose(self, layer: int, view: LayerView, fb: int, scores: torch.Tensor, forced: torch.Tensor,
                bias: torch.Tensor, free: int, step: int) -> torch.Tensor:
@@ -783,7 +786,7 @@ class KernelDecode(DeviceDecode):
         count), each head's blocks read in place from the device pool or the pinned host pool (no gather, no
         workspace row)."""
         B, Bk, D, dev = len(views), self.block, self.head_dim, self.device
-        ids, pad, valid, cut = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
+        ids, pad, valid, cut, _ = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]
         order = torch.sort(pad.to(torch.int8), dim=1, stable=True).indices  # each sequence's padding last
         ids = ids.gather(1, order[:, :, None].expand_as(ids))

@@ -111,6 +111,35 @@ def test_a_batch_with_the_cache_gives_each_row_the_tokens_it_gives_alone(tiny_gq
         assert torch.equal(row, want[0])
 
 
+@pytest.mark.parametrize("mode", ["kv", "query", "shared"])
+def test_the_sparse_steps_of_a_batch_fill_the_cache_together(tiny_gqa3_model, mode, monkeypatch) -> None:
+    """A batch's sparse steps choose and attend together, and copy the host blocks every sequence read in one
+    fill: the tokens and blocks attended of the same batch with the same device tier and no cache, and fewer
+    blocks from the host."""
+    from offload.budgets import plan_budgets
+
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 128, (3, 200), generator=g)
+    kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=16, dense_layers=0,
+              host_budget="4MiB", head_selection=mode, select_block=4)
+    fills = []
+    fill = BlockCache.fill
+    monkeypatch.setattr(BlockCache, "fill", lambda cache, entries, *a: fills.append(
+        (entries // (cache.blocks * cache.heads)).unique().numel()) or fill(cache, entries, *a))
+    out, s1 = _generate(tiny_gqa3_model, ids, device_budget=300 * PAGE_BYTES, block_cache=0.5, **kw)
+    tier = s1["plan"].device_cache_pages
+    layers, max_pages = 3 * tiny_gqa3_model.config.num_hidden_layers, -(-tiny_gqa3_model.config.max_position_embeddings // 8)
+    budget = next(p for p in range(tier, 4 * tier) if plan_budgets(
+        OffloadConfig(device_budget=p * PAGE_BYTES, **kw), PAGE_BYTES, layers, max_pages, torch.device("cpu"),
+        device_step=True).device_cache_pages == tier)
+    ref, s0 = _generate(tiny_gqa3_model, ids, device_budget=budget * PAGE_BYTES, **kw)
+    assert s0["plan"].device_cache_pages == tier and s1["plan"].block_cache_pages > 0
+    assert torch.equal(out, ref)
+    assert s0["blocks"]["attended"] == s1["blocks"]["attended"]
+    assert 0 < s1["blocks"]["from_host"] < s0["blocks"]["from_host"], (s0["blocks"], s1["blocks"])
+    assert max(fills) == 3, fills  # the batch's three sequences in one fill
+
+
 def test_a_new_sequence_forgets_the_copies(tiny_gqa3_model) -> None:
     """Two generates in one runtime, the second on another prompt of the same length: its tokens are those of a
     fresh runtime (copies of the first sequence's blocks sit at the same entries and must not be read)."""
@@ -226,14 +255,15 @@ def _reordered(model, ids, cache, orders: list[list[int]]) -> torch.Tensor:
     return torch.stack(logits)
 
 
-def test_reordered_rows_read_their_new_blocks_not_their_old_copies(tiny_gqa3_model, monkeypatch) -> None:
+@pytest.mark.parametrize("together", [True, False], ids=["batch-step", "rows-alone"])
+def test_reordered_rows_read_their_new_blocks_not_their_old_copies(tiny_gqa3_model, together, monkeypatch) -> None:
     """Beam search reorders rows: a row then goes on from another row's blocks, and copies of its old blocks must
     not be read. Three different prompts (so rows differ from the start), steps that fill the cache, reorders: the
-    logits of the runtime without the cache, with the same device tier (every row running alone in both, as rows
-    with the cache do, so that the attention's sums are the same)."""
+    logits of the runtime without the cache, with the same device tier, whether the rows' steps run together or
+    each alone (the same in both runtimes, so that the attention's sums are the same)."""
     from offload.runtime import Runtime
 
-    monkeypatch.setattr(Runtime, "batch_step", False)
+    monkeypatch.setattr(Runtime, "batch_step", together)
     ids = torch.randint(0, 128, (3, 150), generator=torch.Generator().manual_seed(6))
     orders = [[1, 1, 0], [2, 0, 0], [0, 1, 2], [1, 2, 1]]
     kw = dict(attention="sparse", token_budget=0.2, page_size=8, sink_tokens=8, recent_tokens=8, dense_layers=0,
