@@ -492,12 +492,12 @@ class Runtime:
         or has pages the host attends. Exact
         steps: sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
         attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
-        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those of full-attention
-        layers with pages on disk read them in one request for the batch and merge them in (`_batch_lower`).
-        Sparse steps (with a selection policy with no state per row, and on the kernels no block cache) choose
-        each sequence's blocks and attend over them in one pass (`DeviceDecode.sparse_batch`); a sparse sequence
-        with pages on disk runs alone. Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run
-        alone after them (`attend_layer`)."""
+        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those with pages on disk
+        read them in one request for the batch and merge them in (`_batch_lower`). Sparse steps (with a selection
+        policy with no state per row, and on the kernels no block cache) choose each sequence's blocks and attend
+        over them in one pass (`DeviceDecode.sparse_batch`); a sparse sequence with pages on disk runs alone.
+        Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run alone after
+        them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
@@ -592,11 +592,11 @@ class Runtime:
 
     def _batch_lower(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
                      softcap: float | None) -> torch.Tensor:
-        """`_decode_batch`'s exact steps of sequences with pages on disk (a full-attention layer): the pages of
-        every sequence that live only on disk are read in one request through the load ring (in chunks that hold
-        pages of several sequences; those the layer before asked for ahead are on their way), the next layer's
-        asked for ahead, and while they land the pools' pages are attended in one pass (`exact_ragged`, a partial
-        per sequence). Each chunk is attended in one pass as it lands, and the partials are merged per sequence."""
+        """`_decode_batch`'s exact steps of sequences with pages on disk: the pages of every sequence that live only
+        on disk are read in one request through the load ring, in chunks that hold pages of several sequences (those
+        the layer before asked for ahead, `_ask_lower_ahead`, are on their way). While they land the pools' pages
+        are attended in one pass (`exact_ragged`, a partial per sequence); each chunk is attended in one pass as it
+        lands, and the partials are merged per sequence."""
         B, ring, dec, M = self.batch, self.ring, self.decoder, self.max_pages
         key, rows = ("batch", layer), [layer * B + b for b, *_ in group]
         t0 = time.perf_counter()

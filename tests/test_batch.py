@@ -128,6 +128,15 @@ def test_sparse_batch_selects_per_sequence():
         assert torch.equal(together[b, -NEW:], alone[0, -NEW:]), f"sequence {b}"
 
 
+def batch_sizes(monkeypatch, cls, name: str) -> list[int]:
+    """The sequences each call of the batch step `cls.name` (whose first argument is their rows) serves, as a list
+    that the calls append to."""
+    calls = []
+    step = getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda self, *a, **kw: calls.append(len(a[0])) or step(self, *a, **kw))
+    return calls
+
+
 SPARSE = dict(attention="sparse", token_budget=24, sink_tokens=8, recent_tokens=8, dense_layers=1, select_block=4)
 
 
@@ -146,9 +155,7 @@ def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, op
 
     model = tiny(arch)
     ids, mask = padded_batch(SPARSE_LENGTHS)
-    calls = []
-    batched = DeviceDecode.sparse_batch
-    monkeypatch.setattr(DeviceDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    calls = batch_sizes(monkeypatch, DeviceDecode, "sparse_batch")
     got, blocks = [], []
     for together in (False, True):
         monkeypatch.setattr(Runtime, "batch_step", together)
@@ -176,9 +183,7 @@ def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypat
     model, options = tiny("gemma2"), {"head_selection": "query"}
     ids, mask = padded_batch(SPARSE_LENGTHS)
     pools, on_pools = _sparse_run(model, ids, mask, options, new=8)
-    calls = []
-    batched = KernelDecode.sparse_batch
-    monkeypatch.setattr(KernelDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    calls = batch_sizes(monkeypatch, KernelDecode, "sparse_batch")
     monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
     got, stats = _sparse_run(model, ids, mask, options, new=8, kernels=True)
     assert stats["blocks"]["attended"] == on_pools["blocks"]["attended"] and stats["blocks"]["from_host"] > 0
@@ -200,9 +205,7 @@ def test_sparse_steps_of_a_batch_read_packed_host_blocks(monkeypatch):
 
     model = tiny("mistral")
     ids, mask = padded_batch([129, 65, 113, 97])  # one past a page boundary: seven steps open no page
-    calls = []
-    batched = DeviceDecode.sparse_batch
-    monkeypatch.setattr(DeviceDecode, "sparse_batch", lambda self, *a: calls.append(len(a[0])) or batched(self, *a))
+    calls = batch_sizes(monkeypatch, DeviceDecode, "sparse_batch")
     logits, blocks = [], []
     for together in (False, True):
         monkeypatch.setattr(Runtime, "batch_step", together)

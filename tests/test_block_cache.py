@@ -128,7 +128,8 @@ def test_the_sparse_steps_of_a_batch_fill_the_cache_together(tiny_gqa3_model, mo
         (entries // (cache.blocks * cache.heads)).unique().numel()) or fill(cache, entries, *a))
     out, s1 = _generate(tiny_gqa3_model, ids, device_budget=300 * PAGE_BYTES, block_cache=0.5, **kw)
     tier = s1["plan"].device_cache_pages
-    layers, max_pages = 3 * tiny_gqa3_model.config.num_hidden_layers, -(-tiny_gqa3_model.config.max_position_embeddings // 8)
+    config = tiny_gqa3_model.config
+    layers, max_pages = 3 * config.num_hidden_layers, -(-config.max_position_embeddings // 8)
     budget = next(p for p in range(tier, 4 * tier) if plan_budgets(
         OffloadConfig(device_budget=p * PAGE_BYTES, **kw), PAGE_BYTES, layers, max_pages, torch.device("cpu"),
         device_step=True).device_cache_pages == tier)
