@@ -472,7 +472,7 @@ class DeviceDecode:
         parts = [fixed[:, :, None].expand(B, NF, C)]
         if F:
             q = query.reshape(B, H, Hq // H, D).float()
-            scores, cand, pad = selection.scores_batch(row[:, 0], q, fb[:, 0], nb[:, 0], NB, scaling)
+            scores, cand, pad = selection.scores_batch(rows, row[:, 0], q, fb[:, 0], nb[:, 0], NB, scaling)
             if self.keep_mass:
                 self.mass.view(-1, C).index_add_(0, cand.view(-1), scores.view(-1, C))
             bias = torch.where(pad, float("-inf"), 0.0)

@@ -493,16 +493,17 @@ class Runtime:
         steps: sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
         attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
         own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those with pages on disk
-        read them in one request for the batch and merge them in (`_batch_lower`). Sparse steps (with a selection
-        policy with no state per row, and on the kernels no block cache) choose each sequence's blocks and attend
-        over them in one pass (`DeviceDecode.sparse_batch`); a sparse sequence with pages on disk runs alone.
+        read them in one request for the batch and merge them in (`_batch_lower`). Sparse steps (on the kernels,
+        with no block cache) choose each sequence's blocks and attend over them in one pass
+        (`DeviceDecode.sparse_batch`), a policy's state per row taken for all at once; a sparse sequence with pages
+        on disk runs alone.
         Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run alone after
         them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
-        choose = self.sparse and sel.batchable() and (dec.cache is None or not isinstance(dec, KernelDecode))
+        choose = self.sparse and (dec.cache is None or not isinstance(dec, KernelDecode))
         exact, sparse, lower = [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]

@@ -23,7 +23,7 @@ from offload.config import OffloadConfig
 from offload.decode import top_blocks
 from offload.models import apply_rotary, decoder_layers, query_before_rotary
 from offload.pagetable import window_start
-from policies import SELECTION, PrefetchContext, SelectionPolicy
+from policies import SELECTION, PrefetchContext
 
 # Added to the score of blocks a policy always keeps (outliers): above any share of attention (at most G).
 KEEP = 1e4
@@ -240,18 +240,15 @@ class SparseSelection:
             share = share + keep * KEEP
         return share
 
-    def batchable(self) -> bool:
-        """Whether the steps of several sequences can choose together (`scores_batch`): the policy keeps no state
-        per row between steps."""
-        return type(self.selector).query is SelectionPolicy.query
-
-    def scores_batch(self, rows: torch.Tensor, q: torch.Tensor, fb: torch.Tensor, nb: torch.Tensor, most: int,
-                     scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`scores` for sequences of a batch at once: rows `rows` (page table rows, int64 [B]), queries q [B, H, M, D]
-        (float32), candidate blocks fb[b]..fb[b]+nb[b]-1 (int64 device tensors [B]), `most` the largest nb. The
+    def scores_batch(self, layers: list[int], rows: torch.Tensor, q: torch.Tensor, fb: torch.Tensor,
+                     nb: torch.Tensor, most: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`scores` for sequences of a batch at once: rows `layers` (page table rows; `rows` the same as an int64
+        tensor [B]), queries q [B, H, M, D] (float32; the policy's per-row state, if any, taken for all at once,
+        `query_batch`), candidate blocks fb[b]..fb[b]+nb[b]-1 (int64 device tensors [B]), `most` the largest nb. The
         sequences' heads are scored side by side as the heads of one (a policy's bound and keep are per head).
         Returns (shares [B, most, choosers], 0 past a sequence's candidates; the candidates' rows in the summaries
         seen as [rows * max_blocks, ...] [B, most]; the padding, bool [B, most])."""
+        q = self.selector.query_batch(layers, q)
         B, H, M, D = q.shape
         j = torch.arange(most, device=self.device)
         pad = j >= nb[:, None]

@@ -104,6 +104,14 @@ class SelectionPolicy(ABC):
         state per layer (a probe built from recent queries). Same shape as q."""
         return q
 
+    def query_batch(self, layers: list[int], q: torch.Tensor) -> torch.Tensor:
+        """`query` for rows `layers` of a batch's sequences at once, q [B, H, M, D] (float32): each row as `query`
+        would take it alone. By default row by row when `query` is overridden (a policy keeping state per row may
+        do it at once)."""
+        if type(self).query is SelectionPolicy.query:
+            return q
+        return torch.stack([self.query(layer, q[i]) for i, layer in enumerate(layers)])
+
     def reorder(self, sources: dict[int, int]) -> None:
         """Beam search: row r goes on from row sources[r]; per-row state follows. Stateless selectors: nothing."""
 

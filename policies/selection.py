@@ -124,6 +124,20 @@ class ProbeSelection(MinMaxSelection):
             avg.mul_(self.decay).add_(q, alpha=1 - self.decay)
         return torch.lerp(avg, q, self.weight)
 
+    def query_batch(self, layers: list[int], q: torch.Tensor) -> torch.Tensor:
+        # The rows' averages in one tensor, updated at once; each row's entry is then a view of it. A row's first
+        # query is its own average, as in `query`.
+        q = q.float()
+        have = [self.history.get(layer) for layer in layers]
+        fresh = [a is None or a.shape != q.shape[1:] or a.device != q.device for a in have]
+        avg = torch.stack([q[i] if new else a for i, (a, new) in enumerate(zip(have, fresh))])
+        if not all(fresh):
+            old = torch.tensor([not new for new in fresh], device=q.device)
+            avg = torch.where(old[:, None, None, None], avg.mul(self.decay).add_(q, alpha=1 - self.decay), avg)
+        for i, layer in enumerate(layers):
+            self.history[layer] = avg[i]
+        return torch.lerp(avg, q, self.weight)
+
     def reorder(self, sources: dict[int, int]) -> None:
         before = dict(self.history)
         for row, src in sources.items():

@@ -143,8 +143,10 @@ SPARSE = dict(attention="sparse", token_budget=24, sink_tokens=8, recent_tokens=
 @pytest.mark.parametrize("arch,options", [("llama", {}),
                                           ("mistral", {"selection": "minmax", "head_selection": "query"}),
                                           ("gemma2", {"selection": "landmark", "head_selection": "shared"}),
-                                          ("llama", {"history": 0.5, "selection": "channels"})],
-                         ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared", "llama-history"])
+                                          ("llama", {"history": 0.5, "selection": "channels"}),
+                                          ("qwen2", {"selection": "probe"})],
+                         ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared", "llama-history",
+                              "qwen2-probe"])
 def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, options, monkeypatch):
     """Sparse attention below the context, KV on the device and the host: the sequences that take the plain step
     are scored, choose their blocks and attend in one pass, with sliding windows and soft-capping, and each
