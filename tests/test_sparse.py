@@ -310,9 +310,9 @@ def test_promotion_at_a_page_boundary_takes_only_pages_still_on_the_host(smollm2
     import ruler
 
     model, tok = smollm2
-    text = ruler.natural_ids(tok, 2048 + 32, seed=2048)
+    text = ruler.natural_ids(tok, 2048 + 16, seed=2048)
     ids, cont = torch.tensor([text[:2048]]), torch.tensor(text[2048:])
-    kv = 30 * (2048 + 32) * 2 * 3 * 64 * 4
+    kv = 30 * (2048 + 16) * 2 * 3 * 64 * 4
     with torch.no_grad(), offload(model, attention="sparse", token_budget=0.1, device_budget=int(0.1 * kv),
                                   host_budget=int(0.2 * kv), disk_dir=str(tmp_path), prefetch="temporal") as rt:
         cache = rt.cache()
