@@ -118,7 +118,8 @@ class Runtime:
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
             # (used by layers the workspace can't serve) share those rows: the two never run at once.
-            pools = [torch.empty((split + work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            # (zeros: rows never written, as a tail page's unfilled ones, must not hold NaN, which 0 * NaN spreads)
+            pools = [torch.zeros((split + work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = KernelDecode((pools[0], pools[1]), split, work_pages, self.layers, self.max_pages,
@@ -127,7 +128,7 @@ class Runtime:
             work = [pool[split:] for pool in pools]
         elif on_device and self.codec is not None:
             # Packed host pages: the decode step reads device pages in place and unpacks the host's.
-            pools = [torch.empty((split, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+            pools = [torch.zeros((split, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]  # (as above)
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
                                      storage=(pools[0][:dev_pages], pools[1][:dev_pages]))
             self.decoder = DeviceDecode((pools[0], pools[1]), split, self.layers, self.max_pages, self.q_heads,

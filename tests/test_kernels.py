@@ -186,6 +186,26 @@ def test_ragged_batch_over_each_heads_own_blocks(heads, g, softcap):
             _close((o[b, h:h + 1], lse[b, h:h + 1]), want, 2e-5)
 
 
+def test_rows_a_step_does_not_see_weigh_nothing_whatever_they_hold():
+    """Bug: a tail page's unfilled rows were never written, and a pool made with torch.empty may hold NaN there;
+    hidden, their scores were -inf but their values still entered p @ v as 0 * NaN, and the sequence's output was
+    NaN (the kernels' sparse batch gave token 0). Rows not seen now weigh nothing whatever they hold."""
+    gen = torch.Generator().manual_seed(5)
+    k_pool, v_pool = (torch.randn(4, 1, 4, 16, generator=gen).to(DEVICE) for _ in range(2))
+    empty = k_pool[:0]
+    q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+    pages = ragged_pages([torch.tensor([1, 2], dtype=torch.int32, device=DEVICE),
+                          torch.tensor([3], dtype=torch.int32, device=DEVICE)], [0, 0], [6, 3], 4)
+    clean = [t.clone() for t in paged_decode_ragged(q, k_pool, v_pool, empty, empty, 4, pages, 0, 0.25)]
+    for pool, value in ((k_pool, float("nan")), (v_pool, float("nan"))):
+        pool[2, :, 2:] = value  # the tails' unfilled rows
+        pool[3, :, 3:] = value
+    v_pool[0] = float("inf")  # a page no sequence reads
+    got = paged_decode_ragged(q, k_pool, v_pool, empty, empty, 4, pages, 0, 0.25)
+    assert bool(torch.isfinite(got[0]).all())
+    _close(got, clean, 1e-6)
+
+
 def test_ragged_batch_sequence_seeing_nothing_is_an_empty_partial():
     """A sequence whose tokens are all hidden (its window has not reached them) weighs nothing, and the others are
     unaffected."""

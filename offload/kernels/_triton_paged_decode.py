@@ -23,6 +23,8 @@ def _attend_page(q, k, v, seen, m_i, l_i, acc, scaling, softcap, HAS_SOFTCAP: tl
         # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf or 0).
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
     s = tl.where(seen[None, :], s, float("-inf"))
+    # Rows not seen may hold anything (a tail page's unfilled rows were never written): 0 * NaN would be NaN.
+    v = tl.where(seen[:, None], v, 0.0)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BG]
     # A page with nothing seen leaves m at -inf: shift by 0 instead so exp gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
