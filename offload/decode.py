@@ -755,8 +755,7 @@ class KernelDecode(DeviceDecode):
         return self.exact_ragged(layer, rows, views, query, [tokens] * len(views), scaling, None, None)
 
     def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
-                     tokens: list[int], scaling: float, softcap: float | None, window: int | None,
-                     partial: bool = False) -> torch.Tensor | am.Partial:
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
         """The batch's step in one launch (`kernels.paged_decode.paged_decode_ragged`, and one merge launch when
         its pages are split): every sequence over its own pages, device pages read in place and host pages read
         in place from the pinned host pool, so no workspace row is used whatever the batch holds."""
@@ -768,10 +767,8 @@ class KernelDecode(DeviceDecode):
         pages, ahead = self._ragged(layer, rows, views, tokens, window)
         B, D = len(views), self.head_dim
         q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
-        o, lse = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
-                                                pages, ahead, scaling, softcap, workspaces=self.paged_out)
-        if partial:
-            return o.clone(), lse.clone()
+        o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
+                                              pages, ahead, scaling, softcap, workspaces=self.paged_out)
         return o.view(B, 1, query.shape[1], D).to(query.dtype, copy=True)  # (the buffers are the next call's)
 
     def _ragged_layout(self, views: list[LayerView], tokens: list[int], window: int | None):

@@ -221,6 +221,7 @@ class Runtime:
         self.tail_slot: list[tuple] = [(-1, -1, -1, None, None)] * self.layers
         self.ring = LoadRing(self.ring_k, self.ring_v, self.table, self._load, self._unbusy, self.stall,
                              self.count_load, self.tracer is not None)
+        self.disk_pages: dict[tuple, tuple] = {}  # `_on_disk`'s, per rows
         if self.selection is not None:
             self.selection.new_sequence()
         # The sequence's token ids, as forwards feed them (`note_forward`): a turn that extends them reuses the
@@ -490,16 +491,14 @@ class Runtime:
         append, one gather and one attention call. The plain step is attention over the pools (the CPU's unified
         pool, or the CUDA kernels' device and pinned host pools; packed host pages on the CPU alone, in exact
         steps); a sequence takes it unless it has finished, opens or (by its window) releases a page in this step,
-        or has pages the host attends. Exact
-        steps: sequences of equal length with no window or soft-cap (equal prompts, returned sequences, beams)
-        attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any others, ragged or windowed, over their
-        own pages with the softmax reduced per sequence (`DeviceDecode.exact_ragged`); those with pages on disk
-        read them in one request for the batch and merge them in (`_batch_lower`). Sparse steps (on the kernels,
-        with no block cache) choose each sequence's blocks and attend over them in one pass
-        (`DeviceDecode.sparse_batch`), a policy's state per row taken for all at once; a sparse sequence with pages
-        on disk runs alone.
-        Returns the sequences served, in order, and their output [served, 1, Hq, D]; the others run alone after
-        them (`attend_layer`)."""
+        or has pages the host attends. Exact steps: sequences of equal length with no window or soft-cap (equal
+        prompts, returned sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any
+        others, ragged or windowed, over their own pages with the softmax reduced per sequence
+        (`DeviceDecode.exact_ragged`); those with pages on disk read them in one request for the batch and merge
+        them in (`_batch_lower`). Sparse steps (on the kernels, with no block cache) choose each sequence's blocks
+        and attend over them in one pass (`DeviceDecode.sparse_batch`), a policy's state per row taken for all at
+        once; a sparse sequence with pages on disk runs alone. Returns the sequences served, in order, and their
+        output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
@@ -633,14 +632,21 @@ class Runtime:
 
     def _on_disk(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The full pages of `rows` that live only on disk (the tail, on the device, left out), in row and page
-        order: (the row of each, its page), int64 on the CPU."""
+        order: (the row of each, its page), int64 on the CPU. Kept while the rows' pages stay where they are (their
+        table versions and page counts), so the layer before asking for them ahead and the layer's own step, and
+        the steps up to the next page boundary, find them once."""
         t = self.table
+        key = tuple((x, t.version[x], t.pages(x), t.first[x]) for x in rows)
+        have = self.disk_pages.get(tuple(rows))
+        if have is not None and have[0] == key:
+            return have[1]
         r = torch.tensor(rows)
         bounds = torch.tensor([[t.first[x], t.pages(x) - 1] for x in rows])
         page = torch.arange(self.max_pages)
         below = ((t.slot["device"][r] < 0) & (t.slot["host"][r] < 0) & (page >= bounds[:, :1])
                  & (page < bounds[:, 1:]))
         at, pages = below.nonzero(as_tuple=True)
+        self.disk_pages[tuple(rows)] = (key, (r[at], pages))
         return r[at], pages
 
     def _ask_lower_ahead(self, layer: int) -> None:
