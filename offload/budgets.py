@@ -37,6 +37,9 @@ class Plan:
     lower_page_bytes: int = 0  # of a page in the host and disk tiers (smaller when kv_quant packs it); 0: page_bytes
     block_cache_pages: int = 0  # device pages' worth of sparse mode's block cache, out of the device budget
     load_buffers: int = 2  # buffers of the load ring
+    # The Triton kernels with a disk tier: the streaming path's own workspace, of the same parts (0: the streaming
+    # path shares the workspace's rows)
+    stream_pages: int = 0
 
     @property
     def lower_bytes(self) -> int:
@@ -44,7 +47,13 @@ class Plan:
 
     @property
     def half(self) -> int:
-        return self.workspace_pages // (self.load_buffers + 2)
+        """Pages of each part of the streaming path's workspace."""
+        return (self.stream_pages or self.workspace_pages) // (self.load_buffers + 2)
+
+    @property
+    def reserved_pages(self) -> int:
+        """Device pages that hold no page of the cache: the workspaces."""
+        return self.workspace_pages + self.stream_pages
 
     def capacity_pages(self) -> int:
         return self.device_cache_pages + self.host_pages - self.host_staging_pages + self.disk_pages
@@ -108,6 +117,11 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
     if config.load_buffers is None and size < parts:
         ring, parts = 2, 4
     workspace = parts * max(1, size // parts)
+    stream = 0
+    if kernels and config.disk_dir is not None:
+        # Disk pages stream through the load ring while the kernels' steps read (and, on CUDA, gather ahead into)
+        # the workspace rows: the ring gets rows of its own.
+        stream, total = workspace, total - workspace
     if kernels:
         # Larger, as far as the device tier keeps a page per layer and one more: a layer whose step needs more
         # rows than the workspace has streams instead. Sparse: the largest choice of blocks. Exact: half the rows
@@ -121,6 +135,12 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
         room = (total - layers - 1) // parts * parts
         workspace = max(workspace, min(-(-need // parts) * parts, room))
     cache = total - workspace
+    if stream and cache < layers + 1:
+        least = layers + 1 + workspace + stream
+        raise ValueError(
+            f"device_budget: {format_size(dev)} holds {cache + workspace + stream} pages of {format_size(page_bytes)}; "
+            f"with a disk tier the kernels' workspace and the load ring's take {workspace + stream}, so at least "
+            f"{least} are needed (one per layer plus one more), i.e. {format_size(least * page_bytes)}")
     # Sparse mode's block cache takes its share of what the workspace leaves; the device tier keeps a page per
     # layer (the open tails) and one more.
     blocks = int(config.block_cache * cache) if config.attention == "sparse" and device_step else 0
@@ -145,13 +165,14 @@ def plan_budgets(config: OffloadConfig, page_bytes: int, layers: int, max_pages:
         disk_pages = disk // lower
         if device.type == "cuda":
             # Disk pages reach the GPU through pinned host staging as large as the load ring.
-            staging = ring * (workspace // parts)
+            staging = ring * ((stream or workspace) // parts)
             if host_pages < staging:
                 raise ValueError(
                     f"host_budget: with a disk tier on CUDA it must hold at least {staging} pages "
                     f"({format_size(staging * lower)}) for staging disk reads"
                 )
-    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower, blocks, ring)
+    return Plan(page_bytes, cache, workspace, host_pages, staging, disk_pages, dev, host, disk, lower, blocks, ring,
+                stream)
 
 
 def disk_reserve_pages(plan: Plan, tokens: int | None, page_size: int, windows: list[int | None]) -> int:
@@ -193,11 +214,11 @@ def check_capacity(plan: Plan, config: OffloadConfig, tokens: int, layers: int, 
     windows = windows if windows is not None else [None] * layers
     lengths = batch if batch is not None else [tokens]
     if len(lengths) > 1 and plan.device_cache_pages < layers * len(lengths) + 1:
-        least = layers * len(lengths) + 1 + plan.workspace_pages
+        least = layers * len(lengths) + 1 + plan.reserved_pages
         raise ValueError(
             f"device_budget: a batch of {len(lengths)} sequences needs an open page per layer and sequence on the "
             f"device, {least} pages with the workspace ({format_size(least * plan.page_bytes)}); it holds "
-            f"{plan.device_cache_pages + plan.workspace_pages} ({format_size(plan.device_budget)})")
+            f"{plan.device_cache_pages + plan.reserved_pages} ({format_size(plan.device_budget)})")
     need = sum(layer_pages(n, page_size, w) for n in lengths for w in windows)
     have = plan.capacity_pages()
     if need <= have:

@@ -336,8 +336,7 @@ class DeviceDecode:
 
     def in_pools(self, view: LayerView) -> LayerView:
         """A view of the pages of `view` in the pools alone (those on disk left out), for the ragged step's partial
-        over them (`exact_ragged(partial=True)`); each keeps its page number (`numbers`). Made once per view. Not
-        for the kernels' step, whose layouts are of consecutive pages (they serve no disk tier)."""
+        over them (`exact_ragged(partial=True)`); each keeps its page number (`numbers`). Made once per view."""
         if view.in_pools is None:
             keep = (view.slots >= 0).nonzero().flatten()  # (a read on the host, when the view is new)
             view.in_pools = LayerView(view.version, view.pages, view.first, view.host, False,
@@ -755,25 +754,40 @@ class KernelDecode(DeviceDecode):
         return self.exact_ragged(layer, rows, views, query, [tokens] * len(views), scaling, None, None)
 
     def exact_ragged(self, layer: int, rows: list[int], views: list[LayerView], query: torch.Tensor,
-                     tokens: list[int], scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+                     tokens: list[int], scaling: float, softcap: float | None, window: int | None,
+                     partial: bool = False) -> torch.Tensor | am.Partial:
         """The batch's step in one launch (`kernels.paged_decode.paged_decode_ragged`, and one merge launch when
         its pages are split): every sequence over its own pages, device pages read in place and host pages read
-        in place from the pinned host pool, so no workspace row is used whatever the batch holds."""
+        in place from the pinned host pool, so no workspace row is used whatever the batch holds. With `partial`,
+        (o [B, H, G, D], lse [B, H, G]) in float32, in buffers the next launch of the same shape overwrites."""
         if self.cuda:
             for r in rows:  # gathers started ahead for these rows: their workspace rows are not read now
                 event, self.ready[r] = self.ready[r], None
                 if event is not None:
                     self.compute.wait_event(event)
-        pages, ahead = self._ragged(layer, rows, views, tokens, window)
+        pages, ahead = self._ragged((layer, partial), rows, views, tokens, window)
         B, D = len(views), self.head_dim
         q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
-        o, _ = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
-                                              pages, ahead, scaling, softcap, workspaces=self.paged_out)
+        o, lse = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
+                                                pages, ahead, scaling, softcap, workspaces=self.paged_out)
+        if partial:
+            return o, lse
         return o.view(B, 1, query.shape[1], D).to(query.dtype, copy=True)  # (the buffers are the next call's)
 
     def _ragged_layout(self, views: list[LayerView], tokens: list[int], window: int | None):
-        return self.paged.ragged_pages([v.slots for v in views], [v.first for v in views], tokens, self.page_size,
-                                       window)
+        """`ragged_pages` of the views. A view of the pages in the pools (`in_pools`, some pages left out on disk)
+        is laid out as consecutive pages ending at its tail, which places the tail's tokens; the window's start,
+        when its first page is among them, is placed on that page (the pages after it lie wholly in the window,
+        whatever their numbers)."""
+        P, K = self.page_size, self.paged
+        firsts = [v.pages - v.count if v.numbers is not None else v.first for v in views]
+        pages = K.ragged_pages([v.slots for v in views], firsts, tokens, P, window)
+        if window is None or all(v.numbers is None for v in views):
+            return pages
+        low = [-window if v.numbers is None else
+               (-window + (f - v.first) * P if v.count and int(v.numbers[0]) == v.first else K.EVERY)
+               for v, f in zip(views, firsts)]
+        return pages._replace(low=torch.tensor(low, dtype=torch.int32).to(pages.low.device))
 
     def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
                      forced: list[list[int]], selection, step: int, scaling: float,

@@ -126,7 +126,7 @@ def _kernel_step(on: bool) -> Iterator[None]:
 
     chosen = runtime_module.use_kernels
     if on:
-        runtime_module.use_kernels = lambda device, config: config.disk_dir is None
+        runtime_module.use_kernels = lambda device, config: True
     try:
         yield
     finally:

@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 
 def use_kernels(device: torch.device, config: OffloadConfig) -> bool:
     """Whether the decode step runs the Triton kernels (`offload.decode.KernelDecode`): on CUDA, with triton
-    installed and no disk tier (layers with pages on disk take the streaming path, whose buffers the kernels'
-    workspace rows would share while in use)."""
-    return device.type == "cuda" and config.disk_dir is None and importlib.util.find_spec("triton") is not None
+    installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def decodes_on_device(device: torch.device, config: OffloadConfig) -> bool:
@@ -117,7 +116,8 @@ class Runtime:
         if kernels:
             # The Triton kernels: the workspace rows follow the device tier's slots in one tensor, so paged
             # decode reads device pages and gathered host pages from one pool. The streaming path's buffers
-            # (used by layers the workspace can't serve) share those rows: the two never run at once.
+            # (used by layers the workspace can't serve) share those rows, the two never running at once, unless
+            # a disk tier streams pages while the kernels' steps run (`Plan.stream_pages`).
             # (zeros: rows never written, as a tail page's unfilled ones, must not hold NaN, which 0 * NaN spreads)
             pools = [torch.zeros((split + work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
             device_tier = DeviceTier(self.shape, dev_pages, self.device,
@@ -147,8 +147,10 @@ class Runtime:
                                         self.kv_heads, self.device, *blocks, cache_pages=cached)
         else:
             device_tier = DeviceTier(self.shape, dev_pages, self.device)
-        if not isinstance(self.decoder, KernelDecode):  # the kernels' workspace rows serve the streaming path too
-            work = [torch.empty((work_pages, *dims), dtype=self.dtype, device=self.device) for _ in range(2)]
+        if not isinstance(self.decoder, KernelDecode) or self.plan.stream_pages:
+            # (without a disk tier, the kernels' workspace rows serve the streaming path)
+            work = [torch.empty((self.plan.stream_pages or work_pages, *dims), dtype=self.dtype, device=self.device)
+                    for _ in range(2)]
         # Workspace of the streaming path: the load ring (`ring` buffers of h pages), a page-major gather buffer (h)
         # and its head-major copy (h). Few, large copies and attention calls: each chunk costs host time whatever
         # its size.
@@ -1591,7 +1593,7 @@ class Runtime:
 
     def _resident(self) -> dict[str, int]:
         res = {  # bytes as each tier stores its pages (packed below the device with kv_quant)
-            "device": (self.device_tier.num_used + self.plan.workspace_pages) * self.shape.page_bytes,
+            "device": (self.device_tier.num_used + self.plan.reserved_pages) * self.shape.page_bytes,
             "host": self.host_tier.used_bytes if self.host_tier else 0,
             "disk": self.disk_tier.used_bytes if self.disk_tier else 0,
         }

@@ -186,7 +186,7 @@ def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypat
     ids, mask = padded_batch(SPARSE_LENGTHS)
     pools, on_pools = _sparse_run(model, ids, mask, options, new=8)
     calls = batch_sizes(monkeypatch, KernelDecode, "sparse_batch")
-    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
     got, stats = _sparse_run(model, ids, mask, options, new=8, kernels=True)
     assert stats["blocks"]["attended"] == on_pools["blocks"]["attended"] and stats["blocks"]["from_host"] > 0
     for b in range(len(SPARSE_LENGTHS)):
@@ -465,7 +465,7 @@ def test_a_decode_step_of_a_batch_is_one_gather_and_one_attention_per_layer(ragg
         interpreted()
         from offload import runtime as runtime_module
 
-        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
     model = tiny("llama")
     layers = model.config.num_hidden_layers
     extra = {}
@@ -559,7 +559,7 @@ def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, m
     calls = []
     ragged = KernelDecode.exact_ragged
     monkeypatch.setattr(KernelDecode, "exact_ragged", lambda self, *a: calls.append(len(a[1])) or ragged(self, *a))
-    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+    monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
     with offload(model, page_size=PAGE, device_budget=least_device(model, 4, kernels=True) + 4 * page_bytes(model),
                  host_budget="1MiB") as rt:
         assert isinstance(rt.decoder, KernelDecode)
@@ -573,21 +573,34 @@ def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, m
     assert max(calls) == len(LENGTHS)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
-def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arch, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("arch,kernels", [("llama", False), ("mistral", False), ("gemma2", False),
+                                          pytest.param("gemma2", True, marks=pytest.mark.kernels)],
+                         ids=["llama", "mistral", "gemma2", "gemma2-kernels"])
+def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arch, kernels, tmp_path: Path,
+                                                                             monkeypatch):
     """Over three tiers, long sequences with pages on disk and short ones whose pages all sit in the pools take the
     batch's step together: the disk pages of every long sequence are read in one request through the load ring
     (chunks holding pages of several sequences, the next layer's asked for ahead) and merged with each one's
     attention over the pools. In full-attention layers no sequence streams alone but at the steps that open a page
     (windowed layers, which keep their few pages in the pools, run alone when a window releases a page). The
-    tokens are DynamicCache's."""
+    tokens are DynamicCache's. With the Triton kernels (CUDA; here Triton's interpreter) the pools' pages are
+    attended in one launch, and the load ring's rows are not the kernels' workspace's."""
+    from offload import runtime as runtime_module
+    from offload.decode import KernelDecode
     from offload.loader import LoadRing
     from offload.runtime import Runtime
 
-    model = tiny(arch)
+    if kernels:
+        interpreted()
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
+    partials = []
+    ragged = KernelDecode.exact_ragged
+    monkeypatch.setattr(KernelDecode, "exact_ragged",
+                        lambda self, *a, partial=False: partials.append(partial) or ragged(self, *a, partial=partial))
+    model, new = tiny(arch), 10 if kernels else NEW  # (the interpreter runs a launch's programs one by one)
     lengths = [70, 12, 66, 9]
     ids, mask = padded_batch(lengths)
-    expected = generate(model, ids, mask)
+    expected = generate(model, ids, mask, new)
     requests, alone = [], []
     request, streaming = LoadRing.request, Runtime._decode_streaming
 
@@ -604,14 +617,20 @@ def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arc
     monkeypatch.setattr(LoadRing, "request", record_request)
     monkeypatch.setattr(Runtime, "_decode_streaming", record_streaming)
     disk = {"disk_dir": str(tmp_path / "kv")}
-    with offload(model, page_size=PAGE, device_budget=least_device(model, 4, **disk) + 16 * page_bytes(model),
-                 host_budget=16 * page_bytes(model), **disk) as rt:
-        got = generate(model, ids, mask)
+    with offload(model, page_size=PAGE, device_budget=least_device(model, 4, kernels, **disk) + 16 * page_bytes(model),
+                 host_budget=(8 if kernels else 16) * page_bytes(model), **disk) as rt:
+        assert isinstance(rt.decoder, KernelDecode) == kernels
+        if kernels:  # the ring's rows lie apart from the kernels' pool and its workspace rows
+            pool, ring = rt.decoder.pool_k.untyped_storage(), rt.ring_k.untyped_storage()
+            assert pool.data_ptr() + pool.nbytes() <= ring.data_ptr() or ring.data_ptr() + ring.nbytes() <= \
+                pool.data_ptr()
+        got = generate(model, ids, mask, new)
         assert rt.stats()["peak_resident_bytes"]["disk"] > 0
         rt.table.check_invariants()
     for b in range(len(lengths)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
     assert any(n > 1 for _, n in requests) and any(predicted for predicted, _ in requests), requests
+    assert any(partials) == kernels  # the pools' pages of sequences with pages on disk, in the kernels' launch
     assert set(alone) <= {0}, alone  # only steps that open a page
     assert not list((tmp_path / "kv").iterdir())
 

@@ -222,6 +222,30 @@ def test_cuda_staging_holds_the_whole_load_ring(tmp_path: Path):
     assert plan.host_staging_pages == 3 * plan.half > 0
 
 
+@pytest.mark.parametrize("attention", ["exact", "sparse"])
+def test_the_kernels_with_a_disk_tier_give_the_load_ring_rows_of_its_own(attention: str, tmp_path: Path):
+    """With the Triton kernels, disk pages stream through the load ring while the kernels' steps read (and gather
+    ahead into) their workspace: the ring gets its own rows, the streaming path's usual share, out of the device
+    budget; CUDA's staging holds that ring. Without a disk tier the two share the kernels' rows."""
+    disk = {"host_budget": 60 * PB, "disk_budget": 100 * PB, "disk_dir": str(tmp_path)}
+    for device in (CPU, torch.device("cuda")):
+        config = OffloadConfig(page_size=8, device_budget=100 * PB, attention=attention, **disk)
+        plan = plan_budgets(config, PB, LAYERS, MAX_PAGES, device, kernels=True)
+        plain = plan_budgets(config, PB, LAYERS, MAX_PAGES, device, kernels=False)
+        assert plan.stream_pages == plain.workspace_pages > 0
+        assert plan.half == plain.half and plan.load_buffers == plain.load_buffers == 4
+        assert plan.device_cache_pages + plan.workspace_pages + plan.stream_pages == 100
+        assert plan.reserved_pages == plan.workspace_pages + plan.stream_pages
+        assert plan.device_cache_pages >= LAYERS + 1
+        assert plan.host_staging_pages == (4 * plan.half if device.type == "cuda" else 0)
+        no_disk = OffloadConfig(page_size=8, device_budget=100 * PB, host_budget=60 * PB, attention=attention)
+        assert plan_budgets(no_disk, PB, LAYERS, MAX_PAGES, device, kernels=True).stream_pages == 0
+    # A budget that holds both workspaces but not a page per layer and one more names the device budget.
+    config = OffloadConfig(page_size=8, device_budget=(LAYERS + 2 * PARTS) * PB, **disk)
+    with pytest.raises(ValueError, match=r"^device_budget: .*the kernels' workspace and the load ring's take"):
+        plan_budgets(config, PB, LAYERS, MAX_PAGES, CPU, kernels=True)
+
+
 def test_host_and_disk_pages_follow_their_budgets(tmp_path: Path):
     _, plan = _plan(device_budget=10 * PB, host_budget=7 * PB + 5, disk_budget=20 * PB, disk_dir=str(tmp_path))
     assert plan.host_pages == 7

@@ -100,6 +100,39 @@ def test_a_view_is_rebuilt_when_the_table_changes_and_only_then() -> None:
     assert decoder.view(0, table, 7).lower
 
 
+# Pages 2 and 4 live only on disk.
+ON_DISK = [("host", 3), ("device", 0), ("disk", 0), ("host", 0), ("disk", 1), ("host", 9), ("device", 2)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [None, 21, 17], ids=["full", "window-first-in-pools", "window-first-on-disk"])
+def test_a_partial_over_the_pages_in_the_pools_leaves_out_those_on_disk(backend: str, window: int | None) -> None:
+    """A batch's exact step over a layer with pages on disk attends over the pages in the pools as a partial (the
+    disk pages' own partials merge in later): the same (output, log-sum-exp) as dense attention over those pages'
+    tokens, each at its own position, within a sliding window that starts on a page in the pools (page 1, with
+    pages on disk after it) or on one on disk (page 2)."""
+    k, v = _pools(4)
+    decoder = _decoders(k, v)[backend == "triton"]
+    first = 0 if window is None else (TOKENS - window) // P
+    table = _table(ON_DISK, TOKENS, first)
+    view = decoder.view(0, table, 7)
+    assert view.lower
+    pools = decoder.in_pools(view)
+    kept = [p for p in range(first, 7) if ON_DISK[p][0] != "disk"]
+    assert pools.count == len(kept) and pools.numbers.tolist() == kept
+    q = torch.randn(1, HQ, 1, D, generator=torch.Generator().manual_seed(3))
+    o, lse = decoder.exact_ragged(0, [0], [pools], q, [TOKENS], SCALING, None, window, partial=True)
+    # Dense, over the kept pages' tokens from the window's start to the tail's last.
+    idx = torch.tensor([_unified_slot(*ON_DISK[p]) for p in kept])
+    pos = (torch.tensor(kept)[:, None] * P + torch.arange(P)).flatten()
+    seen = (pos < TOKENS) & (pos >= (TOKENS - window if window else 0))
+    kk = k[idx].permute(1, 0, 2, 3).reshape(H, -1, D)[:, seen]
+    vv = v[idx].permute(1, 0, 2, 3).reshape(H, -1, D)[:, seen]
+    s = torch.einsum("hgd,htd->hgt", q.view(H, HQ // H, D), kk) * SCALING
+    torch.testing.assert_close(lse.view(H, -1), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o.view(H, -1, D), torch.softmax(s, -1) @ vv, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["kv", "query", "shared"])
 @pytest.mark.parametrize("window", [False, True])
@@ -208,7 +241,7 @@ def test_runtime_with_the_kernel_decode_step_gives_the_tokens_of_the_torch_one(m
             with offload(model, **opts) as rt:
                 assert not isinstance(rt.decoder, KernelDecode)
                 ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: config.disk_dir is None)
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
         with offload(model, **opts) as rt:
             assert isinstance(rt.decoder, KernelDecode)
             calls = {"exact": 0, "sparse": 0}
