@@ -82,7 +82,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: to
                       softcap: float | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence of a batch over its own pages, in one pass for the whole batch: queries `q` [B, H, M, D];
     pages `k`, `v` [N, H, P, D], page i of sequence `seq[i]` (int64 [N]); `hidden` bool [N, P] (True hides the
-    key) or None. Every sequence must see at least one key. -> the normalized output [B, H, M, D], float32.
+    key), [N, H, P] (per head: sparse selection's own blocks) or None. Every sequence must see at least one key. -> the normalized output [B, H, M, D], float32.
 
     Scores and values are products over single pages (batched over N and H); the softmax of a sequence runs over
     its pages alone, with its maximum and sum reduced per sequence (a scatter over `seq`), as a flash-decoding
@@ -95,22 +95,25 @@ def segment_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torc
                     softcap: float | None = None, hidden: torch.Tensor | None = None) -> Partial:
     """`segment_attention` as a partial per sequence, to merge with others over the same sequences: (o [B, H, M,
     D], lse [B, H, M]). A sequence with no page here gets (0, -inf)."""
-    o, top, total = _segments(q, k, v, seq, scaling, softcap, hidden)
+    o, top, total = _segments(q, k, v, seq, scaling, softcap, hidden, empty=True)
     return o.div_(total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)), top.add_(total.log())
 
 
 def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, scaling: float,
-              softcap: float | None, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              softcap: float | None, hidden: torch.Tensor | None,
+              empty: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-sequence sums of `segment_attention`: (unnormalized o [B, H, M, D], maximum [B, H, M], sum of the
-    exponentials [B, H, M])."""
+    exponentials [B, H, M]). `empty`: a sequence's query row may see no key of its pages here (its sums are 0)."""
     (n, h, page, d), m_rows = k.shape, q.shape[2]
     qs = q.float().index_select(0, seq).view(n * h, m_rows, d)
     s = _cap(torch.bmm(qs, k.float().view(n * h, page, d).transpose(1, 2)), scaling, softcap).view(n, h, m_rows, page)
     if hidden is not None:
-        s.masked_fill_(hidden[:, None, None], float("-inf"))
+        s.masked_fill_(hidden[:, None, None] if hidden.dim() == 2 else hidden[:, :, None], float("-inf"))
     m = s.amax(-1)  # a page it sees nothing of: -inf, which the sequence's maximum overrides
     top = m.new_full((q.shape[0], *m.shape[1:]), float("-inf"))
     top.scatter_reduce_(0, seq.view(-1, 1, 1).expand_as(m), m, "amax")
+    if empty:  # a row that sees nothing: exp(-inf - (-inf)) would be NaN
+        top.clamp_(min=torch.finfo(top.dtype).min)
     p = torch.exp(s.sub_(top.index_select(0, seq).unsqueeze(-1)))
     total = m.new_zeros(top.shape).index_add_(0, seq, p.sum(-1))
     o = torch.bmm(p.view(n * h, m_rows, page), v.float().view(n * h, page, d)).view(n, h, m_rows, d)

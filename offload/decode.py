@@ -419,17 +419,22 @@ class DeviceDecode:
 
     def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
                      forced: list[list[int]], selection, step: int, scaling: float,
-                     softcap: float | None) -> torch.Tensor:
+                     softcap: float | None, partial: bool = False):
         """`sparse` for sequences of a batch (page table `rows`, their `views` and `sparse.BlockPlan`s, the fixed
         blocks of each) in one pass: the blocks chosen together (`_batch_blocks`), one gather of each head's blocks,
         and one attention pass with the softmax reduced per sequence (`attention_math.segment_attention`), the
-        padding, the tail's unfilled rows and the window's cut hidden. query [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        padding, the tail's unfilled rows and the window's cut hidden. query [B, Hq, 1, D] -> [B, 1, Hq, D].
+
+        With `partial`, for views with pages on disk: the chosen blocks on disk (unified id < 0) are hidden from the
+        head that chose them too, and the result is (the partial (o [B, heads, M, D], lse [B, heads, M]) in float32,
+        the unified ids [B, E, heads], the blocks [B, E, choosers]), for the runtime to attend those blocks as they
+        load and merge them in; the block cache is not filled."""
         B, Hq, D, Bk = len(views), self.q_heads, self.head_dim, self.block
         ids, pad, valid, cut, blocks = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]
         k, v = (torch.empty((ids.numel(), Bk, D), dtype=self.pool_k.dtype, device=self.device) for _ in range(2))
-        self.read_blocks(ids.view(-1), k, v)
-        if self.cache is not None and self.cache.fits(ids.numel()):  # every sequence's host blocks, copied
+        self.read_blocks(ids.view(-1).clamp(min=0) if partial else ids.view(-1), k, v)
+        if not partial and self.cache is not None and self.cache.fits(ids.numel()):  # every host block, copied
             self.cache.fill(self.cache.entries_batch(torch.tensor(rows, device=self.device), blocks),
                             ids.view(-1), self.host_blocks, k, v, *self.flat)
         k, v = k.view(B * E, self.heads, Bk, D), v.view(B * E, self.heads, Bk, D)
@@ -441,6 +446,9 @@ class DeviceDecode:
         hidden = hidden | ((e == 0) & (t < cut[:, :, None]))  # [B, E, Bk]
         seq = torch.arange(B, device=self.device).repeat_interleave(E)
         q = query.reshape(B, self.heads, -1, D)
+        if partial:
+            hidden = hidden[:, :, None, :] | (ids < 0)[:, :, :, None]  # [B, E, heads, Bk]
+            return am.segment_partial(q, k, v, seq, scaling, softcap, hidden.view(B * E, self.heads, Bk)), ids, blocks
         out = am.segment_attention(q, k, v, seq, scaling, softcap, hidden.view(B * E, Bk))
         return out.to(query.dtype).view(B, 1, Hq, D)
 
@@ -791,11 +799,14 @@ class KernelDecode(DeviceDecode):
 
     def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
                      forced: list[list[int]], selection, step: int, scaling: float,
-                     softcap: float | None) -> torch.Tensor:
+                     softcap: float | None, partial: bool = False):
         """The batch's sparse step in one launch of the ragged paged decode over blocks: the blocks chosen together
         (`_batch_blocks`), each sequence's list made compact on the device (its padding moved last, out of its
         count), each head's blocks read in place from the device pool or the pinned host pool (no gather, no
-        workspace row)."""
+        workspace row). With `partial` (views with pages on disk, whose blocks a head may choose), the torch
+        step's pass over one block gather (`read_blocks`, one launch)."""
+        if partial:
+            return super().sparse_batch(rows, views, query, plans, forced, selection, step, scaling, softcap, True)
         B, Bk, D, dev = len(views), self.block, self.head_dim, self.device
         ids, pad, valid, cut, _ = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]
@@ -814,6 +825,16 @@ class KernelDecode(DeviceDecode):
                                               self.host_blocks, pages, 0, scaling, softcap, block=Bk,
                                               workspaces=self.paged_out)
         return o.view(B, 1, self.q_heads, D).to(query.dtype, copy=True)
+
+    def read_blocks(self, ids: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Blocks at unified ids [n] -> out_k, out_v [n, B, D], from the device pool or the pinned host pool in one
+        launch (packed host pools as the torch step unpacks them)."""
+        if self.codec is not None:
+            super().read_blocks(ids, out_k, out_v)
+            return
+        n, shape = ids.numel(), (ids.numel(), 1, self.block, self.head_dim)
+        self.kgather.gather_blocks(as_bits(out_k).view(shape), as_bits(out_v).view(shape), *self.bits[2:],
+                                   ids.view(n, 1).to(torch.int32), self.split)
 
     def sparse(self, layer: int, view: LayerView, query: torch.Tensor, plan, scores: torch.Tensor,
                forced: torch.Tensor, bias: torch.Tensor, free: int, step: int, scaling: float,

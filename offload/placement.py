@@ -108,6 +108,8 @@ class Placement:
         self.disk_tier = None
         self.engine, self.policy, self.stall, self.tracer = engine, policy, stall, tracer
         self.windows = windows
+        # Called with (layer, page, device slot) for each page evicted from the device, before its slot is reused.
+        self.leaving: Callable[[int, int, int], None] | None = None
         self.host_storage, self.on_host = host_storage, on_host
         self.expected_tokens: int | None = None  # sizes the disk file at the first spill
         self.evictions = {"device": 0, "host": 0}
@@ -206,6 +208,8 @@ class Placement:
                 continue  # it left with a page sharing its slot
             # Pages that share the slot (beams) leave with it: only then is the slot free.
             others = self.sharers("device", e.slot, e.layer, e.page)
+            if self.leaving is not None:
+                self.leaving(e.layer, e.page, e.slot)
             if e.write_back:
                 self._write_back(e.layer, e.page, e.slot)
             self._give_copies(e.layer, e.page, others, ("host", "disk"))

@@ -186,6 +186,7 @@ class Runtime:
             self.selection = SparseSelection(model, config, self.windows, self.page_size, self.max_pages,
                                              self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
                                              getattr(self.prefetcher, "needs_speculation", False))
+            self.placement.leaving = self._leaving_device
         self._stats_init()
         self.closed = False
         self._new_sequence()
@@ -499,14 +500,15 @@ class Runtime:
         (`DeviceDecode.exact_ragged`); those with pages on disk read them in one request for the batch and merge
         them in (`_batch_lower`). Sparse steps (on the kernels, with no block cache) choose each sequence's blocks
         and attend over them in one pass (`DeviceDecode.sparse_batch`), a policy's state per row taken for all at
-        once; a sparse sequence with pages on disk runs alone. Returns the sequences served, in order, and their
-        output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
+        once; the chosen blocks of sequences with pages on disk that lie on disk are read in one request for the
+        batch and merged in (`_batch_sparse_lower`). Returns the sequences served, in order, and their output
+        [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
         if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
                 or self.tracer is not None or self.check_in_place or self.config.measure_recall):
             return [], None
         choose = self.sparse and (dec.cache is None or not isinstance(dec, KernelDecode))
-        exact, sparse, lower = [], [], []  # (sequence, view, tokens, plan)
+        exact, sparse, lower, sparse_lower = [], [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]
             # n % P == 0: a page opens, and the boundary's work runs alone.
@@ -515,11 +517,13 @@ class Runtime:
             view = dec.view(r, t, t.pages(r))
             if view.host_attend is not None or view.first != t.first[r]:
                 continue
-            if view.lower:
-                if not self.sparse and self._streams_with_batch(r, view):
-                    lower.append((b, view, n, None))
-                continue
             plan = sel.budget(r, n + 1) if self.sparse else None
+            if view.lower:
+                if plan is None and self._streams_with_batch(r, view):
+                    lower.append((b, view, n, None))
+                elif plan is not None and choose and not (view.host and self._host_share(r, view.host, 0)):
+                    sparse_lower.append((b, view, n, plan))
+                continue
             if plan is not None and (not choose or (view.host and self._host_share(r, view.host,
                                                                                      view.count - view.host))):
                 continue
@@ -527,7 +531,8 @@ class Runtime:
         if not lower:
             self.ring.forget(("batch", layer))  # its pages loaded ahead: no sequence reads them now
         groups = [(g, step) for g, step in ((exact, self._batch_exact), (sparse, self._batch_sparse),
-                                            (lower, self._batch_lower)) if g]
+                                            (lower, self._batch_lower), (sparse_lower, self._batch_sparse_lower))
+                  if g]
         served = sorted(b for g, _ in groups for b, *_ in g)
         if not served:
             return [], None
@@ -573,17 +578,71 @@ class Runtime:
     def _batch_sparse(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
                       softcap: float | None) -> torch.Tensor:
         """`_decode_batch`'s sparse steps: `group` holds (sequence, view, tokens before the step, plan)."""
-        B, P, sel = self.batch, self.page_size, self.selection
+        sel = self.selection
         plans = [p for *_, p in group]
         forced = [sel.fixed_ids(p) for p in plans]
-        out = self.decoder.sparse_batch([layer * B + b for b, *_ in group], [v for _, v, _, _ in group], query,
-                                        plans, forced, sel, self.step, scaling, softcap)
+        out = self.decoder.sparse_batch([layer * self.batch + b for b, *_ in group], [v for _, v, _, _ in group],
+                                        query, plans, forced, sel, self.step, scaling, softcap)
+        self._count_sparse_batch(layer, group, forced)
+        return out
+
+    def _count_sparse_batch(self, layer: int, group: list[tuple], forced: list[list[int]]) -> None:
+        """The blocks a batch's sparse step attended, and each sequence's share of its window."""
+        B, P, sel = self.batch, self.page_size, self.selection
         for (b, _, n, p), f in zip(group, forced):
             chosen = len(f) + max(p.k_blocks - len(f), 0)
             self.counters["blocks"]["attended"] += chosen * self.decoder.heads
             first, off = self._window_first(layer * B + b, n + 1)
             self._count_decode(layer * B + b, min(1.0, (chosen * sel.block + p.valid) / (n + 1 - first * P - off)))
-        return out
+
+    def _batch_sparse_lower(self, layer: int, group: list[tuple], query, scaling: float, window: int | None,
+                            softcap: float | None) -> torch.Tensor:
+        """`_decode_batch`'s sparse steps of sequences with pages on disk: the blocks are chosen and those in the
+        pools attended as in `_batch_sparse` (a partial per sequence, each head's chosen blocks on disk hidden);
+        the pages holding the chosen blocks on disk, of every sequence, are read in one request through the load
+        ring (one read on the host learns which: the blocks on disk were chosen on the device), and each chunk is
+        attended in one pass as it lands, each head over the blocks it chose alone. The partials are merged per
+        sequence, and the pages loaded move to the device as a sequence's own streaming step moves them."""
+        B, P, M, dec, sel, ring = self.batch, self.page_size, self.max_pages, self.decoder, self.selection, self.ring
+        R, Bk, G, heads = sel.per_page, sel.block, len(group), dec.heads
+        rows = [layer * B + b for b, *_ in group]
+        plans = [p for *_, p in group]
+        forced = [sel.fixed_ids(p) for p in plans]
+        part, ids, blocks = dec.sparse_batch(rows, [v for _, v, _, _ in group], query, plans, forced, sel,
+                                             self.step, scaling, softcap, partial=True)
+        self._count_sparse_batch(layer, group, forced)
+        parts = [part]
+        # Each head's chosen blocks on disk: (sequence, entry, head), and the block its chooser chose there.
+        g, e, h = (ids < 0).nonzero(as_tuple=True)
+        if g.numel():
+            key = ("sparse", layer)
+            blk = blocks[g, e, h if dec.choosers == heads else torch.zeros_like(h)]
+            want = torch.zeros((G, M * R, heads), dtype=torch.bool, device=self.device)
+            want[g, blk, h] = True
+            at = torch.unique(g.cpu() * M + (blk // R).cpu())  # (sequence, page), in row and page order
+            on_rows, on_pages = torch.tensor(rows)[at // M], at % M
+            ring.discard_pending(key)
+            self.count_load(on_pages.numel(), predicted=False)
+            ring.request(layer * B, on_pages, predicted=False, front=True, rows=on_rows, key=key)
+            ring.pump()
+            q = query.reshape(G, heads, -1, self.head_dim)
+            seq = torch.full((B,), -1, dtype=torch.long)
+            seq[[b for b, *_ in group]] = torch.arange(G)
+            # A head sees a chunk page's blocks it chose, from the window's start on.
+            start = torch.tensor([p.fb * Bk + p.cut for p in plans], device=self.device)
+            block_of = torch.arange(P, device=self.device) // Bk
+            for job, k, v in ring.consume(key):
+                mine = seq[job.rows - layer * B].to(self.device)
+                pages = job.pages.to(self.device)
+                seen = want[mine[:, None], pages[:, None] * R + block_of]  # [n, P, heads]
+                seen &= (pages[:, None] * P + torch.arange(P, device=self.device) >= start[mine][:, None])[..., None]
+                kh, vh = (k, v) if heads == self.kv_heads else (k.index_select(1, dec.head_of),
+                                                                v.index_select(1, dec.head_of))
+                parts.append(am.segment_partial(q, kh, vh, mine, scaling, softcap, ~seen.permute(0, 2, 1)))
+                for r in job.rows.unique().tolist():
+                    of = (job.rows == r).nonzero().flatten()
+                    self.placement.promote(r, job.pages[of], k[of.to(self.device)], v[of.to(self.device)], self.step)
+        return am.merge(parts).to(query.dtype).view(G, 1, self.q_heads, self.head_dim)
 
     # -- a batch's pages on disk -------------------------------------------------------------------------------
     def _streams_with_batch(self, row: int, view) -> bool:
@@ -1295,6 +1354,14 @@ class Runtime:
         """The summary of a page that just filled, from its keys on the device."""
         s = int(self.table.slot["device"][layer, page])
         self.selection.summarize_page(layer, page, self.device_tier.k[s:s + 1])
+
+    def _leaving_device(self, layer: int, page: int, slot: int) -> None:
+        """Sparse mode, a page evicted from the device (`Placement.leaving`): a layer's last page that filled is
+        summarized by the step that opens the next (`_append_token`), but steps of other layers, or of other
+        sequences of a batch, may make room before then; it is summarized now, from its keys still in `slot`."""
+        t = self.table
+        if page == t.pages(layer) - 1 and t.tokens[layer] % self.page_size == 0:
+            self.selection.summarize_page(layer, page, self.device_tier.k[slot:slot + 1])
 
     def _edge_hide(self, first: int, off: int):
         """For `_pages_partials`: hides tokens 0..off-1 of page `first` (before the sliding window's start) in a

@@ -197,6 +197,60 @@ def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypat
 SPARSE_LENGTHS = [137, 70, 112, 95]
 
 
+@pytest.mark.parametrize("arch,options,kernels", [
+    ("llama", {}, False),
+    ("mistral", {"selection": "minmax", "head_selection": "query"}, False),
+    ("gemma2", {"selection": "landmark", "head_selection": "shared"}, False),
+    pytest.param("gemma2", {"head_selection": "query"}, True, marks=pytest.mark.kernels)],
+    ids=["llama-sketch-kv", "mistral-minmax-query", "gemma2-landmark-shared", "gemma2-query-kernels"])
+def test_sparse_steps_over_pages_on_disk_attend_as_with_every_page_on_the_device(arch, options, kernels, tmp_path,
+                                                                                 monkeypatch):
+    """Sparse attention below the context over three tiers: the sequences whose chosen blocks lie on disk take the
+    batch's step too. Each chooses its blocks with the others; those on disk, of every sequence, are read in one
+    request through the load ring and attended as they land, each head over the blocks it chose. The logits are
+    those of the same batch with every page on the device, and so they are with every row streaming alone (bug:
+    a page that filled was left unsummarized when another sequence's step evicted it before its own next step,
+    and that sequence then chose other blocks). With the Triton kernels (CUDA; here Triton's interpreter) the
+    blocks in the pools are read by one gather launch."""
+    from offload import runtime as runtime_module
+    from offload.runtime import Runtime
+
+    model, new = tiny(arch), 8 if kernels else 14
+    ids, mask = padded_batch(SPARSE_LENGTHS)
+    lower, step = [], Runtime._batch_sparse_lower
+    monkeypatch.setattr(Runtime, "_batch_sparse_lower",
+                        lambda rt, layer, group, *a: lower.append(len(group)) or step(rt, layer, group, *a))
+
+    def run(tiers: bool, together: bool) -> tuple[torch.Tensor, dict]:
+        monkeypatch.setattr(Runtime, "batch_step", together)
+        disk = {"disk_dir": str(tmp_path / "kv")} if tiers else {}
+        opts = {"page_size": PAGE, **SPARSE, **options, **disk}
+        if tiers:
+            opts.update(device_budget=least_device(model, 4, kernels and together, **disk, **SPARSE),
+                        host_budget=6 * page_bytes(model))
+        with offload(model, **opts) as rt:
+            out = generate(model, ids, mask, new, output_logits=True, return_dict_in_generate=True)
+            stats = rt.stats()
+            rt.table.check_invariants()
+        assert not tiers or stats["peak_resident_bytes"]["disk"] > 0
+        return torch.stack(out.logits), stats
+
+    want, on_device = run(False, True)
+    runs = [(False, run(True, False))] if not kernels else []
+    del lower[:]
+    if kernels:
+        interpreted()
+        monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
+    runs.append((True, run(True, True)))
+    for together, (logits, stats) in runs:
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-4, msg=f"together={together}")
+    stats = runs[-1][1][1]
+    assert stats["attended_fraction"] == pytest.approx(on_device["attended_fraction"])
+    assert stats["attended_fraction"] < 0.9
+    assert lower and max(lower) > 1, lower  # several sequences with blocks on disk in one step
+    assert not list((tmp_path / "kv").iterdir())
+
+
 def test_sparse_steps_of_a_batch_read_packed_host_blocks(monkeypatch):
     """With `kv_quant` (packed host pages) the sparse steps of a batch choose together and unpack the chosen
     host blocks of every sequence in one pass: the blocks attended and read from the host, and the logits, are
