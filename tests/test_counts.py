@@ -151,9 +151,9 @@ def test_a_sparse_step_with_the_block_cache_stays_flat_and_reads_nothing():
 # workspace (exact: a layer's host pages; sparse: its largest choice of blocks), as the budget plan sizes it.
 KERNEL_CASES = {
     "exact": dict(mode="exact", layers=8, device_fraction=0.5, contexts=(512, 1024)),
-    "sparse": dict(mode="sparse", layers=LAYERS, device_fraction=0.15, contexts=(1024, 2048)),
+    "sparse": dict(mode="sparse", layers=LAYERS, device_fraction=0.15, contexts=(1024, 1536)),
     "sparse, block cache": dict(mode="sparse", layers=LAYERS, device_fraction=0.3, block_cache=0.5,
-                                contexts=(1024, 2048)),
+                                contexts=(1024, 1536)),
 }
 
 
