@@ -656,10 +656,12 @@ class KernelDecode(DeviceDecode):
             self.side = torch.cuda.Stream(device)
             self.compute = torch.cuda.current_stream(device)
         self.ready: list[object | None] = [None] * layers  # per layer: the event of its gather ahead, if any
+        self.ahead: set[int] = set()  # the layers that have had one since they were last dropped
 
     def resize(self, layers: int) -> None:
         super().resize(layers)
         self.ready = [None] * layers
+        self.ahead = set()
         self.bits_out.clear()  # they hold rows of the cache's scratch, made again
 
     def append(self, slot: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -714,6 +716,7 @@ class KernelDecode(DeviceDecode):
     def forget(self) -> None:
         super().forget()
         self.ready = [None] * self.layers
+        self.ahead = set()
 
     def _gather_into(self, rows: tuple[int, int], slots: torch.Tensor) -> None:
         base, n = rows
@@ -737,6 +740,7 @@ class KernelDecode(DeviceDecode):
             event = torch.cuda.Event()
             event.record()
         self.ready[layer] = event
+        self.ahead.add(layer)
 
     def exact(self, layer: int, view: LayerView, query: torch.Tensor, valid: int, start: int, scaling: float,
               softcap: float | None) -> torch.Tensor:
@@ -774,9 +778,20 @@ class KernelDecode(DeviceDecode):
                 if event is not None:
                     self.compute.wait_event(event)
         pages, ahead = self._ragged((layer, partial), rows, views, tokens, window)
+        host_k, host_v, split = self.host_k, self.host_v, self.split
+        if self.codec is not None:
+            # Packed host pages: unpacked by one launch into the workspace rows, which the layout gives them in
+            # place of host slots, and every slot is then the device pool's.
+            pages, src, n = pages
+            self._drop_ahead()
+            if n:
+                self.kgather.gather_pages_packed(self.pool_k[split:split + n], self.pool_v[split:split + n],
+                                                 self.host_k, self.host_v, src, self.codec)
+            host_k = host_v = self.pool_k[:0]
+            split = self.pool_k.shape[0]
         B, D = len(views), self.head_dim
         q = query.reshape(B, self.kv_heads, -1, D).to(self.pool_k.dtype)
-        o, lse = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, self.host_k, self.host_v, self.split,
+        o, lse = self.paged.paged_decode_ragged(q, self.pool_k, self.pool_v, host_k, host_v, split,
                                                 pages, ahead, scaling, softcap, workspaces=self.paged_out)
         if partial:
             return o, lse
@@ -789,13 +804,35 @@ class KernelDecode(DeviceDecode):
         whatever their numbers)."""
         P, K = self.page_size, self.paged
         firsts = [v.pages - v.count if v.numbers is not None else v.first for v in views]
-        pages = K.ragged_pages([v.slots for v in views], firsts, tokens, P, window)
-        if window is None or all(v.numbers is None for v in views):
+        if self.codec is None:
+            slots = [v.slots for v in views]
+        else:  # packed host pages read from workspace rows, one after another over the sequences
+            slots, n = [], 0
+            for v in views:
+                s, m = v.dev_slots.to(torch.int32), v.host_pos.numel()
+                if m:
+                    s = s.index_put((v.host_pos,), torch.arange(self.split + n, self.split + n + m,
+                                                                dtype=torch.int32, device=self.device))
+                slots.append(s)
+                n += m
+        pages = K.ragged_pages(slots, firsts, tokens, P, window)
+        if window is not None and any(v.numbers is not None for v in views):
+            low = [-window if v.numbers is None else
+                   (-window + (f - v.first) * P if v.count and int(v.numbers[0]) == v.first else K.EVERY)
+                   for v, f in zip(views, firsts)]
+            pages = pages._replace(low=torch.tensor(low, dtype=torch.int32).to(pages.low.device))
+        if self.codec is None:
             return pages
-        low = [-window if v.numbers is None else
-               (-window + (f - v.first) * P if v.count and int(v.numbers[0]) == v.first else K.EVERY)
-               for v, f in zip(views, firsts)]
-        return pages._replace(low=torch.tensor(low, dtype=torch.int32).to(pages.low.device))
+        return pages, torch.cat([v.host_src for v in views]).to(torch.int32), n
+
+    def _drop_ahead(self) -> None:
+        """CUDA: the gathers started ahead on the side stream (`prefetch`) are waited for and dropped, before the
+        workspace rows they wrote are written again: their rows gather on the compute stream when they run."""
+        for r in self.ahead:
+            event, self.ready[r] = self.ready[r], None
+            if event is not None:
+                self.compute.wait_event(event)
+        self.ahead.clear()
 
     def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
                      forced: list[list[int]], selection, step: int, scaling: float,
@@ -803,10 +840,11 @@ class KernelDecode(DeviceDecode):
         """The batch's sparse step in one launch of the ragged paged decode over blocks: the blocks chosen together
         (`_batch_blocks`), each sequence's list made compact on the device (its padding moved last, out of its
         count), each head's blocks read in place from the device pool or the pinned host pool (no gather, no
-        workspace row). With `partial` (views with pages on disk, whose blocks a head may choose), the torch
-        step's pass over one block gather (`read_blocks`, one launch)."""
-        if partial:
-            return super().sparse_batch(rows, views, query, plans, forced, selection, step, scaling, softcap, True)
+        workspace row). With `partial` (views with pages on disk, whose blocks a head may choose), packed host
+        pages (`kv_quant`) or a block cache (filled from the blocks read), the torch step's pass over one block
+        gather (`read_blocks`: one launch, or for packed host blocks the torch step's unpacking)."""
+        if partial or self.codec is not None or self.cache is not None:
+            return super().sparse_batch(rows, views, query, plans, forced, selection, step, scaling, softcap, partial)
         B, Bk, D, dev = len(views), self.block, self.head_dim, self.device
         ids, pad, valid, cut, _ = self._batch_blocks(rows, views, query, plans, forced, selection, step, scaling)
         E = ids.shape[1]

@@ -498,16 +498,18 @@ class Runtime:
         prompts, returned sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any
         others, ragged or windowed, over their own pages with the softmax reduced per sequence
         (`DeviceDecode.exact_ragged`); those with pages on disk read them in one request for the batch and merge
-        them in (`_batch_lower`). Sparse steps (on the kernels, with no block cache) choose each sequence's blocks
-        and attend over them in one pass (`DeviceDecode.sparse_batch`), a policy's state per row taken for all at
-        once; the chosen blocks of sequences with pages on disk that lie on disk are read in one request for the
-        batch and merged in (`_batch_sparse_lower`). Returns the sequences served, in order, and their output
-        [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
+        them in (`_batch_lower`). With `kv_quant` on the kernels, the packed host pages of the sequences served are
+        unpacked into the kernels' workspace rows, as many as they hold (the others run alone). Sparse steps choose
+        each sequence's blocks and attend over them in one pass (`DeviceDecode.sparse_batch`), a policy's state per
+        row taken for all at once; the chosen blocks of sequences with pages on disk that lie on disk are read in
+        one request for the batch and merged in (`_batch_sparse_lower`). Returns the sequences served, in order,
+        and their output [served, 1, Hq, D]; the others run alone after them (`attend_layer`)."""
         dec, B, P, t, sel = self.decoder, self.batch, self.page_size, self.table, self.selection
-        if (not self.batch_step or dec is None or (dec.codec is not None and isinstance(dec, KernelDecode))
-                or self.tracer is not None or self.check_in_place or self.config.measure_recall):
+        if (not self.batch_step or dec is None or self.tracer is not None or self.check_in_place
+                or self.config.measure_recall):
             return [], None
-        choose = self.sparse and (dec.cache is None or not isinstance(dec, KernelDecode))
+        # The kernels' exact steps over packed host pages unpack them into the workspace rows: as many as it holds.
+        room = dec.workspace if dec.codec is not None and isinstance(dec, KernelDecode) else None
         exact, sparse, lower, sparse_lower = [], [], [], []  # (sequence, view, tokens, plan)
         for b in range(B):
             r, n = layer * B + b, t.tokens[layer * B + b]
@@ -518,14 +520,17 @@ class Runtime:
             if view.host_attend is not None or view.first != t.first[r]:
                 continue
             plan = sel.budget(r, n + 1) if self.sparse else None
-            if view.lower:
-                if plan is None and self._streams_with_batch(r, view):
-                    lower.append((b, view, n, None))
-                elif plan is not None and choose and not (view.host and self._host_share(r, view.host, 0)):
-                    sparse_lower.append((b, view, n, plan))
+            if plan is not None and view.host and self._host_share(r, view.host, view.count - view.host):
                 continue
-            if plan is not None and (not choose or (view.host and self._host_share(r, view.host,
-                                                                                     view.count - view.host))):
+            if plan is None and room is not None:
+                if view.host > room:
+                    continue
+                room -= view.host
+            if view.lower:
+                if plan is not None:
+                    sparse_lower.append((b, view, n, plan))
+                elif self._streams_with_batch(r, view):
+                    lower.append((b, view, n, None))
                 continue
             (exact if plan is None else sparse).append((b, view, n, plan))
         if not lower:

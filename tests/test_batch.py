@@ -63,6 +63,23 @@ def least_device(model, batch: int, kernels: bool = False, **options) -> int:
     raise AssertionError("no device budget found")
 
 
+def budget_for(model, cache_pages: int, kernels: bool, **options) -> int:
+    """The device budget whose plan keeps `cache_pages` pages for the device tier, with the Triton kernels'
+    workspace or without: the two backends then place (and, with `kv_quant`, pack) the same pages at the same
+    steps."""
+    layers, pb = model.config.num_hidden_layers, page_bytes(model)
+    max_pages = -(-model.config.max_position_embeddings // PAGE)
+    for pages in range(cache_pages, cache_pages + 4 * max_pages + 64):
+        config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0, **options)
+        try:
+            plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"), kernels=kernels)
+        except ValueError:
+            continue
+        if plan.device_cache_pages == cache_pages:
+            return pages * pb
+    raise AssertionError(f"no device budget keeps {cache_pages} pages")
+
+
 def three_tiers(model, tmp_path: Path, batch: int = len(LENGTHS)) -> dict:
     """A device budget of two pages beyond one open page per layer and sequence, a host tier of 6 pages and a disk
     tier for the rest."""
@@ -251,23 +268,33 @@ def test_sparse_steps_over_pages_on_disk_attend_as_with_every_page_on_the_device
     assert not list((tmp_path / "kv").iterdir())
 
 
-def test_sparse_steps_of_a_batch_read_packed_host_blocks(monkeypatch):
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=pytest.mark.kernels)],
+                         ids=["pools", "kernels"])
+def test_sparse_steps_of_a_batch_read_packed_host_blocks(kernels, monkeypatch):
     """With `kv_quant` (packed host pages) the sparse steps of a batch choose together and unpack the chosen
     host blocks of every sequence in one pass: the blocks attended and read from the host, and the logits, are
     those of every row alone. (No step opens a page: which pages are packed when depends on the order of the
-    steps that evict, and packing is lossy.)"""
-    from offload.decode import DeviceDecode
+    steps that evict, and packing is lossy.) On the Triton kernels (CUDA; here Triton's interpreter) the same
+    pass, against the torch step row by row with the same device tier."""
+    from offload import runtime as runtime_module
+    from offload.decode import DeviceDecode, KernelDecode
     from offload.runtime import Runtime
 
     model = tiny("mistral")
     ids, mask = padded_batch([129, 65, 113, 97])  # one past a page boundary: seven steps open no page
     calls = batch_sizes(monkeypatch, DeviceDecode, "sparse_batch")
+    options = {**SPARSE, "selection": "minmax", "kv_quant": "k8v4"}
+    cache = least_device(model, 4, **options) // page_bytes(model)
     logits, blocks = [], []
     for together in (False, True):
         monkeypatch.setattr(Runtime, "batch_step", together)
-        opts = {"page_size": PAGE, "device_budget": least_device(model, 4) + 8 * page_bytes(model),
-                "host_budget": "1MiB", **SPARSE, "selection": "minmax", "kv_quant": "k8v4"}
+        if kernels and together:
+            interpreted()
+            monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
+        opts = {"page_size": PAGE, "device_budget": budget_for(model, cache, kernels and together, **options),
+                "host_budget": "1MiB", **options}
         with offload(model, **opts) as rt:
+            assert isinstance(rt.decoder, KernelDecode) == (kernels and together)
             out = generate(model, ids, mask, new=7, output_logits=True, return_dict_in_generate=True)
             logits.append(torch.stack(out.logits))
             blocks.append(rt.stats()["blocks"])
@@ -743,34 +770,56 @@ def test_a_step_over_pages_on_disk_reads_chunks_of_several_sequences(tmp_path: P
     assert len(read) < alone, (len(read), alone)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_packed_host_pages_of_a_batch_are_unpacked_in_its_step(arch, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("arch,kernels", [("llama", False), ("gemma2", False),
+                                          pytest.param("gemma2", True, marks=pytest.mark.kernels)],
+                         ids=["llama", "gemma2", "gemma2-kernels"])
+def test_packed_host_pages_of_a_batch_are_unpacked_in_its_step(arch, kernels, tmp_path: Path, monkeypatch):
     """With `kv_quant` the host and disk tiers hold packed pages: the batch's step gathers every sequence's device
     pages and unpacks all of their host pages in one pass (disk pages come in the batch's request), and each
     sequence gets the logits of every step run row by row. (No step opens a page: which pages are packed when
-    depends on the order in which the steps that do evict, and packing is lossy.)"""
-    from offload.decode import DeviceDecode
+    depends on the order in which the steps that do evict, and packing is lossy.) With the Triton kernels (CUDA;
+    here Triton's interpreter) one launch unpacks them into the kernels' workspace rows, and the sequences whose
+    host pages the rows left no room for run alone; the torch step row by row, with the same device tier, is the
+    reference."""
+    from offload import runtime as runtime_module
+    from offload.decode import DeviceDecode, KernelDecode
     from offload.runtime import Runtime
 
     model = tiny(arch)
     lengths = [33, 65, 17, 49]  # one token past a page boundary: seven steps open no page
     ids, mask = padded_batch(lengths)
     unpacked, lower = [], []
-    ragged, batch_lower = DeviceDecode.exact_ragged, Runtime._batch_lower
-    monkeypatch.setattr(DeviceDecode, "exact_ragged", lambda self, layer, rows, views, *a, **kw: unpacked.append(
-        sum(v.host > 0 for v in views)) or ragged(self, layer, rows, views, *a, **kw))
+    cls = KernelDecode if kernels else DeviceDecode
+    ragged, batch_lower = cls.exact_ragged, Runtime._batch_lower
+    monkeypatch.setattr(cls, "exact_ragged", lambda self, layer, rows, views, *a, **kw: unpacked.append(
+        [v.host for v in views]) or ragged(self, layer, rows, views, *a, **kw))
     monkeypatch.setattr(Runtime, "_batch_lower", lambda rt, layer, group, *a: lower.append(len(group)) or batch_lower(
         rt, layer, group, *a))
-    logits = []
-    for together in (True, False):
+    logits, cache = [], least_device(model, 4, disk_dir=str(tmp_path)) // page_bytes(model) - 4
+    for together, workspace in ((False, None), (True, None), (True, 2)) if kernels else ((False, None), (True, None)):
         monkeypatch.setattr(Runtime, "batch_step", together)
-        opts = {**three_tiers(model, tmp_path / str(together)), "kv_quant": "k8v4"}
+        on_kernels = kernels and together
+        if on_kernels:
+            interpreted()
+            monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
+        disk = {"disk_dir": str(tmp_path / f"{together}{workspace}")}
+        opts = {"page_size": PAGE, "device_budget": budget_for(model, cache, on_kernels, **disk),
+                "host_budget": 6 * page_bytes(model), **disk, "kv_quant": "k8v4"}
+        unpacked.clear()
         with offload(model, **opts) as rt:
+            assert isinstance(rt.decoder, KernelDecode) == on_kernels and rt.plan.device_cache_pages == cache
+            if workspace is not None:
+                rt.decoder.workspace = workspace  # rows for two host pages: the sequences needing more run alone
             out = generate(model, ids, mask, new=7, output_logits=True, return_dict_in_generate=True)
             logits.append(torch.stack(out.logits))
             assert rt.stats()["peak_resident_bytes"]["disk"] > 0
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
-    assert max(unpacked) > 1 and max(lower) > 1, (unpacked, lower)  # several sequences' host and disk pages
+        torch.testing.assert_close(logits[-1], logits[0], rtol=0, atol=1e-4)
+        if together and workspace is None:  # several sequences' host pages in one call
+            assert max(sum(h > 0 for h in hosts) for hosts in unpacked) > 1, unpacked
+        if workspace is not None:
+            assert max(sum(hosts) for hosts in unpacked) <= workspace < max(sum(hosts) for hosts in seen), unpacked
+        seen = list(unpacked)
+    assert max(lower) > 1, lower  # several sequences' disk pages
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
