@@ -70,14 +70,17 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
 
 
 def plan_device_evictions(table: PageTable, policy: EvictionPolicy, config: OffloadConfig, n: int) -> list[Eviction]:
-    """The `n` device pages to evict, best victim first: never a page being copied or an open tail page; sinks and
-    the recent window only when nothing else is left. Raises ValueError when fewer than `n` can go."""
+    """The `n` device pages to evict, best victim first: never a page being copied or the page a layer's next
+    token goes to; sinks and the recent window only when nothing else is left. Raises ValueError when fewer than `n` can go."""
     # NOTE: pages a sliding window released hold no slot in any tier, so they are never eligible here, nor in
     # host eviction and promotion.
     eligible = (table.slot["device"] >= 0) & (table.busy == 0)
     for layer in range(table.layers):
-        if table.tokens[layer] % table.page_size:
-            eligible[layer, table.pages(layer) - 1] = False  # an open tail page is written in place
+        # The page the layer's next token goes to is written in place: the open tail, or a page a batch's step
+        # opened for it a moment ago.
+        page = table.tokens[layer] // table.page_size
+        if page < table.max_pages:
+            eligible[layer, page] = False
     victims = policy.victims(eligible & unpinned_pages(table, config), n)
     if len(victims) < n:
         # Sinks and the recent window stay while anything else can go; under a tight budget they go too.

@@ -461,6 +461,8 @@ class Runtime:
         self.served = frozenset(layer * B + b for b in served)
         if len(served) == B:
             self.length[layer] = start + 1
+            if layer == self.model_layers - 1 and self.opened:
+                self._ready_next_step()
             return out
         outs, last = [None] * B, False
         for i, b in enumerate(served):
@@ -510,13 +512,19 @@ class Runtime:
             return [], None
         # The kernels' exact steps over packed host pages unpack them into the workspace rows: as many as it holds.
         room = dec.workspace if dec.codec is not None and isinstance(dec, KernelDecode) else None
+        live = [b for b in range(B) if not self.finished[b]]
+        # Page boundaries first, before any view is read: the sequences whose token opens a page get their new
+        # tail (the uses recorded since the last boundary reach the eviction policy once; making room may evict).
+        opening = [b for b in live if t.tokens[layer * B + b] % P == 0]
+        if opening:
+            self._boundary(layer == 0 and opening[0] == 0)
+            for b in opening:
+                self._open_page(layer * B + b)
+            self.opened = True
         exact, sparse, lower, sparse_lower = [], [], [], []  # (sequence, view, tokens, plan)
-        for b in range(B):
+        for b in live:
             r, n = layer * B + b, t.tokens[layer * B + b]
-            # n % P == 0: a page opens, and the boundary's work runs alone.
-            if self.finished[b] or n % P == 0 or (window is not None and self._dead_pages(r, n + 1) > t.first[r]):
-                continue
-            view = dec.view(r, t, t.pages(r))
+            view = dec.view(r, t, n // P + 1)  # the pages holding the step's token too (a page opened above)
             if view.host_attend is not None or view.first != t.first[r]:
                 continue
             plan = sel.budget(r, n + 1) if self.sparse else None
@@ -565,6 +573,11 @@ class Runtime:
         if len(outs) > 1:  # back in the order of the sequences
             at = {b: i for i, (b, *_) in enumerate(g for group, _ in groups for g in group)}
             out = torch.cat(outs).index_select(0, torch.tensor([at[b] for b in served], device=self.device))
+        if window is not None:  # pages the window left for good, now that this step's query has seen its own
+            for b in served:
+                r = layer * B + b
+                if self._dead_pages(r, t.tokens[r]) > t.first[r]:
+                    self._release(r, self._dead_pages(r, t.tokens[r]))
         self._resident()
         return served, out
 
@@ -1042,10 +1055,8 @@ class Runtime:
         live only on disk, through the load ring (`_decode_streaming`). Last, pages its sliding window left are
         released."""
         opened = self.table.tokens[layer] % self.page_size == 0
-        if opened and self.decoder is not None:
-            used = self.decoder.absorb(self.placement.policy)
-            if self.sparse and layer == 0:
-                self._promote_used(used)
+        if opened:
+            self._boundary(layer == 0)
         self._append_token(layer, k, v)  # into the tail page, on the device
         self.opened |= opened
         if self.opened and layer == self.layers - 1:
@@ -1064,6 +1075,15 @@ class Runtime:
             out = self._decode_streaming(layer, query, n, first, off, scaling, softcap)
         self._release(layer, self._dead_pages(layer, n))
         return out
+
+    def _boundary(self, first_row: bool) -> None:
+        """A step that opens a page: the uses recorded on the device since the last one reach the eviction policy,
+        and at the first row (layer 0 of sequence 0), in sparse mode, the host pages the device steps read since
+        then move to the device (`_promote_used`)."""
+        if self.decoder is not None:
+            used = self.decoder.absorb(self.placement.policy)
+            if self.sparse and first_row:
+                self._promote_used(used)
 
     def _decode_streaming(self, layer: int, query, n: int, first: int, off: int, scaling: float,
                           softcap: float | None) -> torch.Tensor:
@@ -1418,16 +1438,22 @@ class Runtime:
         return am.pages_partial(q, self.device_tier.k[s:s + 1, :, start:valid],
                                 self.device_tier.v[s:s + 1, :, start:valid], scaling, softcap, hidden)
 
+    def _open_page(self, layer: int) -> None:
+        """A page boundary: the page that token `tokens[layer]` goes to gets a device slot (making room may evict),
+        after the page that filled is summarized (sparse mode)."""
+        page = self.table.tokens[layer] // self.page_size
+        if page >= self.max_pages:
+            raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
+        if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
+            self._summarize_filled(layer, page - 1)  # before making room can evict it
+        slot = self.placement.device_slots(1)[0]
+        self.table.set("device", layer, page, slot)
+
     def _append_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = self.table.tokens[layer]
-        if n % self.page_size == 0:
-            page = n // self.page_size
-            if page >= self.max_pages:
-                raise ValueError(f"prompt: the sequence exceeds the model's maximum of {self.max_positions} positions")
-            if self.sparse and page > 0 and int(self.table.slot["device"][layer, page - 1]) >= 0:
-                self._summarize_filled(layer, page - 1)  # before making room can evict it
-            slot = self.placement.device_slots(1)[0]
-            self.table.set("device", layer, page, slot)
+        # (a batch's step may have opened the page already, for a sequence it then left to run alone)
+        if n % self.page_size == 0 and int(self.table.slot["device"][layer, n // self.page_size]) < 0:
+            self._open_page(layer)
         # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page: one launch with the kernels, else
         # through views of that page.
         slot, pk, pv = self._tail(layer)

@@ -185,7 +185,7 @@ def test_sparse_steps_of_a_batch_choose_together_as_each_sequence_alone(arch, op
     assert blocks[0] == blocks[1] and blocks[0]["from_host"] > 0
     for b in range(len(SPARSE_LENGTHS)):
         assert torch.equal(got[1][b], got[0][b]), f"sequence {b}"
-    assert max(calls) == len(SPARSE_LENGTHS) and min(calls) < len(SPARSE_LENGTHS)
+    assert calls == [len(SPARSE_LENGTHS)] * len(calls)  # every sequence, at every step, page boundaries too
 
 
 @pytest.mark.kernels
@@ -589,9 +589,10 @@ def test_segment_attention_equals_each_sequence_alone():
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
 def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, monkeypatch):
-    """Prompts of different lengths, KV on the device and the host: at every decode step and layer, the sequences
-    that neither open nor (by their window) release a page attend in one call over each one's own pages (with
-    sliding windows and soft-capping), the others alone, and the tokens are DynamicCache's."""
+    """Prompts of different lengths, KV on the device and the host: at every decode step and layer every sequence
+    attends in one call over its own pages (with sliding windows and soft-capping), those whose token opens a page
+    (their new tail opened before the call) or whose window leaves one (released after it) too, and the tokens are
+    DynamicCache's."""
     from offload.decode import DeviceDecode
 
     model = tiny(arch)
@@ -609,19 +610,13 @@ def test_ragged_sequences_through_the_batched_step_equal_dynamic_cache(arch, mon
     for b in range(len(LENGTHS)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
     assert any(windowed) == (arch != "llama")
-    assert calls == served_per_layer(model, windowed, LENGTHS, NEW)
-    assert min(calls) < len(LENGTHS) and max(calls) == len(LENGTHS)  # some steps batch only some sequences
+    assert calls == served_per_layer(model, NEW)
 
 
-def served_per_layer(model, windowed: list[bool], lengths: list[int], new: int) -> list[int]:
-    """How many sequences of prompts of `lengths` the batch's one step serves at each decode step and layer
-    (`windowed`: per layer, a sliding window), where it serves any. Decode step s appends token n + s of each
-    sequence of n prompt tokens; it opens a page where that is a multiple of the page size, and a window of W
-    releases one where n + s + 2 - W is."""
-    window = getattr(model.config, "sliding_window", None) or 0
-    served = [[sum(1 for n in lengths if (n + s) % PAGE != 0 and not (
-        w and n + s + 2 - window > 0 and (n + s + 2 - window) % PAGE == 0)) for w in windowed] for s in range(new - 1)]
-    return [k for step in served for k in step if k]
+def served_per_layer(model, new: int) -> list[int]:
+    """The sequences of a batch of `LENGTHS` the batch's one step serves at each of the `new` - 1 decode steps and
+    each layer: all of them, whether a step opens a page or a window leaves one."""
+    return [len(LENGTHS)] * ((new - 1) * model.config.num_hidden_layers)
 
 
 @pytest.mark.kernels
@@ -647,11 +642,9 @@ def test_ragged_sequences_through_the_batched_kernel_equal_dynamic_cache(arch, m
         got = generate(model, ids, mask, new)
         assert rt.stats()["peak_resident_bytes"]["host"] > 0
         rt.table.check_invariants()
-        windowed = [w is not None for w in rt.windows[::len(LENGTHS)]]
     for b in range(len(LENGTHS)):
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
-    assert calls == served_per_layer(model, windowed, LENGTHS, new)
-    assert max(calls) == len(LENGTHS)
+    assert calls == served_per_layer(model, new)
 
 
 @pytest.mark.parametrize("arch,kernels", [("llama", False), ("mistral", False), ("gemma2", False),
@@ -662,9 +655,8 @@ def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arc
     """Over three tiers, long sequences with pages on disk and short ones whose pages all sit in the pools take the
     batch's step together: the disk pages of every long sequence are read in one request through the load ring
     (chunks holding pages of several sequences, the next layer's asked for ahead) and merged with each one's
-    attention over the pools. In full-attention layers no sequence streams alone but at the steps that open a page
-    (windowed layers, which keep their few pages in the pools, run alone when a window releases a page). The
-    tokens are DynamicCache's. With the Triton kernels (CUDA; here Triton's interpreter) the pools' pages are
+    attention over the pools. No sequence streams alone, at the steps that open a page too. The tokens are
+    DynamicCache's. With the Triton kernels (CUDA; here Triton's interpreter) the pools' pages are
     attended in one launch, and the load ring's rows are not the kernels' workspace's."""
     from offload import runtime as runtime_module
     from offload.decode import KernelDecode
@@ -691,8 +683,8 @@ def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arc
         return request(ring, layer, pages, predicted, front, rows, key)
 
     def record_streaming(rt, layer, query, n, *args):
-        if rt.windows[layer] is None:
-            alone.append((n - 1) % PAGE)  # tokens before the step, within their page
+        if query.shape[2] == 1:  # a decode step
+            alone.append((layer, n))
         return streaming(rt, layer, query, n, *args)
 
     monkeypatch.setattr(LoadRing, "request", record_request)
@@ -712,7 +704,7 @@ def test_sequences_with_pages_on_disk_read_them_in_one_request_for_the_batch(arc
         assert torch.equal(got[b], expected[b]), f"sequence {b}"
     assert any(n > 1 for _, n in requests) and any(predicted for predicted, _ in requests), requests
     assert any(partials) == kernels  # the pools' pages of sequences with pages on disk, in the kernels' launch
-    assert set(alone) <= {0}, alone  # only steps that open a page
+    assert not alone, alone
     assert not list((tmp_path / "kv").iterdir())
 
 
@@ -825,8 +817,8 @@ def test_packed_host_pages_of_a_batch_are_unpacked_in_its_step(arch, kernels, tm
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}, {"do_sample": True, "num_return_sequences": 2}],
                          ids=["greedy", "beams", "sampled"])
 def test_equal_sequences_through_the_batched_step_equal_dynamic_cache(kwargs, monkeypatch):
-    """Equal prompts (and their beams and returned copies) take the one-call step at every step that opens no
-    page, and give DynamicCache's tokens."""
+    """Equal prompts (and their beams and returned copies) take the one-call step at every step, those that open
+    a page too, and give DynamicCache's tokens."""
     from offload.decode import DeviceDecode
 
     model = tiny("llama")
@@ -843,9 +835,8 @@ def test_equal_sequences_through_the_batched_step_equal_dynamic_cache(kwargs, mo
         got = model.generate(ids, **kwargs)
         assert rt.stats()["resident_bytes"]["host"] > 0
     assert torch.equal(got, expected)
-    # The decode steps append tokens 45..63; those appending tokens 48 and 56 open a page and run row by row.
-    opening = sum(1 for n in range(45, 64) if n % PAGE == 0)
-    assert len(calls) == (19 - opening) * model.config.num_hidden_layers
+    # The decode steps append tokens 45..63 (those appending tokens 48 and 56 open a page).
+    assert len(calls) == 19 * model.config.num_hidden_layers
 
 
 def test_a_damaged_disk_page_of_a_batch_fails_clearly(tmp_path: Path):
