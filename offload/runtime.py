@@ -494,9 +494,10 @@ class Runtime:
                       softcap: float | None) -> tuple[list[int], torch.Tensor | None]:
         """A decode step of layer `layer` for the sequences of the batch that take the plain step, all at once: one
         append, one gather and one attention call. The plain step is attention over the pools (the CPU's unified
-        pool, or the CUDA kernels' device and pinned host pools; packed host pages on the CPU alone, in exact
-        steps); a sequence takes it unless it has finished, opens or (by its window) releases a page in this step,
-        or has pages the host attends. Exact steps: sequences of equal length with no window or soft-cap (equal
+        pool, or the CUDA kernels' device and pinned host pools), with pages on disk read through the load ring; a
+        sequence takes it unless it has finished or has pages the host attends. A sequence whose token opens a page
+        gets it first, before any view is read; pages a window leaves are released after the attention. Exact
+        steps: sequences of equal length with no window or soft-cap (equal
         prompts, returned sequences, beams) attend in one unmasked SDPA call (`DeviceDecode.exact_batch`); any
         others, ragged or windowed, over their own pages with the softmax reduced per sequence
         (`DeviceDecode.exact_ragged`); those with pages on disk read them in one request for the batch and merge
@@ -1452,7 +1453,8 @@ class Runtime:
     def _append_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = self.table.tokens[layer]
         # (a batch's step may have opened the page already, for a sequence it then left to run alone)
-        if n % self.page_size == 0 and int(self.table.slot["device"][layer, n // self.page_size]) < 0:
+        page = n // self.page_size
+        if n % self.page_size == 0 and (page >= self.max_pages or int(self.table.slot["device"][layer, page]) < 0):
             self._open_page(layer)
         # k, v: [1, H, 1, D]. The token goes into row n % P of the tail page: one launch with the kernels, else
         # through views of that page.
