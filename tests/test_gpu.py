@@ -127,12 +127,32 @@ def test_kernel_decode_over_device_and_pinned_host_gives_the_same_tokens(dtype: 
         assert torch.equal(got[:, :310], plain[:, :310])
 
 
+def _kernel_budgets(model, pages: int, batch: int, host_pages: int, **options) -> tuple[int, int]:
+    """Device and host budgets: at least `pages` device pages, as many as the kernels' workspace needs to leave
+    an open page per layer and sequence of a batch of `batch` on the device, and two more; `host_pages` host pages
+    beside the staging a disk tier sets aside on CUDA."""
+    from offload import OffloadConfig
+    from offload.budgets import plan_budgets
+
+    c, pb = model.config, _page_bytes(model, options["page_size"])
+    max_pages = -(-c.max_position_embeddings // options["page_size"])
+    for n in range(pages, pages + 8 * max_pages * c.num_hidden_layers):
+        config = OffloadConfig(**{**options, "device_budget": n * pb, "host_budget": 1 << 40})
+        plan = plan_budgets(config, pb, c.num_hidden_layers, max_pages, torch.device("cuda"), kernels=True)
+        if plan.device_cache_pages >= c.num_hidden_layers * batch + 2:
+            return n * pb, (host_pages + plan.host_staging_pages) * pb
+    raise AssertionError("no device budget found")
+
+
 @pytest.mark.parametrize("attention", ["exact", "sparse"])
-def test_a_ragged_batch_on_the_kernels_gives_the_tokens_of_its_reference(attention: str, monkeypatch) -> None:
+@pytest.mark.parametrize("disk", [False, True], ids=["device-host", "three-tiers"])
+def test_a_ragged_batch_on_the_kernels_gives_the_tokens_of_its_reference(attention: str, disk: bool, tmp_path,
+                                                                         monkeypatch) -> None:
     """A batch of left-padded prompts of different lengths on CUDA: the sequences taking the plain step attend in
     one launch, device pages (sparse: each head's chosen blocks) in place and host ones read in place from the
-    pinned host pool. The greedy tokens are DynamicCache's (exact), or those of every row running alone (sparse),
-    sequence by sequence."""
+    pinned host pool. Over three tiers the pages on disk stream through the load ring's own rows, one request for
+    the batch, and merge with that launch's partials. The greedy tokens are DynamicCache's (exact), or those of
+    every row running alone (sparse), sequence by sequence."""
     from transformers import DynamicCache
 
     from offload.decode import KernelDecode
@@ -148,8 +168,13 @@ def test_a_ragged_batch_on_the_kernels_gives_the_tokens_of_its_reference(attenti
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     pb = _page_bytes(model, 16)
     kv = 3 * (sum(-(-(n + 24) // 16) for n in lengths)) * pb
-    options = dict(page_size=16, device_budget=int(0.3 * kv) + 16 * pb, host_budget=kv, attention=attention,
-                   token_budget=48, select_block=8, dense_layers=1)
+    options = dict(page_size=16, attention=attention, token_budget=48, select_block=8, dense_layers=1)
+    if disk:
+        options["disk_dir"] = str(tmp_path / "kv")
+    # 30% of the KV on the device (or more, where the kernels' workspace would leave the device tier less than an
+    # open page per layer and sequence); on the host the rest, or with a disk tier 8 pages (the rest on disk)
+    options["device_budget"], options["host_budget"] = _kernel_budgets(
+        model, int(0.3 * kv) // pb + 16, len(lengths), 8 if disk else kv // pb, **options)
     name = "exact_ragged" if attention == "exact" else "sparse_batch"
     with torch.no_grad():
         if attention == "exact":
@@ -163,12 +188,14 @@ def test_a_ragged_batch_on_the_kernels_gives_the_tokens_of_its_reference(attenti
     with offload(model, **options) as rt:
         assert isinstance(rt.decoder, KernelDecode)
         step = getattr(rt.decoder, name)
-        setattr(rt.decoder, name, lambda *a: calls.append(len(a[1])) or step(*a))
+        setattr(rt.decoder, name,
+                lambda *a, **kw: calls.append((len(a[1]), kw.get("partial", False))) or step(*a, **kw))
         with torch.no_grad():
             got = model.generate(ids, **kwargs)
         stats = rt.stats()
-    assert stats["peak_resident_bytes"]["host"] > 0
-    assert max(calls) == len(lengths) if attention == "exact" else max(calls) > 1
+    assert stats["peak_resident_bytes"]["host"] > 0 and (stats["peak_resident_bytes"]["disk"] > 0) == disk
+    assert max(n for n, _ in calls) == len(lengths) if attention == "exact" else max(n for n, _ in calls) > 1
+    assert any(partial for _, partial in calls) == disk  # sequences with pages on disk, in the batch's step
     for b in range(len(lengths)):
         assert torch.equal(got[b], plain[b]), f"sequence {b}"
 
