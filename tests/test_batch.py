@@ -201,10 +201,10 @@ def test_sparse_steps_of_a_batch_on_the_kernels_choose_as_on_the_pools(monkeypat
 
     model, options = tiny("gemma2"), {"head_selection": "query"}
     ids, mask = padded_batch(SPARSE_LENGTHS)
-    pools, on_pools = _sparse_run(model, ids, mask, options, new=8)
+    pools, on_pools = _sparse_run(model, ids, mask, options, new=6)
     calls = batch_sizes(monkeypatch, KernelDecode, "sparse_batch")
     monkeypatch.setattr(runtime_module, "use_kernels", lambda device, config: True)
-    got, stats = _sparse_run(model, ids, mask, options, new=8, kernels=True)
+    got, stats = _sparse_run(model, ids, mask, options, new=6, kernels=True)
     assert stats["blocks"]["attended"] == on_pools["blocks"]["attended"] and stats["blocks"]["from_host"] > 0
     for b in range(len(SPARSE_LENGTHS)):
         assert torch.equal(got[b], pools[b]), f"sequence {b}"
