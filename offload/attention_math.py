@@ -82,7 +82,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: to
                       softcap: float | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence of a batch over its own pages, in one pass for the whole batch: queries `q` [B, H, M, D];
     pages `k`, `v` [N, H, P, D], page i of sequence `seq[i]` (int64 [N]); `hidden` bool [N, P] (True hides the
-    key), [N, H, P] (per head: sparse selection's own blocks) or None. Every sequence must see at least one key. -> the normalized output [B, H, M, D], float32.
+    key), [N, H, P] (per head: sparse selection's own blocks) or None. Every sequence must see at least one key.
+    -> the normalized output [B, H, M, D], float32.
 
     Scores and values are products over single pages (batched over N and H); the softmax of a sequence runs over
     its pages alone, with its maximum and sum reduced per sequence (a scatter over `seq`), as a flash-decoding

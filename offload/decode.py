@@ -772,18 +772,16 @@ class KernelDecode(DeviceDecode):
         its pages are split): every sequence over its own pages, device pages read in place and host pages read
         in place from the pinned host pool, so no workspace row is used whatever the batch holds. With `partial`,
         (o [B, H, G, D], lse [B, H, G]) in float32, in buffers the next launch of the same shape overwrites."""
-        if self.cuda:
-            for r in rows:  # gathers started ahead for these rows: their workspace rows are not read now
-                event, self.ready[r] = self.ready[r], None
-                if event is not None:
-                    self.compute.wait_event(event)
+        if self.cuda:  # gathers started ahead for these rows: their workspace rows are not read now
+            self._drop_ahead(rows)
         pages, ahead = self._ragged((layer, partial), rows, views, tokens, window)
         host_k, host_v, split = self.host_k, self.host_v, self.split
         if self.codec is not None:
             # Packed host pages: unpacked by one launch into the workspace rows, which the layout gives them in
             # place of host slots, and every slot is then the device pool's.
             pages, src, n = pages
-            self._drop_ahead()
+            self._drop_ahead(self.ahead)
+            self.ahead.clear()
             if n:
                 self.kgather.gather_pages_packed(self.pool_k[split:split + n], self.pool_v[split:split + n],
                                                  self.host_k, self.host_v, src, self.codec)
@@ -825,14 +823,14 @@ class KernelDecode(DeviceDecode):
             return pages
         return pages, torch.cat([v.host_src for v in views]).to(torch.int32), n
 
-    def _drop_ahead(self) -> None:
-        """CUDA: the gathers started ahead on the side stream (`prefetch`) are waited for and dropped, before the
-        workspace rows they wrote are written again: their rows gather on the compute stream when they run."""
-        for r in self.ahead:
+    def _drop_ahead(self, layers) -> None:
+        """CUDA: the gathers the side stream started ahead for `layers` (`prefetch`) are waited for and dropped:
+        their workspace rows are not read, or are written again; those layers gather on the compute stream when
+        they run alone."""
+        for r in layers:
             event, self.ready[r] = self.ready[r], None
             if event is not None:
                 self.compute.wait_event(event)
-        self.ahead.clear()
 
     def sparse_batch(self, rows: list[int], views: list[LayerView], query: torch.Tensor, plans: list,
                      forced: list[list[int]], selection, step: int, scaling: float,

@@ -71,7 +71,8 @@ def unpinned_pages(table: PageTable, config: OffloadConfig) -> torch.Tensor:
 
 def plan_device_evictions(table: PageTable, policy: EvictionPolicy, config: OffloadConfig, n: int) -> list[Eviction]:
     """The `n` device pages to evict, best victim first: never a page being copied or the page a layer's next
-    token goes to; sinks and the recent window only when nothing else is left. Raises ValueError when fewer than `n` can go."""
+    token goes to; sinks and the recent window only when nothing else is left. Raises ValueError when fewer than
+    `n` can go."""
     # NOTE: pages a sliding window released hold no slot in any tier, so they are never eligible here, nor in
     # host eviction and promotion.
     eligible = (table.slot["device"] >= 0) & (table.busy == 0)

@@ -577,8 +577,7 @@ class Runtime:
         if window is not None:  # pages the window left for good, now that this step's query has seen its own
             for b in served:
                 r = layer * B + b
-                if self._dead_pages(r, t.tokens[r]) > t.first[r]:
-                    self._release(r, self._dead_pages(r, t.tokens[r]))
+                self._release(r, self._dead_pages(r, t.tokens[r]))  # (nothing when no page left)
         self._resident()
         return served, out
 

@@ -46,38 +46,36 @@ def generate(model, ids, mask, new: int = NEW, **kwargs) -> torch.Tensor:
                           **{"eos_token_id": None, **kwargs})
 
 
-def least_device(model, batch: int, kernels: bool = False, **options) -> int:
-    """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
-    pages more, with `options` (a disk tier divides the workspace into more parts, rounded down), for the Triton
-    kernels' workspace with `kernels`."""
+def _first_budget(model, start: int, kernels: bool, takes, **options) -> int:
+    """The smallest device budget of `start` pages or more whose plan (with the Triton kernels' workspace with
+    `kernels`, and `options`) `takes` (a predicate on the plan)."""
     layers, pb = model.config.num_hidden_layers, page_bytes(model)
     max_pages = -(-model.config.max_position_embeddings // PAGE)
-    for pages in range(layers * batch, 4 * layers * batch + 4 * max_pages + 32):
+    for pages in range(start, start + 4 * layers * start + 4 * max_pages + 64):
         config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0, **options)
         try:
             plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"), kernels=kernels)
         except ValueError:
             continue
-        if plan.device_cache_pages >= layers * batch + 2:
+        if takes(plan):
             return pages * pb
     raise AssertionError("no device budget found")
+
+
+def least_device(model, batch: int, kernels: bool = False, **options) -> int:
+    """The smallest device budget that holds an open page per layer and sequence of a batch of `batch`, and two
+    pages more, with `options` (a disk tier divides the workspace into more parts, rounded down), for the Triton
+    kernels' workspace with `kernels`."""
+    least = model.config.num_hidden_layers * batch
+    return _first_budget(model, least, kernels, lambda plan: plan.device_cache_pages >= least + 2, **options)
 
 
 def budget_for(model, cache_pages: int, kernels: bool, **options) -> int:
     """The device budget whose plan keeps `cache_pages` pages for the device tier, with the Triton kernels'
     workspace or without: the two backends then place (and, with `kv_quant`, pack) the same pages at the same
     steps."""
-    layers, pb = model.config.num_hidden_layers, page_bytes(model)
-    max_pages = -(-model.config.max_position_embeddings // PAGE)
-    for pages in range(cache_pages, cache_pages + 4 * max_pages + 64):
-        config = OffloadConfig(page_size=PAGE, device_budget=pages * pb, host_budget=0, **options)
-        try:
-            plan = plan_budgets(config, pb, layers, max_pages, torch.device("cpu"), kernels=kernels)
-        except ValueError:
-            continue
-        if plan.device_cache_pages == cache_pages:
-            return pages * pb
-    raise AssertionError(f"no device budget keeps {cache_pages} pages")
+    return _first_budget(model, cache_pages, kernels, lambda plan: plan.device_cache_pages == cache_pages,
+                         **options)
 
 
 def three_tiers(model, tmp_path: Path, batch: int = len(LENGTHS)) -> dict:
